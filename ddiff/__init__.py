@@ -1,0 +1,85 @@
+"""ddiff: a plugin framework for discrete diffusion models on JAX and Equinox.
+
+The public API. Plugins (built-in or third-party) import from here only.
+"""
+
+from ddiff import capabilities
+from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
+from ddiff._config import set_typecheck, typecheck, typecheck_enabled
+from ddiff._data import (
+    AbstractDataSource,
+    ArraySplit,
+    RandomAccess,
+    eval_batches,
+    train_batches,
+    validate_batch,
+)
+from ddiff._errors import (
+    DataError,
+    DdiffError,
+    IncompatibleComponentsError,
+    RecipeError,
+    RegistryError,
+    RunDirectoryError,
+)
+from ddiff._hookspecs import hookimpl, hookspec
+from ddiff._model import DiffusionModel
+from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
+from ddiff._objective import AbstractObjective, ObjectiveTerms
+from ddiff._parameterization import (
+    AbstractMeanParameterization,
+    AbstractParameterization,
+    AbstractScoreParameterization,
+)
+from ddiff._process import AbstractForwardProcess, AbstractRateProcess, AbstractTransitionProcess
+from ddiff._recipe import (
+    EvalConfig,
+    NetworkSpec,
+    OptimizerConfig,
+    Recipe,
+    TrainerConfig,
+    apply_overrides,
+    build_recipe,
+    load_recipe,
+    read_recipe_file,
+)
+from ddiff._registry import (
+    ENTRY_POINT_GROUP,
+    SLOTS,
+    Registry,
+    build_registry,
+    default_registry,
+    make_plugin_manager,
+)
+from ddiff._sampler import (
+    AbstractSampler,
+    Conditioning,
+    SampleOutput,
+    TimeGrid,
+    apply_fixed,
+    batched_log_mean,
+    time_grid,
+)
+from ddiff._schedule import AbstractSchedule
+from ddiff._train import Trainer, TrainState, build_model, load_run, make_optimizer
+from ddiff._typing import (
+    AbstractCheckedModule,
+    Key,
+    Label,
+    Labels,
+    LogProbs,
+    NetworkOutput,
+    PositionMask,
+    Scalar,
+    ScheduleValue,
+    StateLogProbs,
+    StateProbs,
+    Time,
+    Times,
+    TokenBatch,
+    Tokens,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,87 @@
+"""Capabilities: what a component provides, what another requires, checked at load time.
+
+Every component class declares ``provides`` (capability names it offers) and may
+declare ``requires``, a mapping from a recipe slot (``process``, ``parameterization``,
+``network``, ``schedule``) to the capability names it needs from the component in that
+slot. A component may refine what it provides per instance by overriding
+``capabilities()`` (a masked process built on a per-value schedule provides
+``state_dependent`` rather than ``scalar_schedule``, a network built without time
+conditioning provides ``time_independent``).
+"""
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ddiff._errors import IncompatibleComponentsError
+
+# Capability names used by the built-in protocols. Plugins may introduce their own.
+MEAN = "mean"
+"""A parameterization that gives p(x_0 | x_t) over the real tokens, per position."""
+SCORE = "score"
+"""A parameterization that gives concentration ratios p_t(y)/p_t(x) for one-token changes."""
+MASKED = "masked"
+"""An absorbing (masked) forward process with a mask state and survival schedule alpha."""
+SCALAR_SCHEDULE = "scalar_schedule"
+"""A forward process whose schedule is the same for every token value."""
+STATE_DEPENDENT = "state_dependent"
+"""A forward process whose schedule depends on the token value (GenMD4)."""
+FACTORIZED = "factorized"
+"""Marginals q(x_t | x_0) that factorize over positions."""
+TRANSITIONS = "transitions"
+"""Discrete-time transitions q(x_t | x_s) and their likelihoods."""
+RATES = "rates"
+"""Continuous-time forward rates R_t(x -> y) of a CTMC."""
+SCALAR = "scalar"
+"""A schedule with one alpha_t for every token value."""
+PER_VALUE = "per_value"
+"""A schedule with one alpha_t[v] per token value v (GenMD4)."""
+TIME_CONDITIONED = "time_conditioned"
+TIME_INDEPENDENT = "time_independent"
+"""A network whose output does not depend on t (caching and first-hitting samplers)."""
+CLASS_CONDITIONAL = "class_conditional"
+
+
+class Capable:
+    """Mixin carried by every component protocol."""
+
+    provides: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[Mapping[str, frozenset[str]]] = {}
+
+    def capabilities(self) -> frozenset[str]:
+        """What this instance provides (default: the class's ``provides``)."""
+        return frozenset(type(self).provides)
+
+
+def check_compatibility(
+    components: Mapping[str, tuple[str, Any]],
+    *,
+    source: str | None = None,
+) -> None:
+    """Refuse a set of components in which one requires what another does not provide.
+
+    Arguments:
+        components: slot -> (registered name, component instance). Only components
+            that are present are checked; a requirement on an absent slot is an error.
+        source: the recipe file, for the message.
+    """
+    for slot, (name, component) in components.items():
+        for needed_slot, needed in getattr(component, "requires", {}).items():
+            if needed_slot not in components:
+                raise IncompatibleComponentsError(
+                    f"{slot} {name!r} needs a {needed_slot} with {sorted(needed)}, "
+                    f"but the recipe has no {needed_slot}",
+                    source=source,
+                    path=slot,
+                )
+            other_name, other = components[needed_slot]
+            have = other.capabilities()
+            missing = sorted(set(needed) - set(have))
+            if missing:
+                raise IncompatibleComponentsError(
+                    f"{slot} {name!r} cannot be used with {needed_slot} {other_name!r}: "
+                    f"it needs capability {', '.join(missing)} which {other_name!r} does "
+                    f"not provide (it provides: {', '.join(sorted(have)) or 'nothing'}); "
+                    f"choose another {slot} or {needed_slot}",
+                    source=source,
+                    path=slot,
+                )

@@ -1,0 +1,132 @@
+"""The ``ddiff`` command line."""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddiff._config import set_typecheck
+from ddiff._errors import DdiffError, RecipeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddiff", description="Discrete diffusion models: train, evaluate, sample."
+    )
+    parser.add_argument(
+        "--no-typecheck",
+        action="store_true",
+        help="turn off the trace-time shape and dtype checks of protocol calls",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="train a recipe into a run directory (resumes)")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("overrides", nargs="*", help="overrides such as trainer.steps=100")
+    run.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
+    run.add_argument(
+        "--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step"
+    )
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
+    evaluate.add_argument("workdir")
+    evaluate.add_argument("--time-draws", type=int, default=None)
+    evaluate.add_argument("--max-examples", type=int, default=None)
+
+    sample = commands.add_parser("sample", help="draw samples from a run's latest checkpoint")
+    sample.add_argument("workdir")
+    sample.add_argument("--num", type=int, default=16, help="number of samples")
+    sample.add_argument("--steps", type=int, default=None, help="sampler steps")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--name", default=None, help="file name stem under DIR/samples")
+
+    commands.add_parser("plugins", help="list registered components by slot and plugin")
+
+    recipe = commands.add_parser("recipe", help="inspect recipes")
+    recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
+    show = recipe_commands.add_parser("show", help="print the fully resolved recipe")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from ddiff._recipe import load_recipe
+    from ddiff._train import Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.recipe).stem
+    Trainer(recipe, workdir).run(stop_at_step=args.stop_at_step)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ddiff._train import Trainer, load_run, write_eval
+
+    overrides = []
+    if args.time_draws is not None:
+        overrides.append(f"eval.time_draws={args.time_draws}")
+    if args.max_examples is not None:
+        overrides.append(f"eval.max_examples={args.max_examples}")
+    recipe, state = load_run(args.workdir, tuple(overrides))
+    trainer = Trainer(recipe, args.workdir)
+    result = trainer.evaluate(state.ema)
+    path = write_eval(Path(args.workdir), recipe, result, int(state.step))
+    print(json.dumps(json.loads(path.read_text()), indent=2))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import jax
+
+    from ddiff._train import Trainer, load_run
+
+    if args.num < 1:
+        raise RecipeError("--num must be at least 1", source="command line")
+    overrides = () if args.steps is None else (f"sampler.steps={args.steps}",)
+    recipe, state = load_run(args.workdir, overrides)
+    trainer = Trainer(recipe, args.workdir)
+    output = trainer.sample(state.ema, key=jax.random.PRNGKey(args.seed), num_samples=args.num)
+    name = args.name or f"sample_step{int(state.step):08d}_seed{args.seed}"
+    path = trainer.write_samples(output, name)
+    print(f"wrote {args.num} samples ({int(output.num_function_evals)} network evaluations) to {path}")
+
+
+def _plugins(args: argparse.Namespace) -> None:
+    from ddiff._registry import SLOTS, default_registry
+
+    registry = default_registry()
+    entries = list(registry)
+    for slot in SLOTS:
+        print(f"{slot}:")
+        for entry in (e for e in entries if e.slot == slot):
+            cls = entry.cls
+            print(f"  {entry.name:<22} {cls.__module__}.{cls.__qualname__}  [plugin: {entry.plugin}]")
+
+
+def _recipe_show(args: argparse.Namespace) -> None:
+    from ddiff._recipe import load_recipe
+
+    print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.no_typecheck:
+        set_typecheck(False)
+    handlers = {"run": _run, "eval": _eval, "sample": _sample, "plugins": _plugins}
+    try:
+        if args.command == "recipe":
+            _recipe_show(args)
+        else:
+            handlers[args.command](args)
+    except DdiffError as error:
+        print(f"ddiff: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

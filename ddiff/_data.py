@@ -1,0 +1,143 @@
+"""Data sources and the grain pipeline that batches them deterministically."""
+
+import abc
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from ddiff._capabilities import Capable
+from ddiff._errors import DataError
+
+SPLITS = ("train", "eval")
+
+
+class RandomAccess(Protocol):
+    """A split: ``len()`` examples, each a dict with ``tokens`` (int32, shape (seq,)) and,
+    for labelled data, ``label`` (int32 scalar)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Mapping[str, np.ndarray]: ...
+
+
+class AbstractDataSource(abc.ABC, Capable):
+    """A data set of token sequences with fixed length, split into ``train`` and ``eval``.
+
+    Final implementations are frozen dataclasses whose fields are the recipe's keys.
+    """
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token values V."""
+
+    @property
+    @abc.abstractmethod
+    def seq_len(self) -> int:
+        """Positions per example D."""
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels (0 for unlabelled data)."""
+        return 0
+
+    @abc.abstractmethod
+    def split(self, name: str) -> RandomAccess:
+        """The examples of split ``name`` (``train`` or ``eval``), random access."""
+
+    def reference_stats(self) -> dict[str, float]:
+        """Exact reference numbers for evaluation (e.g. ``entropy_bits_per_token``)."""
+        return {}
+
+    def decode(self, tokens: np.ndarray) -> str:
+        """Human-readable rendering of one sequence."""
+        return " ".join(str(int(token)) for token in tokens)
+
+
+class ArraySplit:
+    """A split held in memory: tokens of shape (N, D) and optional labels of shape (N,)."""
+
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray | None = None):
+        self.tokens = np.asarray(tokens, dtype=np.int32)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        item = {"tokens": self.tokens[index]}
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        return item
+
+
+def _checked_split(source: AbstractDataSource, name: str) -> RandomAccess:
+    split = source.split(name)
+    if len(split) == 0:
+        raise DataError(f"the {name!r} split of {type(source).__name__} is empty; check its files")
+    return split
+
+
+def train_batches(
+    source: AbstractDataSource,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """An endless, shuffled (reshuffled each epoch), checkpointable iterator of batches.
+
+    Each process reads its own interleaved shard. ``get_state()``/``set_state()`` of the
+    returned iterator capture exactly where it is, so a resumed run sees the same batches.
+    """
+    dataset = grain.MapDataset.source(_checked_split(source, "train"))
+    dataset = dataset[process_index::process_count]
+    if len(dataset) < batch_size:
+        raise DataError(
+            f"the train split has {len(dataset)} examples per process, fewer than "
+            f"batch_size={batch_size}; lower trainer.batch_size"
+        )
+    dataset = dataset.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    return iter(dataset.to_iter_dataset())
+
+
+def eval_batches(
+    source: AbstractDataSource,
+    *,
+    batch_size: int,
+    max_examples: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """One pass over the eval split in order: (batch, weights). The last batch is padded
+    to ``batch_size`` by repeating its final example, with weight 0 on the padding."""
+    split = _checked_split(source, "eval")
+    count = len(split) if max_examples is None else min(len(split), max_examples)
+    indices = np.arange(count)[process_index::process_count]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        weights = np.zeros(batch_size, np.float32)
+        weights[: len(chunk)] = 1.0
+        padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])
+        items = [split[int(i)] for i in padded]
+        batch = {key: np.stack([item[key] for item in items]) for key in items[0]}
+        yield batch, weights
+
+
+def validate_batch(batch: Mapping[str, Any], source: AbstractDataSource, where: str) -> None:
+    """Refuse tokens outside the vocabulary or of the wrong length, naming ``where``."""
+    tokens = batch["tokens"]
+    if tokens.shape[-1] != source.seq_len:
+        raise DataError(
+            f"{where}: examples have {tokens.shape[-1]} tokens, the source declares "
+            f"seq_len={source.seq_len}"
+        )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= source.vocab_size:
+        raise DataError(
+            f"{where}: token id {high if high >= source.vocab_size else low} is outside "
+            f"the vocabulary 0..{source.vocab_size - 1}"
+        )

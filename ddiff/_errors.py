@@ -1,0 +1,36 @@
+"""User-facing errors: one line saying what went wrong, where, and what to do."""
+
+
+class DdiffError(Exception):
+    """Base class of every error that is the user's to fix (never a bug in ddiff).
+
+    The command line prints ``str(error)`` on one line and exits with status 2,
+    without a traceback.
+    """
+
+
+class RecipeError(DdiffError):
+    """A recipe (or a command-line override) that cannot be turned into components."""
+
+    def __init__(self, message: str, *, source: str | None = None, path: str | None = None):
+        self.source = source
+        self.path = path
+        self.message = message
+        where = ": ".join(part for part in (source, path) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class RegistryError(DdiffError):
+    """A registration that the registry refuses, or a lookup of an unknown name."""
+
+
+class IncompatibleComponentsError(RecipeError):
+    """Two components of a recipe that cannot work together."""
+
+
+class RunDirectoryError(DdiffError):
+    """A run directory that cannot be used as asked (other recipe, no checkpoint, ...)."""
+
+
+class DataError(DdiffError):
+    """A data set that is missing, malformed, or inconsistent with the recipe."""

@@ -1,0 +1,106 @@
+"""The Objective protocol: a loss estimate for one example, vmapped over a batch."""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ddiff._capabilities import Capable
+from ddiff._model import DiffusionModel
+from ddiff._typing import (
+    AbstractCheckedModule,
+    Key,
+    Label,
+    Labels,
+    Scalar,
+    Time,
+    Times,
+    TokenBatch,
+    Tokens,
+)
+
+
+class ObjectiveTerms(eqx.Module):
+    """What an objective returns for one example (or the batch mean of these).
+
+    Attributes:
+        loss: the quantity that is differentiated (a surrogate where the objective
+            needs one, e.g. REINFORCE or a hybrid cross-entropy), in nats.
+        nelbo: an unbiased estimate of the negative ELBO of the whole sequence, in nats.
+        metrics: named terms (``diffusion``, ``reconstruction``, ``prior``, ...), in nats.
+    """
+
+    loss: Scalar
+    nelbo: Scalar
+    metrics: dict[str, Scalar]
+
+
+class AbstractObjective(AbstractCheckedModule, Capable):
+    """A training objective. ``requires`` names the capabilities it needs (e.g. a mean
+    parameterization and a masked process); a recipe that cannot provide them is refused
+    at load time.
+    """
+
+    def sample_times(self, key: Key, batch_size: int) -> Times:
+        """Antithetic times t_i = (u + i/B) mod 1 (MD4, sec. 4), one per example."""
+        u = jax.random.uniform(key, ())
+        return jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+
+    @abc.abstractmethod
+    def example_terms(
+        self,
+        model: DiffusionModel,
+        x0: Tokens,
+        t: Time,
+        *,
+        key: Key,
+        label: Label | None = None,
+        train: bool = True,
+    ) -> ObjectiveTerms:
+        """The objective for one clean sequence at time t.
+
+        Arguments:
+            model: the model being trained.
+            x0: clean tokens, shape (seq,).
+            t: a time drawn by :meth:`sample_times`.
+            key: randomness for the forward process (and dropout when ``train``).
+            label: class label, or None.
+            train: whether the network runs in training mode (dropout).
+        """
+
+    def per_example_terms(
+        self,
+        model: DiffusionModel,
+        x0: TokenBatch,
+        *,
+        key: Key,
+        labels: Labels | None = None,
+        train: bool = True,
+    ) -> ObjectiveTerms:
+        """:meth:`example_terms` for every example of a batch (leading batch axis).
+
+        Times come from :meth:`sample_times`; the noise of example i is keyed by folding
+        i into ``key``, so an example's draw does not depend on how the batch is split.
+        """
+        time_key, noise_key = jax.random.split(key)
+        times = self.sample_times(time_key, x0.shape[0])
+        keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(jnp.arange(x0.shape[0]))
+
+        def one(x, t, k, label):
+            return self.example_terms(model, x, t, key=k, label=label, train=train)
+
+        return jax.vmap(one)(x0, times, keys, labels)
+
+    def batch_terms(
+        self,
+        model: DiffusionModel,
+        x0: TokenBatch,
+        *,
+        key: Key,
+        labels: Labels | None = None,
+        train: bool = True,
+    ) -> ObjectiveTerms:
+        """Batch mean of :meth:`per_example_terms`."""
+        terms = self.per_example_terms(model, x0, key=key, labels=labels, train=train)
+        return jax.tree.map(lambda a: jnp.mean(a, axis=0), terms)

@@ -1,0 +1,108 @@
+"""The Sampler protocol and what it is given and returns."""
+
+import abc
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from ddiff._capabilities import Capable
+from ddiff._model import DiffusionModel
+from ddiff._typing import AbstractCheckedModule, Key, Labels, TokenBatch
+
+
+class Conditioning(eqx.Module):
+    """What a sample is conditioned on.
+
+    Attributes:
+        labels: class labels, shape (batch,), or None.
+        fixed_tokens: tokens to keep, shape (batch, seq), read where ``fixed_mask``.
+        fixed_mask: which positions are given (infilling), shape (batch, seq).
+        guidance: classifier-free guidance weight w; the guided logits are
+            (1 + w) * conditional - w * unconditional. 0 disables guidance.
+    """
+
+    labels: Labels | None = None
+    fixed_tokens: TokenBatch | None = None
+    fixed_mask: Bool[Array, "batch seq"] | None = None
+    guidance: float = eqx.field(static=True, default=0.0)
+
+
+class SampleOutput(eqx.Module):
+    """Samples and the number of network evaluations spent (one per batched call)."""
+
+    tokens: TokenBatch
+    num_function_evals: Int[Array, ""]
+
+
+TimeGrid = Literal["uniform", "cosine"]
+
+
+def time_grid(kind: TimeGrid, steps: int) -> Float[Array, " steps_plus_one"]:
+    """Times t_0 = 1 > t_1 > ... > t_T = 0 for a reverse process of ``steps`` steps.
+
+    ``uniform``: t_i = 1 - i/T. ``cosine``: t_i = cos(pi/2 * i/T), which spends more
+    steps near t = 0 (MD4's cosine sampling grid).
+    """
+    fraction = jnp.arange(steps + 1, dtype=jnp.float32) / steps
+    if kind == "uniform":
+        return 1.0 - fraction
+    return jnp.cos(0.5 * math.pi * fraction)
+
+
+class AbstractSampler(AbstractCheckedModule, Capable):
+    """Generates a batch of sequences from a model, optionally conditioned."""
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        model: DiffusionModel,
+        *,
+        key: Key,
+        num_samples: int,
+        seq_len: int,
+        conditioning: Conditioning,
+    ) -> SampleOutput:
+        """Draw ``num_samples`` sequences of length ``seq_len``.
+
+        Arguments:
+            model: the (EMA) model.
+            key: randomness.
+            num_samples: batch size.
+            seq_len: positions per sequence.
+            conditioning: labels, fixed positions and guidance.
+        """
+
+
+def apply_fixed(conditioning: Conditioning, tokens: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
+    """Overwrite the given positions of ``tokens`` with the fixed tokens (infilling)."""
+    if conditioning.fixed_mask is None or conditioning.fixed_tokens is None:
+        return tokens
+    return jnp.where(conditioning.fixed_mask, conditioning.fixed_tokens, tokens)
+
+
+def batched_log_mean(
+    model: DiffusionModel,
+    x_t: Int[Array, "batch seq"],
+    t: Float[Array, ""],
+    conditioning: Conditioning,
+) -> tuple[Float[Array, "batch seq vocab"], int]:
+    """log p_theta(x_0 | x_t) for a batch, with classifier-free guidance when
+    ``conditioning.guidance`` is non-zero, and the number of network calls it took.
+
+    Guided: log mu_w = log_softmax((1 + w) log mu_c - w log mu_u) over the values both
+    predictions allow (a carried-over one-hot position stays one-hot).
+    """
+    labels = conditioning.labels
+    conditional = jax.vmap(lambda x, label: model.log_mean(x, t, label=label))(x_t, labels)
+    if conditioning.guidance == 0.0 or labels is None:
+        return conditional, 1
+    null = jnp.full_like(labels, model.network.num_classes)
+    unconditional = jax.vmap(lambda x, label: model.log_mean(x, t, label=label))(x_t, null)
+    w = conditioning.guidance
+    finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
+    mixed = jnp.where(finite, (1.0 + w) * conditional - w * jnp.where(finite, unconditional, 0.0), -jnp.inf)
+    return jax.nn.log_softmax(mixed, axis=-1), 2
