@@ -39,6 +39,7 @@ from ddiff._recipe import (
     Recipe,
     TrainerConfig,
     apply_overrides,
+    build_component,
     build_recipe,
     load_recipe,
     read_recipe_file,

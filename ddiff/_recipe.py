@@ -505,3 +505,23 @@ def load_recipe(
     """Read, override and build a recipe file."""
     raw = apply_overrides(read_recipe_file(path), overrides, str(path))
     return build_recipe(raw, source=str(path), registry=registry)
+
+
+def build_component(
+    slot: str,
+    raw: Mapping[str, Any] | str,
+    *,
+    context: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+    source: str = "<component>",
+) -> Any:
+    """Build one registered component from a recipe-style mapping (``{"kind": ..., ...}``).
+
+    ``context`` supplies the values ddiff derives itself (``vocab_size``, ...). Networks
+    are returned as a :class:`NetworkSpec` to be built with sizes and a key.
+    """
+    builder = _Builder(registry or default_registry(), source)
+    component, _, _ = builder.component(
+        slot, raw, slot, dict(context or {}), build=slot != "network"
+    )
+    return component

@@ -92,8 +92,19 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
 
 
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+    """EMA decay with warmup, min(decay, (1 + k) / (10 + k)) at step k, so a short run's
+    average is not dominated by its initialisation."""
+    return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
 def _bits_per_token(nats: jax.Array, seq_len: int) -> jax.Array:
     return nats / (seq_len * math.log(2.0))
+
+
+_COMPILED: dict[str, tuple[Callable, Callable, Callable]] = {}
+"""Jitted step, eval and sample functions per resolved recipe, shared by every Trainer of
+the process (a resumed run, ``ddiff eval`` after ``ddiff run``, tests)."""
 
 
 class Trainer:
@@ -104,9 +115,12 @@ class Trainer:
         self.workdir = Path(workdir)
         self.show_progress = show_progress
         self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
-        self._step_fn = self._make_step()
-        self._eval_fn = self._make_eval()
-        self._sample_fn = self._make_sample()
+        cache_key = recipe.to_yaml()
+        if cache_key not in _COMPILED:
+            if len(_COMPILED) >= 8:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[cache_key] = (self._make_step(), self._make_eval(), self._make_sample())
+        self._step_fn, self._eval_fn, self._sample_fn = _COMPILED[cache_key]
 
     # ------------------------------------------------------------------ state
 
@@ -147,14 +161,13 @@ class Trainer:
             updates, opt_state = optimizer.update(grads, state.opt_state, params)
             params = eqx.apply_updates(params, updates)
             ema_params = eqx.filter(state.ema, eqx.is_inexact_array)
-            ema_params = jax.tree.map(
-                lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
-            )
+            decay = ema_decay_at(state.step, ema_decay)
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
             metrics = {
                 "loss": terms.loss,
                 "nelbo": terms.nelbo,
                 "bits_per_token": _bits_per_token(terms.nelbo, seq_len),
-                "grad_norm": optax.global_norm(grads),
+                "grad_norm": optax.tree.norm(grads),
                 "learning_rate": learning_rate(state.step),
                 **{f"terms/{k}": v for k, v in terms.metrics.items()},
             }

@@ -111,7 +111,7 @@ class Transformer(ddiff.AbstractNetwork):
             raise ddiff.RecipeError(f"dim={dim} is not divisible by heads={heads}", path="network")
         keys = jax.random.split(key, depth + 6)
         self.token_embedding = eqx.nn.Embedding(num_states, dim, key=keys[0])
-        self.position_embedding = 0.02 * jax.random.normal(keys[1], (seq_len, dim))
+        self.position_embedding = jax.random.normal(keys[1], (seq_len, dim))
         self.time_conditioned = time_conditioned
         self.num_classes = num_classes
         self.time_mlp = (

@@ -1,0 +1,7 @@
+"""``python -m ddiff`` is the ``ddiff`` command."""
+
+import sys
+
+from ddiff._cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny recipe whose compiled functions are reused across tests."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import ddiff  # noqa: E402
+
+# XLA:CPU compiles the partitionable threefry PRNG 10-20x more slowly (seconds per random
+# call site); the suite never shards random generation, so it uses the classic lowering.
+jax.config.update("jax_threefry_partitionable", False)
+
+TINY_OVERRIDES = (
+    "data.num_symbols=5",
+    "data.length=8",
+    "data.concentration=0.2",
+    "data.num_train=256",
+    "data.num_eval=32",
+    "network.dim=16",
+    "network.depth=1",
+    "network.heads=2",
+    "network.mlp_ratio=2",
+    "sampler.steps=4",
+    "trainer.steps=6",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=2",
+    "trainer.num_samples=4",
+    "eval.batch_size=16",
+    "eval.time_draws=2",
+    "optimizer.warmup_steps=2",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> tuple[str, ...]:
+    return TINY_OVERRIDES
+
+
+@pytest.fixture(scope="session")
+def registry() -> ddiff.Registry:
+    return ddiff.default_registry()
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe() -> ddiff.Recipe:
+    """The quickstart recipe shrunk to seconds: V=5, D=8, a 1-block width-16 network."""
+    return ddiff.load_recipe("recipes/quickstart.yaml", TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_recipe):
+    import jax
+
+    return ddiff.build_model(tiny_recipe, jax.random.PRNGKey(0))
