@@ -1,6 +1,7 @@
 """Built-in networks: a bidirectional transformer with adaptive layer norm (DiT-style)."""
 
 import math
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -27,12 +28,61 @@ def timestep_features(t: ddiff.Time, dim: int) -> Float[Array, " dim"]:
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])
 
 
+def rotary_tables(seq_len: int, head_dim: int) -> tuple[Array, Array]:
+    """cos and sin of the rotary position embedding angles p * 10000^(-2i/head_dim)."""
+    half = head_dim // 2
+    frequencies = 10_000.0 ** (-jnp.arange(half) / half)
+    angles = jnp.arange(seq_len)[:, None] * frequencies[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Float[Array, "seq heads dim"], cos: Array, sin: Array) -> Float[Array, "seq heads dim"]:
+    """Rotate pairs of channels by position-dependent angles (RoPE, Su et al. 2021), so
+    attention scores depend on relative positions."""
+    first, second = jnp.split(x, 2, axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
+
+
+class SelfAttention(eqx.Module):
+    """Bidirectional multi-head self-attention with optional rotary position embeddings."""
+
+    qkv: eqx.nn.Linear
+    out: eqx.nn.Linear
+    dropout: eqx.nn.Dropout
+    heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, heads: int, dropout: float, *, key: ddiff.Key):
+        k1, k2 = jax.random.split(key)
+        self.qkv = eqx.nn.Linear(dim, 3 * dim, use_bias=False, key=k1)
+        self.out = eqx.nn.Linear(dim, dim, key=k2)
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.heads = heads
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        rotary: tuple[Array, Array] | None,
+        *,
+        key: ddiff.Key | None,
+    ) -> Float[Array, "seq dim"]:
+        seq_len, dim = x.shape
+        q, k, v = jnp.split(jax.vmap(self.qkv)(x), 3, axis=-1)
+        q, k, v = (a.reshape(seq_len, self.heads, dim // self.heads) for a in (q, k, v))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(dim // self.heads)
+        weights = self.dropout(jax.nn.softmax(scores, axis=-1), key=key, inference=key is None)
+        attended = jnp.einsum("hqk,khd->qhd", weights, v).reshape(seq_len, dim)
+        return jax.vmap(self.out)(attended)
+
+
 class TransformerBlock(eqx.Module):
     """Pre-norm attention and MLP, each gated and modulated by the conditioning vector
     (adaptive layer norm zero: the modulation starts at zero, so each block starts as
     the identity)."""
 
-    attention: eqx.nn.MultiheadAttention
+    attention: SelfAttention
     mlp_in: eqx.nn.Linear
     mlp_out: eqx.nn.Linear
     modulation: eqx.nn.Linear
@@ -42,7 +92,7 @@ class TransformerBlock(eqx.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float, *, key: ddiff.Key):
         k1, k2, k3, k4 = jax.random.split(key, 4)
-        self.attention = eqx.nn.MultiheadAttention(heads, dim, dropout_p=dropout, key=k1)
+        self.attention = SelfAttention(dim, heads, dropout, key=k1)
         self.mlp_in = eqx.nn.Linear(dim, mlp_ratio * dim, key=k2)
         self.mlp_out = eqx.nn.Linear(mlp_ratio * dim, dim, key=k3)
         self.modulation = _zero_linear(dim, 6 * dim, key=k4)
@@ -51,7 +101,12 @@ class TransformerBlock(eqx.Module):
         self.dropout = eqx.nn.Dropout(dropout)
 
     def __call__(
-        self, x: Float[Array, "seq dim"], cond: Float[Array, " dim"], *, key: ddiff.Key | None
+        self,
+        x: Float[Array, "seq dim"],
+        cond: Float[Array, " dim"],
+        rotary: tuple[Array, Array] | None,
+        *,
+        key: ddiff.Key | None,
     ) -> Float[Array, "seq dim"]:
         inference = key is None
         k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
@@ -59,7 +114,7 @@ class TransformerBlock(eqx.Module):
             self.modulation(jax.nn.silu(cond)), 6
         )
         h = _modulate(jax.vmap(self.norm1)(x), shift1, scale1)
-        h = self.attention(h, h, h, key=k_attn, inference=inference)
+        h = self.attention(h, rotary, key=k_attn)
         x = x + gate1 * h
         h = _modulate(jax.vmap(self.norm2)(x), shift2, scale2)
         h = jax.vmap(self.mlp_out)(jax.nn.gelu(jax.vmap(self.mlp_in)(h)))
@@ -78,10 +133,12 @@ class Transformer(ddiff.AbstractNetwork):
         dim: width. depth: number of blocks. heads: attention heads.
         mlp_ratio: hidden width of the MLP over ``dim``. dropout: dropout rate.
         time_conditioned: whether the output depends on t.
+        positions: ``rotary`` (relative, RoPE in every attention layer) or ``learned``
+            (an absolute embedding added to the tokens).
     """
 
     token_embedding: eqx.nn.Embedding
-    position_embedding: Float[Array, "seq dim"]
+    position_embedding: Float[Array, "seq dim"] | None
     time_mlp: eqx.nn.MLP | None
     class_embedding: eqx.nn.Embedding | None
     conditioning_bias: Float[Array, " dim"]
@@ -91,6 +148,8 @@ class Transformer(ddiff.AbstractNetwork):
     head: eqx.nn.Linear
     time_conditioned: bool = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
+    positions: Literal["rotary", "learned"] = eqx.field(static=True)
+    heads: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -106,12 +165,21 @@ class Transformer(ddiff.AbstractNetwork):
         mlp_ratio: int = 4,
         dropout: float = 0.0,
         time_conditioned: bool = True,
+        positions: Literal["rotary", "learned"] = "rotary",
     ):
-        if dim % heads != 0:
-            raise ddiff.RecipeError(f"dim={dim} is not divisible by heads={heads}", path="network")
+        if dim % heads != 0 or (positions == "rotary" and (dim // heads) % 2):
+            raise ddiff.RecipeError(
+                f"dim={dim} must be a multiple of heads={heads} with an even head width "
+                f"for rotary positions",
+                path="network",
+            )
         keys = jax.random.split(key, depth + 6)
         self.token_embedding = eqx.nn.Embedding(num_states, dim, key=keys[0])
-        self.position_embedding = jax.random.normal(keys[1], (seq_len, dim))
+        self.positions = positions
+        self.heads = heads
+        self.position_embedding = (
+            jax.random.normal(keys[1], (seq_len, dim)) if positions == "learned" else None
+        )
         self.time_conditioned = time_conditioned
         self.num_classes = num_classes
         self.time_mlp = (
@@ -131,7 +199,12 @@ class Transformer(ddiff.AbstractNetwork):
         self.head = eqx.nn.Linear(dim, num_outputs, key=keys[5])
 
     def __call__(self, x_t, t, *, label=None, key=None):
-        x = jax.vmap(self.token_embedding)(x_t) + self.position_embedding[: x_t.shape[0]]
+        x = jax.vmap(self.token_embedding)(x_t)
+        rotary = None
+        if self.position_embedding is not None:
+            x = x + self.position_embedding[: x_t.shape[0]]
+        else:
+            rotary = rotary_tables(x_t.shape[0], x.shape[-1] // self.heads)
         cond = self.conditioning_bias
         if self.time_mlp is not None:
             cond = cond + self.time_mlp(timestep_features(t, cond.shape[0]))
@@ -139,7 +212,7 @@ class Transformer(ddiff.AbstractNetwork):
             cond = cond + self.class_embedding(self.num_classes if label is None else label)
         block_keys = [None] * len(self.blocks) if key is None else jax.random.split(key, len(self.blocks))
         for block, block_key in zip(self.blocks, block_keys, strict=True):
-            x = block(x, cond, key=block_key)
+            x = block(x, cond, rotary, key=block_key)
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
         x = _modulate(jax.vmap(self.final_norm)(x), shift, scale)
         return jax.vmap(self.head)(x)
