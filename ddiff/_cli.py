@@ -120,8 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             handlers[args.command](args)
     except DdiffError as error:
-        print(f"ddiff: error: {error}", file=sys.stderr)
-        return 2
+        status = getattr(error, "exit_status", 2)
+        prefix = "ddiff: " if status != 2 else "ddiff: error: "
+        print(f"{prefix}{error}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         print("ddiff: interrupted", file=sys.stderr)
         return 130

@@ -201,6 +201,9 @@ class TrainerConfig:
         sample_every: steps between sample batches (0: only at the end).
         num_samples: sequences per sample batch.
         final_eval: evaluate the whole eval split at the end, writing eval.json.
+        on_nonfinite: a step with a non-finite loss or gradient is never applied; ``halt``
+            stops with a report naming the step, the loss terms and the parameters,
+            ``skip`` goes on and counts the skipped steps in the metrics.
     """
 
     steps: int = 1000
@@ -213,6 +216,7 @@ class TrainerConfig:
     sample_every: int = 0
     num_samples: int = 16
     final_eval: bool = True
+    on_nonfinite: Literal["halt", "skip"] = "halt"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

@@ -3,7 +3,9 @@
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,13 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, UInt32
 from tqdm import tqdm
 
 from ddiff._capabilities import check_compatibility
+from ddiff._checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_manager,
+    finish_saving,
+    restore_latest,
+    save_checkpoint,
+)
 from ddiff._data import eval_batches, train_batches, validate_batch
-from ddiff._errors import RunDirectoryError
+from ddiff._errors import DdiffError, RunDirectoryError
 from ddiff._model import DiffusionModel
 from ddiff._recipe import OptimizerConfig, Recipe, load_recipe, parse_yaml
 from ddiff._sampler import Conditioning, SampleOutput
@@ -28,7 +36,6 @@ from ddiff._sampler import Conditioning, SampleOutput
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
-CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 
 RESUME_MAY_DIFFER = frozenset({"trainer.log_every"})
@@ -44,6 +51,7 @@ class TrainState(eqx.Module):
     opt_state: Any
     ema: DiffusionModel
     key: UInt32[Array, " 2"]
+    skipped_steps: Int[Array, ""]
 
 
 def build_model(recipe: Recipe, key: jax.Array) -> DiffusionModel:
@@ -64,6 +72,18 @@ def build_model(recipe: Recipe, key: jax.Array) -> DiffusionModel:
     components["network"] = (recipe.names["network"], network)
     check_compatibility(components, source=recipe.source)
     return DiffusionModel(network=network, parameterization=recipe.parameterization, process=process)
+
+
+def parameter_paths(recipe: Recipe) -> list[str]:
+    """Paths (``.network.head.weight``) of the model's trainable leaves, in gradient order,
+    computed from shapes alone."""
+    model = eqx.filter_eval_shape(build_model, recipe, jax.random.PRNGKey(0))
+    leaves = jax.tree_util.tree_leaves_with_path(model)
+    return [
+        jax.tree_util.keystr(path)
+        for path, leaf in leaves
+        if isinstance(leaf, jax.ShapeDtypeStruct) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
@@ -103,8 +123,9 @@ def _bits_per_token(nats: jax.Array, seq_len: int) -> jax.Array:
 
 
 _COMPILED: dict[str, tuple[Callable, Callable, Callable]] = {}
-"""Jitted step, eval and sample functions per resolved recipe, shared by every Trainer of
-the process (a resumed run, ``ddiff eval`` after ``ddiff run``, tests)."""
+"""Jitted step, eval and sample functions keyed by everything they close over (objective,
+sampler, optimizer settings, sequence length), shared by every Trainer of the process (a
+resumed run, ``ddiff eval`` after ``ddiff run``, tests)."""
 
 
 class Trainer:
@@ -115,7 +136,9 @@ class Trainer:
         self.workdir = Path(workdir)
         self.show_progress = show_progress
         self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
-        cache_key = recipe.to_yaml()
+        cache_key = repr(
+            (recipe.objective, recipe.sampler, recipe.optimizer, recipe.trainer.steps, recipe.data.seq_len)
+        )
         if cache_key not in _COMPILED:
             if len(_COMPILED) >= 8:
                 _COMPILED.pop(next(iter(_COMPILED)))
@@ -135,6 +158,7 @@ class Trainer:
             opt_state=self.optimizer.init(params),
             ema=jax.tree.map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model),
             key=train_key,
+            skipped_steps=jnp.zeros((), jnp.int32),
         )
 
     # ------------------------------------------------------------------ compiled functions
@@ -159,26 +183,44 @@ class Trainer:
                 params, static, tokens, labels, key
             )
             updates, opt_state = optimizer.update(grads, state.opt_state, params)
-            params = eqx.apply_updates(params, updates)
+            new_params = eqx.apply_updates(params, updates)
             ema_params = eqx.filter(state.ema, eqx.is_inexact_array)
             decay = ema_decay_at(state.step, ema_decay)
-            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+            new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
+            leaf_finite = jnp.stack(
+                [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)] or [jnp.bool_(True)]
+            )
+            finite = jnp.all(leaf_finite) & jnp.isfinite(terms.loss)
+
+            def guard(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
             metrics = {
                 "loss": terms.loss,
                 "nelbo": terms.nelbo,
                 "bits_per_token": _bits_per_token(terms.nelbo, seq_len),
                 "grad_norm": optax.tree.norm(grads),
                 "learning_rate": learning_rate(state.step),
+                "skipped_steps": state.skipped_steps + (~finite).astype(jnp.int32),
                 **{f"terms/{k}": v for k, v in terms.metrics.items()},
+            }
+            param_finite = jnp.stack(
+                [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)] or [jnp.bool_(True)]
+            )
+            diagnostics = {
+                "nonfinite": ~finite,
+                "finite_leaves": leaf_finite,
+                "finite_params": param_finite,
             }
             new_state = TrainState(
                 step=state.step + 1,
-                model=eqx.combine(params, static),
-                opt_state=opt_state,
-                ema=eqx.combine(ema_params, static),
+                model=eqx.combine(guard(new_params, params), static),
+                opt_state=guard(opt_state, state.opt_state),
+                ema=eqx.combine(guard(new_ema, ema_params), static),
                 key=state.key,
+                skipped_steps=metrics["skipped_steps"],
             )
-            return new_state, metrics
+            return new_state, metrics, diagnostics
 
         return step
 
@@ -270,7 +312,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def run(self, *, stop_at_step: int | None = None) -> TrainState:
-        """Train to ``trainer.steps`` (or ``stop_at_step``), resuming if possible."""
+        """Train to ``trainer.steps`` (or ``stop_at_step``), resuming from the newest intact
+        checkpoint. SIGTERM or SIGINT saves a checkpoint and raises :class:`Stopped`."""
         config = self.recipe.trainer
         data = self.recipe.data
         self.prepare_workdir()
@@ -278,18 +321,22 @@ class Trainer:
         iterator = train_batches(data, batch_size=config.batch_size, seed=self.recipe.seed)
         manager = checkpoint_manager(self.workdir, config.keep_checkpoints)
         try:
-            latest = manager.latest_step()
-            if latest is not None:
-                state, iterator_state = restore_checkpoint(manager, latest, state)
+            restored = restore_latest(manager, state, warn=_warn)
+            latest = None
+            if restored is not None:
+                state, iterator_state, latest = restored
                 iterator.set_state(iterator_state)
                 truncate_metrics(self.workdir / METRICS_FILE, latest)
             start = int(state.step)
             end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
             _print_header(self.recipe, state, start, end)
-            state = self._loop(state, iterator, manager, start, end)
-            if latest is None or int(state.step) > latest:
-                save_checkpoint(manager, state, iterator)
-            manager.wait_until_finished()
+            with _StopSignals() as signals:
+                state = self._loop(state, iterator, manager, start, end, signals)
+                if latest is None or int(state.step) > latest:
+                    save_checkpoint(manager, state, iterator.get_state())
+                finish_saving(manager)
+                if signals.received is not None and int(state.step) < end:
+                    raise Stopped(signals.received, int(state.step), self.workdir)
         finally:
             manager.close()
         if int(state.step) >= config.steps:
@@ -316,7 +363,9 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(recipe_path, self.recipe.to_yaml())
 
-    def _loop(self, state: TrainState, iterator, manager, start: int, end: int) -> TrainState:
+    def _loop(
+        self, state: TrainState, iterator, manager, start: int, end: int, signals: "_StopSignals"
+    ) -> TrainState:
         config = self.recipe.trainer
         data = self.recipe.data
         tokens_per_step = config.batch_size * data.seq_len
@@ -325,18 +374,22 @@ class Trainer:
             total=end, initial=start, disable=not interactive, unit="step", dynamic_ncols=True
         )
         last_time, last_step = time.perf_counter(), start
-        pending: dict[str, jax.Array] | None = None
+        previous: tuple[int, dict, dict] | None = None
         for step in range(start, end):
+            if signals.received is not None:
+                break
             batch = next(iterator)
             if step == start:
                 validate_batch(batch, data, "train split")
             labels = jnp.asarray(batch["label"]) if "label" in batch else None
-            state, metrics = self._step_fn(state, jnp.asarray(batch["tokens"]), labels)
+            state, metrics, diagnostics = self._step_fn(state, jnp.asarray(batch["tokens"]), labels)
             done = step + 1
-            pending = metrics
+            if previous is not None:
+                self._check_finite(*previous)
+            previous = (done, metrics, diagnostics)
             if done % config.log_every == 0 or done == end:
                 now = time.perf_counter()
-                record = {k: float(v) for k, v in jax.device_get(pending).items()}
+                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 record["tokens_per_second"] = tokens_per_step * (done - last_step) / (now - last_time)
                 last_time, last_step = now, done
                 self._log({"step": done, "split": "train", **record})
@@ -349,7 +402,8 @@ class Trainer:
                     print(
                         f"step {done}/{end}  loss {record['loss']:.4f}  "
                         f"bits/token {record['bits_per_token']:.4f}  "
-                        f"{record['tokens_per_second']:.0f} tokens/s",
+                        f"{record['tokens_per_second']:.0f} tokens/s"
+                        + (f"  skipped {int(record['skipped_steps'])}" if record["skipped_steps"] else ""),
                         flush=True,
                     )
             bar.update(1)
@@ -359,9 +413,38 @@ class Trainer:
             if config.sample_every and done % config.sample_every == 0 and done != config.steps:
                 self._samples(state, done)
             if done % config.checkpoint_every == 0 and done != end:
-                save_checkpoint(manager, state, iterator)
+                save_checkpoint(manager, state, iterator.get_state())
+        if previous is not None:
+            self._check_finite(*previous)
         bar.close()
         return state
+
+    def _check_finite(self, step: int, metrics: dict, diagnostics: dict) -> None:
+        """Under ``on_nonfinite: halt``, stop with a report when step ``step`` had a
+        non-finite loss or gradient (its update was not applied). Checked one step late,
+        so the device is never left idle waiting for the host."""
+        if self.recipe.trainer.on_nonfinite != "halt" or not bool(diagnostics["nonfinite"]):
+            return
+        values = jax.device_get(metrics)
+        terms = [
+            name.split("/", 1)[-1]
+            for name, value in values.items()
+            if (name in ("loss", "nelbo") or name.startswith("terms/")) and not np.isfinite(value)
+        ]
+        paths = parameter_paths(self.recipe)
+
+        def listed(flags: jax.Array) -> str:
+            bad = [path for path, ok in zip(paths, np.asarray(flags), strict=True) if not ok]
+            return ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+
+        bad_params, bad_grads = listed(diagnostics["finite_params"]), listed(diagnostics["finite_leaves"])
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(terms) or 'gradient'}"
+            + (f"; non-finite parameters: {bad_params}" if bad_params else "")
+            + (f"; non-finite gradients in {bad_grads}" if bad_grads else "")
+            + "; the update was not applied and training halted "
+            "(set trainer.on_nonfinite=skip to skip such steps)"
+        )
 
     def _samples(self, state: TrainState, step: int) -> Path | None:
         if self.recipe.trainer.num_samples == 0:
@@ -388,6 +471,50 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.workdir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class NonFiniteError(DdiffError):
+    """A step produced a non-finite loss or gradient under ``on_nonfinite: halt``."""
+
+
+class Stopped(DdiffError):
+    """Training stopped by SIGTERM or SIGINT after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, workdir: Path):
+        self.exit_status = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} at step {step}; checkpoint saved in {workdir}; "
+            f"run the same command again to resume"
+        )
+
+
+class _StopSignals:
+    """Within the block, the first SIGTERM or SIGINT sets ``received`` (the loop saves and
+    stops at the next step boundary); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def optimizer_learning_rate(config: OptimizerConfig, total_steps: int) -> Callable:
@@ -449,57 +576,6 @@ def truncate_metrics(path: Path, step: int) -> None:
         _atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-# ---------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(
-        (Path(workdir) / CHECKPOINT_DIR).absolute(), options=options, item_names=("state", "data")
-    )
-
-
-def _leaves(state: TrainState) -> dict[str, np.ndarray]:
-    arrays = jax.tree.leaves(eqx.filter(state, eqx.is_array))
-    return {f"leaf_{i:05d}": np.array(jax.device_get(a), copy=True) for i, a in enumerate(arrays)}
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, iterator) -> None:
-    """Save the train state's arrays and the data iterator's position (host copies, so the
-    next step may donate the device buffers while the save completes)."""
-    manager.save(
-        int(state.step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_leaves(state)),
-            data=ocp.args.JsonSave(iterator.get_state()),
-        ),
-    )
-
-
-def restore_checkpoint(
-    manager: ocp.CheckpointManager, step: int, template: TrainState
-) -> tuple[TrainState, dict]:
-    """Restore ``step`` into the structure of ``template``."""
-    dynamic, static = eqx.partition(template, eqx.is_array)
-    leaves, treedef = jax.tree.flatten(dynamic)
-    target = {f"leaf_{i:05d}": np.asarray(jax.device_get(a)) for i, a in enumerate(leaves)}
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-            ),
-        )
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        raise RunDirectoryError(
-            f"checkpoint {step} in {manager.directory} cannot be restored ({error}); "
-            f"it was written by another recipe or is damaged"
-        ) from None
-    arrays = [jnp.asarray(restored.state[f"leaf_{i:05d}"]) for i in range(len(leaves))]
-    state = eqx.combine(jax.tree.unflatten(treedef, arrays), static)
-    return state, restored.data
-
-
 def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Recipe, TrainState]:
     """The recipe of a run directory and its latest checkpointed state."""
     workdir = Path(workdir)
@@ -513,13 +589,12 @@ def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Reci
     trainer = Trainer(recipe, workdir)
     manager = checkpoint_manager(workdir, recipe.trainer.keep_checkpoints)
     try:
-        latest = manager.latest_step()
-        if latest is None:
-            raise RunDirectoryError(f"{workdir} has no checkpoint yet; train first with ddiff run")
-        state, _ = restore_checkpoint(manager, latest, trainer.init_state())
+        restored = restore_latest(manager, trainer.init_state(), warn=_warn)
     finally:
         manager.close()
-    return recipe, state
+    if restored is None:
+        raise RunDirectoryError(f"{workdir} has no checkpoint yet; train first with ddiff run")
+    return recipe, restored[0]
 
 
 # ---------------------------------------------------------------------- files

@@ -57,3 +57,11 @@ def tiny_model(tiny_recipe):
     import jax
 
     return ddiff.build_model(tiny_recipe, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, tiny_recipe):
+    """The tiny recipe trained uninterrupted for its 6 steps: (workdir, final state)."""
+    workdir = tmp_path_factory.mktemp("full")
+    state = ddiff.Trainer(tiny_recipe, workdir, show_progress=False).run()
+    return workdir, state

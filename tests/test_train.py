@@ -18,13 +18,6 @@ def _arrays(state):
     return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(state, eqx.is_array))]
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_recipe):
-    workdir = tmp_path_factory.mktemp("full")
-    state = ddiff.Trainer(tiny_recipe, workdir, show_progress=False).run()
-    return workdir, state
-
-
 def test_run_writes_metrics_eval_samples_and_checkpoints(full_run, tiny_recipe):
     workdir, state = full_run
     assert int(state.step) == 6

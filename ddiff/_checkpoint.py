@@ -1,0 +1,166 @@
+"""Checkpoints: orbax saves of the train state's arrays and the data iterator's position,
+sealed with a manifest of file sizes and SHA-256 digests once complete, restored newest
+first with a fall-back past damaged ones.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so
+a run killed mid-save leaves only a temporary directory, which is removed at the next
+start and never loaded. The seal additionally catches later damage (a truncated or
+altered file), which is named when the checkpoint is refused.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ddiff._errors import RunDirectoryError
+
+CHECKPOINT_DIR = "checkpoints"
+SEAL_FILE = "ddiff_seal.json"
+
+
+def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
+    """An orbax manager for ``workdir/checkpoints`` that keeps ``keep`` checkpoints and
+    removes temporary directories left by an interrupted save."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(
+        (Path(workdir) / CHECKPOINT_DIR).absolute(), options=options, item_names=("state", "data")
+    )
+
+
+def _leaves(state: Any) -> dict[str, np.ndarray]:
+    arrays = jax.tree.leaves(eqx.filter(state, eqx.is_array))
+    return {f"leaf_{i:05d}": np.array(jax.device_get(a), copy=True) for i, a in enumerate(arrays)}
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: Any, iterator_state: dict) -> None:
+    """Start saving ``state`` (host copies, so the next step may donate the device buffers
+    while the save completes) and seal every earlier checkpoint that has finished."""
+    manager.check_for_errors()
+    seal_finished(manager)
+    manager.save(
+        int(state.step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_leaves(state)), data=ocp.args.JsonSave(iterator_state)
+        ),
+    )
+
+
+def finish_saving(manager: ocp.CheckpointManager) -> None:
+    """Wait for pending saves, raise their errors, and seal them."""
+    manager.wait_until_finished()
+    manager.check_for_errors()
+    seal_finished(manager)
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
+    return Path(manager.directory) / str(step)
+
+
+def _digests(directory: Path) -> dict[str, list]:
+    result = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != SEAL_FILE):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        result[str(path.relative_to(directory))] = [path.stat().st_size, digest.hexdigest()]
+    return result
+
+
+def seal_finished(manager: ocp.CheckpointManager) -> None:
+    """Write the seal of every complete checkpoint that has none (atomically)."""
+    if manager.is_saving_in_progress():
+        in_progress = manager.latest_step()
+    else:
+        in_progress = None
+    for step in manager.all_steps():
+        directory = _step_dir(manager, step)
+        if step == in_progress or (directory / SEAL_FILE).exists() or not directory.exists():
+            continue
+        seal = directory / SEAL_FILE
+        temporary = directory / f".{SEAL_FILE}.tmp"
+        temporary.write_text(json.dumps(_digests(directory)))
+        os.replace(temporary, seal)
+
+
+def verify_seal(directory: Path) -> str | None:
+    """None if the checkpoint matches its seal (or has none yet); else what is wrong."""
+    seal = directory / SEAL_FILE
+    if not seal.exists():
+        return None
+    try:
+        expected = json.loads(seal.read_text())
+    except (OSError, ValueError):
+        return f"its seal {seal} is unreadable"
+    actual = _digests(directory)
+    for name, (size, digest) in expected.items():
+        if name not in actual:
+            return f"file {directory / name} is missing"
+        if actual[name][0] != size:
+            return f"file {directory / name} has {actual[name][0]} bytes, {size} were written"
+        if actual[name][1] != digest:
+            return f"file {directory / name} was altered since it was written"
+    return None
+
+
+def _restore_step(
+    manager: ocp.CheckpointManager, step: int, template: Any
+) -> tuple[Any, dict]:
+    dynamic, static = eqx.partition(template, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(dynamic)
+    target = {f"leaf_{i:05d}": np.asarray(jax.device_get(a)) for i, a in enumerate(leaves)}
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+    )
+    arrays = []
+    for i, leaf in enumerate(leaves):
+        value = np.asarray(restored.state[f"leaf_{i:05d}"])
+        if value.shape != leaf.shape or value.dtype != leaf.dtype:
+            raise ValueError(f"leaf {i} has shape {value.shape} {value.dtype}, expected {leaf.shape} {leaf.dtype}")
+        arrays.append(jnp.asarray(value))
+    return eqx.combine(jax.tree.unflatten(treedef, arrays), static), restored.data
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, template: Any, *, warn: Callable[[str], None] = print
+) -> tuple[Any, dict, int] | None:
+    """Restore the newest checkpoint that is intact, warning about each damaged one.
+
+    Returns:
+        (state, iterator state, step), or None when there is no checkpoint.
+
+    Raises:
+        RunDirectoryError: checkpoints exist but none can be restored.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    problems = []
+    for step in steps:
+        directory = _step_dir(manager, step)
+        problem = verify_seal(directory)
+        if problem is None:
+            try:
+                state, data = _restore_step(manager, step, template)
+            except Exception as error:  # noqa: BLE001 - any failure means unusable
+                problem = f"it cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            else:
+                return state, data, step
+        problems.append(step)
+        warn(f"ddiff: warning: checkpoint {step} in {manager.directory} is damaged: {problem}")
+    if steps:
+        raise RunDirectoryError(
+            f"no checkpoint in {manager.directory} can be restored (tried {', '.join(map(str, problems))}); "
+            f"move that directory aside to train from scratch"
+        )
+    return None
