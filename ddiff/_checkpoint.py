@@ -18,7 +18,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from ddiff._errors import RunDirectoryError
@@ -38,14 +37,15 @@ def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
     )
 
 
-def _leaves(state: Any) -> dict[str, np.ndarray]:
+def _leaves(state: Any) -> dict[str, jax.Array]:
+    """The state's arrays, copied on device so that the next step may donate the originals
+    while the (possibly multi-process, sharded) save completes."""
     arrays = jax.tree.leaves(eqx.filter(state, eqx.is_array))
-    return {f"leaf_{i:05d}": np.array(jax.device_get(a), copy=True) for i, a in enumerate(arrays)}
+    return {f"leaf_{i:05d}": jnp.copy(a) for i, a in enumerate(arrays)}
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: Any, iterator_state: dict) -> None:
-    """Start saving ``state`` (host copies, so the next step may donate the device buffers
-    while the save completes) and seal every earlier checkpoint that has finished."""
+    """Start saving ``state`` and seal every earlier checkpoint that has finished."""
     manager.check_for_errors()
     seal_finished(manager)
     manager.save(
@@ -79,7 +79,10 @@ def _digests(directory: Path) -> dict[str, list]:
 
 
 def seal_finished(manager: ocp.CheckpointManager) -> None:
-    """Write the seal of every complete checkpoint that has none (atomically)."""
+    """Write the seal of every complete checkpoint that has none (atomically; by the
+    first process only)."""
+    if jax.process_index() != 0:
+        return
     if manager.is_saving_in_progress():
         in_progress = manager.latest_step()
     else:
@@ -119,17 +122,20 @@ def _restore_step(
 ) -> tuple[Any, dict]:
     dynamic, static = eqx.partition(template, eqx.is_array)
     leaves, treedef = jax.tree.flatten(dynamic)
-    target = {f"leaf_{i:05d}": np.asarray(jax.device_get(a)) for i, a in enumerate(leaves)}
+    target = {
+        f"leaf_{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+        for i, a in enumerate(leaves)
+    }
     restored = manager.restore(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
     )
     arrays = []
     for i, leaf in enumerate(leaves):
-        value = np.asarray(restored.state[f"leaf_{i:05d}"])
+        value = restored.state[f"leaf_{i:05d}"]
         if value.shape != leaf.shape or value.dtype != leaf.dtype:
             raise ValueError(f"leaf {i} has shape {value.shape} {value.dtype}, expected {leaf.shape} {leaf.dtype}")
-        arrays.append(jnp.asarray(value))
+        arrays.append(value)
     return eqx.combine(jax.tree.unflatten(treedef, arrays), static), restored.data
 
 

@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step"
     )
+    run.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
+    run.add_argument("--num-processes", type=int, help="number of processes")
+    run.add_argument("--process-id", type=int, help="this process's index")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run detected from the cluster (TPU pod, SLURM, MPI)",
+    )
 
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
     evaluate.add_argument("workdir")
@@ -52,9 +60,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from ddiff._distributed import initialize
     from ddiff._recipe import load_recipe
     from ddiff._train import Trainer
 
+    initialize(
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        auto=args.distributed,
+    )
     recipe = load_recipe(args.recipe, args.overrides)
     workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.recipe).stem
     Trainer(recipe, workdir).run(stop_at_step=args.stop_at_step)
@@ -122,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DdiffError as error:
         status = getattr(error, "exit_status", 2)
         prefix = "ddiff: " if status != 2 else "ddiff: error: "
-        print(f"{prefix}{error}", file=sys.stderr)
+        message = str(error).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"{prefix}{message}", file=sys.stderr)
         return status
     except KeyboardInterrupt:
         print("ddiff: interrupted", file=sys.stderr)

@@ -88,20 +88,23 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """An endless, shuffled (reshuffled each epoch), checkpointable iterator of batches.
+    """An endless, shuffled (reshuffled each epoch), checkpointable iterator of this
+    process's part of each global batch.
 
-    Each process reads its own interleaved shard. ``get_state()``/``set_state()`` of the
-    returned iterator capture exactly where it is, so a resumed run sees the same batches.
+    Global batch k is rows [kB, (k+1)B) of the shuffled, repeated split, B being
+    ``batch_size * process_count``; process p reads only its ``batch_size`` consecutive
+    rows of it. So the global batches do not depend on the number of processes.
+    ``get_state()``/``set_state()`` capture exactly where the iterator is, so a resumed
+    run sees the same batches.
     """
     dataset = grain.MapDataset.source(_checked_split(source, "train"))
-    dataset = dataset[process_index::process_count]
-    if len(dataset) < batch_size:
+    if len(dataset) < batch_size * process_count:
         raise DataError(
-            f"the train split has {len(dataset)} examples per process, fewer than "
-            f"batch_size={batch_size}; lower trainer.batch_size"
+            f"the train split has {len(dataset)} examples, fewer than one global batch "
+            f"({batch_size * process_count}); lower trainer.batch_size"
         )
     dataset = dataset.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
-    return iter(dataset.to_iter_dataset())
+    return iter(dataset[process_index::process_count].to_iter_dataset())
 
 
 def eval_batches(
@@ -112,17 +115,17 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """One pass over the eval split in order: (batch, weights). The last batch is padded
-    to ``batch_size`` by repeating its final example, with weight 0 on the padding."""
+    """One pass over the eval split in order, in global batches of ``batch_size``: this
+    process's consecutive rows of each, and the weights of the whole global batch. The
+    last batch is padded by repeating the final example, with weight 0 on the padding."""
     split = _checked_split(source, "eval")
     count = len(split) if max_examples is None else min(len(split), max_examples)
-    indices = np.arange(count)[process_index::process_count]
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        weights = np.zeros(batch_size, np.float32)
-        weights[: len(chunk)] = 1.0
-        padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])
-        items = [split[int(i)] for i in padded]
+    local = batch_size // process_count
+    for start in range(0, count, batch_size):
+        rows = np.minimum(np.arange(start, start + batch_size), count - 1)
+        weights = (np.arange(start, start + batch_size) < count).astype(np.float32)
+        mine = rows[process_index * local : (process_index + 1) * local]
+        items = [split[int(i)] for i in mine]
         batch = {key: np.stack([item[key] for item in items]) for key in items[0]}
         yield batch, weights
 

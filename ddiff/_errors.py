@@ -16,6 +16,8 @@ class RecipeError(DdiffError):
         self.source = source
         self.path = path
         self.message = message
+        if path is not None and not path.isprintable():
+            path = repr(path)
         where = ": ".join(part for part in (source, path) if part)
         super().__init__(f"{where}: {message}" if where else message)
 

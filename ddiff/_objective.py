@@ -5,6 +5,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Int
 
 from ddiff._capabilities import Capable
 from ddiff._model import DiffusionModel
@@ -77,15 +78,22 @@ class AbstractObjective(AbstractCheckedModule, Capable):
         key: Key,
         labels: Labels | None = None,
         train: bool = True,
+        offset: Int[Array, ""] | int = 0,
+        total: int | None = None,
     ) -> ObjectiveTerms:
         """:meth:`example_terms` for every example of a batch (leading batch axis).
 
-        Times come from :meth:`sample_times`; the noise of example i is keyed by folding
-        i into ``key``, so an example's draw does not depend on how the batch is split.
+        The batch may be the slice ``offset .. offset + len(x0)`` of a global batch of
+        ``total`` examples (one device's share). Times are the matching slice of
+        :meth:`sample_times` for the global batch, and the noise of global example i is
+        keyed by folding i into ``key``, so no draw depends on how the batch is split.
         """
+        local = x0.shape[0]
+        total = local if total is None else total
         time_key, noise_key = jax.random.split(key)
-        times = self.sample_times(time_key, x0.shape[0])
-        keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(jnp.arange(x0.shape[0]))
+        times = jax.lax.dynamic_slice_in_dim(self.sample_times(time_key, total), offset, local)
+        indices = offset + jnp.arange(local)
+        keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(indices)
 
         def one(x, t, k, label):
             return self.example_terms(model, x, t, key=k, label=label, train=train)

@@ -23,6 +23,7 @@ from beartype.door import is_bearable
 from ddiff._capabilities import check_compatibility
 from ddiff._data import AbstractDataSource
 from ddiff._errors import DdiffError, RecipeError
+from ddiff._mesh import MeshConfig
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
 from ddiff._objective import AbstractObjective
 from ddiff._parameterization import AbstractParameterization
@@ -279,6 +280,7 @@ class Recipe:
     optimizer: OptimizerConfig
     trainer: TrainerConfig
     eval: EvalConfig
+    mesh: MeshConfig
     seed: int
     resolved: dict[str, Any]
     names: dict[str, str]
@@ -294,7 +296,12 @@ def dump_yaml(mapping: Mapping[str, Any]) -> str:
 
 
 _COMPONENT_SECTIONS = ("data", "process", "parameterization", "network", "objective", "sampler")
-_CONFIG_SECTIONS = {"optimizer": OptimizerConfig, "trainer": TrainerConfig, "eval": EvalConfig}
+_CONFIG_SECTIONS = {
+    "optimizer": OptimizerConfig,
+    "trainer": TrainerConfig,
+    "eval": EvalConfig,
+    "mesh": MeshConfig,
+}
 _SECTIONS = ("seed", *_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)
 
 

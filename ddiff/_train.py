@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, UInt32
 from tqdm import tqdm
 
@@ -28,7 +30,18 @@ from ddiff._checkpoint import (
     save_checkpoint,
 )
 from ddiff._data import eval_batches, train_batches, validate_batch
-from ddiff._errors import DdiffError, RunDirectoryError
+from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
+from ddiff._mesh import (
+    BATCH_AXES,
+    BATCH_SPEC,
+    gather,
+    global_batch,
+    global_norm,
+    make_mesh,
+    place,
+    reduce_gradients,
+    tree_specs,
+)
 from ddiff._model import DiffusionModel
 from ddiff._recipe import OptimizerConfig, Recipe, load_recipe, parse_yaml
 from ddiff._sampler import Conditioning, SampleOutput
@@ -87,7 +100,9 @@ def parameter_paths(recipe: Recipe) -> list[str]:
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay (or constant), after global-norm clipping."""
+    """AdamW with linear warmup then cosine decay (or constant). The trainer clips the
+    gradient to ``grad_clip`` global norm before it (the norm of the whole gradient across
+    the mesh, which an optax transform on one shard could not compute)."""
     if config.decay == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             init_value=0.0,
@@ -104,12 +119,30 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
             ],
             [config.warmup_steps],
         )
-    adamw = optax.adamw(
+    return optax.adamw(
         schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
     )
-    if config.grad_clip is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+
+
+def _all_finite_per_leaf(tree: Any) -> jax.Array:
+    """Inside shard_map: one flag per leaf, true where the leaf is finite on every device."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)] or [jnp.bool_(True)]
+    bad = jax.lax.psum((~jnp.stack(flags)).astype(jnp.int32), BATCH_AXES)
+    return bad == 0
+
+
+def check_divisible(recipe: Recipe, devices: int) -> None:
+    """Batch sizes must split evenly over the mesh's devices."""
+    for path, value in (
+        ("trainer.batch_size", recipe.trainer.batch_size),
+        ("eval.batch_size", recipe.eval.batch_size),
+    ):
+        if value % devices:
+            raise RecipeError(
+                f"{value} is not divisible by the mesh's {devices} devices; use a multiple of {devices}",
+                source=recipe.source,
+                path=path,
+            )
 
 
 def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
@@ -131,13 +164,31 @@ resumed run, ``ddiff eval`` after ``ddiff run``, tests)."""
 class Trainer:
     """Runs a recipe in a work directory, resuming from its latest checkpoint."""
 
-    def __init__(self, recipe: Recipe, workdir: str | Path, *, show_progress: bool | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        workdir: str | Path,
+        *,
+        show_progress: bool | None = None,
+        mesh: Mesh | None = None,
+    ):
         self.recipe = recipe
         self.workdir = Path(workdir)
         self.show_progress = show_progress
+        self.mesh = make_mesh(recipe.mesh) if mesh is None else mesh
+        self.num_devices = self.mesh.size
+        check_divisible(recipe, self.num_devices)
         self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
         cache_key = repr(
-            (recipe.objective, recipe.sampler, recipe.optimizer, recipe.trainer.steps, recipe.data.seq_len)
+            (
+                recipe.objective,
+                recipe.sampler,
+                recipe.optimizer,
+                recipe.trainer.steps,
+                recipe.trainer.batch_size,
+                recipe.data.seq_len,
+                self.mesh,
+            )
         )
         if cache_key not in _COMPILED:
             if len(_COMPILED) >= 8:
@@ -148,11 +199,12 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def init_state(self) -> TrainState:
+        """A fresh state, laid out on the mesh."""
         key = jax.random.PRNGKey(self.recipe.seed)
         model_key, train_key = jax.random.split(key)
         model = build_model(self.recipe, model_key)
         params = eqx.filter(model, eqx.is_inexact_array)
-        return TrainState(
+        state = TrainState(
             step=jnp.zeros((), jnp.int32),
             model=model,
             opt_state=self.optimizer.init(params),
@@ -160,37 +212,56 @@ class Trainer:
             key=train_key,
             skipped_steps=jnp.zeros((), jnp.int32),
         )
+        return self.place(state)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Lay every array of ``state`` out on the mesh (fsdp-sharded where large)."""
+        dynamic, static = eqx.partition(state, eqx.is_array)
+        return eqx.combine(place(dynamic, self.mesh, tree_specs(dynamic, self.mesh)), static)
 
     # ------------------------------------------------------------------ compiled functions
 
     def _make_step(self) -> Callable:
         objective = self.recipe.objective
         optimizer = self.optimizer
-        ema_decay = self.recipe.optimizer.ema_decay
+        config = self.recipe.optimizer
         seq_len = self.recipe.data.seq_len
-        learning_rate = optimizer_learning_rate(self.recipe.optimizer, self.recipe.trainer.steps)
+        batch_size = self.recipe.trainer.batch_size
+        mesh, count = self.mesh, self.mesh.size
+        local_batch = batch_size // count
+        learning_rate = optimizer_learning_rate(config, self.recipe.trainer.steps)
 
-        def loss(params, static, tokens, labels, key):
-            model = eqx.combine(params, static)
-            terms = objective.batch_terms(model, tokens, key=key, labels=labels, train=True)
-            return terms.loss, terms
-
-        @eqx.filter_jit(donate="all")
-        def step(state: TrainState, tokens, labels):
+        def local_step(dynamic, static, specs, tokens, labels):
+            state = eqx.combine(dynamic, static)
             key = jax.random.fold_in(state.key, state.step)
-            params, static = eqx.partition(state.model, eqx.is_inexact_array)
-            (_, terms), grads = jax.value_and_grad(loss, has_aux=True)(
-                params, static, tokens, labels, key
-            )
-            updates, opt_state = optimizer.update(grads, state.opt_state, params)
+            offset = jax.lax.axis_index(BATCH_AXES) * local_batch
+            params, model_static = eqx.partition(state.model, eqx.is_inexact_array)
+
+            def loss(params):
+                model = eqx.combine(gather(params, specs), model_static)
+                terms = objective.per_example_terms(
+                    model, tokens, key=key, labels=labels, train=True, offset=offset, total=batch_size
+                )
+                terms = jax.tree.map(lambda a: jnp.mean(a, axis=0), terms)
+                return terms.loss, terms
+
+            (_, terms), grads = jax.value_and_grad(loss, has_aux=True)(params)
+            grads = reduce_gradients(grads, specs, count)
+            terms = jax.lax.pmean(terms, BATCH_AXES)
+            grad_norm = global_norm(grads, specs)
+            if config.grad_clip is not None:
+                scale = jnp.where(grad_norm < config.grad_clip, 1.0, config.grad_clip / grad_norm)
+                clipped = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+            else:
+                clipped = grads
+            updates, opt_state = optimizer.update(clipped, state.opt_state, params)
             new_params = eqx.apply_updates(params, updates)
             ema_params = eqx.filter(state.ema, eqx.is_inexact_array)
-            decay = ema_decay_at(state.step, ema_decay)
+            decay = ema_decay_at(state.step, config.ema_decay)
             new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
-            leaf_finite = jnp.stack(
-                [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)] or [jnp.bool_(True)]
-            )
-            finite = jnp.all(leaf_finite) & jnp.isfinite(terms.loss)
+            finite_grads = _all_finite_per_leaf(grads)
+            finite_params = _all_finite_per_leaf(params)
+            finite = jnp.all(finite_grads) & jnp.isfinite(terms.loss)
 
             def guard(new, old):
                 return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -199,50 +270,101 @@ class Trainer:
                 "loss": terms.loss,
                 "nelbo": terms.nelbo,
                 "bits_per_token": _bits_per_token(terms.nelbo, seq_len),
-                "grad_norm": optax.tree.norm(grads),
+                "grad_norm": grad_norm,
                 "learning_rate": learning_rate(state.step),
                 "skipped_steps": state.skipped_steps + (~finite).astype(jnp.int32),
                 **{f"terms/{k}": v for k, v in terms.metrics.items()},
             }
-            param_finite = jnp.stack(
-                [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)] or [jnp.bool_(True)]
-            )
             diagnostics = {
                 "nonfinite": ~finite,
-                "finite_leaves": leaf_finite,
-                "finite_params": param_finite,
+                "finite_leaves": finite_grads,
+                "finite_params": finite_params,
             }
             new_state = TrainState(
                 step=state.step + 1,
-                model=eqx.combine(guard(new_params, params), static),
+                model=eqx.combine(guard(new_params, params), model_static),
                 opt_state=guard(opt_state, state.opt_state),
-                ema=eqx.combine(guard(new_ema, ema_params), static),
+                ema=eqx.combine(guard(new_ema, ema_params), model_static),
                 key=state.key,
                 skipped_steps=metrics["skipped_steps"],
             )
-            return new_state, metrics, diagnostics
+            return eqx.filter(new_state, eqx.is_array), metrics, diagnostics
+
+        @eqx.filter_jit(donate="all")
+        def step(state: TrainState, tokens, labels):
+            dynamic, static = eqx.partition(state, eqx.is_array)
+            specs = tree_specs(dynamic, mesh)
+            param_specs = tree_specs(eqx.filter(state.model, eqx.is_inexact_array), mesh)
+            sharded = jax.shard_map(
+                lambda d, x, y: local_step(d, static, param_specs, x, y),
+                mesh=mesh,
+                in_specs=(specs, BATCH_SPEC, BATCH_SPEC),
+                out_specs=(specs, P(), P()),
+                check_vma=False,
+            )
+            new_dynamic, metrics, diagnostics = sharded(dynamic, tokens, labels)
+            return eqx.combine(new_dynamic, static), metrics, diagnostics
 
         return step
 
     def _make_eval(self) -> Callable:
         objective = self.recipe.objective
+        mesh = self.mesh
+        batch_size = self.recipe.eval.batch_size
+        local_batch = batch_size // mesh.size
 
         @eqx.filter_jit
         def evaluate(model, tokens, labels, key) -> Float[Array, " batch"]:
-            terms = objective.per_example_terms(model, tokens, key=key, labels=labels, train=False)
-            return terms.nelbo
+            params, static = eqx.partition(model, eqx.is_array)
+            specs = tree_specs(params, mesh)
+
+            def local(params, tokens, labels):
+                full = eqx.combine(gather(params, specs), static)
+                offset = jax.lax.axis_index(BATCH_AXES) * local_batch
+                terms = objective.per_example_terms(
+                    full, tokens, key=key, labels=labels, train=False, offset=offset, total=batch_size
+                )
+                return terms.nelbo
+
+            return jax.shard_map(
+                local,
+                mesh=mesh,
+                in_specs=(specs, BATCH_SPEC, BATCH_SPEC),
+                out_specs=BATCH_SPEC,
+                check_vma=False,
+            )(params, tokens, labels)
 
         return evaluate
 
     def _make_sample(self) -> Callable:
         sampler = self.recipe.sampler
         seq_len = self.recipe.data.seq_len
+        mesh = self.mesh
 
         @eqx.filter_jit
         def sample(model, key, num_samples: int, conditioning: Conditioning) -> SampleOutput:
-            return sampler.sample(
-                model, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
-            )
+            params, static = eqx.partition(model, eqx.is_array)
+            specs = tree_specs(params, mesh)
+            local_samples = num_samples // mesh.size
+
+            def local(params, conditioning):
+                full = eqx.combine(gather(params, specs), static)
+                device_key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
+                output = sampler.sample(
+                    full, key=device_key, num_samples=local_samples, seq_len=seq_len,
+                    conditioning=conditioning,
+                )
+                evals = jax.lax.pmax(output.num_function_evals, BATCH_AXES)
+                return SampleOutput(tokens=output.tokens, num_function_evals=evals)
+
+            condition_specs = jax.tree.map(lambda _: BATCH_SPEC, conditioning)
+            return jax.shard_map(
+                local,
+                mesh=mesh,
+                in_specs=(specs, condition_specs),
+                out_specs=SampleOutput(tokens=BATCH_SPEC, num_function_evals=P()),
+                check_vma=False,
+            )(params, conditioning)
 
         return sample
 
@@ -258,20 +380,24 @@ class Trainer:
         limit = config.max_examples if max_examples is None else max_examples
         base_key = jax.random.PRNGKey(config.seed)
         totals: list[np.ndarray] = []
-        for index, (batch, weights) in enumerate(
-            eval_batches(data, batch_size=config.batch_size, max_examples=limit)
-        ):
+        batches = eval_batches(
+            data,
+            batch_size=config.batch_size,
+            max_examples=limit,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        for index, (batch, weights) in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
             if index == 0:
                 validate_batch(batch, data, "eval split")
-            tokens = jnp.asarray(batch["tokens"])
-            labels = jnp.asarray(batch["label"]) if "label" in batch else None
+            tokens, labels = self._device_batch(batch)
             draws = [
-                self._eval_fn(model, tokens, labels, jax.random.fold_in(base_key, index * 1009 + d))
+                _to_host(self._eval_fn(model, tokens, labels, jax.random.fold_in(base_key, index * 1009 + d)))
                 for d in range(config.time_draws)
             ]
-            per_example = np.mean(np.stack([np.asarray(d) for d in draws]), axis=0)
+            per_example = np.mean(np.stack(draws), axis=0)
             totals.append(per_example[weights > 0])
         values = np.concatenate(totals).astype(np.float64)
         scale = data.seq_len * math.log(2.0)
@@ -293,11 +419,28 @@ class Trainer:
         num_samples: int,
         conditioning: Conditioning | None = None,
     ) -> SampleOutput:
-        return self._sample_fn(model, key, num_samples, conditioning or Conditioning())
+        """Draw ``num_samples`` sequences, split over the mesh's devices (padded to a
+        multiple of their number, then trimmed); tokens come back on the host."""
+        conditioning = conditioning or Conditioning()
+        padded = -(-num_samples // self.num_devices) * self.num_devices
+
+        def pad(array):
+            extra = np.repeat(np.asarray(array)[-1:], padded - num_samples, axis=0)
+            return global_batch(np.concatenate([np.asarray(array), extra]), self.mesh)
+
+        arrays, static = eqx.partition(conditioning, eqx.is_array)
+        conditioning = eqx.combine(jax.tree.map(pad, arrays), static)
+        output = self._sample_fn(model, key, padded, conditioning)
+        return SampleOutput(
+            tokens=jnp.asarray(_to_host(output.tokens)[:num_samples]),
+            num_function_evals=output.num_function_evals,
+        )
 
     def write_samples(self, output: SampleOutput, name: str) -> Path:
         """Write samples as text (one sequence a line), .npy, and a stats .json beside them."""
         directory = self.workdir / SAMPLES_DIR
+        if jax.process_index() != 0:
+            return directory / f"{name}.txt"
         directory.mkdir(parents=True, exist_ok=True)
         tokens = np.asarray(output.tokens)
         text = "\n".join(self.recipe.data.decode(row) for row in tokens) + "\n"
@@ -318,7 +461,13 @@ class Trainer:
         data = self.recipe.data
         self.prepare_workdir()
         state = self.init_state()
-        iterator = train_batches(data, batch_size=config.batch_size, seed=self.recipe.seed)
+        iterator = train_batches(
+            data,
+            batch_size=config.batch_size // jax.process_count(),
+            seed=self.recipe.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         manager = checkpoint_manager(self.workdir, config.keep_checkpoints)
         try:
             restored = restore_latest(manager, state, warn=_warn)
@@ -329,7 +478,7 @@ class Trainer:
                 truncate_metrics(self.workdir / METRICS_FILE, latest)
             start = int(state.step)
             end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
-            _print_header(self.recipe, state, start, end)
+            _print_header(self.recipe, state, self.mesh, start, end)
             with _StopSignals() as signals:
                 state = self._loop(state, iterator, manager, start, end, signals)
                 if latest is None or int(state.step) > latest:
@@ -361,7 +510,8 @@ class Trainer:
                 f"{self.workdir} has checkpoints but no {RECIPE_FILE}; use another --workdir"
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(recipe_path, self.recipe.to_yaml())
+        if jax.process_index() == 0:
+            _atomic_write_text(recipe_path, self.recipe.to_yaml())
 
     def _loop(
         self, state: TrainState, iterator, manager, start: int, end: int, signals: "_StopSignals"
@@ -381,8 +531,8 @@ class Trainer:
             batch = next(iterator)
             if step == start:
                 validate_batch(batch, data, "train split")
-            labels = jnp.asarray(batch["label"]) if "label" in batch else None
-            state, metrics, diagnostics = self._step_fn(state, jnp.asarray(batch["tokens"]), labels)
+            tokens, labels = self._device_batch(batch)
+            state, metrics, diagnostics = self._step_fn(state, tokens, labels)
             done = step + 1
             if previous is not None:
                 self._check_finite(*previous)
@@ -418,6 +568,12 @@ class Trainer:
             self._check_finite(*previous)
         bar.close()
         return state
+
+    def _device_batch(self, batch: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array | None]:
+        """This process's rows of a batch, assembled into global arrays on the mesh."""
+        tokens = global_batch(np.asarray(batch["tokens"]), self.mesh)
+        labels = global_batch(np.asarray(batch["label"]), self.mesh) if "label" in batch else None
+        return tokens, labels
 
     def _check_finite(self, step: int, metrics: dict, diagnostics: dict) -> None:
         """Under ``on_nonfinite: halt``, stop with a report when step ``step`` had a
@@ -469,6 +625,8 @@ class Trainer:
             )
 
     def _log(self, record: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
         with open(self.workdir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -513,6 +671,15 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
+def _to_host(array: jax.Array) -> np.ndarray:
+    """A global array's full value on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -549,7 +716,8 @@ def sample_statistics(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
 def write_eval(workdir: Path, recipe: Recipe, result: dict[str, Any], step: int) -> Path:
     payload = {"step": step, **result, **recipe.data.reference_stats()}
     path = Path(workdir) / EVAL_FILE
-    _atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    if jax.process_index() == 0:
+        _atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
 
 
@@ -621,15 +789,21 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _print_header(recipe: Recipe, state: TrainState, start: int, end: int) -> None:
+def _print_header(recipe: Recipe, state: TrainState, mesh: Mesh, start: int, end: int) -> None:
+    if jax.process_index() != 0:
+        return
     params = eqx.filter(state.model, eqx.is_inexact_array)
     count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     names = recipe.names
+    batch = recipe.trainer.batch_size
+    shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
     print(
         f"ddiff: {names['objective']} with {names['process']} process, "
         f"{names['parameterization']} parameterization, {names['network']} network "
         f"({count:,} parameters); data {names['data']} (V={recipe.data.vocab_size}, "
-        f"D={recipe.data.seq_len}); batch {recipe.trainer.batch_size}; "
+        f"D={recipe.data.seq_len})\n"
+        f"ddiff: mesh {shape} over {mesh.size} devices in {jax.process_count()} processes; "
+        f"global batch {batch}, {batch // mesh.size} per device; "
         f"steps {start} -> {end} of {recipe.trainer.steps}",
         flush=True,
     )

@@ -1,17 +1,21 @@
 """Shared fixtures: a tiny recipe whose compiled functions are reused across tests."""
 
 import os
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Eight simulated CPU devices for the mesh tests; single-device tests use mesh.data=1.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU compiles the partitionable threefry PRNG 10-20x more slowly (seconds per random
+# call site); the suite never shards random generation, so it uses the classic lowering.
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
+# One compilation per program for the whole run: xdist workers and the subprocesses the
+# tests start share JAX's persistent compilation cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddiff-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import ddiff  # noqa: E402
-
-# XLA:CPU compiles the partitionable threefry PRNG 10-20x more slowly (seconds per random
-# call site); the suite never shards random generation, so it uses the classic lowering.
-jax.config.update("jax_threefry_partitionable", False)
 
 TINY_OVERRIDES = (
     "data.num_symbols=5",
@@ -33,6 +37,7 @@ TINY_OVERRIDES = (
     "eval.batch_size=16",
     "eval.time_draws=2",
     "optimizer.warmup_steps=2",
+    "mesh.data=1",
 )
 
 

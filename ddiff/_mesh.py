@@ -1,0 +1,139 @@
+"""Device meshes and how the train state and batches are laid out on them.
+
+The mesh has two named axes: ``data`` (replicas that average gradients) and ``fsdp``
+(devices that each hold a shard of every large parameter, of its gradient and of its
+optimizer state). A batch is split over both axes together.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddiff._errors import RecipeError
+
+DATA, FSDP = "data", "fsdp"
+BATCH_AXES = (DATA, FSDP)
+BATCH_SPEC = P(BATCH_AXES)
+MIN_SHARDED_SIZE = 1024
+"""Arrays with fewer elements than this stay replicated (sharding them saves nothing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh: ``data`` x ``fsdp`` devices; -1 means all remaining devices.
+
+    Attributes:
+        data: data-parallel replicas (gradients averaged across them).
+        fsdp: devices sharing each parameter, gradient and optimizer state (fully sharded
+            data parallel); parameters are gathered for the forward pass and gradients
+            reduce-scattered back.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp"):
+            value = getattr(self, name)
+            if value != -1 and value < 1:
+                raise RecipeError(f"must be a positive size or -1, got {value}", path=f"mesh.{name}")
+        if self.data == -1 and self.fsdp == -1:
+            raise RecipeError("at most one of mesh.data and mesh.fsdp may be -1", path="mesh")
+
+
+def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
+    """The named mesh over ``devices`` (default: every device of every process). With
+    both sizes given, the first data x fsdp devices are used."""
+    devices = list(jax.devices() if devices is None else devices)
+    count = len(devices)
+    data, fsdp = config.data, config.fsdp
+    if data == -1:
+        data = count // fsdp
+    if fsdp == -1:
+        fsdp = count // data
+    if config.data != -1 and config.fsdp != -1 and data * fsdp <= count:
+        devices, count = devices[: data * fsdp], data * fsdp
+    if data * fsdp != count:
+        raise RecipeError(
+            f"the mesh needs data x fsdp = {config.data} x {config.fsdp} devices but there "
+            f"are {count}; use -1 for one axis to take all remaining devices",
+            path="mesh",
+        )
+    return Mesh(np.array(devices).reshape(data, fsdp), (DATA, FSDP))
+
+
+def leaf_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard an array over ``fsdp`` along its largest dimension divisible by the axis size
+    (replicate small arrays and arrays with no such dimension)."""
+    if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+        return P()
+    candidates = [i for i, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return P()
+    dim = max(candidates, key=lambda i: shape[i])
+    return P(*[FSDP if i == dim else None for i in range(len(shape))])
+
+
+def tree_specs(tree: Any, mesh: Mesh) -> Any:
+    """A PartitionSpec for every array leaf of ``tree`` (None elsewhere)."""
+    fsdp = mesh.shape[FSDP]
+    return jax.tree.map(lambda a: leaf_spec(tuple(a.shape), fsdp), tree)
+
+
+def sharded_dim(spec: P) -> int | None:
+    """The dimension a spec shards over ``fsdp``, if any."""
+    for i, axis in enumerate(spec):
+        if axis == FSDP:
+            return i
+    return None
+
+
+def gather(tree: Any, specs: Any) -> Any:
+    """Inside shard_map: all-gather every fsdp-sharded leaf into the full array. Its
+    transpose under autodiff is a reduce-scatter, so gradients come back sharded."""
+
+    def one(leaf: jax.Array, spec: P) -> jax.Array:
+        dim = sharded_dim(spec)
+        return leaf if dim is None else jax.lax.all_gather(leaf, FSDP, axis=dim, tiled=True)
+
+    return jax.tree.map(one, tree, specs)
+
+
+def reduce_gradients(grads: Any, specs: Any, count: int) -> Any:
+    """Inside shard_map: average per-device gradients of per-device mean losses. Sharded
+    leaves already hold the sum over their fsdp group (from the reduce-scatter)."""
+
+    def one(grad: jax.Array, spec: P) -> jax.Array:
+        axes = (DATA,) if sharded_dim(spec) is not None else BATCH_AXES
+        return jax.lax.psum(grad, axes) / count
+
+    return jax.tree.map(one, grads, specs)
+
+
+def global_norm(grads: Any, specs: Any) -> jax.Array:
+    """Inside shard_map: the L2 norm of the whole (reduced) gradient."""
+    total = 0.0
+    for grad, spec in zip(jax.tree.leaves(grads), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)), strict=True):
+        square = (grad.astype(np.float32) ** 2).sum()
+        total = total + (jax.lax.psum(square, FSDP) if sharded_dim(spec) is not None else square)
+    return total**0.5
+
+
+def place(tree: Any, mesh: Mesh, specs: Any) -> Any:
+    """Put every array leaf of ``tree`` on the mesh with its spec."""
+    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, specs)
+
+
+def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assemble this process's rows of a batch into the global batch array, split over the
+    data and fsdp axes."""
+    sharding = NamedSharding(mesh, BATCH_SPEC)
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
