@@ -16,9 +16,9 @@ from data_fixtures import (
     write_text8,
     write_tokens,
 )
+from ddiff_plugins import datasets
 
 import ddiff
-from ddiff_plugins import datasets
 
 # --------------------------------------------------------------------------- CIFAR-10
 
