@@ -37,9 +37,15 @@ def eval_unit(records: list[dict[str, Any]]) -> str:
     return "bits_per_token"
 
 
+def in_unit(bits_per_token: float, unit: str) -> float:
+    """Bits per token expressed in ``unit`` (perplexity is 2 ** bits)."""
+    return 2.0**bits_per_token if unit == "perplexity" else bits_per_token
+
+
 def plot_run(workdir: str | Path, output: str | Path | None = None) -> Path:
-    """Draw the training loss (nats per sequence) and the held-out evaluation (in the
-    data's unit, with standard-error bars) against the step; write ``curves.png``.
+    """Draw the training loss (nats per sequence), and the negative ELBO of the training
+    batches and of the held-out evaluations (in the data's unit, with standard-error
+    bars) against the step; write ``curves.png``.
 
     Returns:
         The path of the PNG.
@@ -59,6 +65,14 @@ def plot_run(workdir: str | Path, output: str | Path | None = None) -> Path:
     left.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.0)
     left.set(xlabel="step", ylabel="loss (nats per sequence)", title="training loss")
     unit = eval_unit(evals)
+    estimates = [r for r in train if "bits_per_token" in r]
+    right.plot(
+        [r["step"] for r in estimates],
+        [in_unit(r["bits_per_token"], unit) for r in estimates],
+        lw=1.0,
+        alpha=0.5,
+        label="training batches",
+    )
     if evals:
         right.errorbar(
             [r["step"] for r in evals],
@@ -66,10 +80,10 @@ def plot_run(workdir: str | Path, output: str | Path | None = None) -> Path:
             yerr=[r.get(f"{unit}_stderr", 0.0) for r in evals],
             marker="o",
             capsize=3,
+            label="held out (± standard error)",
         )
-    else:
-        right.text(0.5, 0.5, "no evaluations yet", ha="center", va="center")
-    right.set(xlabel="step", ylabel=unit.replace("_", " "), title="held-out negative ELBO")
+    right.legend()
+    right.set(xlabel="step", ylabel=unit.replace("_", " "), title="negative ELBO")
     for axes in (left, right):
         axes.grid(alpha=0.3)
     figure.suptitle(str(workdir))
