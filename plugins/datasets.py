@@ -8,9 +8,11 @@ file and the problem. Batching, shuffling, checkpointable iteration and sharding
 process are ddiff's grain pipeline (:func:`ddiff.train_batches`).
 """
 
+import codecs
 import dataclasses
 import functools
 import hashlib
+import importlib
 import io
 import os
 import pickle
@@ -33,7 +35,7 @@ import ddiff
 def _optional(module: str, extra: str, purpose: str) -> Any:
     """Import an optional dependency, or fail with one line naming the extra to install."""
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         raise ddiff.DdiffError(
             f"{purpose} needs the Python package {module!r}: pip install 'ddiff[{extra}]'"
@@ -75,7 +77,6 @@ def _download(url: str, destination: Path, md5: str, what: str) -> None:
 
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
-_SCALAR = np.float64(0).__reduce__()[0]
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -85,11 +86,9 @@ class _ArrayUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
         ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-        ("numpy.core.multiarray", "scalar"): _SCALAR,
-        ("numpy._core.multiarray", "scalar"): _SCALAR,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): __import__("codecs").encode,
+        ("_codecs", "encode"): codecs.encode,
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -138,14 +137,14 @@ class TokenWindows:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         start = _check_index(index, self.count) * self.stride
-        window = np.asarray(self.tokens[start : start + self.length]).astype(np.int32)
+        window = np.asarray(self.tokens[start : start + self.length])
         if window.max(initial=0) >= self.vocab_size:
             bad = int(np.argmax(window >= self.vocab_size))
             raise ddiff.DataError(
                 f"{self.where}: token id {int(window[bad])} at position "
                 f"{self.offset + start + bad} is outside the vocabulary 0..{self.vocab_size - 1}"
             )
-        return {"tokens": window}
+        return {"tokens": window.astype(np.int32)}
 
 
 class ImageRows:

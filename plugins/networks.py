@@ -199,7 +199,13 @@ def _dropout(x: Array, rate: float, key: ddiff.Key | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _split_or_none(key: ddiff.Key | None, count: int) -> Any:
+def _split(key: ddiff.Key | None, count: int) -> tuple[ddiff.Key | None, ...]:
+    """``count`` keys, or ``count`` Nones without a key (inference: no dropout)."""
+    return (None,) * count if key is None else tuple(jax.random.split(key, count))
+
+
+def _scan_keys(key: ddiff.Key | None, count: int) -> Any:
+    """A stack of ``count`` keys to scan over, or None without a key."""
     return None if key is None else jax.random.split(key, count)
 
 
@@ -327,7 +333,7 @@ class RotaryBlock(eqx.Module):
     ) -> Float[Array, "seq dim"]:
         seq, dim = x.shape
         head_dim = dim // self.heads
-        k_probs, k_out = _split_or_none(key, 2) if key is not None else (None, None)
+        k_probs, k_out = _split(key, 2)
 
         def heads(linear):
             return jax.vmap(linear)(x).reshape(seq, self.heads, head_dim)
@@ -348,7 +354,7 @@ class RotaryBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "seq dim"], cond: Float[Array, " cond"], *, key: ddiff.Key | None
     ) -> Float[Array, "seq dim"]:
-        k_attention, k_ffn = (None, None) if key is None else jax.random.split(key)
+        k_attention, k_ffn = _split(key, 2)
         modulation = self.modulation(GLU_ACTIVATIONS[self.mlp](cond))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(modulation, 6)
         x = x + gate1 * self.attention(_modulate(_layer_norm(x), shift1, scale1), key=k_attention)
@@ -392,7 +398,7 @@ def _run_blocks(
     blocks: RotaryBlock, x: Float[Array, "seq dim"], cond: Array, key: ddiff.Key | None, depth: int
 ) -> Float[Array, "seq dim"]:
     x, _ = _scan(
-        blocks, x, lambda block, h, k: (block(h, cond, key=k), None), _split_or_none(key, depth)
+        blocks, x, lambda block, h, k: (block(h, cond, key=k), None), _scan_keys(key, depth)
     )
     return x
 
@@ -463,8 +469,11 @@ class MD4Transformer(ddiff.AbstractNetwork):
                 "head": eqx.tree_at(lambda linear: linear.weight, head, replace_fn=jnp.zeros_like),
             }
 
-        for name, value in _initialise(parts, key).items():
-            setattr(self, name, value)
+        built = _initialise(parts, key)
+        self.embedding, self.condition, self.blocks = (
+            built["embedding"], built["condition"], built["blocks"],
+        )  # fmt: skip
+        self.final_modulation, self.head = built["final_modulation"], built["head"]
         self.depth = depth
         self.dropout = dropout
         self.mlp = mlp
@@ -472,7 +481,7 @@ class MD4Transformer(ddiff.AbstractNetwork):
         self.num_classes = num_classes
 
     def __call__(self, x_t, t, *, label=None, key=None):
-        k_embed, k_blocks = (None, None) if key is None else jax.random.split(key)
+        k_embed, k_blocks = _split(key, 2)
         cond = self.condition(t, label)
         x = _dropout(self.embedding[x_t], self.dropout, k_embed)
         x = _run_blocks(self.blocks, x, cond, k_blocks, self.depth)
@@ -698,8 +707,9 @@ class UNet(ddiff.AbstractNetwork):
                 f"patch_size={patch_size}",
                 path="network.patch_size",
             )
+
         def parts(key: ddiff.Key) -> dict[str, Any]:
-            keys = jax.random.split(key, 8)
+            keys = jax.random.split(key, 7)
 
             def block(in_channels: int) -> Callable[[ddiff.Key], ResidualBlock]:
                 return lambda k: ResidualBlock(in_channels, channels, channels, groups, dropout, key=k)
@@ -730,8 +740,16 @@ class UNet(ddiff.AbstractNetwork):
                 "conv_out": _zero_conv(conv_out),
             }
 
-        for name, value in _initialise(parts, key).items():
-            setattr(self, name, value)
+        built = _initialise(parts, key)
+        self.embedding, self.condition, self.conv_in = (
+            built["embedding"], built["condition"], built["conv_in"],
+        )  # fmt: skip
+        self.down, self.up = built["down"], built["up"]
+        self.middle_in, self.middle_attention, self.middle_out, self.middle_transformer = (
+            built["middle_in"], built["middle_attention"], built["middle_out"],
+            built["middle_transformer"],
+        )  # fmt: skip
+        self.norm_out, self.conv_out = built["norm_out"], built["conv_out"]
         self.image_shape = (height, width, colours)
         self.num_blocks = num_blocks
         self.time_conditioned = time_conditioned
@@ -739,8 +757,7 @@ class UNet(ddiff.AbstractNetwork):
 
     def __call__(self, x_t, t, *, label=None, key=None):
         height, width, colours = self.image_shape
-        keys = _split_or_none(key, 4)
-        k_down, k_middle, k_up = (None, None, None) if keys is None else tuple(keys[:3])
+        k_down, k_middle, k_up = _split(key, 3)
         cond = self.condition(t, label)
         x = self.embedding[x_t.reshape(height, width, colours)]
         h = self.conv_in(x.reshape(height, width, -1).transpose(2, 0, 1))
@@ -750,11 +767,11 @@ class UNet(ddiff.AbstractNetwork):
             return h, h
 
         first = h
-        h, kept = _scan(self.down, h, down, _split_or_none(k_down, self.num_blocks))
+        h, kept = _scan(self.down, h, down, _scan_keys(k_down, self.num_blocks))
         if self.middle_transformer is not None:
             h = self.middle_transformer(h, cond, key=k_middle)
         else:
-            k_in, k_out = (None, None) if k_middle is None else jax.random.split(k_middle)
+            k_in, k_out = _split(k_middle, 2)
             h = self.middle_in(h, cond, key=k_in)
             h = self.middle_out(self.middle_attention(h), cond, key=k_out)
         skips = jnp.concatenate([first[None], kept])[::-1]
@@ -763,7 +780,7 @@ class UNet(ddiff.AbstractNetwork):
             skip, k = sliced
             return block(jnp.concatenate([h, skip]), cond, key=k), None
 
-        h, _ = _scan(self.up, h, up, (skips, _split_or_none(k_up, self.num_blocks + 1)))
+        h, _ = _scan(self.up, h, up, (skips, _scan_keys(k_up, self.num_blocks + 1)))
         out = self.conv_out(jax.nn.silu(self.norm_out(h)))
         out = out.reshape(colours, -1, height, width).transpose(2, 3, 0, 1)
         return out.reshape(height * width * colours, -1)
