@@ -20,7 +20,7 @@ import re
 import tarfile
 import urllib.request
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,15 +249,12 @@ def _gpt2_decode(tokens: np.ndarray) -> str:
     return encoding.decode([int(t) for t in tokens if t < GPT2_VOCAB_SIZE])
 
 
-def _gpt2_stream(documents: Any) -> np.ndarray:
-    """Documents (an iterable of batches of strings) as one uint16 stream of GPT-2 ids,
-    each document followed by end-of-text."""
+def _gpt2_documents(batches: Iterable[Sequence[str]]) -> Iterator[np.ndarray]:
+    """Each document of each batch as uint16 GPT-2 ids followed by end-of-text."""
     encoding = _gpt2()
-    pieces = []
-    for batch in documents:
+    for batch in batches:
         for ids in encoding.encode_ordinary_batch(list(batch)):
-            pieces.append(np.asarray([*ids, GPT2_EOS], np.uint16))
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
+            yield np.asarray([*ids, GPT2_EOS], np.uint16)
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -707,17 +704,19 @@ def _tokenize_openwebtext(destination: Path) -> None:
             f"{OPENWEBTEXT_HF} could not be loaded ({type(error).__name__}: {error}); put a "
             f"GPT-2 token file at {destination}, or make the data set available to datasets"
         ) from None
-    encoding = _gpt2()
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f".{destination.name}.part-{os.getpid()}")
     batch_size = 1024
+    batches = tqdm(
+        (batch["text"] for batch in corpus.iter(batch_size=batch_size)),
+        total=-(-len(corpus) // batch_size),
+        desc="tokenizing OpenWebText",
+        unit="batch",
+    )
     try:
         with open(temporary, "wb") as out:
-            batches = corpus.iter(batch_size=batch_size)
-            total = -(-len(corpus) // batch_size)
-            for batch in tqdm(batches, total=total, desc="tokenizing OpenWebText", unit="batch"):
-                for ids in encoding.encode_ordinary_batch(batch["text"]):
-                    out.write(np.asarray([*ids, GPT2_EOS], np.uint16).tobytes())
+            for document in _gpt2_documents(batches):
+                out.write(document.tobytes())
         os.replace(temporary, destination)
     finally:
         temporary.unlink(missing_ok=True)
@@ -1033,7 +1032,8 @@ class ZeroShotSource(ddiff.AbstractDataSource):
         if detokenize is not None:
             texts = [detokenize(text) for text in texts]
         texts = [text for text in texts if text.strip()]
-        return _gpt2_stream([texts[i : i + 1024] for i in range(0, len(texts), 1024)])
+        documents = list(_gpt2_documents([texts]))
+        return np.concatenate(documents) if documents else np.zeros(0, np.uint16)
 
     def split(self, name: str) -> TokenWindows:
         if name == "train":

@@ -269,6 +269,41 @@ class _FakeEncoding:
         return bytes(ids).decode()
 
 
+class _Corpus:
+    def __len__(self):
+        return 3
+
+    def iter(self, batch_size):
+        yield {"text": ["ab", "c", "de"]}
+
+
+def test_openwebtext_is_tokenized_once_from_the_datasets_cache(tmp_path, monkeypatch):
+    loaded = []
+
+    def load_dataset(name, split):
+        loaded.append(name)
+        return _Corpus()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(datasets, "_gpt2", lambda: _FakeEncoding())
+    assert len(datasets.OpenWebTextSource(root=str(tmp_path), length=2).split("train")) == 3
+    eos = datasets.GPT2_EOS
+    stored = np.fromfile(tmp_path / datasets.OPENWEBTEXT_TOKENS, np.uint16)
+    assert stored.tolist() == [97, 98, eos, 99, eos, 100, 101, eos]
+    assert len(datasets.OpenWebTextSource(root=str(tmp_path), length=2).split("eval")) == 1
+    assert loaded == [datasets.OPENWEBTEXT_HF]
+    assert [p.name for p in tmp_path.iterdir()] == [datasets.OPENWEBTEXT_TOKENS]
+
+
+def test_openwebtext_unavailable_names_the_token_file(tmp_path, monkeypatch):
+    def load_dataset(name, split):
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(ddiff.DataError, match=r"openwebtext_gpt2.bin is missing and .* \(ConnectionError: offline\)"):
+        datasets.OpenWebTextSource(root=str(tmp_path)).split("train")
+
+
 def test_zero_shot_sets_detokenize_join_and_pack(monkeypatch):
     rows = {"text": [" = Title = \n", " a @-@ b , c . \n", ""]}
     fake = types.SimpleNamespace(load_dataset=lambda name, config, split, cache_dir: rows)
