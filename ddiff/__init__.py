@@ -7,10 +7,12 @@ from ddiff import capabilities
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
 from ddiff._data import (
+    METRICS,
     AbstractDataSource,
     ArraySplit,
     RandomAccess,
     eval_batches,
+    metric_report,
     train_batches,
     validate_batch,
 )
@@ -23,6 +25,7 @@ from ddiff._errors import (
     RunDirectoryError,
 )
 from ddiff._hookspecs import hookimpl, hookspec
+from ddiff._images import image_grid, png_bytes
 from ddiff._model import DiffusionModel
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
 from ddiff._objective import AbstractObjective, ObjectiveTerms
@@ -31,6 +34,7 @@ from ddiff._parameterization import (
     AbstractParameterization,
     AbstractScoreParameterization,
 )
+from ddiff._plot import plot_run
 from ddiff._process import AbstractForwardProcess, AbstractRateProcess, AbstractTransitionProcess
 from ddiff._recipe import (
     EvalConfig,

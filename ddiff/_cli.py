@@ -39,8 +39,19 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
     evaluate.add_argument("workdir")
+    evaluate.add_argument(
+        "overrides",
+        nargs="*",
+        help="recipe overrides such as data.root=/data or data.eval_split=test, or "
+        "'data={kind: zero_shot, name: wikitext103}' for another data set",
+    )
     evaluate.add_argument("--time-draws", type=int, default=None)
     evaluate.add_argument("--max-examples", type=int, default=None)
+    evaluate.add_argument("--output", default=None, help="file name in DIR (default eval.json)")
+
+    plot = commands.add_parser("plot", help="draw a run's loss and eval curves as a PNG")
+    plot.add_argument("workdir")
+    plot.add_argument("--output", default=None, help="PNG path (default DIR/curves.png)")
 
     sample = commands.add_parser("sample", help="draw samples from a run's latest checkpoint")
     sample.add_argument("workdir")
@@ -78,7 +89,7 @@ def _run(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from ddiff._train import Trainer, load_run, write_eval
 
-    overrides = []
+    overrides = list(args.overrides)
     if args.time_draws is not None:
         overrides.append(f"eval.time_draws={args.time_draws}")
     if args.max_examples is not None:
@@ -86,8 +97,14 @@ def _eval(args: argparse.Namespace) -> None:
     recipe, state = load_run(args.workdir, tuple(overrides))
     trainer = Trainer(recipe, args.workdir)
     result = trainer.evaluate(state.ema)
-    path = write_eval(Path(args.workdir), recipe, result, int(state.step))
+    path = write_eval(Path(args.workdir), recipe, result, int(state.step), name=args.output)
     print(json.dumps(json.loads(path.read_text()), indent=2))
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from ddiff._plot import plot_run
+
+    print(f"wrote {plot_run(args.workdir, args.output)}")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -128,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.no_typecheck:
         set_typecheck(False)
-    handlers = {"run": _run, "eval": _eval, "sample": _sample, "plugins": _plugins}
+    handlers = {"run": _run, "eval": _eval, "sample": _sample, "plugins": _plugins, "plot": _plot}
     try:
         if args.command == "recipe":
             _recipe_show(args)

@@ -1,6 +1,7 @@
 """Data sources and the grain pipeline that batches them deterministically."""
 
 import abc
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
@@ -11,6 +12,9 @@ from ddiff._capabilities import Capable
 from ddiff._errors import DataError
 
 SPLITS = ("train", "eval")
+
+METRICS = ("bits_per_token", "bits_per_dim", "bits_per_char", "perplexity")
+"""Units a data source may ask evaluation to report beside bits per token."""
 
 
 class RandomAccess(Protocol):
@@ -54,6 +58,19 @@ class AbstractDataSource(abc.ABC, Capable):
     def decode(self, tokens: np.ndarray) -> str:
         """Human-readable rendering of one sequence."""
         return " ".join(str(int(token)) for token in tokens)
+
+    @property
+    def metric(self) -> str:
+        """The unit evaluation reports beside bits per token (one of :data:`METRICS`):
+        ``bits_per_dim`` for images, ``bits_per_char`` for character-level text,
+        ``perplexity`` for word-piece text."""
+        return "bits_per_token"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(height, width, channels) when every example is an image flattened in that
+        order (samples are then also written as PNG grids); None otherwise."""
+        return None
 
 
 class ArraySplit:
@@ -128,6 +145,24 @@ def eval_batches(
         items = [split[int(i)] for i in mine]
         batch = {key: np.stack([item[key] for item in items]) for key in items[0]}
         yield batch, weights
+
+
+def metric_report(metric: str, bits_per_token: float, stderr: float) -> dict[str, float]:
+    """``metric`` and its standard error from bits per token and its standard error.
+
+    Bits per dimension and per character equal bits per token when each token is one
+    dimension or one character. Perplexity is 2 ** bits_per_token (the exponential of the
+    mean negative log-likelihood per token in nats); its standard error follows by the
+    delta method.
+    """
+    if metric not in METRICS:
+        raise DataError(f"unknown evaluation metric {metric!r}; known: {', '.join(METRICS)}")
+    if metric == "bits_per_token":
+        return {}
+    if metric == "perplexity":
+        perplexity = 2.0**bits_per_token
+        return {"perplexity": perplexity, "perplexity_stderr": perplexity * math.log(2.0) * stderr}
+    return {metric: bits_per_token, f"{metric}_stderr": stderr}
 
 
 def validate_batch(batch: Mapping[str, Any], source: AbstractDataSource, where: str) -> None:

@@ -29,8 +29,9 @@ from ddiff._checkpoint import (
     restore_latest,
     save_checkpoint,
 )
-from ddiff._data import eval_batches, train_batches, validate_batch
+from ddiff._data import eval_batches, metric_report, train_batches, validate_batch
 from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
+from ddiff._images import image_grid, png_bytes
 from ddiff._mesh import (
     BATCH_AXES,
     BATCH_SPEC,
@@ -374,7 +375,8 @@ class Trainer:
         self, model: DiffusionModel, *, max_batches: int | None = None, max_examples: int | None = None
     ) -> dict[str, float]:
         """Negative ELBO over the eval split in bits per token, with its standard error
-        over sequences (each sequence averaged over ``eval.time_draws`` draws)."""
+        over sequences (each sequence averaged over ``eval.time_draws`` draws), and in the
+        data source's ``metric`` (bits per dim, bits per char or perplexity)."""
         config = self.recipe.eval
         data = self.recipe.data
         limit = config.max_examples if max_examples is None else max_examples
@@ -403,9 +405,11 @@ class Trainer:
         scale = data.seq_len * math.log(2.0)
         count = len(values)
         stderr = float(values.std(ddof=1) / math.sqrt(count)) if count > 1 else float("nan")
+        bits, bits_stderr = float(values.mean() / scale), stderr / scale
         return {
-            "bits_per_token": float(values.mean() / scale),
-            "bits_per_token_stderr": stderr / scale,
+            "bits_per_token": bits,
+            "bits_per_token_stderr": bits_stderr,
+            **metric_report(data.metric, bits, bits_stderr),
             "num_sequences": count,
             "num_tokens": count * data.seq_len,
             "time_draws": config.time_draws,
@@ -437,7 +441,8 @@ class Trainer:
         )
 
     def write_samples(self, output: SampleOutput, name: str) -> Path:
-        """Write samples as text (one sequence a line), .npy, and a stats .json beside them."""
+        """Write samples as text (one sequence a line), .npy, and a stats .json beside them;
+        samples of image data also as a PNG grid."""
         directory = self.workdir / SAMPLES_DIR
         if jax.process_index() != 0:
             return directory / f"{name}.txt"
@@ -450,6 +455,9 @@ class Trainer:
         _atomic_write_text(directory / f"{name}.txt", text)
         _atomic_write_bytes(directory / f"{name}.npy", _npy_bytes(tokens))
         _atomic_write_text(directory / f"{name}.json", json.dumps(stats, indent=2) + "\n")
+        if self.recipe.data.image_shape is not None:
+            grid = image_grid(tokens, self.recipe.data.image_shape)
+            _atomic_write_bytes(directory / f"{name}.png", png_bytes(grid))
         return directory / f"{name}.txt"
 
     # ------------------------------------------------------------------ the run
@@ -617,9 +625,15 @@ class Trainer:
             result = self.evaluate(state.ema)
             write_eval(self.workdir, self.recipe, result, step)
             self._log({"step": step, "split": "eval", **result})
+            metric = self.recipe.data.metric
+            in_unit = (
+                f" ({metric} {result[metric]:.4f} ± {result[f'{metric}_stderr']:.4f})"
+                if metric != "bits_per_token"
+                else ""
+            )
             print(
                 f"eval at step {step}: {result['bits_per_token']:.4f} "
-                f"± {result['bits_per_token_stderr']:.4f} bits/token "
+                f"± {result['bits_per_token_stderr']:.4f} bits/token{in_unit} "
                 f"over {result['num_tokens']} tokens",
                 flush=True,
             )
@@ -713,9 +727,11 @@ def sample_statistics(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
     }
 
 
-def write_eval(workdir: Path, recipe: Recipe, result: dict[str, Any], step: int) -> Path:
+def write_eval(
+    workdir: Path, recipe: Recipe, result: dict[str, Any], step: int, *, name: str | None = None
+) -> Path:
     payload = {"step": step, **result, **recipe.data.reference_stats()}
-    path = Path(workdir) / EVAL_FILE
+    path = Path(workdir) / (name or EVAL_FILE)
     if jax.process_index() == 0:
         _atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
@@ -744,6 +760,17 @@ def truncate_metrics(path: Path, step: int) -> None:
         _atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def check_same_shape(trained: Recipe, asked: Recipe) -> None:
+    """Refuse a recipe whose data has another vocabulary size or length than the data a
+    run was trained on (its network could not read them)."""
+    shape = trained.data.vocab_size, trained.data.seq_len
+    if shape != (asked.data.vocab_size, asked.data.seq_len):
+        raise RunDirectoryError(
+            f"the run was trained on data with V={shape[0]}, D={shape[1]}; the data asked "
+            f"for has V={asked.data.vocab_size}, D={asked.data.seq_len}"
+        )
+
+
 def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Recipe, TrainState]:
     """The recipe of a run directory and its latest checkpointed state."""
     workdir = Path(workdir)
@@ -754,6 +781,8 @@ def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Reci
             f"train into it first with: ddiff run RECIPE --workdir {workdir}"
         )
     recipe = load_recipe(recipe_path, overrides)
+    if overrides:
+        check_same_shape(load_recipe(recipe_path), recipe)
     trainer = Trainer(recipe, workdir)
     manager = checkpoint_manager(workdir, recipe.trainer.keep_checkpoints)
     try:

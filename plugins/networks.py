@@ -1,7 +1,10 @@
-"""Built-in networks: a bidirectional transformer with adaptive layer norm (DiT-style)."""
+"""Built-in networks: a bidirectional transformer with adaptive layer norm (DiT-style),
+the MD4 paper's transformer (rotary positions, adaLN-zero, GLU feed-forward, depth-scaled
+initialisation), and the single-resolution UNet of the paper's image experiments."""
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -218,6 +221,645 @@ class Transformer(ddiff.AbstractNetwork):
         return jax.vmap(self.head)(x)
 
 
+# --------------------------------------------------------------------------- shared pieces
+
+GLU_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "glu": jax.nn.sigmoid,
+    "geglu": jax.nn.gelu,
+    "swiglu": jax.nn.silu,
+}
+"""Gate activation of each gated feed-forward variant (Shazeer 2020)."""
+
+MLPKind = Literal["glu", "geglu", "swiglu"]
+
+
+def _scaled_linear(
+    in_features: int,
+    out_features: int,
+    *,
+    key: ddiff.Key,
+    scale: float = 1.0,
+    use_bias: bool = False,
+) -> eqx.nn.Linear:
+    """A linear layer with weights from a normal truncated at two standard deviations,
+    with variance ``scale / in_features`` (variance scaling on fan-in), and zero bias."""
+    layer = eqx.nn.Linear(in_features, out_features, use_bias=use_bias, key=key)
+    std = math.sqrt(scale / in_features) / 0.87962566103423978
+    weight = std * jax.random.truncated_normal(key, -2.0, 2.0, (out_features, in_features))
+    layer = eqx.tree_at(lambda linear: linear.weight, layer, weight)
+    if use_bias:
+        layer = eqx.tree_at(lambda linear: linear.bias, layer, jnp.zeros(out_features))
+    return layer
+
+
+def _zero_conv(conv: eqx.nn.Conv2d) -> eqx.nn.Conv2d:
+    return eqx.tree_at(lambda c: (c.weight, c.bias), conv, replace_fn=jnp.zeros_like)
+
+
+def _layer_norm(x: Float[Array, "... dim"], eps: float = 1e-5) -> Float[Array, "... dim"]:
+    """Layer norm over the last axis without scale or offset."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.var(x, axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(variance + eps)
+
+
+def _dropout(x: Array, rate: float, key: ddiff.Key | None) -> Array:
+    """Inverted dropout; the identity without a key (inference) or at rate 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _split(key: ddiff.Key | None, count: int) -> tuple[ddiff.Key | None, ...]:
+    """``count`` keys, or ``count`` Nones without a key (inference: no dropout)."""
+    return (None,) * count if key is None else tuple(jax.random.split(key, count))
+
+
+def _scan_keys(key: ddiff.Key | None, count: int) -> Any:
+    """A stack of ``count`` keys to scan over, or None without a key."""
+    return None if key is None else jax.random.split(key, count)
+
+
+def rotary(
+    x: Float[Array, "seq heads head_dim"], theta: float = 10_000.0
+) -> Float[Array, "seq heads head_dim"]:
+    """Rotary position embedding (Su et al. 2021): feature pairs (2i, 2i+1) of position n
+    are rotated by the angle n / theta^(2i / head_dim)."""
+    seq, heads, head_dim = x.shape
+    frequencies = 1.0 / theta ** (jnp.arange(0, head_dim, 2) / head_dim)
+    angles = jnp.arange(seq)[:, None, None] * frequencies[None, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    pairs = x.reshape(seq, heads, head_dim // 2, 2)
+    real, imaginary = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([real * cos - imaginary * sin, real * sin + imaginary * cos], axis=-1)
+    return rotated.reshape(x.shape)
+
+
+def _stack(make: Callable[[ddiff.Key], eqx.Module], key: ddiff.Key, count: int) -> eqx.Module:
+    """``count`` independently initialised copies of a module, stacked along a leading
+    axis of every array (run them with :func:`_scan`)."""
+    return eqx.filter_vmap(make)(jax.random.split(key, count))
+
+
+def _scan(stacked: eqx.Module, carry: Any, step: Callable, xs: Any = None) -> tuple[Any, Any]:
+    """Apply stacked modules in order: ``carry, out = step(module, carry, x)`` with the
+    matching slice of ``xs``; one traced copy of the module, whatever the depth."""
+    params, static = eqx.partition(stacked, eqx.is_array)
+
+    def body(carry, sliced):
+        module_params, x = sliced
+        return step(eqx.combine(module_params, static), carry, x)
+
+    return jax.lax.scan(body, carry, (params, xs))
+
+
+def _initialise(parts: Callable[[ddiff.Key], dict[str, Any]], key: ddiff.Key) -> dict[str, Any]:
+    """Run a network's initialisation as one compiled program (eagerly, each random
+    initialiser would be compiled on its own), compiled without backend optimisation:
+    it runs once, and its many random-number kernels are slow to optimise. Inside an
+    outer trace (``eqx.filter_eval_shape``, a jitted constructor) it is simply traced."""
+    if isinstance(key, jax.core.Tracer):
+        return parts(key)
+    options = {"xla_backend_optimization_level": 0}
+    return eqx.filter_jit(parts, compiler_options=options)(key)
+
+
+class ConditionEmbedding(eqx.Module):
+    """The conditioning vector: sinusoidal features of 1000 t (when time conditioned)
+    concatenated with a learned class embedding (when there are classes; index
+    ``num_classes`` is the null class), through a two-layer SiLU MLP of width 4 ``dim``."""
+
+    class_embedding: eqx.nn.Embedding | None
+    mlp_in: eqx.nn.Linear
+    mlp_out: eqx.nn.Linear
+    dim: int = eqx.field(static=True)
+    time_conditioned: bool = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, time_conditioned: bool, num_classes: int, *, key: ddiff.Key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.dim = dim
+        self.time_conditioned = time_conditioned
+        self.num_classes = num_classes
+        self.class_embedding = (
+            eqx.nn.Embedding(num_classes + 1, dim, key=k1) if num_classes > 0 else None
+        )
+        inputs = dim * (int(time_conditioned) + int(num_classes > 0)) or dim
+        self.mlp_in = _scaled_linear(inputs, 4 * dim, key=k2, use_bias=True)
+        self.mlp_out = _scaled_linear(4 * dim, dim, key=k3, use_bias=True)
+
+    def __call__(self, t: ddiff.Time, label: ddiff.Label | None) -> Float[Array, " dim"]:
+        features = []
+        if self.time_conditioned:
+            features.append(timestep_features(t, self.dim))
+        if self.class_embedding is not None:
+            features.append(self.class_embedding(self.num_classes if label is None else label))
+        x = jnp.concatenate(features) if features else jnp.zeros(self.dim)
+        return self.mlp_out(jax.nn.silu(self.mlp_in(x)))
+
+
+class RotaryBlock(eqx.Module):
+    """One block of the MD4 transformer: pre-norm multi-head self-attention with rotary
+    position embeddings, then a gated feed-forward w2(act(w1 x) * w3 x), each residual
+    branch shifted, scaled and gated by the conditioning vector (adaptive layer norm zero:
+    the modulation starts at zero, so the block starts as the identity). Dropout acts on
+    the attention probabilities and on both branches' outputs."""
+
+    wq: eqx.nn.Linear
+    wk: eqx.nn.Linear
+    wv: eqx.nn.Linear
+    wo: eqx.nn.Linear
+    w1: eqx.nn.Linear
+    w2: eqx.nn.Linear
+    w3: eqx.nn.Linear
+    modulation: eqx.nn.Linear
+    heads: int = eqx.field(static=True)
+    mlp: str = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        hidden: int,
+        cond_dim: int,
+        mlp: str,
+        dropout: float,
+        ffn_scale: float,
+        *,
+        key: ddiff.Key,
+    ):
+        keys = jax.random.split(key, 8)
+        self.wq, self.wk, self.wv, self.wo = (_scaled_linear(dim, dim, key=k) for k in keys[:4])
+        self.w1 = _scaled_linear(dim, hidden, key=keys[4], scale=ffn_scale)
+        self.w2 = _scaled_linear(hidden, dim, key=keys[5], scale=ffn_scale)
+        self.w3 = _scaled_linear(dim, hidden, key=keys[6], scale=ffn_scale)
+        self.modulation = _zero_linear(cond_dim, 6 * dim, key=keys[7])
+        self.heads = heads
+        self.mlp = mlp
+        self.dropout = dropout
+
+    def attention(
+        self, x: Float[Array, "seq dim"], *, key: ddiff.Key | None
+    ) -> Float[Array, "seq dim"]:
+        seq, dim = x.shape
+        head_dim = dim // self.heads
+        k_probs, k_out = _split(key, 2)
+
+        def heads(linear):
+            return jax.vmap(linear)(x).reshape(seq, self.heads, head_dim)
+
+        q, k, v = rotary(heads(self.wq)), rotary(heads(self.wk)), heads(self.wv)
+        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
+        probs = _dropout(jax.nn.softmax(scores, axis=-1), self.dropout, k_probs)
+        out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(seq, dim)
+        return _dropout(jax.vmap(self.wo)(out), self.dropout, k_out)
+
+    def feed_forward(
+        self, x: Float[Array, "seq dim"], *, key: ddiff.Key | None
+    ) -> Float[Array, "seq dim"]:
+        gate = GLU_ACTIVATIONS[self.mlp](jax.vmap(self.w1)(x))
+        out = jax.vmap(self.w2)(gate * jax.vmap(self.w3)(x))
+        return _dropout(out, self.dropout, key)
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], cond: Float[Array, " cond"], *, key: ddiff.Key | None
+    ) -> Float[Array, "seq dim"]:
+        k_attention, k_ffn = _split(key, 2)
+        modulation = self.modulation(GLU_ACTIVATIONS[self.mlp](cond))
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(modulation, 6)
+        x = x + gate1 * self.attention(_modulate(_layer_norm(x), shift1, scale1), key=k_attention)
+        return x + gate2 * self.feed_forward(_modulate(_layer_norm(x), shift2, scale2), key=k_ffn)
+
+
+def _glu_hidden(dim: int, multiple_of: int) -> int:
+    """Feed-forward width: 2/3 of 4 dim (so a GLU costs what a 4x MLP does), rounded up
+    to a multiple of ``multiple_of``."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * -(-hidden // multiple_of)
+
+
+def _rotary_blocks(
+    dim: int,
+    depth: int,
+    heads: int,
+    cond_dim: int,
+    mlp: str,
+    multiple_of: int,
+    dropout: float,
+    depth_scaled_init: bool,
+    *,
+    key: ddiff.Key,
+    path: str,
+) -> RotaryBlock:
+    if dim % heads or (dim // heads) % 2:
+        raise ddiff.RecipeError(
+            f"width {dim} must split into {heads} heads of even size", path=path
+        )
+    ffn_scale = 2.0 / depth if depth_scaled_init else 1.0
+    hidden = _glu_hidden(dim, multiple_of)
+    return _stack(
+        lambda k: RotaryBlock(dim, heads, hidden, cond_dim, mlp, dropout, ffn_scale, key=k),
+        key,
+        depth,
+    )
+
+
+def _run_blocks(
+    blocks: RotaryBlock, x: Float[Array, "seq dim"], cond: Array, key: ddiff.Key | None, depth: int
+) -> Float[Array, "seq dim"]:
+    x, _ = _scan(
+        blocks, x, lambda block, h, k: (block(h, cond, key=k), None), _scan_keys(key, depth)
+    )
+    return x
+
+
+# --------------------------------------------------------------------------- MD4 transformer
+
+
+class MD4Transformer(ddiff.AbstractNetwork):
+    """The MD4 paper's transformer denoiser (a bidirectional LLaMA-style network):
+    token embedding, ``depth`` :class:`RotaryBlock` blocks (rotary position embeddings,
+    adaLN-zero conditioning on time and class, gated feed-forward of width 8/3 ``dim``
+    rounded up to ``multiple_of``), a final adaLN-zero layer norm and a zero-initialised
+    linear head. Depth-scaled initialisation draws the feed-forward weights with
+    variance 2 / (depth * fan_in). MD4-S (text8, OpenWebText): dim 768, depth 12, 12 heads.
+
+    Attributes (recipe keys):
+        dim: width. depth: number of blocks. heads: attention heads.
+        cond_dim: width of the time and class conditioning vector.
+        mlp: gated feed-forward variant (``glu``: sigmoid gate, ``geglu``, ``swiglu``).
+        multiple_of: the feed-forward width is rounded up to a multiple of this.
+        dropout: rate on the input embedding, attention probabilities and branch outputs.
+        depth_scaled_init: scale the feed-forward initialisation by 2 / depth.
+        time_conditioned: whether the output depends on t.
+    """
+
+    embedding: Float[Array, "states dim"]
+    condition: ConditionEmbedding
+    blocks: RotaryBlock
+    final_modulation: eqx.nn.Linear
+    head: eqx.nn.Linear
+    depth: int = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    mlp: str = eqx.field(static=True)
+    time_conditioned: bool = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        num_states: int,
+        num_outputs: int,
+        seq_len: int,
+        num_classes: int = 0,
+        key: ddiff.Key,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        cond_dim: int = 64,
+        mlp: MLPKind = "glu",
+        multiple_of: int = 32,
+        dropout: float = 0.0,
+        depth_scaled_init: bool = True,
+        time_conditioned: bool = True,
+    ):
+        del seq_len
+
+        def parts(key: ddiff.Key) -> dict[str, Any]:
+            keys = jax.random.split(key, 5)
+            head = eqx.nn.Linear(dim, num_outputs, use_bias=False, key=keys[4])
+            return {
+                "embedding": jax.random.normal(keys[0], (num_states, dim)) / math.sqrt(num_states),
+                "condition": ConditionEmbedding(cond_dim, time_conditioned, num_classes, key=keys[1]),
+                "blocks": _rotary_blocks(
+                    dim, depth, heads, cond_dim, mlp, multiple_of, dropout, depth_scaled_init,
+                    key=keys[2], path="network.heads",
+                ),  # fmt: skip
+                "final_modulation": _zero_linear(cond_dim, 2 * dim, key=keys[3]),
+                "head": eqx.tree_at(lambda linear: linear.weight, head, replace_fn=jnp.zeros_like),
+            }
+
+        built = _initialise(parts, key)
+        self.embedding, self.condition, self.blocks = (
+            built["embedding"], built["condition"], built["blocks"],
+        )  # fmt: skip
+        self.final_modulation, self.head = built["final_modulation"], built["head"]
+        self.depth = depth
+        self.dropout = dropout
+        self.mlp = mlp
+        self.time_conditioned = time_conditioned
+        self.num_classes = num_classes
+
+    def __call__(self, x_t, t, *, label=None, key=None):
+        k_embed, k_blocks = _split(key, 2)
+        cond = self.condition(t, label)
+        x = _dropout(self.embedding[x_t], self.dropout, k_embed)
+        x = _run_blocks(self.blocks, x, cond, k_blocks, self.depth)
+        shift, scale = jnp.split(self.final_modulation(GLU_ACTIVATIONS[self.mlp](cond)), 2)
+        return jax.vmap(self.head)(_modulate(_layer_norm(x), shift, scale))
+
+
+# --------------------------------------------------------------------------- UNet
+
+
+class ResidualBlock(eqx.Module):
+    """Residual block of the single-resolution UNet, on (channels, height, width):
+    GroupNorm, SiLU, 3x3 conv, plus a (zero-initialised) projection of the conditioning
+    vector, GroupNorm, SiLU, dropout, zero-initialised 3x3 conv; a 1x1 conv maps the
+    input when the channel count changes."""
+
+    norm1: eqx.nn.GroupNorm
+    conv1: eqx.nn.Conv2d
+    cond_projection: eqx.nn.Linear
+    norm2: eqx.nn.GroupNorm
+    conv2: eqx.nn.Conv2d
+    skip: eqx.nn.Conv2d | None
+    dropout: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        cond_dim: int,
+        groups: int,
+        dropout: float,
+        *,
+        key: ddiff.Key,
+    ):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        self.norm1 = eqx.nn.GroupNorm(groups, in_channels)
+        self.conv1 = eqx.nn.Conv2d(in_channels, out_channels, 3, padding=1, key=k1)
+        projection = eqx.nn.Linear(cond_dim, out_channels, use_bias=False, key=k2)
+        self.cond_projection = eqx.tree_at(
+            lambda p: p.weight, projection, replace_fn=jnp.zeros_like
+        )
+        self.norm2 = eqx.nn.GroupNorm(groups, out_channels)
+        self.conv2 = _zero_conv(eqx.nn.Conv2d(out_channels, out_channels, 3, padding=1, key=k3))
+        self.skip = (
+            eqx.nn.Conv2d(in_channels, out_channels, 1, key=k4)
+            if in_channels != out_channels
+            else None
+        )
+        self.dropout = dropout
+
+    def __call__(
+        self, x: Float[Array, "c h w"], cond: Float[Array, " cond"], *, key: ddiff.Key | None
+    ) -> Float[Array, "c2 h w"]:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = h + self.cond_projection(cond)[:, None, None]
+        h = _dropout(jax.nn.silu(self.norm2(h)), self.dropout, key)
+        h = self.conv2(h)
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class SelfAttention2d(eqx.Module):
+    """Residual single-head self-attention over all positions of a (channels, height,
+    width) map, after a GroupNorm."""
+
+    norm: eqx.nn.GroupNorm
+    attention: eqx.nn.MultiheadAttention
+
+    def __init__(self, channels: int, groups: int, *, key: ddiff.Key):
+        self.norm = eqx.nn.GroupNorm(groups, channels)
+        self.attention = eqx.nn.MultiheadAttention(
+            1, channels, use_query_bias=True, use_key_bias=True, use_value_bias=True,
+            use_output_bias=True, key=key,
+        )  # fmt: skip
+
+    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
+        channels, height, width = x.shape
+        z = self.norm(x).reshape(channels, height * width).T
+        z = self.attention(z, z, z)
+        return x + z.T.reshape(channels, height, width)
+
+
+def sincos_2d(grid: int, dim: int) -> Float[Array, "patches dim"]:
+    """Fixed 2-D sine-cosine position features of a grid x grid raster (as in DiT)."""
+    quarter = dim // 4
+    frequencies = 1.0 / 10_000.0 ** (jnp.arange(quarter) / quarter)
+    rows, columns = jnp.meshgrid(jnp.arange(grid), jnp.arange(grid), indexing="ij")
+    y = rows.reshape(-1)[:, None] * frequencies
+    x = columns.reshape(-1)[:, None] * frequencies
+    return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
+class PatchTransformer(eqx.Module):
+    """The middle of a UViT (DiT-style): non-overlapping p x p patches embedded linearly
+    plus learnable positions (initialised to 2-D sine-cosine features), the MD4
+    transformer's :class:`RotaryBlock` blocks, and an adaLN-zero final layer whose
+    zero-initialised linear map gives back p x p x channels patches."""
+
+    patch_in: eqx.nn.Conv2d
+    position: Float[Array, "patches dim"]
+    blocks: RotaryBlock
+    final_modulation: eqx.nn.Linear
+    patch_out: eqx.nn.Linear
+    patch: int = eqx.field(static=True)
+    depth: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        channels: int,
+        grid: int,
+        patch: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        dropout: float,
+        *,
+        key: ddiff.Key,
+    ):
+        if dim % 4:
+            raise ddiff.RecipeError(
+                f"must be a multiple of 4, got {dim}", path="network.transformer_dim"
+            )
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        self.patch_in = eqx.nn.Conv2d(channels, dim, patch, stride=patch, key=k1)
+        self.position = sincos_2d(grid, dim)
+        self.blocks = _rotary_blocks(
+            dim, depth, heads, channels, "swiglu", 32, dropout, True, key=k2,
+            path="network.transformer_heads",
+        )  # fmt: skip
+        self.final_modulation = _zero_linear(channels, 2 * dim, key=k3)
+        self.patch_out = _zero_linear(dim, patch * patch * channels, key=k4)
+        self.patch = patch
+        self.depth = depth
+
+    def __call__(
+        self, x: Float[Array, "c h w"], cond: Float[Array, " cond"], *, key: ddiff.Key | None
+    ) -> Float[Array, "c h w"]:
+        channels, height, width = x.shape
+        p = self.patch
+        tokens = self.patch_in(x)
+        dim = tokens.shape[0]
+        tokens = tokens.reshape(dim, -1).T + self.position
+        tokens = _run_blocks(self.blocks, tokens, cond, key, self.depth)
+        shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
+        patches = jax.vmap(self.patch_out)(_modulate(_layer_norm(tokens), shift, scale))
+        patches = patches.reshape(height // p, width // p, p, p, channels)
+        return patches.transpose(4, 0, 2, 1, 3).reshape(channels, height, width)
+
+
+class UNet(ddiff.AbstractNetwork):
+    """The single-resolution UNet of the MD4 (and VDM) image experiments, for images of
+    ``image_shape`` flattened in (height, width, channel) order.
+
+    Each sub-pixel token is embedded in ``channels`` dimensions and a pixel's embeddings
+    are concatenated; a 3x3 conv maps them to ``channels``; ``num_blocks``
+    :class:`ResidualBlock` blocks follow, each output kept; the middle is a residual
+    block, single-head self-attention and a residual block (or, with
+    ``transformer_depth`` > 0, a :class:`PatchTransformer`: the paper's UViT for ImageNet
+    64x64); then ``num_blocks + 1`` residual blocks each take the concatenation with the
+    matching kept map; GroupNorm, SiLU and a zero-initialised 3x3 conv give the output
+    channels of every sub-pixel. Time and class condition every residual block.
+    CIFAR-10: 128 channels, 32 blocks, dropout 0.1.
+
+    Attributes (recipe keys):
+        image_shape: (height, width, channels) of the images; their product is D.
+        channels: feature channels (and the per-sub-pixel embedding width).
+        num_blocks: residual blocks on the way down (one more on the way up).
+        dropout: dropout rate in the residual blocks (and the middle transformer).
+        groups: GroupNorm groups.
+        transformer_depth: blocks of the middle patch transformer (0: self-attention).
+        transformer_dim, transformer_heads, patch_size: its width, heads and patch side.
+        time_conditioned: whether the output depends on t.
+    """
+
+    embedding: Float[Array, "states channels"]
+    condition: ConditionEmbedding
+    conv_in: eqx.nn.Conv2d
+    down: ResidualBlock
+    middle_in: ResidualBlock | None
+    middle_attention: SelfAttention2d | None
+    middle_out: ResidualBlock | None
+    middle_transformer: PatchTransformer | None
+    up: ResidualBlock
+    norm_out: eqx.nn.GroupNorm
+    conv_out: eqx.nn.Conv2d
+    image_shape: tuple[int, int, int] = eqx.field(static=True)
+    num_blocks: int = eqx.field(static=True)
+    time_conditioned: bool = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        num_states: int,
+        num_outputs: int,
+        seq_len: int,
+        num_classes: int = 0,
+        key: ddiff.Key,
+        image_shape: tuple[int, int, int] = (32, 32, 3),
+        channels: int = 128,
+        num_blocks: int = 32,
+        dropout: float = 0.1,
+        groups: int = 32,
+        transformer_depth: int = 0,
+        transformer_dim: int = 768,
+        transformer_heads: int = 12,
+        patch_size: int = 2,
+        time_conditioned: bool = True,
+    ):
+        height, width, colours = image_shape
+        if height * width * colours != seq_len:
+            raise ddiff.RecipeError(
+                f"{height}x{width}x{colours} = {height * width * colours} sub-pixels, but the "
+                f"data has sequences of {seq_len}",
+                path="network.image_shape",
+            )
+        if channels % groups:
+            raise ddiff.RecipeError(
+                f"channels={channels} is not divisible by groups={groups}", path="network.groups"
+            )
+        if transformer_depth and (height != width or height % patch_size):
+            raise ddiff.RecipeError(
+                f"the middle transformer needs square images whose side is a multiple of "
+                f"patch_size={patch_size}",
+                path="network.patch_size",
+            )
+
+        def parts(key: ddiff.Key) -> dict[str, Any]:
+            keys = jax.random.split(key, 7)
+
+            def block(in_channels: int) -> Callable[[ddiff.Key], ResidualBlock]:
+                return lambda k: ResidualBlock(in_channels, channels, channels, groups, dropout, key=k)
+
+            middle: dict[str, Any] = dict.fromkeys(
+                ("middle_in", "middle_attention", "middle_out", "middle_transformer")
+            )
+            if transformer_depth:
+                middle["middle_transformer"] = PatchTransformer(
+                    channels, height // patch_size, patch_size, transformer_dim,
+                    transformer_depth, transformer_heads, dropout, key=keys[4],
+                )  # fmt: skip
+            else:
+                k_in, k_attention, k_out = jax.random.split(keys[4], 3)
+                middle["middle_in"] = block(channels)(k_in)
+                middle["middle_attention"] = SelfAttention2d(channels, groups, key=k_attention)
+                middle["middle_out"] = block(channels)(k_out)
+            conv_out = eqx.nn.Conv2d(channels, colours * num_outputs, 3, padding=1, key=keys[6])
+            return {
+                "embedding": jax.random.normal(keys[0], (num_states, channels))
+                / math.sqrt(num_states),
+                "condition": ConditionEmbedding(channels, time_conditioned, num_classes, key=keys[1]),
+                "conv_in": eqx.nn.Conv2d(colours * channels, channels, 3, padding=1, key=keys[2]),
+                "down": _stack(block(channels), keys[3], num_blocks),
+                **middle,
+                "up": _stack(block(2 * channels), keys[5], num_blocks + 1),
+                "norm_out": eqx.nn.GroupNorm(groups, channels),
+                "conv_out": _zero_conv(conv_out),
+            }
+
+        built = _initialise(parts, key)
+        self.embedding, self.condition, self.conv_in = (
+            built["embedding"], built["condition"], built["conv_in"],
+        )  # fmt: skip
+        self.down, self.up = built["down"], built["up"]
+        self.middle_in, self.middle_attention, self.middle_out, self.middle_transformer = (
+            built["middle_in"], built["middle_attention"], built["middle_out"],
+            built["middle_transformer"],
+        )  # fmt: skip
+        self.norm_out, self.conv_out = built["norm_out"], built["conv_out"]
+        self.image_shape = (height, width, colours)
+        self.num_blocks = num_blocks
+        self.time_conditioned = time_conditioned
+        self.num_classes = num_classes
+
+    def __call__(self, x_t, t, *, label=None, key=None):
+        height, width, colours = self.image_shape
+        k_down, k_middle, k_up = _split(key, 3)
+        cond = self.condition(t, label)
+        x = self.embedding[x_t.reshape(height, width, colours)]
+        h = self.conv_in(x.reshape(height, width, -1).transpose(2, 0, 1))
+
+        def down(block, h, k):
+            h = block(h, cond, key=k)
+            return h, h
+
+        first = h
+        h, kept = _scan(self.down, h, down, _scan_keys(k_down, self.num_blocks))
+        if self.middle_transformer is not None:
+            h = self.middle_transformer(h, cond, key=k_middle)
+        else:
+            k_in, k_out = _split(k_middle, 2)
+            h = self.middle_in(h, cond, key=k_in)
+            h = self.middle_out(self.middle_attention(h), cond, key=k_out)
+        skips = jnp.concatenate([first[None], kept])[::-1]
+
+        def up(block, h, sliced):
+            skip, k = sliced
+            return block(jnp.concatenate([h, skip]), cond, key=k), None
+
+        h, _ = _scan(self.up, h, up, (skips, _scan_keys(k_up, self.num_blocks + 1)))
+        out = self.conv_out(jax.nn.silu(self.norm_out(h)))
+        out = out.reshape(colours, -1, height, width).transpose(2, 3, 0, 1)
+        return out.reshape(height * width * colours, -1)
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
     registry.register("network", "transformer", Transformer)
+    registry.register("network", "md4_transformer", MD4Transformer)
+    registry.register("network", "unet", UNet)

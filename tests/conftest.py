@@ -3,8 +3,12 @@
 import os
 import tempfile
 
-# Eight simulated CPU devices for the mesh tests; single-device tests use mesh.data=1.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight simulated CPU devices for the mesh tests (single-device tests use mesh.data=1).
+# The tests compile many small programs and run each a few times, so XLA's backend
+# optimisation (LLVM) costs far more than it saves.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 # XLA:CPU compiles the partitionable threefry PRNG 10-20x more slowly (seconds per random
 # call site); the suite never shards random generation, so it uses the classic lowering.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")

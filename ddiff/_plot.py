@@ -1,0 +1,95 @@
+"""``ddiff plot``: training-loss and evaluation curves of a run directory as a PNG."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ddiff._data import METRICS
+from ddiff._errors import RunDirectoryError
+
+PLOT_FILE = "curves.png"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, refusing a line that is not a JSON object."""
+    if not path.exists():
+        raise RunDirectoryError(f"{path} does not exist; train first with ddiff run")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunDirectoryError(f"{path}, line {number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise RunDirectoryError(f"{path}, line {number}: not a metrics record with a step")
+        records.append(record)
+    return records
+
+
+def eval_unit(records: list[dict[str, Any]]) -> str:
+    """The unit to plot for evaluations: the data's metric when recorded, else bits/token."""
+    for metric in METRICS[1:]:
+        if any(metric in r for r in records):
+            return metric
+    return "bits_per_token"
+
+
+def in_unit(bits_per_token: float, unit: str) -> float:
+    """Bits per token expressed in ``unit`` (perplexity is 2 ** bits)."""
+    return 2.0**bits_per_token if unit == "perplexity" else bits_per_token
+
+
+def plot_run(workdir: str | Path, output: str | Path | None = None) -> Path:
+    """Draw the training loss (nats per sequence), and the negative ELBO of the training
+    batches and of the held-out evaluations (in the data's unit, with standard-error
+    bars) against the step; write ``curves.png``.
+
+    Returns:
+        The path of the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = Path(workdir)
+    records = read_metrics(workdir / "metrics.jsonl")
+    train = [r for r in records if r.get("split") == "train" and "loss" in r]
+    evals = [r for r in records if r.get("split") == "eval"]
+    if not train and not evals:
+        raise RunDirectoryError(f"{workdir}/metrics.jsonl has no train or eval records yet")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.0)
+    left.set(xlabel="step", ylabel="loss (nats per sequence)", title="training loss")
+    unit = eval_unit(evals)
+    estimates = [r for r in train if "bits_per_token" in r]
+    right.plot(
+        [r["step"] for r in estimates],
+        [in_unit(r["bits_per_token"], unit) for r in estimates],
+        lw=1.0,
+        alpha=0.5,
+        label="training batches",
+    )
+    if evals:
+        right.errorbar(
+            [r["step"] for r in evals],
+            [r[unit] for r in evals],
+            yerr=[r.get(f"{unit}_stderr", 0.0) for r in evals],
+            marker="o",
+            capsize=3,
+            label="held out (± standard error)",
+        )
+    right.legend()
+    right.set(xlabel="step", ylabel=unit.replace("_", " "), title="negative ELBO")
+    for axes in (left, right):
+        axes.grid(alpha=0.3)
+    figure.suptitle(str(workdir))
+    path = Path(output) if output else workdir / PLOT_FILE
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
