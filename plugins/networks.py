@@ -31,24 +31,9 @@ def timestep_features(t: ddiff.Time, dim: int) -> Float[Array, " dim"]:
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])
 
 
-def rotary_tables(seq_len: int, head_dim: int) -> tuple[Array, Array]:
-    """cos and sin of the rotary position embedding angles p * 10000^(-2i/head_dim)."""
-    half = head_dim // 2
-    frequencies = 10_000.0 ** (-jnp.arange(half) / half)
-    angles = jnp.arange(seq_len)[:, None] * frequencies[None, :]
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(x: Float[Array, "seq heads dim"], cos: Array, sin: Array) -> Float[Array, "seq heads dim"]:
-    """Rotate pairs of channels by position-dependent angles (RoPE, Su et al. 2021), so
-    attention scores depend on relative positions."""
-    first, second = jnp.split(x, 2, axis=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
-
-
 class SelfAttention(eqx.Module):
-    """Bidirectional multi-head self-attention with optional rotary position embeddings."""
+    """Bidirectional multi-head self-attention with optional rotary position embeddings
+    (:func:`rotary`)."""
 
     qkv: eqx.nn.Linear
     out: eqx.nn.Linear
@@ -65,15 +50,15 @@ class SelfAttention(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "seq dim"],
-        rotary: tuple[Array, Array] | None,
+        use_rotary: bool,
         *,
         key: ddiff.Key | None,
     ) -> Float[Array, "seq dim"]:
         seq_len, dim = x.shape
         q, k, v = jnp.split(jax.vmap(self.qkv)(x), 3, axis=-1)
         q, k, v = (a.reshape(seq_len, self.heads, dim // self.heads) for a in (q, k, v))
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if use_rotary:
+            q, k = rotary(q), rotary(k)
         scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(dim // self.heads)
         weights = self.dropout(jax.nn.softmax(scores, axis=-1), key=key, inference=key is None)
         attended = jnp.einsum("hqk,khd->qhd", weights, v).reshape(seq_len, dim)
@@ -107,7 +92,7 @@ class TransformerBlock(eqx.Module):
         self,
         x: Float[Array, "seq dim"],
         cond: Float[Array, " dim"],
-        rotary: tuple[Array, Array] | None,
+        use_rotary: bool,
         *,
         key: ddiff.Key | None,
     ) -> Float[Array, "seq dim"]:
@@ -117,7 +102,7 @@ class TransformerBlock(eqx.Module):
             self.modulation(jax.nn.silu(cond)), 6
         )
         h = _modulate(jax.vmap(self.norm1)(x), shift1, scale1)
-        h = self.attention(h, rotary, key=k_attn)
+        h = self.attention(h, use_rotary, key=k_attn)
         x = x + gate1 * h
         h = _modulate(jax.vmap(self.norm2)(x), shift2, scale2)
         h = jax.vmap(self.mlp_out)(jax.nn.gelu(jax.vmap(self.mlp_in)(h)))
@@ -152,7 +137,6 @@ class Transformer(ddiff.AbstractNetwork):
     time_conditioned: bool = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
     positions: Literal["rotary", "learned"] = eqx.field(static=True)
-    heads: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -179,7 +163,6 @@ class Transformer(ddiff.AbstractNetwork):
         keys = jax.random.split(key, depth + 6)
         self.token_embedding = eqx.nn.Embedding(num_states, dim, key=keys[0])
         self.positions = positions
-        self.heads = heads
         self.position_embedding = (
             jax.random.normal(keys[1], (seq_len, dim)) if positions == "learned" else None
         )
@@ -203,11 +186,9 @@ class Transformer(ddiff.AbstractNetwork):
 
     def __call__(self, x_t, t, *, label=None, key=None):
         x = jax.vmap(self.token_embedding)(x_t)
-        rotary = None
-        if self.position_embedding is not None:
+        use_rotary = self.position_embedding is None
+        if not use_rotary:
             x = x + self.position_embedding[: x_t.shape[0]]
-        else:
-            rotary = rotary_tables(x_t.shape[0], x.shape[-1] // self.heads)
         cond = self.conditioning_bias
         if self.time_mlp is not None:
             cond = cond + self.time_mlp(timestep_features(t, cond.shape[0]))
@@ -215,7 +196,7 @@ class Transformer(ddiff.AbstractNetwork):
             cond = cond + self.class_embedding(self.num_classes if label is None else label)
         block_keys = [None] * len(self.blocks) if key is None else jax.random.split(key, len(self.blocks))
         for block, block_key in zip(self.blocks, block_keys, strict=True):
-            x = block(x, cond, rotary, key=block_key)
+            x = block(x, cond, use_rotary, key=block_key)
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
         x = _modulate(jax.vmap(self.final_norm)(x), shift, scale)
         return jax.vmap(self.head)(x)
