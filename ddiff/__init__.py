@@ -39,6 +39,7 @@ from ddiff._recipe import (
     Recipe,
     TrainerConfig,
     apply_overrides,
+    build_component,
     build_recipe,
     load_recipe,
     read_recipe_file,
@@ -58,6 +59,7 @@ from ddiff._sampler import (
     TimeGrid,
     apply_fixed,
     batched_log_mean,
+    calls_per_prediction,
     time_grid,
 )
 from ddiff._schedule import AbstractSchedule

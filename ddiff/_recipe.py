@@ -489,7 +489,7 @@ def build_recipe(
     }
     schedule_name = resolved["process"].get("schedule", {}).get("kind", "schedule")
     components["schedule"] = (schedule_name, built["process"].schedule)
-    check_compatibility(components, source=source)
+    check_compatibility(components, source=source, deferred=("network",))
     return Recipe(
         seed=seed,
         resolved=resolved,
@@ -497,6 +497,27 @@ def build_recipe(
         source=source,
         **{key: built[key] for key in (*_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)},
     )
+
+
+def build_component(
+    slot: str,
+    spec: str | Mapping[str, Any],
+    *,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    num_classes: int = 0,
+    registry: Registry | None = None,
+) -> Any:
+    """Build one registered component from a recipe-style section, exactly as a recipe
+    would: ``{"kind": name, **arguments}`` or just the name. The data-derived arguments
+    (``vocab_size``, ``seq_len``, ``num_classes``) come from the keywords. A ``network``
+    section gives a :class:`NetworkSpec`, built later with its sizes and key."""
+    registry = registry or default_registry()
+    builder = _Builder(registry, "<build_component>")
+    derived = {"vocab_size": vocab_size, "seq_len": seq_len, "num_classes": num_classes}
+    context = {key: value for key, value in derived.items() if value is not None}
+    component, _, _ = builder.component(slot, spec, slot, context, build=slot != "network")
+    return component
 
 
 def load_recipe(
