@@ -240,15 +240,21 @@ class Trainer:
     ) -> SampleOutput:
         return self._sample_fn(model, key, num_samples, conditioning or Conditioning())
 
-    def write_samples(self, output: SampleOutput, name: str) -> Path:
-        """Write samples as text (one sequence a line), .npy, and a stats .json beside them."""
+    def write_samples(
+        self, output: SampleOutput, name: str, *, conditioning: dict[str, Any] | None = None
+    ) -> Path:
+        """Write samples as text (one sequence a line), .npy, and a stats .json beside them
+        (unigram entropy, network evaluations, and ``conditioning``: label, guidance, ...)."""
         directory = self.workdir / SAMPLES_DIR
         directory.mkdir(parents=True, exist_ok=True)
         tokens = np.asarray(output.tokens)
         text = "\n".join(self.recipe.data.decode(row) for row in tokens) + "\n"
-        stats = sample_statistics(tokens, self.recipe.data.vocab_size)
+        stats: dict[str, Any] = dict(sample_statistics(tokens, self.recipe.data.vocab_size))
         stats["num_function_evals"] = int(output.num_function_evals)
         stats["num_samples"] = int(tokens.shape[0])
+        stats["sampler"] = self.recipe.names["sampler"]
+        if conditioning:
+            stats["conditioning"] = conditioning
         _atomic_write_text(directory / f"{name}.txt", text)
         _atomic_write_bytes(directory / f"{name}.npy", _npy_bytes(tokens))
         _atomic_write_text(directory / f"{name}.json", json.dumps(stats, indent=2) + "\n")
