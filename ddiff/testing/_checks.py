@@ -139,7 +139,7 @@ def check_tight(
         f"E[nelbo] = {numbers['mean_nelbo']:.4f}, H(p) = {numbers['entropy']:.4f}"
     )
     return CheckResult(
-        "tight", subject or f"{_describe(objective)} on {distribution.name}", passed, summary, numbers
+        "tight", subject or f"{_describe(objective)} on a toy", passed, summary, numbers
     )
 
 
@@ -197,7 +197,7 @@ def check_discrete_bound(
     numbers["entropy"] = distribution.conditional_entropy()
     return CheckResult(
         "discrete_bound",
-        subject or f"{_describe(make_objective(steps[0]))} on {distribution.name}",
+        subject or f"{_describe(make_objective(steps[0]))} on a toy",
         passed,
         summary,
         numbers,
@@ -235,7 +235,7 @@ def check_entropy_bound(
         "num_examples": num_examples,
     }
     return CheckResult(
-        "entropy_bound", subject or f"{_describe(objective)} on {distribution.name}", passed, summary, numbers
+        "entropy_bound", subject or f"{_describe(objective)} on a toy", passed, summary, numbers
     )
 
 
@@ -300,7 +300,7 @@ def check_schedule_invariance(
     )
     return CheckResult(
         "schedule_invariance",
-        subject or f"{_describe(objective)} on {distribution.name}",
+        subject or f"{_describe(objective)} on a toy",
         passed,
         summary,
         numbers,
@@ -458,7 +458,7 @@ def check_sampler(
     numbers = {**test, "num_function_evals": float(evals), "alpha": alpha}
     return CheckResult(
         "sampler_exact",
-        subject or f"{_describe(sampler)} on {distribution.name}",
+        subject or f"{_describe(sampler)} on a toy",
         bool(passed),
         summary,
         numbers,

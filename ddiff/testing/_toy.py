@@ -30,7 +30,9 @@ class ToyDistribution(eqx.Module):
         seq_len: D.
         num_classes: C, 0 for an unconditional distribution. Label C is the null class,
             whose distribution is the marginal sum_c p(c) p(x | c).
-        name: a short description, used in check reports.
+
+    Toys of the same V, D and C have the same tree structure, so a function jitted for
+    one is reused for another.
     """
 
     log_probs: Float[Array, "rows sequences"]
@@ -38,25 +40,24 @@ class ToyDistribution(eqx.Module):
     vocab_size: int = eqx.field(static=True)
     seq_len: int = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
-    name: str = eqx.field(static=True)
 
     def __check_init__(self):
         count = self.vocab_size**self.seq_len
         rows = max(self.num_classes, 1)
         if count > MAX_SEQUENCES:
             raise DdiffError(
-                f"toy distribution {self.name!r}: V^D = {count} sequences is more than "
+                f"toy distribution: V^D = {count} sequences is more than "
                 f"{MAX_SEQUENCES}; use a smaller vocabulary or length"
             )
         if self.log_probs.shape != (rows, count) or self.class_log_probs.shape != (rows,):
             raise DdiffError(
-                f"toy distribution {self.name!r}: log_probs must have shape {(rows, count)} "
+                f"toy distribution: log_probs must have shape {(rows, count)} "
                 f"and class_log_probs {(rows,)}, got {self.log_probs.shape} and "
                 f"{self.class_log_probs.shape}"
             )
         totals = np.exp(np.asarray(jax.nn.logsumexp(self.log_probs, axis=-1)))
         if not np.allclose(totals, 1.0, atol=1e-4):
-            raise DdiffError(f"toy distribution {self.name!r}: rows sum to {totals}, not 1")
+            raise DdiffError(f"toy distribution: rows sum to {totals}, not 1")
 
     @property
     def num_sequences(self) -> int:
@@ -115,7 +116,7 @@ class ToyDistribution(eqx.Module):
         return sequences[categorical(sequence_key, self.log_probs[labels])], labels
 
 
-def _from_probs(probs: np.ndarray, vocab_size: int, seq_len: int, name: str) -> ToyDistribution:
+def _from_probs(probs: np.ndarray, vocab_size: int, seq_len: int) -> ToyDistribution:
     probs = np.asarray(probs, np.float64).reshape(1, -1)
     probs = probs / probs.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
@@ -126,7 +127,6 @@ def _from_probs(probs: np.ndarray, vocab_size: int, seq_len: int, name: str) -> 
         vocab_size=vocab_size,
         seq_len=seq_len,
         num_classes=0,
-        name=name,
     )
 
 
@@ -141,7 +141,7 @@ def independent_toy(vocab_size: int = 3, seq_len: int = 4, *, seed: int = 0) -> 
     marginals = rng.dirichlet(np.ones(vocab_size), seq_len)
     sequences = _all_sequences(vocab_size, seq_len)
     probs = np.prod(marginals[np.arange(seq_len), sequences], axis=-1)
-    return _from_probs(probs, vocab_size, seq_len, "independent")
+    return _from_probs(probs, vocab_size, seq_len)
 
 
 def _markov_probs(vocab_size: int, seq_len: int, rng: np.random.Generator, concentration: float):
@@ -161,7 +161,7 @@ def markov_toy(
     (Dirichlet(concentration)): local dependence, full support."""
     rng = np.random.default_rng([seed, 2])
     probs = _markov_probs(vocab_size, seq_len, rng, concentration)
-    return _from_probs(probs, vocab_size, seq_len, "markov")
+    return _from_probs(probs, vocab_size, seq_len)
 
 
 def parity_toy(vocab_size: int = 3, seq_len: int = 4) -> ToyDistribution:
@@ -171,7 +171,7 @@ def parity_toy(vocab_size: int = 3, seq_len: int = 4) -> ToyDistribution:
     wrong, so the discrete-time bound's gap is large at small T."""
     sequences = _all_sequences(vocab_size, seq_len)
     probs = (sequences.sum(axis=-1) % vocab_size == 0).astype(np.float64)
-    return _from_probs(probs, vocab_size, seq_len, "parity")
+    return _from_probs(probs, vocab_size, seq_len)
 
 
 def dense_toy(
@@ -181,7 +181,7 @@ def dense_toy(
     structure to exploit, dependence of every order."""
     rng = np.random.default_rng([seed, 3])
     probs = rng.dirichlet(np.full(vocab_size**seq_len, concentration))
-    return _from_probs(probs, vocab_size, seq_len, "dense")
+    return _from_probs(probs, vocab_size, seq_len)
 
 
 def class_conditional_toy(
@@ -201,7 +201,6 @@ def class_conditional_toy(
         vocab_size=vocab_size,
         seq_len=seq_len,
         num_classes=num_classes,
-        name="classes",
     )
 
 
