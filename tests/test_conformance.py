@@ -2,9 +2,11 @@
 
 Each line below is the whole of what a plugin author writes to run the kit on a
 registered component; the sample sizes and tolerances are those of ddiff.testing.Setup
-(objectives: 2^17 draws per mean, 4 standard errors; samplers: 2^13 samples, chi-square
+(objectives: 2^16 draws per mean, 4 standard errors; samplers: 2^13 samples, chi-square
 false-alarm rate 1e-3). Grid samplers take 128 steps, enough that their O(1/steps)
-error (two positions unmasked in one step) is below the chi-square test's resolution.
+error (two positions unmasked in one step) is below the chi-square test's resolution:
+measured on 2^16 samples of the markov toy, ancestral sampling is caught at 32 steps
+(p = 5e-5), borderline at 64 (p = 0.01) and passes at 128 (p = 0.32).
 """
 
 import ddiff
@@ -14,7 +16,6 @@ test_md4_elbo = objective_conformance("md4_elbo")
 test_md4_discrete_elbo = objective_conformance("md4_discrete_elbo")
 
 test_ancestral = sampler_conformance("ancestral", steps=128)
-test_ancestral_cosine_grid = sampler_conformance("ancestral", steps=128, grid="cosine")
 test_top_p = sampler_conformance("top_p", steps=128, top_p=1.0)
 test_mean = sampler_conformance("mean", steps=128)
 test_cached = sampler_conformance("cached", steps=128)

@@ -72,7 +72,7 @@ def test_toys_are_normalised_with_the_stated_structure(toys):
 def test_toy_samples_follow_the_toy(toys):
     """2^14 draws of the dense toy: chi-square at false-alarm rate 1e-3."""
     toy = toys["dense"]
-    tokens, labels = eqx.filter_jit(toy.sample)(jax.random.PRNGKey(0), 2**14)
+    tokens, labels = toy.sample(jax.random.PRNGKey(0), 2**14)
     assert labels is None
     index = np.asarray(tokens) @ (V ** np.arange(D - 1, -1, -1))
     test = kit.chi_square_test(np.bincount(index, minlength=V**D), toy.probabilities())
@@ -102,7 +102,7 @@ def test_denoiser_marginal_and_score_match_brute_force(toys, process, toy_name):
     assert total == pytest.approx(1.0, abs=1e-6)
     states = [z for z, (_, value) in table.items() if value > 1e-12]
     rng = np.random.default_rng(0)
-    for z in [states[i] for i in rng.choice(len(states), 12, replace=False)]:
+    for z in [states[i] for i in rng.choice(len(states), 6, replace=False)]:
         joint, value = table[z]
         x_t = jnp.asarray(z)
         log_marginal = float(exact_log_marginal(toy, process, x_t, jnp.asarray(t), label))

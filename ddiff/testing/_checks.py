@@ -373,6 +373,8 @@ def sampling_conditioning(
     ``none``: unconditional. ``labels``: labels drawn from p(c) (class-conditional toy).
     ``infill``: each position of each sample is given with probability ``fixed_fraction``,
     its value taken from a draw x ~ p; the complete output is then distributed as p.
+    ``labels+infill``: both, the given values drawn from p(x | c) for the sample's label c;
+    the output's joint distribution with the labels is then p(c) p(x | c).
     """
     if kind == "none":
         return Conditioning(), None, None, None
@@ -381,10 +383,16 @@ def sampling_conditioning(
         if labels is None:
             raise ValueError("conditioning 'labels' needs a class-conditional toy distribution")
         return Conditioning(labels=labels), labels, None, None
-    if kind == "infill":
+    if kind in ("infill", "labels+infill"):
+        if kind == "infill":
+            labels = None
+        elif labels is None:
+            raise ValueError("conditioning 'labels+infill' needs a class-conditional toy distribution")
         mask = jax.random.bernoulli(jax.random.fold_in(key, 1), fixed_fraction, data.shape)
         return Conditioning(labels=labels, fixed_tokens=data, fixed_mask=mask), labels, data, mask
-    raise ValueError(f"unknown conditioning {kind!r}; use 'none', 'labels' or 'infill'")
+    raise ValueError(
+        f"unknown conditioning {kind!r}; use 'none', 'labels', 'infill' or 'labels+infill'"
+    )
 
 
 def check_sampler(

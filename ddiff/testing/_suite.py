@@ -46,7 +46,8 @@ class Setup:
         network: the untrained network of the entropy-bound check.
         vocab_size, seq_len: the toy's V and D (V^D sequences are enumerated).
         seed: seed of every check (each check folds in its own name).
-        num_examples: draws per estimated mean of an objective.
+        num_examples: draws per estimated mean of an objective (a sixteenth of it for the
+            entropy bound, whose margin is wide).
         num_samples: samples per sampler check.
         z: standard errors allowed in Monte Carlo comparisons.
         alpha: false-alarm rate of the sampler chi-square test.
@@ -58,7 +59,7 @@ class Setup:
     vocab_size: int = 3
     seq_len: int = 4
     seed: int = 0
-    num_examples: int = 2**17
+    num_examples: int = 2**16
     num_samples: int = 2**13
     z: float = 4.0
     alpha: float = 1e-3
@@ -180,7 +181,7 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
             _check_pairing(setup, "objective", name, built, model)
             return check_entropy_bound(
                 built, model, toy, key=setup.key(f"entropy{kind}"),
-                num_examples=max(setup.num_examples // 4, 2), z=setup.z,
+                num_examples=max(setup.num_examples // 16, 2), z=setup.z,
                 subject=f"objective {name!r} with {kind} network on toy 'markov'",
             )
 
@@ -227,19 +228,19 @@ def _is_masked_with_schedule(setup: Setup) -> bool:
 
 SAMPLER_CASES = {
     "exact[none/markov]": ("none", "markov"),
-    "exact[labels/classes]": ("labels", "classes"),
-    "exact[infill/dense]": ("infill", "dense"),
+    "exact[labels+infill/classes]": ("labels+infill", "classes"),
 }
-"""Sampler checks: (conditioning, toy). ``classes`` is a class-conditional toy."""
+"""Sampler checks: (conditioning, toy). ``classes`` is a class-conditional toy; in the
+second case every sample has a label and about half of its positions given."""
 
 
 def sampler_checks(
     name: str, setup: Setup | None = None, **sampler_arguments: Any
 ) -> dict[str, Callable[[], CheckResult]]:
     """The checks of the sampler registered as ``name``, by check name (see
-    :data:`SAMPLER_CASES`): driven by the oracle it must reproduce p unconditionally, given
-    labels, and with given positions (infilling) (d). Building this mapping does no
-    numerical work.
+    :data:`SAMPLER_CASES`): driven by the oracle it must reproduce p unconditionally, and
+    given labels and positions (infilling) (d). Building this mapping does no numerical
+    work.
 
     Arguments:
         name: the registered sampler.

@@ -107,13 +107,20 @@ class ToyDistribution(eqx.Module):
 
     def sample(self, key: Key, num: int) -> tuple[Int[Array, "num seq"], Int[Array, " num"] | None]:
         """Draw ``num`` sequences, with their labels for a class-conditional distribution."""
-        label_key, sequence_key = jax.random.split(key)
-        sequences = self.sequences()
-        if self.num_classes == 0:
-            logits = jnp.broadcast_to(self.log_probs[0], (num, self.num_sequences))
-            return sequences[categorical(sequence_key, logits)], None
-        labels = categorical(label_key, jnp.broadcast_to(self.class_log_probs, (num, self.num_classes)))
-        return sequences[categorical(sequence_key, self.log_probs[labels])], labels
+        return _sample(self, key, num)
+
+
+@eqx.filter_jit
+def _sample(distribution: ToyDistribution, key: Key, num: int):
+    label_key, sequence_key = jax.random.split(key)
+    sequences = distribution.sequences()
+    if distribution.num_classes == 0:
+        logits = jnp.broadcast_to(distribution.log_probs[0], (num, distribution.num_sequences))
+        return sequences[categorical(sequence_key, logits)], None
+    labels = categorical(
+        label_key, jnp.broadcast_to(distribution.class_log_probs, (num, distribution.num_classes))
+    )
+    return sequences[categorical(sequence_key, distribution.log_probs[labels])], labels
 
 
 def _from_probs(probs: np.ndarray, vocab_size: int, seq_len: int) -> ToyDistribution:
