@@ -453,14 +453,15 @@ class AbstractGridSampler(ddiff.AbstractSampler):
             x, cache, evals = carry
             t, s, step_key = inputs
             log_mean, cache, used = predict(x, t, cache)
-            draws = jax.vmap(lambda k, lm: self.draw(k, lm, schedule.alpha(s), schedule.alpha(t)))(
+            alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
+            draws = jax.vmap(lambda k, lm: self.draw(k, lm, alpha_s, alpha_t))(
                 jax.random.split(step_key, num_samples), log_mean
             )
             x = ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, draws, x))
             return (x, cache, evals + used), None
 
         times = ddiff.time_grid(self.grid, self.steps)
-        cache = (jnp.full_like(x, -1), jnp.zeros((*x.shape, process.vocab_size)))
+        cache = (jnp.full_like(x, -1), jnp.zeros((*x.shape, process.vocab_size))) if self.caches else None
         (x, cache, evals), _ = jax.lax.scan(
             step,
             (x, cache, jnp.int32(0)),

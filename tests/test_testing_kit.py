@@ -248,7 +248,7 @@ def test_sampler_check_rejects_one_step_sampling_and_lost_infill(toys, process, 
     wrong (chi-square p ~ 0). A sampler that overwrites given positions is caught too."""
     model = kit.oracle_model(toys["markov"], process, mean_parameterization)
     one_step = ddiff.build_component("sampler", {"kind": "ancestral", "steps": 1})
-    result = kit.check_sampler(one_step, model, toys["markov"], key=jax.random.PRNGKey(4), num_samples=SMALL)
+    result = kit.check_sampler(one_step, model, toys["markov"], key=jax.random.PRNGKey(4), num_samples=2**11)
     assert not result.passed and result.numbers["p_value"] < 1e-6, result
 
     class ForgetsGivenTokens(ddiff.AbstractSampler):

@@ -177,7 +177,7 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
                 model = DiffusionModel(network=network, parameterization=parameterization, process=process)
             else:
                 model = oracle_model(setup.toys()["dense"], process, parameterization)
-            built = objective(steps=16) if DISCRETE_TIME in provided else objective()
+            built = objective(steps=DISCRETE_STEPS[-1]) if DISCRETE_TIME in provided else objective()
             _check_pairing(setup, "objective", name, built, model)
             return check_entropy_bound(
                 built, model, toy, key=setup.key(f"entropy{kind}"),
