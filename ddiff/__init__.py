@@ -63,6 +63,7 @@ from ddiff._sampler import (
     TimeGrid,
     apply_fixed,
     batched_log_mean,
+    calls_per_prediction,
     time_grid,
 )
 from ddiff._schedule import AbstractSchedule

@@ -9,7 +9,7 @@ slot. A component may refine what it provides per instance by overriding
 conditioning provides ``time_independent``).
 """
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
 from ddiff._errors import IncompatibleComponentsError
@@ -39,6 +39,11 @@ TIME_CONDITIONED = "time_conditioned"
 TIME_INDEPENDENT = "time_independent"
 """A network whose output does not depend on t (caching and first-hitting samplers)."""
 CLASS_CONDITIONAL = "class_conditional"
+CONTINUOUS_TIME = "continuous_time"
+"""An objective that estimates a continuous-time bound (an integral over t in [0, 1])."""
+DISCRETE_TIME = "discrete_time"
+"""An objective that estimates a bound of a ``steps``-step discrete-time model; its class
+takes the number of steps as the constructor argument ``steps``."""
 
 
 class Capable:
@@ -56,16 +61,22 @@ def check_compatibility(
     components: Mapping[str, tuple[str, Any]],
     *,
     source: str | None = None,
+    deferred: Collection[str] = (),
 ) -> None:
     """Refuse a set of components in which one requires what another does not provide.
 
     Arguments:
         components: slot -> (registered name, component instance). Only components
-            that are present are checked; a requirement on an absent slot is an error.
+            that are present are checked; a requirement on an absent slot is an error,
+            unless the slot is in ``deferred`` (built later and checked then, e.g. the
+            network, which needs the data's sizes).
         source: the recipe file, for the message.
+        deferred: absent slots whose requirements are checked later.
     """
     for slot, (name, component) in components.items():
         for needed_slot, needed in getattr(component, "requires", {}).items():
+            if needed_slot not in components and needed_slot in deferred:
+                continue
             if needed_slot not in components:
                 raise IncompatibleComponentsError(
                     f"{slot} {name!r} needs a {needed_slot} with {sorted(needed)}, "

@@ -59,6 +59,26 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=None, help="sampler steps")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--name", default=None, help="file name stem under DIR/samples")
+    sample.add_argument(
+        "--label", type=int, default=None, help="class label (class-conditional models)"
+    )
+    sample.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        help="classifier-free guidance weight w (needs --label): (1+w) cond - w uncond",
+    )
+    given = sample.add_mutually_exclusive_group()
+    given.add_argument(
+        "--prefix", default=None, help='infilling: token ids that start every sample, e.g. "3 4 5"'
+    )
+    given.add_argument(
+        "--fixed",
+        default=None,
+        metavar="FILE.npy",
+        help="infilling: integer array of shape (seq,) or (num, seq); entries >= 0 are kept "
+        "fixed throughout sampling, -1 marks positions to generate",
+    )
 
     commands.add_parser("plugins", help="list registered components by slot and plugin")
 
@@ -107,6 +127,87 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_run(args.workdir, args.output)}")
 
 
+def _given_tokens(args: argparse.Namespace, num: int, seq_len: int, vocab_size: int):
+    """The (tokens, mask) of --prefix or --fixed, each of shape (num, seq_len), or None."""
+    import numpy as np
+
+    def refuse(message: str) -> RecipeError:
+        return RecipeError(message, source="command line")
+
+    if args.prefix is not None:
+        try:
+            prefix = [int(token) for token in args.prefix.replace(",", " ").split()]
+        except ValueError:
+            raise refuse(f"--prefix {args.prefix!r} is not a list of token ids") from None
+        if not prefix or len(prefix) > seq_len:
+            raise refuse(f"--prefix needs 1 to {seq_len} token ids, got {len(prefix)}")
+        given = np.full((seq_len,), -1, np.int64)
+        given[: len(prefix)] = prefix
+    elif args.fixed is not None:
+        try:
+            given = np.load(args.fixed, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise refuse(f"--fixed {args.fixed}: cannot read a .npy array ({error})") from None
+        if not np.issubdtype(given.dtype, np.integer):
+            raise refuse(f"--fixed {args.fixed}: needs integer token ids, got {given.dtype}")
+        if given.shape not in ((seq_len,), (num, seq_len)):
+            raise refuse(
+                f"--fixed {args.fixed}: shape {given.shape}, expected ({seq_len},) or "
+                f"({num}, {seq_len}) (--num {num}, sequence length {seq_len})"
+            )
+    else:
+        return None
+    if given.min() < -1 or given.max() >= vocab_size:
+        raise refuse(
+            f"given token ids must be in 0..{vocab_size - 1} (or -1 for a free position), "
+            f"got {int(given.min())}..{int(given.max())}"
+        )
+    given = np.broadcast_to(given, (num, seq_len))
+    return np.maximum(given, 0).astype(np.int32), given >= 0
+
+
+def _conditioning(args: argparse.Namespace, recipe, num: int):
+    """Conditioning from --label, --guidance, --prefix and --fixed, and its description."""
+    import jax.numpy as jnp
+
+    from ddiff._sampler import Conditioning
+
+    data = recipe.data
+    info: dict[str, object] = {}
+    labels = None
+    if args.label is not None:
+        if data.num_classes == 0:
+            raise RecipeError(
+                f"--label needs a class-conditional model, but data {recipe.names['data']!r} "
+                f"has no classes",
+                source="command line",
+            )
+        if not 0 <= args.label < data.num_classes:
+            raise RecipeError(
+                f"--label must be in 0..{data.num_classes - 1}, got {args.label}",
+                source="command line",
+            )
+        labels = jnp.full((num,), args.label, jnp.int32)
+        info["label"] = args.label
+    if args.guidance != 0.0:
+        if labels is None:
+            raise RecipeError(
+                "--guidance needs --label (classifier-free guidance mixes the labelled and "
+                "the null-class predictions)",
+                source="command line",
+            )
+        info["guidance"] = args.guidance
+    given = _given_tokens(args, num, data.seq_len, data.vocab_size)
+    fixed_tokens = fixed_mask = None
+    if given is not None:
+        fixed_tokens, fixed_mask = jnp.asarray(given[0]), jnp.asarray(given[1])
+        info["num_fixed_positions"] = int(given[1].sum())
+    conditioning = Conditioning(
+        labels=labels, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, guidance=args.guidance
+    )
+    return conditioning, info
+
+
 def _sample(args: argparse.Namespace) -> None:
     import jax
 
@@ -116,10 +217,13 @@ def _sample(args: argparse.Namespace) -> None:
         raise RecipeError("--num must be at least 1", source="command line")
     overrides = () if args.steps is None else (f"sampler.steps={args.steps}",)
     recipe, state = load_run(args.workdir, overrides)
+    conditioning, info = _conditioning(args, recipe, args.num)
     trainer = Trainer(recipe, args.workdir)
-    output = trainer.sample(state.ema, key=jax.random.PRNGKey(args.seed), num_samples=args.num)
+    output = trainer.sample(
+        state.ema, key=jax.random.PRNGKey(args.seed), num_samples=args.num, conditioning=conditioning
+    )
     name = args.name or f"sample_step{int(state.step):08d}_seed{args.seed}"
-    path = trainer.write_samples(output, name)
+    path = trainer.write_samples(output, name, conditioning=info)
     print(f"wrote {args.num} samples ({int(output.num_function_evals)} network evaluations) to {path}")
 
 

@@ -500,7 +500,7 @@ def build_recipe(
     }
     schedule_name = resolved["process"].get("schedule", {}).get("kind", "schedule")
     components["schedule"] = (schedule_name, built["process"].schedule)
-    check_compatibility(components, source=source)
+    check_compatibility(components, source=source, deferred=("network",))
     return Recipe(
         seed=seed,
         resolved=resolved,
@@ -520,19 +520,24 @@ def load_recipe(
 
 def build_component(
     slot: str,
-    raw: Mapping[str, Any] | str,
+    spec: str | Mapping[str, Any],
     *,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    num_classes: int | None = None,
     context: Mapping[str, Any] | None = None,
     registry: Registry | None = None,
-    source: str = "<component>",
+    source: str = "<build_component>",
 ) -> Any:
-    """Build one registered component from a recipe-style mapping (``{"kind": ..., ...}``).
+    """Build one registered component from a recipe-style section, exactly as a recipe
+    would: ``{"kind": name, **arguments}`` or just the name.
 
-    ``context`` supplies the values ddiff derives itself (``vocab_size``, ...). Networks
-    are returned as a :class:`NetworkSpec` to be built with sizes and a key.
+    The values ddiff derives from the data (``vocab_size``, ``seq_len``, ``num_classes``)
+    come from the keywords or ``context``. A ``network`` section gives a
+    :class:`NetworkSpec`, built later with its sizes and key.
     """
+    derived = {"vocab_size": vocab_size, "seq_len": seq_len, "num_classes": num_classes}
+    merged = {**{k: v for k, v in derived.items() if v is not None}, **dict(context or {})}
     builder = _Builder(registry or default_registry(), source)
-    component, _, _ = builder.component(
-        slot, raw, slot, dict(context or {}), build=slot != "network"
-    )
+    component, _, _ = builder.component(slot, spec, slot, merged, build=slot != "network")
     return component

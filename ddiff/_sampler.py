@@ -84,24 +84,36 @@ def apply_fixed(conditioning: Conditioning, tokens: Int[Array, "batch seq"]) -> 
     return jnp.where(conditioning.fixed_mask, conditioning.fixed_tokens, tokens)
 
 
+def calls_per_prediction(conditioning: Conditioning) -> int:
+    """Network calls that one :func:`batched_log_mean` makes: 2 with classifier-free
+    guidance (conditional and unconditional), else 1."""
+    return 2 if conditioning.guidance != 0.0 and conditioning.labels is not None else 1
+
+
 def batched_log_mean(
     model: DiffusionModel,
     x_t: Int[Array, "batch seq"],
-    t: Float[Array, ""],
+    t: Float[Array, ""] | Float[Array, " batch"],
     conditioning: Conditioning,
 ) -> tuple[Float[Array, "batch seq vocab"], int]:
     """log p_theta(x_0 | x_t) for a batch, with classifier-free guidance when
     ``conditioning.guidance`` is non-zero, and the number of network calls it took.
 
+    ``t`` is one time for the whole batch or one per example (first-hitting sampling).
     Guided: log mu_w = log_softmax((1 + w) log mu_c - w log mu_u) over the values both
     predictions allow (a carried-over one-hot position stays one-hot).
     """
     labels = conditioning.labels
-    conditional = jax.vmap(lambda x, label: model.log_mean(x, t, label=label))(x_t, labels)
-    if conditioning.guidance == 0.0 or labels is None:
+    times = jnp.broadcast_to(t, x_t.shape[:1])
+
+    def predict(x, time, label):
+        return model.log_mean(x, time, label=label)
+
+    conditional = jax.vmap(predict)(x_t, times, labels)
+    if calls_per_prediction(conditioning) == 1:
         return conditional, 1
     null = jnp.full_like(labels, model.network.num_classes)
-    unconditional = jax.vmap(lambda x, label: model.log_mean(x, t, label=label))(x_t, null)
+    unconditional = jax.vmap(predict)(x_t, times, null)
     w = conditioning.guidance
     finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
     mixed = jnp.where(finite, (1.0 + w) * conditional - w * jnp.where(finite, unconditional, 0.0), -jnp.inf)

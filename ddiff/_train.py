@@ -440,8 +440,11 @@ class Trainer:
             num_function_evals=output.num_function_evals,
         )
 
-    def write_samples(self, output: SampleOutput, name: str) -> Path:
-        """Write samples as text (one sequence a line), .npy, and a stats .json beside them;
+    def write_samples(
+        self, output: SampleOutput, name: str, *, conditioning: dict[str, Any] | None = None
+    ) -> Path:
+        """Write samples as text (one sequence a line), .npy, and a stats .json beside them
+        (unigram entropy, network evaluations, and ``conditioning``: label, guidance, ...);
         samples of image data also as a PNG grid."""
         directory = self.workdir / SAMPLES_DIR
         if jax.process_index() != 0:
@@ -449,9 +452,12 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         tokens = np.asarray(output.tokens)
         text = "\n".join(self.recipe.data.decode(row) for row in tokens) + "\n"
-        stats = sample_statistics(tokens, self.recipe.data.vocab_size)
+        stats: dict[str, Any] = dict(sample_statistics(tokens, self.recipe.data.vocab_size))
         stats["num_function_evals"] = int(output.num_function_evals)
         stats["num_samples"] = int(tokens.shape[0])
+        stats["sampler"] = self.recipe.names["sampler"]
+        if conditioning:
+            stats["conditioning"] = conditioning
         _atomic_write_text(directory / f"{name}.txt", text)
         _atomic_write_bytes(directory / f"{name}.npy", _npy_bytes(tokens))
         _atomic_write_text(directory / f"{name}.json", json.dumps(stats, indent=2) + "\n")

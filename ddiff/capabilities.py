@@ -2,6 +2,8 @@
 
 from ddiff._capabilities import (
     CLASS_CONDITIONAL,
+    CONTINUOUS_TIME,
+    DISCRETE_TIME,
     FACTORIZED,
     MASKED,
     MEAN,
@@ -20,6 +22,8 @@ from ddiff._capabilities import (
 
 __all__ = [
     "CLASS_CONDITIONAL",
+    "CONTINUOUS_TIME",
+    "DISCRETE_TIME",
     "FACTORIZED",
     "MASKED",
     "MEAN",

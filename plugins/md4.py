@@ -3,8 +3,8 @@
 Notation: V real tokens, mask m = V, alpha_t the probability that a token is still clean.
 """
 
+import abc
 import math
-from typing import Literal
 
 import equinox as eqx
 import jax
@@ -17,30 +17,143 @@ EPS = 1e-4
 """The paper's clipping: alpha_t = (1 - 2 eps) a(t) + eps keeps alpha in [eps, 1 - eps]."""
 
 
-class LinearSchedule(ddiff.AbstractSchedule):
-    """alpha_t = (1 - 2 eps)(1 - t) + eps (MD4 Table 1, linear)."""
+class AbstractClippedSchedule(ddiff.AbstractSchedule):
+    """A schedule alpha_t = (1 - 2 eps) a(t) + eps built from a shape a(t) that falls from
+    a(0) ~ 1 to a(1) ~ 0 (MD4 sec. 4 and its reference code): the clipping keeps alpha in
+    [eps, 1 - eps], so the ELBO weight alpha'_t / (1 - alpha_t) stays finite at t = 0 and
+    the reconstruction term D (1 - alpha_0) log V is O(D eps log V).
+    """
 
     provides = frozenset({caps.SCALAR})
-    eps: float = EPS
+    eps: eqx.AbstractVar[float]
+
+    @abc.abstractmethod
+    def shape(self, t: ddiff.Time) -> ddiff.Scalar:
+        """The unclipped shape a(t)."""
+
+    @abc.abstractmethod
+    def shape_derivative(self, t: ddiff.Time) -> ddiff.Scalar:
+        """d a / dt (non-positive)."""
 
     def alpha(self, t):
-        return (1.0 - 2.0 * self.eps) * (1.0 - t) + self.eps
+        return (1.0 - 2.0 * self.eps) * self.shape(t) + self.eps
 
     def alpha_derivative(self, t):
-        return -(1.0 - 2.0 * self.eps) * jnp.ones_like(t)
+        return (1.0 - 2.0 * self.eps) * self.shape_derivative(t)
 
 
-class CosineSchedule(ddiff.AbstractSchedule):
-    """alpha_t = (1 - 2 eps)(1 - cos(pi/2 (1 - t))) + eps (MD4 Table 1, cosine)."""
+def _check_eps(eps: float) -> None:
+    if not 0.0 <= eps < 0.5:
+        raise ddiff.RecipeError(f"eps must be in [0, 0.5), got {eps}", path="process.schedule.eps")
 
-    provides = frozenset({caps.SCALAR})
-    eps: float = EPS
 
-    def alpha(self, t):
-        return (1.0 - 2.0 * self.eps) * (1.0 - jnp.cos(0.5 * math.pi * (1.0 - t))) + self.eps
+class LinearSchedule(AbstractClippedSchedule):
+    """a(t) = 1 - t, so alpha_t = (1 - 2 eps)(1 - t) + eps (MD4 Table 1, linear)."""
 
-    def alpha_derivative(self, t):
-        return -(1.0 - 2.0 * self.eps) * 0.5 * math.pi * jnp.sin(0.5 * math.pi * (1.0 - t))
+    eps: float = eqx.field(static=True, default=EPS)
+
+    def __check_init__(self):
+        _check_eps(self.eps)
+
+    def shape(self, t):
+        return 1.0 - t
+
+    def shape_derivative(self, t):
+        return -jnp.ones_like(t)
+
+
+class CosineSchedule(AbstractClippedSchedule):
+    """a(t) = 1 - cos(pi/2 (1 - t)) (MD4 Table 1, cosine): slow masking near t = 0."""
+
+    eps: float = eqx.field(static=True, default=EPS)
+
+    def __check_init__(self):
+        _check_eps(self.eps)
+
+    def shape(self, t):
+        return 1.0 - jnp.cos(0.5 * math.pi * (1.0 - t))
+
+    def shape_derivative(self, t):
+        return -0.5 * math.pi * jnp.sin(0.5 * math.pi * (1.0 - t))
+
+
+class PolySchedule(AbstractClippedSchedule):
+    """a(t) = 1 - t^k (MD4 Table 1, polynomial; "poly3" in the reference code is k = 3).
+
+    Attributes:
+        power: the exponent k > 0 (k = 1 is the linear schedule).
+        eps: the clipping.
+    """
+
+    power: float = eqx.field(static=True, default=3.0)
+    eps: float = eqx.field(static=True, default=EPS)
+
+    def __check_init__(self):
+        _check_eps(self.eps)
+        if not self.power > 0:
+            raise ddiff.RecipeError(
+                f"power must be positive, got {self.power}", path="process.schedule.power"
+            )
+
+    def shape(self, t):
+        return 1.0 - t**self.power
+
+    def shape_derivative(self, t):
+        return -self.power * t ** (self.power - 1.0)
+
+
+class GeometricSchedule(AbstractClippedSchedule):
+    """a(t) = exp(-sigma_bar(t)) with SEDD's geometric total noise
+    sigma_bar(t) = sigma_min^(1-t) sigma_max^t (Lou et al. 2024; MD4 Table 1, geometric),
+    so a'(t) = -a(t) sigma_bar(t) log(sigma_max / sigma_min).
+
+    Attributes:
+        sigma_min: total noise at t = 0 (a(0) = exp(-sigma_min)).
+        sigma_max: total noise at t = 1 (a(1) = exp(-sigma_max), ~0 for a masked process).
+        eps: the clipping.
+    """
+
+    sigma_min: float = eqx.field(static=True, default=1e-4)
+    sigma_max: float = eqx.field(static=True, default=20.0)
+    eps: float = eqx.field(static=True, default=EPS)
+
+    def __check_init__(self):
+        _check_eps(self.eps)
+        if not 0.0 < self.sigma_min < self.sigma_max:
+            raise ddiff.RecipeError(
+                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}",
+                path="process.schedule",
+            )
+
+    def _total_noise(self, t):
+        return self.sigma_min ** (1.0 - t) * self.sigma_max**t
+
+    def shape(self, t):
+        return jnp.exp(-self._total_noise(t))
+
+    def shape_derivative(self, t):
+        log_ratio = math.log(self.sigma_max / self.sigma_min)
+        return -self.shape(t) * self._total_noise(t) * log_ratio
+
+
+class LogLinearSchedule(AbstractClippedSchedule):
+    """a(t) = exp(-sigma_bar(t)) with SEDD's log-linear total noise
+    sigma_bar(t) = -log(1 - (1 - eps) t), i.e. a(t) = 1 - (1 - eps) t (Lou et al. 2024,
+    the schedule SEDD uses for the absorbing graph). The survival probability is linear
+    in t: this schedule differs from ``linear`` only near t = 1 (alpha_1 ~ 2 eps), and
+    exists so that SEDD recipes name the schedule they follow.
+    """
+
+    eps: float = eqx.field(static=True, default=EPS)
+
+    def __check_init__(self):
+        _check_eps(self.eps)
+
+    def shape(self, t):
+        return 1.0 - (1.0 - self.eps) * t
+
+    def shape_derivative(self, t):
+        return -(1.0 - self.eps) * jnp.ones_like(t)
 
 
 class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
@@ -151,93 +264,410 @@ def reconstruction_bound(process: MaskedProcess, seq_len: int) -> jax.Array:
     return seq_len * (1.0 - alpha_0) * jnp.log(process.vocab_size)
 
 
+def _masked_terms(model, x0, t, key, label, train):
+    """Draw x_t ~ q(x_t | x_0) and return sum over masked n of log mu_theta(x_t, t)[n, x_0^n]."""
+    process = model.process
+    noise_key, network_key = jax.random.split(key)
+    x_t = process.sample_marginal(x0, t, key=noise_key)
+    log_mean = model.log_mean(x_t, t, label=label, key=network_key if train else None)
+    return _masked_log_likelihood(log_mean, x0, x_t == process.mask_id)
+
+
+def _elbo_terms(model, x0, diffusion):
+    process = model.process
+    reconstruction = reconstruction_bound(process, x0.shape[0])
+    prior = process.prior_kl(x0)
+    nelbo = diffusion + reconstruction + prior
+    return ddiff.ObjectiveTerms(
+        loss=nelbo,
+        nelbo=nelbo,
+        metrics={"diffusion": diffusion, "reconstruction": reconstruction, "prior": prior},
+    )
+
+
+_MD4_REQUIRES = {
+    "parameterization": frozenset({caps.MEAN}),
+    "process": frozenset({caps.MASKED, caps.SCALAR_SCHEDULE}),
+}
+
+
 class MD4ContinuousELBO(ddiff.AbstractObjective):
     """The continuous-time negative ELBO (MD4 eq. 5):
 
         L = int_0^1 alpha'_t / (1 - alpha_t) E_q[ sum_{n: x_t^n = m} log mu_theta(x_t, t)[n, x_0^n] ] dt
             + reconstruction + prior,
 
-    estimated with one antithetic time per example. Reported in nats per sequence.
+    estimated with one antithetic time per example. Reported in nats per sequence (the
+    trainer divides by D log 2 for bits per token, which is bits per dimension for
+    images). The reconstruction term is D (1 - alpha_0) log V; the prior term is the
+    exact KL(q(x_1 | x_0) || p(x_1)).
     """
 
-    requires = {
-        "parameterization": frozenset({caps.MEAN}),
-        "process": frozenset({caps.MASKED, caps.SCALAR_SCHEDULE}),
-    }
+    provides = frozenset({caps.CONTINUOUS_TIME})
+    requires = _MD4_REQUIRES
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
+        log_likelihood = _masked_terms(model, x0, t, key, label, train)
+        return _elbo_terms(model, x0, model.process.schedule.elbo_weight(t) * log_likelihood)
+
+
+class MD4DiscreteELBO(ddiff.AbstractObjective):
+    """The negative ELBO of the T-step discrete-time model (MD4 sec. 4, eq. 4): with
+    s(i) = (i-1)/T and t(i) = i/T,
+
+        L_T = T E_{i ~ U{1..T}} E_q[ (alpha_s - alpha_t)/(1 - alpha_t)
+                                    * sum_{n: x_t^n = m} -log mu_theta(x_t, t)[n, x_0^n] ]
+              + reconstruction + prior.
+
+    Each step's term is KL(q(x_s | x_t, x_0) || p_theta(x_s | x_t)) for the masked process.
+    The step index is drawn antithetically across the batch: i = floor(T u_b) + 1 with
+    u_b = (u + b/B) mod 1. L_T decreases towards the continuous-time bound as T grows.
+
+    Attributes:
+        steps: the number of steps T.
+    """
+
+    provides = frozenset({caps.DISCRETE_TIME})
+    requires = _MD4_REQUIRES
+    steps: int = eqx.field(static=True, default=1000)
+
+    def __check_init__(self):
+        if self.steps < 1:
+            raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="objective.steps")
+
+    def sample_times(self, key, batch_size):
+        u = jax.random.uniform(key, ())
+        fraction = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+        index = jnp.minimum(jnp.floor(fraction * self.steps), self.steps - 1) + 1.0
+        return index / self.steps
+
+    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+        schedule = model.process.schedule
+        s = jnp.maximum(t - 1.0 / self.steps, 0.0)
+        alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
+        weight = self.steps * (alpha_s - alpha_t) / (1.0 - alpha_t)
+        log_likelihood = _masked_terms(model, x0, t, key, label, train)
+        return _elbo_terms(model, x0, -weight * log_likelihood)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def _require_steps(steps: int) -> None:
+    if steps < 1:
+        raise ddiff.RecipeError(f"steps must be >= 1, got {steps}", path="sampler.steps")
+
+
+def _ancestral_logits(log_mean, alpha_s, alpha_t):
+    """Log-probabilities over V+1 outcomes of a masked position from t to s (MD4 Alg. 2):
+    value v with (alpha_s - alpha_t)/(1 - alpha_t) mu[v], the mask (index V) with
+    (1 - alpha_s)/(1 - alpha_t)."""
+    log_unmask = jnp.log(jnp.maximum(alpha_s - alpha_t, 0.0)) - jnp.log1p(-alpha_t)
+    log_stay = jnp.log1p(-alpha_s) - jnp.log1p(-alpha_t)
+    stay = jnp.broadcast_to(log_stay, (*log_mean.shape[:-1], 1))
+    return jnp.concatenate([log_unmask + log_mean, stay], axis=-1)
+
+
+def nucleus(log_mean: jax.Array, top_p: float) -> jax.Array:
+    """Restrict each row of log-probabilities to its nucleus (Holtzman et al. 2020): the
+    most probable values whose mass reaches ``top_p`` (a value is kept when the mass of the
+    values more probable than it is below ``top_p``), renormalised; the rest get -inf."""
+    order = jnp.argsort(-log_mean, axis=-1)
+    sorted_probs = jnp.take_along_axis(jnp.exp(log_mean), order, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        (*jnp.indices(order.shape)[:-1], order)
+    ].set(keep_sorted)
+    return jax.nn.log_softmax(jnp.where(keep, log_mean, -jnp.inf), axis=-1)
+
+
+class AbstractGridSampler(ddiff.AbstractSampler):
+    """Reverse sampling of the masked process on a time grid 1 = t_0 > ... > t_T = 0
+    (``uniform`` or ``cosine``, :func:`ddiff.time_grid`), one batched prediction
+    mu_theta(x_t, t) per step, jitted as one ``lax.scan``. The reverse process starts from
+    the process prior; positions still masked after the last step are drawn from
+    mu_theta(x_0, 0). Given positions (infilling) are set at the start and after every
+    step; labels and classifier-free guidance go through :func:`ddiff.batched_log_mean`.
+
+    Concrete samplers choose the draw (``draw``), a filter of mu (``filter_mean``) and
+    whether a prediction is reused while no position changes (``caches``).
+    """
+
+    requires = _MD4_REQUIRES
+    steps: eqx.AbstractVar[int]
+    grid: eqx.AbstractVar[ddiff.TimeGrid]
+
+    @property
+    def caches(self) -> bool:
+        """Whether a prediction is reused while the batch is unchanged."""
+        return False
+
+    def filter_mean(self, log_mean: ddiff.LogProbs) -> ddiff.LogProbs:
+        """The distribution over clean values actually drawn from (default: mu itself)."""
+        return log_mean
+
+    def draw(
+        self,
+        key: ddiff.Key,
+        log_mean: ddiff.LogProbs,
+        alpha_s: ddiff.Scalar,
+        alpha_t: ddiff.Scalar,
+    ) -> ddiff.Tokens:
+        """New value (V = stays masked) of each position, were it masked at t (MD4 Alg. 2:
+        one categorical over V+1 outcomes, drawn exactly)."""
+        return ddiff.categorical(key, _ancestral_logits(log_mean, alpha_s, alpha_t))
+
+    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+        if self.caches and caps.TIME_INDEPENDENT not in model.network.capabilities():
+            raise ddiff.IncompatibleComponentsError(
+                f"sampler {type(self).__name__} reuses network outputs across times, which "
+                f"is exact only for a network that ignores t, but {type(model.network).__name__} "
+                f"is time conditioned; set network.time_conditioned: false or use sampler "
+                f"'ancestral'",
+                path="sampler",
+            )
         process = model.process
-        noise_key, network_key = jax.random.split(key)
-        x_t = process.sample_marginal(x0, t, key=noise_key)
-        log_mean = model.log_mean(x_t, t, label=label, key=network_key if train else None)
-        masked = x_t == process.mask_id
-        diffusion = process.schedule.elbo_weight(t) * _masked_log_likelihood(log_mean, x0, masked)
-        reconstruction = reconstruction_bound(process, x0.shape[0])
-        prior = process.prior_kl(x0)
-        nelbo = diffusion + reconstruction + prior
-        return ddiff.ObjectiveTerms(
-            loss=nelbo,
-            nelbo=nelbo,
-            metrics={"diffusion": diffusion, "reconstruction": reconstruction, "prior": prior},
+        schedule = process.schedule
+        mask_id = process.mask_id
+        prior_key, loop_key, final_key = jax.random.split(key, 3)
+        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(
+            jax.random.split(prior_key, num_samples)
+        )
+        x = ddiff.apply_fixed(conditioning, x)
+        calls = ddiff.calls_per_prediction(conditioning)
+
+        def fresh(x, t):
+            log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
+            return jax.vmap(self.filter_mean)(log_mean)
+
+        def predict(x, t, cache):
+            if not self.caches:
+                return fresh(x, t), cache, jnp.int32(calls)
+            last_x, last = cache
+            changed = jnp.any(x != last_x)
+            log_mean = jax.lax.cond(changed, fresh, lambda x, t: last, x, t)
+            return log_mean, (x, log_mean), changed.astype(jnp.int32) * calls
+
+        def step(carry, inputs):
+            x, cache, evals = carry
+            t, s, step_key = inputs
+            log_mean, cache, used = predict(x, t, cache)
+            alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
+            draws = jax.vmap(lambda k, lm: self.draw(k, lm, alpha_s, alpha_t))(
+                jax.random.split(step_key, num_samples), log_mean
+            )
+            x = ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, draws, x))
+            return (x, cache, evals + used), None
+
+        times = ddiff.time_grid(self.grid, self.steps)
+        cache = (jnp.full_like(x, -1), jnp.zeros((*x.shape, process.vocab_size))) if self.caches else None
+        (x, cache, evals), _ = jax.lax.scan(
+            step,
+            (x, cache, jnp.int32(0)),
+            (times[:-1], times[1:], jax.random.split(loop_key, self.steps)),
         )
 
+        def decode(x, cache):
+            log_mean, _, used = predict(x, jnp.zeros(()), cache)
+            drawn = ddiff.categorical(final_key, log_mean)
+            return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), used
 
-class AncestralSampler(ddiff.AbstractSampler):
+        x, used = jax.lax.cond(
+            jnp.any(x == mask_id), decode, lambda x, cache: (x, jnp.int32(0)), x, cache
+        )
+        return ddiff.SampleOutput(tokens=x, num_function_evals=evals + used)
+
+
+class AncestralSampler(AbstractGridSampler):
     """Ancestral sampling (MD4 Alg. 2): from t to s a masked position becomes a draw from
-    Cat((alpha_s - alpha_t)/(1 - alpha_t) mu + (1 - alpha_s)/(1 - alpha_t) onehot(m)).
-    Starts from the process prior; positions still masked at t = 0 are drawn from mu.
-    Given positions (infilling) are fixed throughout.
+    Cat((alpha_s - alpha_t)/(1 - alpha_t) mu + (1 - alpha_s)/(1 - alpha_t) onehot(m)),
+    drawn exactly (:func:`ddiff.categorical`).
+
+    Attributes:
+        steps: number of reverse steps T (network evaluations: T, or T+1 when a
+            position is still masked at t = 0; doubled under guidance).
+        grid: ``uniform`` or ``cosine`` time grid.
+    """
+
+    steps: int = eqx.field(static=True, default=128)
+    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
+
+    def __check_init__(self):
+        _require_steps(self.steps)
+
+
+class TopPSampler(AbstractGridSampler):
+    """Ancestral sampling from the nucleus of mu (MD4's ``topp`` sampler): at each step mu is
+    restricted to its most probable values with mass ``top_p`` and renormalised, then
+    Alg. 2 is applied. ``top_p = 1`` is ancestral sampling.
+
+    Attributes:
+        steps: number of reverse steps T.
+        grid: ``uniform`` or ``cosine`` time grid.
+        top_p: nucleus mass in (0, 1].
+    """
+
+    steps: int = eqx.field(static=True, default=128)
+    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
+    top_p: float = eqx.field(static=True, default=0.98)
+
+    def __check_init__(self):
+        _require_steps(self.steps)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ddiff.RecipeError(
+                f"top_p must be in (0, 1], got {self.top_p}", path="sampler.top_p"
+            )
+
+    def filter_mean(self, log_mean):
+        return nucleus(log_mean, self.top_p)
+
+
+class MeanSampler(AbstractGridSampler):
+    """Ancestral sampling in two draws (MD4's ``mean`` sampler, App. G): draw a clean
+    value x_0^n ~ mu for every position, then reveal it with probability
+    (alpha_s - alpha_t)/(1 - alpha_t). Equal in law to Alg. 2; both draws are exact.
 
     Attributes:
         steps: number of reverse steps T.
         grid: ``uniform`` or ``cosine`` time grid.
     """
 
-    requires = {
-        "parameterization": frozenset({caps.MEAN}),
-        "process": frozenset({caps.MASKED, caps.SCALAR_SCHEDULE}),
-    }
-    steps: int = 128
-    grid: Literal["uniform", "cosine"] = "uniform"
+    steps: int = eqx.field(static=True, default=128)
+    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        if self.steps < 1:
-            raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="sampler.steps")
+        _require_steps(self.steps)
+
+    def draw(self, key, log_mean, alpha_s, alpha_t):
+        value_key, reveal_key = jax.random.split(key)
+        values = ddiff.categorical(value_key, log_mean)
+        unmask = jnp.maximum(alpha_s - alpha_t, 0.0) / (1.0 - alpha_t)
+        reveal_logits = jnp.stack([jnp.log(unmask), jnp.log1p(-unmask)])
+        reveal = ddiff.categorical(reveal_key, jnp.broadcast_to(reveal_logits, (*values.shape, 2)))
+        return jnp.where(reveal == 0, values, log_mean.shape[-1])
+
+
+class CachedSampler(AbstractGridSampler):
+    """Ancestral sampling that calls the network only when some position of the batch
+    changed since its last call, reusing the previous prediction otherwise (Zheng et al.
+    2024; MD4 sec. 4). Exact for a network that ignores t, where an unchanged input means
+    an unchanged output; refused for a time-conditioned network. With many steps the
+    number of network evaluations is bounded by the number of distinct states visited
+    (at most D + 1 for one sequence), not by ``steps``.
+
+    Attributes:
+        steps: number of reverse steps T.
+        grid: ``uniform`` or ``cosine`` time grid.
+    """
+
+    requires = {**_MD4_REQUIRES, "network": frozenset({caps.TIME_INDEPENDENT})}
+    steps: int = eqx.field(static=True, default=128)
+    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
+
+    def __check_init__(self):
+        _require_steps(self.steps)
+
+    @property
+    def caches(self):
+        return True
+
+
+
+def time_of_alpha(schedule: ddiff.AbstractSchedule, alpha: jax.Array) -> jax.Array:
+    """The time t in [0, 1] with schedule.alpha(t) = alpha, elementwise, by bisection
+    (alpha is decreasing); values outside [alpha(1), alpha(0)] map to the end points."""
+
+    def bisect(target):
+        def body(_, bounds):
+            low, high = bounds
+            middle = 0.5 * (low + high)
+            right = schedule.alpha(middle) > target
+            return jnp.where(right, middle, low), jnp.where(right, high, middle)
+
+        low, high = jax.lax.fori_loop(0, 40, body, (jnp.zeros(()), jnp.ones(())))
+        return 0.5 * (low + high)
+
+    flat = jnp.ravel(alpha)
+    return jax.vmap(bisect)(flat).reshape(jnp.shape(alpha))
+
+
+class FirstHittingSampler(ddiff.AbstractSampler):
+    """First-hitting sampling (Zheng et al. 2024): instead of stepping on a grid, draw the
+    time of the next unmasking directly. With m masked positions at time t, the next one
+    unmasks at tau with 1 - alpha_tau = (1 - alpha_t) U^(1/m), U ~ U(0, 1) (each masked
+    position unmasks independently with P(still masked at s | masked at t) =
+    (1 - alpha_s)/(1 - alpha_t)); a uniformly chosen masked position then takes a value
+    drawn from mu_theta(x, tau). Each network call unmasks one token, so the sampler is
+    exact for the continuous-time reverse process and makes one call per token.
+
+    The variant ``tokens_per_call = k > 1`` unmasks the next k positions to hit with one
+    call at the first hitting time (their values drawn independently from the same mu),
+    then moves to the k-th hitting time: ceil(m / k) calls, exact only when the k tokens
+    are conditionally independent. Times are drawn, not taken from a grid.
+
+    Attributes:
+        tokens_per_call: positions unmasked per network call.
+    """
+
+    requires = _MD4_REQUIRES
+    tokens_per_call: int = eqx.field(static=True, default=1)
+
+    def __check_init__(self):
+        if self.tokens_per_call < 1:
+            raise ddiff.RecipeError(
+                f"tokens_per_call must be >= 1, got {self.tokens_per_call}",
+                path="sampler.tokens_per_call",
+            )
 
     def sample(self, model, *, key, num_samples, seq_len, conditioning):
         process = model.process
+        schedule = process.schedule
         mask_id = process.mask_id
-        prior_key, loop_key, final_key = jax.random.split(key, 3)
-        prior_keys = jax.random.split(prior_key, num_samples)
-        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(prior_keys)
+        k = min(self.tokens_per_call, seq_len)
+        calls = ddiff.calls_per_prediction(conditioning)
+        prior_key, loop_key = jax.random.split(key)
+        x = jax.vmap(lambda key: process.sample_prior(seq_len, key=key))(
+            jax.random.split(prior_key, num_samples)
+        )
         x = ddiff.apply_fixed(conditioning, x)
-        times = ddiff.time_grid(self.grid, self.steps)
+        alpha_0, alpha_1 = schedule.alpha(jnp.zeros(())), schedule.alpha(jnp.ones(()))
 
-        def step(x, inputs):
-            t, s, step_key = inputs
-            log_mean, calls = ddiff.batched_log_mean(model, x, t, conditioning)
-            alpha_t = process.schedule.alpha(t)
-            alpha_s = process.schedule.alpha(s)
-            log_unmask = jnp.log(alpha_s - alpha_t) - jnp.log1p(-alpha_t)
-            log_stay = jnp.log1p(-alpha_s) - jnp.log1p(-alpha_t)
-            logits = jnp.concatenate(
-                [log_unmask + log_mean, jnp.broadcast_to(log_stay, (*x.shape, 1))], axis=-1
+        def body(state):
+            x, t, evals, index = state
+            time_key, position_key, value_key = jax.random.split(
+                jax.random.fold_in(loop_key, index), 3
             )
-            drawn = ddiff.categorical(step_key, logits)
-            x = ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x))
-            return x, jnp.int32(calls)
+            masked = x == mask_id
+            count = jnp.sum(masked, axis=-1)
+            # log (1 - alpha) drops by E_j / (m - j) at the j-th next hitting time.
+            remaining = count[:, None] - jnp.arange(k)[None, :]
+            decrements = jnp.where(
+                remaining > 0,
+                ddiff.standard_exponential(time_key, (num_samples, k)) / jnp.maximum(remaining, 1),
+                0.0,
+            )
+            log_survivors = jnp.log1p(-jax.vmap(schedule.alpha)(t))[:, None] - jnp.cumsum(
+                decrements, axis=-1
+            )
+            hit_alpha = jnp.clip(-jnp.expm1(log_survivors), alpha_1, alpha_0)
+            hit_times = time_of_alpha(schedule, hit_alpha)
+            log_mean, _ = ddiff.batched_log_mean(model, x, hit_times[:, 0], conditioning)
+            priorities = jnp.where(masked, ddiff.gumbel(position_key, x.shape), -jnp.inf)
+            _, chosen_positions = jax.lax.top_k(priorities, k)
+            chosen = jnp.zeros_like(masked).at[
+                jnp.arange(num_samples)[:, None], chosen_positions
+            ].set(True) & masked
+            drawn = ddiff.categorical(value_key, log_mean)
+            x = ddiff.apply_fixed(conditioning, jnp.where(chosen, drawn, x))
+            t = jnp.where(count > 0, hit_times[:, -1], t)
+            return x, t, evals + calls, index + 1
 
-        step_keys = jax.random.split(loop_key, self.steps)
-        x, calls = jax.lax.scan(step, x, (times[:-1], times[1:], step_keys))
-
-        def decode(x):
-            log_mean, _ = ddiff.batched_log_mean(model, x, jnp.zeros(()), conditioning)
-            drawn = ddiff.categorical(final_key, log_mean)
-            return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x))
-
-        remaining = jnp.any(x == mask_id)
-        x = jax.lax.cond(remaining, decode, lambda x: x, x)
-        evals = jnp.sum(calls) + remaining.astype(jnp.int32) * calls[0]
+        x, _, evals, _ = jax.lax.while_loop(
+            lambda state: jnp.any(state[0] == mask_id),
+            body,
+            (x, jnp.ones((num_samples,)), jnp.int32(0), jnp.int32(0)),
+        )
         return ddiff.SampleOutput(tokens=x, num_function_evals=evals)
 
 
@@ -245,7 +675,15 @@ class AncestralSampler(ddiff.AbstractSampler):
 def ddiff_register_components(registry: ddiff.Registry) -> None:
     registry.register("schedule", "linear", LinearSchedule)
     registry.register("schedule", "cosine", CosineSchedule)
+    registry.register("schedule", "poly", PolySchedule)
+    registry.register("schedule", "geometric", GeometricSchedule)
+    registry.register("schedule", "loglinear", LogLinearSchedule)
     registry.register("process", "masked", MaskedProcess)
     registry.register("parameterization", "mean", MeanParameterization)
     registry.register("objective", "md4_elbo", MD4ContinuousELBO)
+    registry.register("objective", "md4_discrete_elbo", MD4DiscreteELBO)
     registry.register("sampler", "ancestral", AncestralSampler)
+    registry.register("sampler", "top_p", TopPSampler)
+    registry.register("sampler", "mean", MeanSampler)
+    registry.register("sampler", "cached", CachedSampler)
+    registry.register("sampler", "first_hitting", FirstHittingSampler)

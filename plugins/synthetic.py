@@ -1,11 +1,16 @@
-"""Built-in synthetic data: a random Markov chain whose exact entropy is known."""
+"""Built-in synthetic data whose exact entropy is known: a random Markov chain, and the
+enumerable toy distributions of :mod:`ddiff.testing` (optionally class-conditional)."""
 
 import dataclasses
 import functools
+import math
+from typing import Literal
 
+import jax
 import numpy as np
 
 import ddiff
+import ddiff.testing
 
 
 def _entropy_bits(probs: np.ndarray) -> np.ndarray:
@@ -110,6 +115,88 @@ class MarkovChainSource(ddiff.AbstractDataSource):
         return self._splits[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class ToySource(ddiff.AbstractDataSource):
+    """Sequences drawn from one of the enumerable toy distributions of
+    :mod:`ddiff.testing` (V^D sequences with exact probabilities); ``classes`` is
+    class-conditional, with labels. ``reference_stats`` gives the exact entropy
+    (H(X | C) for labelled data) per token, which a perfect model's bits per token reach.
+
+    Attributes:
+        toy: ``independent``, ``markov``, ``parity``, ``dense`` or ``classes``.
+        num_symbols: vocabulary size V.
+        length: positions per sequence D (V^D at most 4096).
+        classes: number of classes of the ``classes`` toy (ignored by the others).
+        num_train: number of training sequences.
+        num_eval: number of held-out sequences.
+        seed: seed of the distribution and of the sequences.
+    """
+
+    toy: Literal["independent", "markov", "parity", "dense", "classes"] = "markov"
+    num_symbols: int = 3
+    length: int = 4
+    classes: int = 2
+    num_train: int = 4096
+    num_eval: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_symbols < 2 or self.length < 1:
+            raise ddiff.DataError("toy: num_symbols must be >= 2 and length >= 1")
+        if self.num_symbols**self.length > ddiff.testing.MAX_SEQUENCES:
+            raise ddiff.DataError(
+                f"toy: V^D = {self.num_symbols**self.length} sequences is more than "
+                f"{ddiff.testing.MAX_SEQUENCES}; lower num_symbols or length"
+            )
+        if self.num_train < 1 or self.num_eval < 1:
+            raise ddiff.DataError("toy: num_train and num_eval must be >= 1")
+        if self.toy == "classes" and self.classes < 1:
+            raise ddiff.DataError("toy: classes must be >= 1")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_symbols
+
+    @property
+    def seq_len(self) -> int:
+        return self.length
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes if self.toy == "classes" else 0
+
+    @functools.cached_property
+    def distribution(self) -> ddiff.testing.ToyDistribution:
+        """The exact distribution the sequences are drawn from."""
+        if self.toy == "classes":
+            return ddiff.testing.class_conditional_toy(
+                self.num_symbols, self.length, self.classes, seed=self.seed
+            )
+        return ddiff.testing.toy_distributions(self.num_symbols, self.length, seed=self.seed)[
+            self.toy
+        ]
+
+    def reference_stats(self) -> dict[str, float]:
+        bits = self.distribution.conditional_entropy() / (self.length * math.log(2.0))
+        return {"entropy_bits_per_token": bits}
+
+    @functools.cached_property
+    def _splits(self) -> dict[str, ddiff.ArraySplit]:
+        splits = {}
+        for stream, name in enumerate(("train", "eval"), start=1):
+            count = self.num_train if name == "train" else self.num_eval
+            key = jax.random.fold_in(jax.random.PRNGKey(self.seed), stream)
+            tokens, labels = self.distribution.sample(key, count)
+            splits[name] = ddiff.ArraySplit(
+                np.asarray(tokens), None if labels is None else np.asarray(labels)
+            )
+        return splits
+
+    def split(self, name: str) -> ddiff.ArraySplit:
+        return self._splits[name]
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
     registry.register("data", "markov", MarkovChainSource)
+    registry.register("data", "toy", ToySource)

@@ -4,10 +4,11 @@ import os
 import tempfile
 
 # Eight simulated CPU devices for the mesh tests (single-device tests use mesh.data=1).
-# The tests compile many small programs and run each a few times, so XLA's backend
-# optimisation (LLVM) costs far more than it saves.
+# The tests compile many small programs and run each a few times: LLVM optimisation
+# level 1 compiles about three times faster than the default with the same results and,
+# for the tiny shapes here, the same run time (level 0 makes sampling 3x slower).
 os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1"
 )
 # XLA:CPU compiles the partitionable threefry PRNG 10-20x more slowly (seconds per random
 # call site); the suite never shards random generation, so it uses the classic lowering.

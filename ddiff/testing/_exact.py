@@ -1,0 +1,254 @@
+"""Exact denoiser, score and reverse rates of a factorized forward process, by enumeration.
+
+For a forward process whose marginals factorize over positions,
+q(x_t | x_0) = prod_n q(x_t^n | x_0^n), and a toy data distribution p(x_0) over V^D
+sequences:
+
+    p(x_0 | x_t) proportional to p(x_0) prod_n q(x_t^n | x_0^n)        (the denoiser)
+    p_t(x_t) = sum_{x_0} p(x_0) prod_n q(x_t^n | x_0^n)                 (the marginal)
+    s(x_t)[n, y] = p_t(x_t with x_t^n = y) / p_t(x_t)                   (the score, SEDD)
+    R_hat(x -> x with x^n = y) = R_t(y -> x^n) s(x)[n, y], y != x^n     (reverse rates)
+
+The reverse rates are those of the time reversal of the forward CTMC (Campbell et al.
+2022, Prop. 1; Lou et al. 2024, eq. 3).
+"""
+
+import itertools
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ddiff._capabilities import MASKED, MEAN, SCORE
+from ddiff._errors import DdiffError
+from ddiff._model import DiffusionModel
+from ddiff._network import AbstractNetwork
+from ddiff._parameterization import AbstractParameterization
+from ddiff._process import AbstractForwardProcess, AbstractRateProcess
+from ddiff._typing import Key, Label, LogProbs, NetworkOutput, Scalar, StateLogProbs, Time, Tokens
+from ddiff.testing._toy import ToyDistribution
+
+MAX_STATES = 65536
+"""The largest S^D that :func:`prior_gap` enumerates."""
+
+
+_IMPOSSIBLE = -1e30
+"""Stands for log 0 inside matrix products (where 0 * -inf would be NaN)."""
+
+
+def _safe_log(probs: jax.Array) -> jax.Array:
+    return jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), _IMPOSSIBLE)
+
+
+def _sequence_features(distribution: ToyDistribution) -> Float[Array, "sequences seq_vocab"]:
+    """One-hot encodings of every sequence, flattened over (position, value)."""
+    sequences = distribution.sequences()
+    return jax.nn.one_hot(sequences, distribution.vocab_size).reshape(sequences.shape[0], -1)
+
+
+def _log_joint(distribution, process, x_t, t, label):
+    """log p(x_0) + log q(x_t | x_0) for every clean sequence x_0, with log 0 written as a
+    large negative number so that both products are matrix products."""
+    seq_len = distribution.seq_len
+    values = jnp.arange(process.vocab_size)
+    rows = jax.vmap(lambda v: process.marginal_probs(jnp.full((seq_len,), v), t))(values)
+    likelihood = jnp.einsum("vns,ns->nv", rows, jax.nn.one_hot(x_t, process.num_states))
+    log_likelihood = _sequence_features(distribution) @ _safe_log(likelihood).reshape(-1)
+    log_prior = distribution.sequence_log_probs(label)
+    return jnp.where(jnp.isfinite(log_prior), log_prior, _IMPOSSIBLE) + log_likelihood, log_prior
+
+
+def exact_log_posterior(
+    distribution: ToyDistribution,
+    process: AbstractForwardProcess,
+    x_t: Tokens,
+    t: Time,
+    label: Label | None = None,
+) -> Float[Array, " sequences"]:
+    """log p(x_0 | x_t) for every clean sequence (enumeration order of the toy). A state
+    that no clean sequence can produce gets the prior p(x_0) instead (it never occurs
+    under the process; the fallback only keeps the oracle finite)."""
+    joint, log_prior = _log_joint(distribution, process, x_t, t, label)
+    possible = jnp.max(joint) > 0.5 * _IMPOSSIBLE
+    posterior = jax.nn.log_softmax(joint)
+    return jnp.where(possible & (joint > 0.5 * _IMPOSSIBLE), posterior, jnp.where(possible, -jnp.inf, log_prior))
+
+
+def exact_log_denoiser(
+    distribution: ToyDistribution,
+    process: AbstractForwardProcess,
+    x_t: Tokens,
+    t: Time,
+    label: Label | None = None,
+) -> LogProbs:
+    """log p(x_0^n = v | x_t) for every position n and clean value v: the exact mean mu."""
+    posterior = jnp.exp(exact_log_posterior(distribution, process, x_t, t, label))
+    probs = (posterior @ _sequence_features(distribution)).reshape(distribution.seq_len, -1)
+    return jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+
+
+def exact_log_marginal(
+    distribution: ToyDistribution,
+    process: AbstractForwardProcess,
+    x_t: Tokens,
+    t: Time,
+    label: Label | None = None,
+) -> Scalar:
+    """log p_t(x_t) = log sum_{x_0} p(x_0) q(x_t | x_0) (-inf for an impossible state)."""
+    joint, _ = _log_joint(distribution, process, x_t, t, label)
+    total = jax.nn.logsumexp(joint)
+    return jnp.where(total > 0.5 * _IMPOSSIBLE, total, -jnp.inf)
+
+
+def exact_log_score(
+    distribution: ToyDistribution,
+    process: AbstractForwardProcess,
+    x_t: Tokens,
+    t: Time,
+    label: Label | None = None,
+) -> StateLogProbs:
+    """log s[n, y] = log p_t(x_t with x_t^n = y) - log p_t(x_t), for every position n and
+    state y (0 at y = x_t^n; -inf where the changed state is impossible)."""
+
+    def changed(position, state):
+        return exact_log_marginal(distribution, process, x_t.at[position].set(state), t, label)
+
+    positions, states = jnp.arange(x_t.shape[0]), jnp.arange(process.num_states)
+    grid = jax.vmap(lambda n: jax.vmap(lambda y: changed(n, y))(states))(positions)
+    return grid - exact_log_marginal(distribution, process, x_t, t, label)
+
+
+def exact_reverse_rates(
+    distribution: ToyDistribution,
+    process: AbstractRateProcess,
+    x_t: Tokens,
+    t: Time,
+    label: Label | None = None,
+) -> Float[Array, "seq states"]:
+    """Rates of the time-reversed chain: entry [n, y] (y != x_t^n) is the rate of moving
+    position n to y, R_t(y -> x_t^n) s[n, y]; entry [n, x_t^n] is minus their sum."""
+    if not isinstance(process, AbstractRateProcess):
+        raise DdiffError(
+            f"exact_reverse_rates needs a process with forward rates (AbstractRateProcess), "
+            f"got {type(process).__name__}"
+        )
+    seq_len = x_t.shape[0]
+    states = jnp.arange(process.num_states)
+    # from_state[y, n, j] = R_t(y -> j) at position n.
+    from_state = jax.vmap(lambda y: process.forward_rates(jnp.full((seq_len,), y), t))(states)
+    into_current = jnp.transpose(from_state[:, jnp.arange(seq_len), x_t])  # (seq, states)
+    score = jnp.exp(exact_log_score(distribution, process, x_t, t, label))
+    current = jax.nn.one_hot(x_t, process.num_states, dtype=bool)
+    rates = jnp.where(current, 0.0, into_current * score)
+    return rates - current * jnp.sum(rates, axis=-1, keepdims=True)
+
+
+def prior_gap(distribution: ToyDistribution, process: AbstractForwardProcess) -> float:
+    """KL(q_1 || p_1) in nats: how far the aggregate marginal at t = 1,
+    q_1(z) = sum_x p(x) q(z | x), is from the process prior p_1(z) = prod_n p(z^n). A
+    continuous-time bound evaluated with the exact denoiser exceeds H(p) by this much
+    (plus a reconstruction slack at t = 0)."""
+    seq_len = distribution.seq_len
+    count = process.num_states**seq_len
+    if count > MAX_STATES:
+        raise DdiffError(
+            f"prior_gap enumerates S^D = {count} noisy states, more than {MAX_STATES}; "
+            f"use a smaller toy"
+        )
+    states = jnp.asarray(list(itertools.product(range(process.num_states), repeat=seq_len)))
+    return float(_prior_gap(distribution, process, states))
+
+
+@eqx.filter_jit
+def _prior_gap(distribution, process, states):
+    log_q1 = jax.vmap(lambda z: exact_log_marginal(distribution, process, z, jnp.ones(())))(states)
+    log_p1 = jnp.sum(jnp.log(process.prior_probs())[states], axis=-1)
+    q1 = jnp.exp(log_q1)
+    return jnp.sum(jnp.where(q1 > 0, q1 * (log_q1 - log_p1), 0.0))
+
+
+class OracleNetwork(AbstractNetwork):
+    """A "network" whose output is exact: log p(x_0^n = v | x_t) (``output="log_mean"``,
+    shape (seq, V)) or the exact log score (``output="log_score"``, shape (seq, S)),
+    computed by enumerating a toy distribution. Paired with a parameterization that reads
+    its input as log-probabilities (the mean parameterization) or log scores, it drives
+    any objective or sampler with the true reverse process.
+
+    Build it with :func:`oracle_network`, which fills in the defaults.
+
+    Attributes:
+        distribution: the data distribution p(x_0) (per class when class-conditional).
+        process: the forward process whose posterior is computed.
+        output: ``log_mean`` or ``log_score``.
+        time_conditioned: False only when the exact output does not depend on t (true of
+            the masked process: p(x_0 | x_t) depends on which positions are masked, not on
+            alpha_t), which admits caching samplers.
+        num_classes: the distribution's classes (label ``num_classes`` is the marginal).
+    """
+
+    distribution: ToyDistribution
+    process: AbstractForwardProcess
+    output: Literal["log_mean", "log_score"] = eqx.field(static=True)
+    time_conditioned: bool = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.distribution.vocab_size != self.process.vocab_size:
+            raise DdiffError(
+                f"oracle: the toy has V={self.distribution.vocab_size} but the process "
+                f"V={self.process.vocab_size}"
+            )
+
+    def __call__(
+        self, x_t: Tokens, t: Time, *, label: Label | None = None, key: Key | None = None
+    ) -> NetworkOutput:
+        del key
+        exact = exact_log_denoiser if self.output == "log_mean" else exact_log_score
+        return exact(self.distribution, self.process, x_t, t, label)
+
+
+def oracle_network(
+    distribution: ToyDistribution,
+    process: AbstractForwardProcess,
+    *,
+    output: Literal["log_mean", "log_score"] = "log_mean",
+    time_conditioned: bool | None = None,
+) -> OracleNetwork:
+    """An :class:`OracleNetwork`; by default time conditioned unless the process is masked."""
+    if time_conditioned is None:
+        time_conditioned = MASKED not in process.capabilities()
+    return OracleNetwork(
+        distribution=distribution,
+        process=process,
+        output=output,
+        time_conditioned=time_conditioned,
+        num_classes=distribution.num_classes,
+    )
+
+
+def oracle_model(
+    distribution: ToyDistribution,
+    process: AbstractForwardProcess,
+    parameterization: AbstractParameterization,
+    *,
+    time_conditioned: bool | None = None,
+) -> DiffusionModel:
+    """A :class:`ddiff.DiffusionModel` driven by the exact posterior of ``distribution``:
+    the oracle's output is log p(x_0 | x_t) for a mean parameterization and the exact log
+    score for a score parameterization."""
+    provided = parameterization.capabilities()
+    if MEAN in provided:
+        output = "log_mean"
+    elif SCORE in provided:
+        output = "log_score"
+    else:
+        raise DdiffError(
+            f"oracle: parameterization {type(parameterization).__name__} provides neither "
+            f"'{MEAN}' nor '{SCORE}'; build the oracle network with oracle_network()"
+        )
+    network = oracle_network(
+        distribution, process, output=output, time_conditioned=time_conditioned
+    )
+    return DiffusionModel(network=network, parameterization=parameterization, process=process)

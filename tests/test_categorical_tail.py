@@ -1,0 +1,65 @@
+"""Categorical draws keep their tail mass (Zheng et al. 2024: float32 Gumbel noise truncates).
+
+The largest Gumbel noise jax.random.gumbel can produce in float32 is -log(-log(1 - 2^-23))
+~ 15.94: its uniform draw has 23 random bits. P(G > 16) = 1 - exp(-e^-16) ~ 1.125e-7, so
+among 2^26 exact draws about 7.55 exceed 16 (Poisson); P(none) = e^-7.55 ~ 5.3e-4, the
+false-alarm rate of the test below, while the float32 scheme fails it with certainty.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddiff
+
+NUM_DRAWS = 2**26
+CHUNK = 2**22
+THRESHOLD = 16.0
+
+
+def _count_above(noise_fn, key) -> int:
+    """How many of NUM_DRAWS noise values exceed THRESHOLD (chunked to bound memory)."""
+
+    @jax.jit
+    def count(key):
+        def body(total, chunk_key):
+            return total + jnp.sum(noise_fn(chunk_key, (CHUNK,)) > THRESHOLD), None
+
+        total, _ = jax.lax.scan(body, jnp.int32(0), jax.random.split(key, NUM_DRAWS // CHUNK))
+        return total
+
+    return int(count(key))
+
+
+def test_float32_gumbel_cannot_reach_the_tail():
+    largest_uniform = np.float32(1.0) - np.float32(2.0**-23)
+    ceiling = -math.log(-math.log(float(largest_uniform)))
+    assert ceiling < 15.95 < THRESHOLD
+    assert _count_above(jax.random.gumbel, jax.random.PRNGKey(0)) == 0
+
+
+def test_exact_gumbel_reaches_the_tail():
+    expected = NUM_DRAWS * -math.expm1(-math.exp(-THRESHOLD))
+    assert expected == pytest.approx(7.55, abs=0.01)
+    observed = _count_above(ddiff.gumbel, jax.random.PRNGKey(0))
+    # Poisson(7.55): fail on 0 (probability 5.3e-4) or on more than 25 (probability < 1e-6).
+    assert 1 <= observed <= 25, observed
+
+
+def test_rare_category_frequency():
+    """A category of probability 1e-4 among 2^20 exact draws: 104.9 expected, +-5 sd."""
+    probs = jnp.asarray([1.0 - 1e-4, 1e-4])
+    draws = ddiff.categorical_from_probs(jax.random.PRNGKey(1), jnp.broadcast_to(probs, (2**20, 2)))
+    observed = int(jnp.sum(draws == 1))
+    expected = 2**20 * 1e-4
+    assert abs(observed - expected) <= 5 * math.sqrt(expected), observed
+
+
+def test_exponentials_are_positive_with_mean_one():
+    """E[Exp(1)] = 1: 2^20 draws, tolerance 5 standard errors (5/1024)."""
+    draws = ddiff.standard_exponential(jax.random.PRNGKey(2), (2**20,))
+    assert float(jnp.mean(draws)) == pytest.approx(1.0, abs=5 / 1024)
+    assert bool(jnp.all(draws > 0)) and bool(jnp.all(jnp.isfinite(draws)))
