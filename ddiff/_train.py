@@ -52,8 +52,9 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 SAMPLES_DIR = "samples"
 
-RESUME_MAY_DIFFER = frozenset({"trainer.log_every"})
-"""Resolved-recipe keys that may change between a run and its resumption."""
+RESUME_MAY_DIFFER = frozenset({"trainer.log_every", "data.root", "data.path", "data.download"})
+"""Resolved-recipe keys that may change between a run and its resumption (logging, and
+where the data lie: a run may resume on another machine)."""
 
 
 class TrainState(eqx.Module):

@@ -107,3 +107,13 @@ def test_console_entry_point_exit_status(tmp_path):
     assert result.stderr.startswith(f"ddiff: error: {bad}: invalid YAML at line")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_data_location_may_change_on_resume_but_nothing_else():
+    from ddiff._train import recipe_differences
+
+    saved = {"data": {"kind": "text8", "root": "/a"}, "trainer": {"steps": 5, "log_every": 1}}
+    moved = {"data": {"kind": "text8", "root": "/b"}, "trainer": {"steps": 5, "log_every": 2}}
+    assert recipe_differences(saved, moved) == []
+    other = {"data": {"kind": "text8", "root": "/b"}, "trainer": {"steps": 6, "log_every": 1}}
+    assert recipe_differences(saved, other) == ["trainer.steps"]
