@@ -101,28 +101,36 @@ def parameter_paths(recipe: Recipe) -> list[str]:
     ]
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay (or constant). The trainer clips the
-    gradient to ``grad_clip`` global norm before it (the norm of the whole gradient across
-    the mesh, which an optax transform on one shard could not compute)."""
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate``, then cosine decay to
+    ``final_lr_fraction`` of it at ``total_steps`` (or constant)."""
     if config.decay == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
+        return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=config.learning_rate,
             warmup_steps=config.warmup_steps,
             decay_steps=max(total_steps, config.warmup_steps + 1),
             end_value=config.learning_rate * config.final_lr_fraction,
         )
-    else:
-        schedule = optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
-                optax.constant_schedule(config.learning_rate),
-            ],
-            [config.warmup_steps],
-        )
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
+            optax.constant_schedule(config.learning_rate),
+        ],
+        [config.warmup_steps],
+    )
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on :func:`learning_rate_schedule`. The trainer clips the gradient to
+    ``grad_clip`` global norm before it (the norm of the whole gradient across the mesh,
+    which an optax transform on one shard could not compute)."""
     return optax.adamw(
-        schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+        learning_rate_schedule(config, total_steps),
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
     )
 
 
@@ -231,7 +239,7 @@ class Trainer:
         batch_size = self.recipe.trainer.batch_size
         mesh, count = self.mesh, self.mesh.size
         local_batch = batch_size // count
-        learning_rate = optimizer_learning_rate(config, self.recipe.trainer.steps)
+        learning_rate = learning_rate_schedule(config, self.recipe.trainer.steps)
 
         def local_step(dynamic, static, specs, tokens, labels):
             state = eqx.combine(dynamic, static)
@@ -703,23 +711,6 @@ def _to_host(array: jax.Array) -> np.ndarray:
 
 def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def optimizer_learning_rate(config: OptimizerConfig, total_steps: int) -> Callable:
-    """The learning-rate schedule of :func:`make_optimizer`, for logging."""
-    if config.decay == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0,
-            config.learning_rate,
-            config.warmup_steps,
-            max(total_steps, config.warmup_steps + 1),
-            config.learning_rate * config.final_lr_fraction,
-        )
-    return lambda step: jnp.where(
-        step < config.warmup_steps,
-        config.learning_rate * step / max(config.warmup_steps, 1),
-        config.learning_rate,
-    )
 
 
 def sample_statistics(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
