@@ -5,6 +5,7 @@ The public API. Plugins (built-in or third-party) import from here only.
 
 from ddiff import capabilities
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
+from ddiff._constant import Constant, partition_trainable, trainable
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
 from ddiff._data import (
     METRICS,
@@ -35,7 +36,12 @@ from ddiff._parameterization import (
     AbstractScoreParameterization,
 )
 from ddiff._plot import plot_run
-from ddiff._process import AbstractForwardProcess, AbstractRateProcess, AbstractTransitionProcess
+from ddiff._process import (
+    AbstractForwardProcess,
+    AbstractRateProcess,
+    AbstractTransitionProcess,
+    possible_mean,
+)
 from ddiff._recipe import (
     EvalConfig,
     NetworkSpec,

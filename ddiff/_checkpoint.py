@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from ddiff._constant import is_constant, is_saved
 from ddiff._errors import RunDirectoryError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -40,7 +41,7 @@ def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
 def _leaves(state: Any) -> dict[str, jax.Array]:
     """The state's arrays, copied on device so that the next step may donate the originals
     while the (possibly multi-process, sharded) save completes."""
-    arrays = jax.tree.leaves(eqx.filter(state, eqx.is_array))
+    arrays = jax.tree.leaves(eqx.filter(state, is_saved, is_leaf=is_constant))
     return {f"leaf_{i:05d}": jnp.copy(a) for i, a in enumerate(arrays)}
 
 
@@ -120,7 +121,7 @@ def verify_seal(directory: Path) -> str | None:
 def _restore_step(
     manager: ocp.CheckpointManager, step: int, template: Any
 ) -> tuple[Any, dict]:
-    dynamic, static = eqx.partition(template, eqx.is_array)
+    dynamic, static = eqx.partition(template, is_saved, is_leaf=is_constant)
     leaves, treedef = jax.tree.flatten(dynamic)
     target = {
         f"leaf_{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)

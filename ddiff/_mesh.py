@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddiff._constant import is_constant
 from ddiff._errors import RecipeError
 
 DATA, FSDP = "data", "fsdp"
@@ -80,9 +81,16 @@ def leaf_spec(shape: tuple[int, ...], fsdp: int) -> P:
 
 
 def tree_specs(tree: Any, mesh: Mesh) -> Any:
-    """A PartitionSpec for every array leaf of ``tree`` (None elsewhere)."""
+    """A PartitionSpec for every array leaf of ``tree`` (None elsewhere); the arrays of a
+    :class:`ddiff.Constant` are replicated."""
     fsdp = mesh.shape[FSDP]
-    return jax.tree.map(lambda a: leaf_spec(tuple(a.shape), fsdp), tree)
+
+    def one(node: Any) -> Any:
+        if is_constant(node):
+            return jax.tree.map(lambda _: P(), node)
+        return leaf_spec(tuple(node.shape), fsdp)
+
+    return jax.tree.map(one, tree, is_leaf=is_constant)
 
 
 def sharded_dim(spec: P) -> int | None:

@@ -2,14 +2,35 @@
 
 import abc
 
+import jax
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from ddiff._capabilities import FACTORIZED, RATES, TRANSITIONS, Capable
 from ddiff._categorical import categorical
 from ddiff._schedule import AbstractSchedule
-from ddiff._typing import AbstractCheckedModule, Key, Scalar, StateProbs, Time, Tokens
+from ddiff._typing import (
+    AbstractCheckedModule,
+    Key,
+    LogProbs,
+    Scalar,
+    StateLogProbs,
+    StateProbs,
+    Time,
+    Tokens,
+)
+
+
+def possible_mean(
+    log_mean: Float[Array, "seq vocab"], possible: Bool[Array, "seq vocab"]
+) -> Float[Array, "seq vocab"]:
+    """mu restricted to the clean values that ``possible`` allows, renormalised per
+    position (uniform over them where mu gives them no mass)."""
+    mean = jnp.where(possible, jnp.exp(log_mean), 0.0)
+    total = jnp.sum(mean, axis=-1, keepdims=True)
+    fallback = possible / jnp.maximum(jnp.sum(possible, axis=-1, keepdims=True), 1)
+    return jnp.where(total > 0, mean / jnp.where(total > 0, total, 1.0), fallback)
 
 
 class AbstractForwardProcess(AbstractCheckedModule, Capable):
@@ -55,6 +76,36 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
         log_prior = jnp.broadcast_to(jnp.log(self.prior_probs()), (seq_len, self.num_states))
         return categorical(key, log_prior)
 
+    def log_score_from_mean(self, log_mean: LogProbs, x_t: Tokens, t: Time) -> StateLogProbs:
+        """The concentration ratios of the factorized posterior whose clean-token marginals
+        are mu (Lou et al. 2024, sec. 3; exact when mu is the true denoiser):
+
+            s[n, y] = sum_v mu[n, v] q_t(y | v) / q_t(x_t^n | v).
+
+        The default enumerates q_t over every clean value (O(V S) per position, small
+        vocabularies only); processes override it with a closed form.
+
+        Arguments:
+            log_mean: log mu, shape (seq, vocab).
+            x_t: the noisy tokens.
+            t: the time.
+
+        Only clean values v that can produce x_t^n (q_t(x_t^n | v) > 0) enter the sum, with
+        mu renormalised over them (:func:`possible_mean`), so s[n, x_t^n] = 1. Where every
+        value can produce x_t^n the ratio is exact for the true mu; elsewhere (a clean
+        token of the absorbing process) the values left out are those whose reverse rate
+        R_t(y -> x_t^n) s[n, y] vanishes anyway.
+
+        Returns:
+            log s, shape (seq, states); 0 at y = x_t^n, -inf where the ratio is 0.
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # q_t(y | v), (vocab, states)
+        current = jnp.take(table, x_t, axis=1).T  # q_t(x_t^n | v), (seq, vocab)
+        possible = current > 0
+        mean = possible_mean(log_mean, possible)
+        score = jnp.where(possible, mean / jnp.where(possible, current, 1.0), 0.0) @ table
+        return jnp.where(score > 0, jnp.log(jnp.where(score > 0, score, 1.0)), -jnp.inf)
+
     def prior_kl(self, x0: Tokens) -> Scalar:
         """KL(q(x_1 | x_0) || p(x_1)) summed over positions, in nats (the prior term)."""
         q = self.marginal_probs(x0, jnp.ones(()))
@@ -97,6 +148,15 @@ class AbstractRateProcess(AbstractForwardProcess):
     def forward_rates(self, x: Tokens, t: Time) -> StateProbs:
         """R_t(x^n -> j) for every state j, per position; the entry at j = x^n is minus
         the total rate of leaving x^n, so each row sums to zero."""
+
+    def incoming_rates(self, x: Tokens, t: Time) -> StateProbs:
+        """R_t(y -> x^n) for every state y, per position: the rates into the current state
+        (the entry at y = x^n is R_t(x^n -> x^n), minus the exit rate). The default builds
+        the rates out of every state (O(S^2) per position); processes override it with a
+        closed form."""
+        states = jnp.arange(self.num_states)
+        from_state = jax.vmap(lambda y: self.forward_rates(jnp.full(x.shape, y), t))(states)
+        return jnp.take_along_axis(from_state, x[None, :, None], axis=-1)[..., 0].T
 
     def exit_rates(self, x: Tokens, t: Time) -> Float[Array, " seq"]:
         """Total rate of leaving the current state, per position."""

@@ -29,6 +29,7 @@ from ddiff._checkpoint import (
     restore_latest,
     save_checkpoint,
 )
+from ddiff._constant import partition_trainable, trainable
 from ddiff._data import eval_batches, metric_report, train_batches, validate_batch
 from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
 from ddiff._images import image_grid, png_bytes
@@ -213,7 +214,7 @@ class Trainer:
         key = jax.random.PRNGKey(self.recipe.seed)
         model_key, train_key = jax.random.split(key)
         model = build_model(self.recipe, model_key)
-        params = eqx.filter(model, eqx.is_inexact_array)
+        params = trainable(model)
         state = TrainState(
             step=jnp.zeros((), jnp.int32),
             model=model,
@@ -245,7 +246,7 @@ class Trainer:
             state = eqx.combine(dynamic, static)
             key = jax.random.fold_in(state.key, state.step)
             offset = jax.lax.axis_index(BATCH_AXES) * local_batch
-            params, model_static = eqx.partition(state.model, eqx.is_inexact_array)
+            params, model_static = partition_trainable(state.model)
 
             def loss(params):
                 model = eqx.combine(gather(params, specs), model_static)
@@ -266,7 +267,7 @@ class Trainer:
                 clipped = grads
             updates, opt_state = optimizer.update(clipped, state.opt_state, params)
             new_params = eqx.apply_updates(params, updates)
-            ema_params = eqx.filter(state.ema, eqx.is_inexact_array)
+            ema_params = trainable(state.ema)
             decay = ema_decay_at(state.step, config.ema_decay)
             new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
             finite_grads = _all_finite_per_leaf(grads)
@@ -304,7 +305,7 @@ class Trainer:
         def step(state: TrainState, tokens, labels):
             dynamic, static = eqx.partition(state, eqx.is_array)
             specs = tree_specs(dynamic, mesh)
-            param_specs = tree_specs(eqx.filter(state.model, eqx.is_inexact_array), mesh)
+            param_specs = tree_specs(trainable(state.model), mesh)
             sharded = jax.shard_map(
                 lambda d, x, y: local_step(d, static, param_specs, x, y),
                 mesh=mesh,
@@ -819,7 +820,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def _print_header(recipe: Recipe, state: TrainState, mesh: Mesh, start: int, end: int) -> None:
     if jax.process_index() != 0:
         return
-    params = eqx.filter(state.model, eqx.is_inexact_array)
+    params = trainable(state.model)
     count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     names = recipe.names
     batch = recipe.trainer.batch_size

@@ -226,20 +226,49 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         masked = probs_s[:, self.mask_id] + jnp.sum(probs_s[:, : self.vocab_size] * (1.0 - ratio), -1)
         return jnp.concatenate([real, masked[:, None]], axis=-1)
 
-    def forward_rates(self, x, t):
-        values = jnp.minimum(x, self.vocab_size - 1)
+    def _value_hazards(self, t):
+        """The masking rate -alpha'_t[v] / alpha_t[v] of every clean value v, shape (V,)."""
         alpha = self.schedule.alpha(t)
-        derivative = self.schedule.alpha_derivative(t)
-        hazard = -derivative / alpha if alpha.ndim == 0 else (-derivative / alpha)[values]
+        hazard = -self.schedule.alpha_derivative(t) / alpha
+        return jnp.broadcast_to(hazard, (self.vocab_size,))
+
+    def forward_rates(self, x, t):
+        hazard = self._value_hazards(t)[jnp.minimum(x, self.vocab_size - 1)]
         hazard = jnp.where(x == self.mask_id, 0.0, hazard)
         rates = -hazard[:, None] * jax.nn.one_hot(x, self.num_states)
         return rates.at[:, self.mask_id].add(hazard)
+
+    def incoming_rates(self, x, t):
+        """Into the mask: R_t(v -> m) = -alpha'_t[v]/alpha_t[v] from every clean v (the mask
+        never leaves, R_t(m -> m) = 0). Into a clean v: only its own diagonal, -hazard[v]."""
+        hazard = self._value_hazards(t)
+        masked = (x == self.mask_id)[:, None]
+        into_mask = jnp.concatenate([hazard, jnp.zeros((1,))])[None, :]
+        own = -hazard[jnp.minimum(x, self.vocab_size - 1)][:, None] * jax.nn.one_hot(x, self.num_states)
+        return jnp.where(masked, into_mask, own)
+
+    def log_score_from_mean(self, log_mean, x_t, t):
+        """Closed form of the absorbing process (Lou et al. 2024; DESIGN.md): at a masked
+        position s[y] = alpha_t[y] / (1 - alpha_t[y]) mu[y] for clean y (= r mu for a
+        scalar schedule) and s[m] = 1; at a clean position v only x_0 = v is possible, so
+        s[v] = 1, s[m] = (1 - alpha_t[v]) / alpha_t[v] and 0 elsewhere."""
+        alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
+        log_ratio = jnp.log(alpha) - jnp.log1p(-alpha)
+        masked_row = jnp.concatenate(
+            [log_mean + log_ratio[None, :], jnp.zeros((x_t.shape[0], 1))], axis=-1
+        )
+        value = jnp.minimum(x_t, self.vocab_size - 1)
+        clean_row = jnp.where(jax.nn.one_hot(x_t, self.num_states, dtype=bool), 0.0, -jnp.inf)
+        clean_row = clean_row.at[:, self.mask_id].set(-log_ratio[value])
+        return jnp.where((x_t == self.mask_id)[:, None], masked_row, clean_row)
 
 
 class MeanParameterization(ddiff.AbstractMeanParameterization):
     """mu_theta = softmax of the network's V logits at masked positions; an unmasked
     position carries its token over (one-hot), and no mass is put on the mask
-    (MDLM's "SUBS", MD4 sec. 3)."""
+    (MDLM's "SUBS", MD4 sec. 3). Needs a masked process (use ``x0`` for others)."""
+
+    requires = {"process": frozenset({caps.MASKED})}
 
     def output_channels(self, process):
         return process.vocab_size

@@ -1,0 +1,122 @@
+"""Components shared by several families: the uniform process (SEDD's uniform graph,
+D3PM's uniform transitions, Campbell et al.'s uniform CTMC) and the plain x0
+parameterization (D3PM).
+
+Notation: V token values, alpha_t the probability that a token has not been resampled.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import ddiff
+from ddiff import capabilities as caps
+
+
+class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
+    """The uniform process: q(x_t | x_0) = alpha_t onehot(x_0) + (1 - alpha_t)/V,
+    independently per position, with the uniform prior over the V values.
+
+    Transitions from s to t resample with probability 1 - r, r = alpha_t / alpha_s:
+    Q_{s->t} = r I + (1 - r) 11^T / V (D3PM's uniform matrices, Austin et al. 2021 eq. 9).
+    In continuous time the rates are R_t = beta_t (11^T / V - I) with
+    beta_t = -alpha'_t / alpha_t (SEDD's uniform graph, Lou et al. 2024, scaled so that
+    alpha_t = exp(-sigma_bar(t))). Everything is O(V) per position.
+    """
+
+    schedule: ddiff.AbstractSchedule
+    vocab_size: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if caps.SCALAR not in self.schedule.capabilities():
+            raise ddiff.RecipeError(
+                f"the uniform process needs a scalar schedule, got "
+                f"{type(self.schedule).__name__}",
+                path="process.schedule",
+            )
+        if self.vocab_size < 2:
+            raise ddiff.RecipeError(
+                f"the uniform process needs at least 2 token values, got {self.vocab_size}",
+                path="data.vocab_size",
+            )
+
+    @property
+    def num_states(self) -> int:
+        return self.vocab_size
+
+    def capabilities(self):
+        return frozenset({caps.FACTORIZED, caps.TRANSITIONS, caps.RATES, caps.SCALAR_SCHEDULE})
+
+    def _mix(self, x, keep):
+        """keep onehot(x) + (1 - keep) / V, per position."""
+        return keep * jax.nn.one_hot(x, self.vocab_size) + (1.0 - keep) / self.vocab_size
+
+    def marginal_probs(self, x0, t):
+        return self._mix(x0, self.schedule.alpha(t))
+
+    def sample_marginal(self, x0, t, *, key):
+        keep_key, value_key = jax.random.split(key)
+        keep = jax.random.uniform(keep_key, x0.shape) < self.schedule.alpha(t)
+        fresh = jax.random.randint(value_key, x0.shape, 0, self.vocab_size)
+        return jnp.where(keep, x0, fresh)
+
+    def prior_probs(self):
+        return jnp.full((self.vocab_size,), 1.0 / self.vocab_size)
+
+    def sample_prior(self, seq_len, *, key):
+        return jax.random.randint(key, (seq_len,), 0, self.vocab_size)
+
+    def _ratio(self, s, t):
+        return self.schedule.alpha(t) / self.schedule.alpha(s)
+
+    def transition_probs(self, x_s, s, t):
+        return self._mix(x_s, self._ratio(s, t))
+
+    def transition_likelihood(self, x_t, s, t):
+        # Q_{s->t} is symmetric: the column of x_t is its row.
+        return self._mix(x_t, self._ratio(s, t))
+
+    def propagate(self, probs_s, s, t):
+        r = self._ratio(s, t)
+        return r * probs_s + (1.0 - r) * jnp.sum(probs_s, axis=-1, keepdims=True) / self.vocab_size
+
+    def _beta(self, t):
+        return -self.schedule.alpha_derivative(t) / self.schedule.alpha(t)
+
+    def forward_rates(self, x, t):
+        beta = self._beta(t)
+        return beta * (1.0 / self.vocab_size - jax.nn.one_hot(x, self.vocab_size))
+
+    def incoming_rates(self, x, t):
+        # R_t is symmetric: the rates into x^n equal the rates out of it.
+        return self.forward_rates(x, t)
+
+    def log_score_from_mean(self, log_mean, x_t, t):
+        """Closed form of sum_v mu[v] q_t(y | v) / q_t(x | v) with q_t(y | v) =
+        a [y = v] + b, a = alpha_t, b = (1 - alpha_t)/V: for y != x,
+        s[y] = 1 + mu[y] a / b - mu[x] a / (a + b), and s[x] = 1."""
+        a = self.schedule.alpha(t)
+        b = (1.0 - a) / self.vocab_size
+        mean = jnp.exp(log_mean)
+        current = jnp.take_along_axis(mean, x_t[:, None], axis=-1)
+        score = 1.0 + mean * (a / b) - current * (a / (a + b))
+        log_score = jnp.log(jnp.maximum(score, jnp.finfo(score.dtype).tiny))
+        return jnp.where(jax.nn.one_hot(x_t, self.vocab_size, dtype=bool), 0.0, log_score)
+
+
+class X0Parameterization(ddiff.AbstractMeanParameterization):
+    """mu_theta(x_t, t) = softmax of the network's V logits at every position (D3PM's
+    x0-parameterization, Austin et al. 2021 sec. 3.3). Unlike MD4's ``mean`` (SUBS),
+    it assumes nothing of the process: a clean-looking token may still be noise."""
+
+    def output_channels(self, process):
+        return process.vocab_size
+
+    def log_mean(self, output, x_t, t, process):
+        return jax.nn.log_softmax(output, axis=-1)
+
+
+@ddiff.hookimpl
+def ddiff_register_components(registry: ddiff.Registry) -> None:
+    registry.register("process", "uniform", UniformProcess)
+    registry.register("parameterization", "x0", X0Parameterization)
