@@ -106,6 +106,53 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
         score = jnp.where(possible, mean / jnp.where(possible, current, 1.0), 0.0) @ table
         return jnp.where(score > 0, jnp.log(jnp.where(score > 0, score, 1.0)), -jnp.inf)
 
+    def log_marginal_from_mean(self, log_mean: LogProbs, t: Time) -> StateLogProbs:
+        """The marginal of x_t when x_0 is drawn from mu, in log space:
+
+            log q_t(y | mu)[n] = log sum_v mu[n, v] q_t(y | v),
+
+        D3PM's x0-parameterization pushing the predicted x_0 through the forward process
+        (Austin et al. 2021, eq. 4); with mu one-hot at x_0 it is log q(x_t | x_0). Values
+        mu gives no mass (-inf) and states no value reaches give -inf; nothing is padded.
+
+        The default enumerates q_t over every clean value (O(V S) per position, small
+        vocabularies only); processes override it with a closed form.
+
+        Arguments:
+            log_mean: log mu, shape (seq, vocab); -inf entries allowed.
+            t: the time.
+
+        Returns:
+            log q_t(y | mu), shape (seq, states).
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # q_t(y | v), (vocab, states)
+        log_table = jnp.where(table > 0, jnp.log(jnp.where(table > 0, table, 1.0)), -jnp.inf)
+        terms = log_mean[:, :, None] + log_table[None]
+        # A log-sum-exp over entries that are all -inf has a NaN gradient: guard it.
+        reachable = jnp.any(terms > -jnp.inf, axis=1)
+        total = jax.nn.logsumexp(jnp.where(reachable[:, None, :], terms, 0.0), axis=1)
+        return jnp.where(reachable, total, -jnp.inf)
+
+    def log_marginal_likelihood(self, x_t: Tokens, t: Time) -> LogProbs:
+        """log q_t(x_t^n | x_0^n = v) for every clean value v, per position: how well each
+        value explains the noisy token (the column of q_t that ``marginal_probs`` gives a
+        row of). Bayes' rule with it turns a denoiser into posteriors, as in D3PM's
+        x0-parameterization.
+
+        The default enumerates q_t over every clean value (O(V S) per position, small
+        vocabularies only); processes override it with a closed form.
+
+        Arguments:
+            x_t: the noisy tokens.
+            t: the time.
+
+        Returns:
+            Shape (seq, vocab); -inf for a value that cannot produce x_t^n.
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # q_t(y | v), (vocab, states)
+        column = jnp.take(table, x_t, axis=1).T  # (seq, vocab)
+        return jnp.where(column > 0, jnp.log(jnp.where(column > 0, column, 1.0)), -jnp.inf)
+
     def prior_kl(self, x0: Tokens) -> Scalar:
         """KL(q(x_1 | x_0) || p(x_1)) summed over positions, in nats (the prior term)."""
         q = self.marginal_probs(x0, jnp.ones(()))

@@ -91,6 +91,25 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         # R_t is symmetric: the rates into x^n equal the rates out of it.
         return self.forward_rates(x, t)
 
+    def log_marginal_from_mean(self, log_mean, t):
+        """Closed form, O(V) per position: q_t(y | mu) = alpha_t mu[y] + (1 - alpha_t)/V
+        (mu sums to one), computed as a log-sum of the two terms."""
+        a = self.schedule.alpha(t)
+        log_keep = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -jnp.inf)
+        log_fresh = jnp.where(a < 1, jnp.log1p(-jnp.where(a < 1, a, 0.0)), -jnp.inf) - jnp.log(
+            self.vocab_size
+        )
+        kept = log_mean + log_keep
+        # logaddexp(-inf, -inf) has a NaN gradient: guard it.
+        empty = (kept == -jnp.inf) & (log_fresh == -jnp.inf)
+        mixed = jnp.logaddexp(jnp.where(empty, 0.0, kept), jnp.where(empty, 0.0, log_fresh))
+        return jnp.where(empty, -jnp.inf, mixed)
+
+    def log_marginal_likelihood(self, x_t, t):
+        """Closed form: q_t(x_t | v) = alpha_t [v = x_t] + (1 - alpha_t)/V."""
+        probs = self._mix(x_t, self.schedule.alpha(t))
+        return jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+
     def log_score_from_mean(self, log_mean, x_t, t):
         """Closed form of sum_v mu[v] q_t(y | v) / q_t(x | v) with q_t(y | v) =
         a [y = v] + b, a = alpha_t, b = (1 - alpha_t)/V: for y != x,

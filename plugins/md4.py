@@ -247,6 +247,31 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         own = -hazard[jnp.minimum(x, self.vocab_size - 1)][:, None] * jax.nn.one_hot(x, self.num_states)
         return jnp.where(masked, into_mask, own)
 
+    def log_marginal_from_mean(self, log_mean, t):
+        """Closed form, O(V) per position: a clean value y keeps its mass with probability
+        alpha_t[y], so log q_t(y | mu) = log alpha_t[y] + log mu[y], and the mask collects
+        the rest, log sum_v mu[v] (1 - alpha_t[v]) (= log(1 - alpha_t) for a scalar
+        schedule)."""
+        alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
+        log_alpha = jnp.where(alpha > 0, jnp.log(jnp.where(alpha > 0, alpha, 1.0)), -jnp.inf)
+        log_gone = jnp.where(alpha < 1, jnp.log1p(-jnp.where(alpha < 1, alpha, 0.0)), -jnp.inf)
+        clean = log_mean + log_alpha[None, :]
+        gone = log_mean + log_gone[None, :]
+        # A log-sum-exp over entries that are all -inf has a NaN gradient: guard it.
+        reachable = jnp.any(gone > -jnp.inf, axis=-1, keepdims=True)
+        masked = jax.nn.logsumexp(jnp.where(reachable, gone, 0.0), axis=-1, keepdims=True)
+        return jnp.concatenate([clean, jnp.where(reachable, masked, -jnp.inf)], axis=-1)
+
+    def log_marginal_likelihood(self, x_t, t):
+        """Closed form: a masked token has likelihood 1 - alpha_t[v] under every value v;
+        a clean token u only under v = u, with likelihood alpha_t[u]."""
+        alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
+        log_alpha = jnp.where(alpha > 0, jnp.log(jnp.where(alpha > 0, alpha, 1.0)), -jnp.inf)
+        log_gone = jnp.where(alpha < 1, jnp.log1p(-jnp.where(alpha < 1, alpha, 0.0)), -jnp.inf)
+        same = jax.nn.one_hot(x_t, self.vocab_size, dtype=bool)
+        clean = jnp.where(same, log_alpha[None, :], -jnp.inf)
+        return jnp.where((x_t == self.mask_id)[:, None], log_gone[None, :], clean)
+
     def log_score_from_mean(self, log_mean, x_t, t):
         """Closed form of the absorbing process (Lou et al. 2024; DESIGN.md): at a masked
         position s[y] = alpha_t[y] / (1 - alpha_t[y]) mu[y] for clean y (= r mu for a
