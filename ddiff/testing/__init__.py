@@ -50,6 +50,7 @@ from ddiff.testing._suite import (
     DEFAULT_PROCESS,
     DISCRETE_STEPS,
     SAMPLER_CASES,
+    UNMASKED_SAMPLER_CASES,
     Setup,
     objective_checks,
     objective_conformance,

@@ -230,8 +230,19 @@ SAMPLER_CASES = {
     "exact[none/markov]": ("none", "markov"),
     "exact[labels+infill/classes]": ("labels+infill", "classes"),
 }
-"""Sampler checks: (conditioning, toy). ``classes`` is a class-conditional toy; in the
-second case every sample has a label and about half of its positions given."""
+"""Sampler checks on a masked process: (conditioning, toy). ``classes`` is a
+class-conditional toy; in the second case every sample has a label and about half of its
+positions given."""
+
+UNMASKED_SAMPLER_CASES = {
+    "exact[none/markov]": ("none", "markov"),
+    "exact[labels/classes]": ("labels", "classes"),
+}
+"""Sampler checks on any other process. Infilling by replacement (writing the given
+tokens into x_t after every step) is exact only where a noisy token equal to a clean
+value proves that value, as under the absorbing process; under the uniform process a
+given token in x_t is read as possibly noise, so the output is not p(x | given) even with
+the exact denoiser. These samplers are checked with labels and no given positions."""
 
 
 def sampler_checks(
@@ -239,8 +250,8 @@ def sampler_checks(
 ) -> dict[str, Callable[[], CheckResult]]:
     """The checks of the sampler registered as ``name``, by check name (see
     :data:`SAMPLER_CASES`): driven by the oracle it must reproduce p unconditionally, and
-    given labels and positions (infilling) (d). Building this mapping does no numerical
-    work.
+    given labels and positions (infilling) (d); on a process without a mask, given labels
+    only (:data:`UNMASKED_SAMPLER_CASES`). Building this mapping does no numerical work.
 
     Arguments:
         name: the registered sampler.
@@ -268,7 +279,8 @@ def sampler_checks(
 
         return run
 
-    return {check: case(*arguments) for check, arguments in SAMPLER_CASES.items()}
+    cases = SAMPLER_CASES if MASKED in setup.process_with().capabilities() else UNMASKED_SAMPLER_CASES
+    return {check: case(*arguments) for check, arguments in cases.items()}
 
 
 def _arguments(arguments: Mapping[str, Any]) -> str:
