@@ -33,6 +33,14 @@ def possible_mean(
     return jnp.where(total > 0, mean / jnp.where(total > 0, total, 1.0), fallback)
 
 
+def _normalised(log_probs: Float[Array, "seq states"]) -> Float[Array, "seq states"]:
+    """Log-probabilities normalised over the last axis, with a gradient that is never NaN;
+    a row that is -inf throughout stays so."""
+    reachable = jnp.any(log_probs > -jnp.inf, axis=-1, keepdims=True)
+    total = jax.nn.logsumexp(jnp.where(reachable, log_probs, 0.0), axis=-1, keepdims=True)
+    return log_probs - jnp.where(reachable, total, 0.0)
+
+
 class AbstractForwardProcess(AbstractCheckedModule, Capable):
     """A forward (noising) process over sequences of tokens, factorized over positions.
 
@@ -112,14 +120,16 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
             log q_t(y | mu)[n] = log sum_v mu[n, v] q_t(y | v),
 
         D3PM's x0-parameterization pushing the predicted x_0 through the forward process
-        (Austin et al. 2021, eq. 4); with mu one-hot at x_0 it is log q(x_t | x_0). Values
-        mu gives no mass (-inf) and states no value reaches give -inf; nothing is padded.
+        (Austin et al. 2021, eq. 4); with mu one-hot at x_0 it is log q(x_t | x_0). The map
+        is linear, so mu may be any non-negative weights (they need not sum to one).
+        Values mu gives no mass (-inf) and states no value reaches give -inf; nothing is
+        padded.
 
         The default enumerates q_t over every clean value (O(V S) per position, small
         vocabularies only); processes override it with a closed form.
 
         Arguments:
-            log_mean: log mu, shape (seq, vocab); -inf entries allowed.
+            log_mean: log mu (or log weights), shape (seq, vocab); -inf entries allowed.
             t: the time.
 
         Returns:
@@ -178,12 +188,68 @@ class AbstractTransitionProcess(AbstractForwardProcess):
         """Push a distribution over x_s through the transition: sum_j p(j) q(x_t | x_s=j)."""
 
     def posterior_probs(self, x_t: Tokens, probs_0: StateProbs, s: Time, t: Time) -> StateProbs:
-        """q(x_s | x_t, x_0) averaged over x_0 ~ probs_0 as D3PM does for its
-        x0-parameterization: proportional to q(x_t | x_s) * sum_x0 p(x0) q(x_s | x_0)."""
+        """D3PM's reference-code reverse step: proportional to
+        q(x_t | x_s) * sum_x0 p(x0) q(x_s | x_0), x_0 weighted by the joint
+        q(x_s, x_t | x_0). It equals q(x_s | x_t, x_0) averaged over x_0 ~ probs_0 only
+        when q_t(x_t | x_0) is the same for every x_0 that can produce x_t (the absorbing
+        process); :meth:`log_posterior_from_mean` is the average for any process."""
         unnormalized = self.transition_likelihood(x_t, s, t) * self.propagate(
             probs_0, jnp.zeros(()), s
         )
         return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+    def log_posterior(self, x_t: Tokens, x0: Tokens, s: Time, t: Time) -> StateLogProbs:
+        """log q(x_s | x_t, x_0), proportional to q(x_t | x_s) q(x_s | x_0) (D3PM eq. 3),
+        per position. The default takes logarithms of ``transition_likelihood`` and
+        ``marginal_probs``; a process whose probabilities can underflow float32 computes
+        it from logarithms instead.
+
+        Arguments:
+            x_t: the noisy tokens at time t.
+            x0: the clean tokens.
+            s: the earlier time, s < t.
+            t: the time of x_t.
+
+        Returns:
+            Shape (seq, states), normalised over states.
+        """
+        joint = self.transition_likelihood(x_t, s, t) * self.marginal_probs(x0, s)
+        log_joint = jnp.where(joint > 0, jnp.log(jnp.where(joint > 0, joint, 1.0)), -jnp.inf)
+        return _normalised(log_joint)
+
+    def log_posterior_from_mean(
+        self, x_t: Tokens, log_mean: LogProbs, s: Time, t: Time
+    ) -> StateLogProbs:
+        """log p(x_s | x_t) when x_0 ~ mu is pushed through the true posterior, D3PM's
+        x0-parameterization of the reverse step (Austin et al. 2021, sec. 3.3):
+
+            p(x_s = j | x_t) = sum_v mu[v] q(x_s = j | x_t, x_0 = v)
+                             = q(x_t | x_s = j) sum_v [mu[v] / q_t(x_t | v)] q_s(j | v).
+
+        With the exact denoiser mu it is the exact reverse step of each position; with mu
+        one-hot at x_0 it is q(x_s | x_t, x_0). The default weights the values by
+        mu[v] / q_t(x_t | v) (:meth:`log_marginal_likelihood`), pushes the weights to time s
+        (:meth:`log_marginal_from_mean`), multiplies by q(x_t | x_s)
+        (``transition_likelihood``, read in probability space) and normalises in log
+        space; a process whose transition probabilities can underflow float32 (the
+        discretized Gaussian) overrides it. A position whose x_t no value mu allows can
+        produce gets -inf throughout.
+
+        Arguments:
+            x_t: the noisy tokens at time t.
+            log_mean: log mu, shape (seq, vocab).
+            s: the earlier time, s < t.
+            t: the time of x_t.
+
+        Returns:
+            log p(x_s | x_t), shape (seq, states), normalised over states.
+        """
+        likelihood = self.log_marginal_likelihood(x_t, t)
+        possible = likelihood > -jnp.inf
+        weights = jnp.where(possible, log_mean - jnp.where(possible, likelihood, 0.0), -jnp.inf)
+        step = self.transition_likelihood(x_t, s, t)
+        log_step = jnp.where(step > 0, jnp.log(jnp.where(step > 0, step, 1.0)), -jnp.inf)
+        return _normalised(log_step + self.log_marginal_from_mean(weights, s))
 
 
 class AbstractRateProcess(AbstractForwardProcess):

@@ -93,12 +93,15 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
 
     def log_marginal_from_mean(self, log_mean, t):
         """Closed form, O(V) per position: q_t(y | mu) = alpha_t mu[y] + (1 - alpha_t)/V
-        (mu sums to one), computed as a log-sum of the two terms."""
+        sum_v mu[v], computed as a log-sum of the two terms."""
         a = self.schedule.alpha(t)
         log_keep = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -jnp.inf)
         log_fresh = jnp.where(a < 1, jnp.log1p(-jnp.where(a < 1, a, 0.0)), -jnp.inf) - jnp.log(
             self.vocab_size
         )
+        present = jnp.any(log_mean > -jnp.inf, axis=-1, keepdims=True)
+        log_total = jax.nn.logsumexp(jnp.where(present, log_mean, 0.0), axis=-1, keepdims=True)
+        log_fresh = jnp.where(present, log_fresh + log_total, -jnp.inf)
         kept = log_mean + log_keep
         # logaddexp(-inf, -inf) has a NaN gradient: guard it.
         empty = (kept == -jnp.inf) & (log_fresh == -jnp.inf)

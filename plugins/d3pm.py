@@ -45,6 +45,25 @@ def _logsumexp(values: jax.Array) -> jax.Array:
     return jnp.where(reachable, total, -jnp.inf)
 
 
+def log_matmul(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    """log(exp(log_a) @ exp(log_b)) for log_a (n, k) and log_b (k, m), exact however small
+    the terms: for every output a maximum and a sum of exponentials over k (the maximum
+    held constant for the gradient), -inf where every term is -inf. Rows of log_a are
+    processed in chunks so that at most ~2^22 terms exist at once."""
+    size = log_b.shape[0] * log_b.shape[1]
+
+    def one_row(row):
+        terms = row[:, None] + log_b  # (k, m)
+        peak = jax.lax.stop_gradient(jnp.max(terms, axis=0))
+        finite = jnp.isfinite(peak)
+        peak = jnp.where(finite, peak, 0.0)
+        total = jnp.sum(jnp.exp(terms - peak[None, :]), axis=0)
+        return jnp.where(finite, peak + _log(total), -jnp.inf)
+
+    chunk = max(1, min(log_a.shape[0], (1 << 22) // size))
+    return jax.lax.map(one_row, log_a, batch_size=chunk)
+
+
 def _grid_index(t: jax.Array, steps: int) -> jax.Array:
     """round(t T) as an int32 in 0..T."""
     return jnp.clip(jnp.round(t * steps), 0, steps).astype(jnp.int32)
@@ -166,7 +185,7 @@ class D3PMLinearSchedule(ddiff.AbstractSchedule):
         return self.alpha(t) * self.steps * (high - low)
 
     def pairing_problem(self, components):
-        return _grid_problem(self, self.steps, components)
+        return _grid_problem(self.steps, components)
 
 
 def _information_fraction(keep: jax.Array, probs: jax.Array) -> jax.Array:
@@ -269,6 +288,8 @@ class MutualInformationSchedule(ddiff.AbstractSchedule):
         return _keep_for_information(1.0 - t, self._probs())
 
     def pairing_problem(self, components):
+        if "process" not in components:
+            return None
         process_name, process = components["process"]
         masked = caps.MASKED in process.capabilities()
         if isinstance(process, DiscretizedGaussianProcess):
@@ -367,20 +388,25 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
         with np.errstate(invalid="ignore"):
             betas = -np.expm1(-(noise[1:] - noise[:-1]))
         betas = np.where(np.isnan(betas), 1.0, np.clip(betas, 0.0, 1.0))  # inf - inf: alpha stays 0
-        one_step = np.stack([gaussian_transition_matrix(beta, vocab_size) for beta in betas])
-        cumulative = [np.eye(vocab_size)]
-        for matrix in one_step:
-            cumulative.append(cumulative[-1] @ matrix)
+        log_steps = np.empty((steps, vocab_size, vocab_size), np.float32)
+        log_cumulative = np.empty((steps + 1, vocab_size, vocab_size), np.float32)
+        cumulative = np.eye(vocab_size)
         with np.errstate(divide="ignore"):
-            self.log_steps = ddiff.Constant(jnp.asarray(np.log(one_step), jnp.float32))
-            self.log_cumulative = ddiff.Constant(jnp.asarray(np.log(np.stack(cumulative)), jnp.float32))
+            log_cumulative[0] = np.log(cumulative)
+            for index, beta in enumerate(betas):
+                matrix = gaussian_transition_matrix(beta, vocab_size)
+                cumulative = cumulative @ matrix
+                log_steps[index] = np.log(matrix)
+                log_cumulative[index + 1] = np.log(cumulative)
+        self.log_steps = ddiff.Constant(jnp.asarray(log_steps))
+        self.log_cumulative = ddiff.Constant(jnp.asarray(log_cumulative))
 
     @property
     def num_states(self) -> int:
         return self.vocab_size
 
     def pairing_problem(self, components):
-        return _grid_problem(self, self.steps, components)
+        return _grid_problem(self.steps, components)
 
     def _cumulative(self, t):
         """log Qbar at the grid time nearest t, (V, V)."""
@@ -402,18 +428,35 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
         return self._cumulative(t)[:, x_t].T
 
     def log_marginal_from_mean(self, log_mean, t):
-        """log sum_v mu[v] Qbar_t[v, y] as one matrix product (precision HIGHEST) of mu
-        rescaled by its largest entry; where that product underflows, the term v = y,
-        log mu[y] + log Qbar_t[y, y] (a lower bound of the sum, exact in log space), is
-        used instead, so the result is never -inf where mu and Qbar_t give mass."""
-        log_table = self._cumulative(t)
-        shift = jnp.max(log_mean, axis=-1, keepdims=True)
-        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        mixed = jnp.matmul(
-            jnp.exp(log_mean - shift), jnp.exp(log_table), precision=jax.lax.Precision.HIGHEST
-        )
-        own = log_mean + jnp.diagonal(log_table)[None, :]
-        return jnp.maximum(shift + _log(mixed), own)
+        """log sum_v mu[v] Qbar_t[v, y] as a matrix product in log space
+        (:func:`log_matmul`), exact however small the terms."""
+        return log_matmul(log_mean, self._cumulative(t))
+
+    def _log_step_likelihood(self, x_t, s, t):
+        """log q(x_t | x_s = j) for every j, from the log tables: the row of x_t in log Q_j
+        of the last step (Q is symmetric), then back through the earlier steps in log
+        space when s is more than one step before t."""
+        first, last = self._steps_between(s, t)
+        column = self.log_steps.value[jnp.maximum(last - 1, 0)][x_t]
+
+        def back(offset, column):
+            return log_matmul(column, self.log_steps.value[last - 2 - offset])
+
+        return jax.lax.fori_loop(0, jnp.maximum(last - first - 1, 0), back, column)
+
+    def log_posterior(self, x_t, x0, s, t):
+        return _normalised(self._log_step_likelihood(x_t, s, t) + self._cumulative(s)[x0])
+
+    def log_posterior_from_mean(self, x_t, log_mean, s, t):
+        """The core's formula with every factor read from the log tables: the weights
+        log mu[v] - log q_t(x_t | v) span hundreds of nats, which a float32 matrix product
+        cannot hold, so the product with Qbar_s is a log-space one (:func:`log_matmul`,
+        O(V^2) exponentials per position where D3PM does O(V^2) multiply-adds)."""
+        likelihood = self.log_marginal_likelihood(x_t, t)
+        possible = likelihood > -jnp.inf
+        weights = jnp.where(possible, log_mean - jnp.where(possible, likelihood, 0.0), -jnp.inf)
+        mixed = log_matmul(weights, self._cumulative(s))
+        return _normalised(self._log_step_likelihood(x_t, s, t) + mixed)
 
     def _steps_between(self, s, t):
         return _grid_index(s, self.steps), _grid_index(t, self.steps)
@@ -486,34 +529,11 @@ class DiscretizedLogisticParameterization(ddiff.AbstractMeanParameterization):
 # --------------------------------------------------------------------------- the bound
 
 
-def reverse_log_probs(
-    process: ddiff.AbstractTransitionProcess,
-    x_t: ddiff.Tokens,
-    log_mean: ddiff.LogProbs,
-    s: ddiff.Time,
-    t: ddiff.Time,
-) -> ddiff.StateLogProbs:
-    """log p(x_s | x_t) of the x0-parameterization, per position: the true posterior
-    averaged over the predicted x_0 (D3PM sec. 3.3),
-
-        p(x_s = j | x_t) = sum_v mu[v] q(x_s = j | x_t, x_0 = v)
-                         = sum_v mu[v] q(x_t | x_s = j) q_s(j | v) / q_t(x_t | v),
-
-    computed as q(x_t | x_s = j) times the marginal at s of the weights
-    mu[v] / q_t(x_t | v) (``log_marginal_from_mean``), normalised by a log-sum-exp. With
-    mu one-hot at x_0 it is q(x_s | x_t, x_0) (D3PM eq. 3); with the exact denoiser it is
-    the exact reverse step of a single position. D3PM's code weights x_0 by the joint
-    q(x_s, x_t | x_0) instead (eq. 4, without 1 / q_t(x_t | v)); the two agree for the
-    absorbing process, where q_t(x_t | v) is the same for every v that can produce x_t.
-    A position whose x_t no value of mu can produce gets -inf throughout."""
-    likelihood = process.log_marginal_likelihood(x_t, t)
-    possible = likelihood > -jnp.inf
-    weights = jnp.where(possible, log_mean - jnp.where(possible, likelihood, 0.0), -jnp.inf)
-    total = _logsumexp(weights)
-    weights = weights - jnp.where(jnp.isfinite(total), total, 0.0)
-    joint = _log(process.transition_likelihood(x_t, s, t)) + process.log_marginal_from_mean(weights, s)
-    normaliser = _logsumexp(joint)
-    return joint - jnp.where(jnp.isfinite(normaliser), normaliser, 0.0)
+def _normalised(joint: jax.Array) -> jax.Array:
+    """Log-probabilities normalised over the last axis; a row that is -inf throughout
+    stays so."""
+    total = _logsumexp(joint)
+    return joint - jnp.where(jnp.isfinite(total), total, 0.0)
 
 
 def categorical_kl(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
@@ -539,11 +559,17 @@ class D3PMBound(ddiff.AbstractObjective):
                + sum_{i=2}^{T} E_q KL(q(x_{i-1} | x_i, x_0) || p_theta(x_{i-1} | x_i))
                - E_q log p_theta(x_0 | x_1),
 
-    with x_i at time i/T and p_theta(x_0 | x_1) = mu_theta(x_1, 1/T). The sum over i is
-    estimated with one step per example, i = floor(T u_b) + 1 with antithetic
-    u_b = (u + b/B) mod 1, times T; the prior term is exact. Every term is computed in
-    log space (:func:`reverse_log_probs`, :func:`categorical_kl`). For the absorbing
-    process the i-th term equals MD4's discrete-time term (MD4 App. D).
+    with x_i at time i/T and p_theta(x_0 | x_1) = mu_theta(x_1, 1/T). The reverse step
+    p_theta(x_{i-1} | x_i) averages the true posterior over x_0 ~ mu_theta(x_i, i/T) (the
+    process's ``log_posterior_from_mean``), so the exact denoiser gives each position's
+    exact step. D3PM's code weights x_0 by the joint q(x_{i-1}, x_i | x_0) instead, which
+    is the same for the absorbing process but not for the uniform or Gaussian ones, where
+    its bound with the exact denoiser does not approach H(p) as T grows.
+
+    The sum over i is estimated with one step per example, i = floor(T u_b) + 1 with
+    antithetic u_b = (u + b/B) mod 1, times T; the prior term is exact. Every term is
+    computed in log space (:func:`categorical_kl`). For the absorbing process the i-th
+    term equals MD4's discrete-time term (MD4 App. D).
 
     ``nelbo`` is the bound; ``loss`` adds hybrid_weight * T * CE, the cross-entropy
     CE = -sum_n log mu_theta(x_i, i/T)[n, x_0^n] at the same draw. D3PM's code adds
@@ -585,25 +611,24 @@ class D3PMBound(ddiff.AbstractObjective):
         x0: ddiff.Tokens,
         x_t: ddiff.Tokens,
         log_mean: ddiff.LogProbs,
+        s: ddiff.Time,
         t: ddiff.Time,
     ) -> ddiff.Scalar:
-        """The term of L_vb at step i = t T for one draw x_t: -log mu[x_0] summed over
-        positions for i = 1, KL(q(x_{i-1} | x_t, x_0) || p_theta(x_{i-1} | x_t)) for
-        i >= 2."""
-        s = jnp.maximum(t - 1.0 / self.steps, 0.0)
-        clean = jnp.where(jax.nn.one_hot(x0, process.vocab_size, dtype=bool), 0.0, -jnp.inf)
-        log_q = reverse_log_probs(process, x_t, clean, s, t)
-        log_p = reverse_log_probs(process, x_t, log_mean, s, t)
-        first = _grid_index(t, self.steps) <= 1
-        return jnp.where(first, -_clean_log_likelihood(log_mean, x0), categorical_kl(log_q, log_p))
+        """The term of L_vb for the step from t back to s = t - 1/T, for one draw x_t:
+        KL(q(x_s | x_t, x_0) || p_theta(x_s | x_t)) summed over positions, or at the first
+        step (s = 0) -log p_theta(x_0 | x_t) = -sum_n log mu[n, x_0^n]."""
+        log_q = process.log_posterior(x_t, x0, s, t)
+        log_p = process.log_posterior_from_mean(x_t, log_mean, s, t)
+        return jnp.where(s <= 0, -_clean_log_likelihood(log_mean, x0), categorical_kl(log_q, log_p))
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         process = model.process
         noise_key, network_key = jax.random.split(key)
         x_t = process.sample_marginal(x0, t, key=noise_key)
         log_mean = model.log_mean(x_t, t, label=label, key=network_key if train else None)
-        term = self.steps * self.step_term(process, x0, x_t, log_mean, t)
         first = _grid_index(t, self.steps) <= 1
+        s = jnp.where(first, 0.0, t - 1.0 / self.steps)
+        term = self.steps * self.step_term(process, x0, x_t, log_mean, s, t)
         prior = process.prior_kl(x0)
         nelbo = term + prior
         cross_entropy = -_clean_log_likelihood(log_mean, x0)
@@ -624,8 +649,8 @@ class D3PMBound(ddiff.AbstractObjective):
 
 class D3PMAncestralSampler(ddiff.AbstractSampler):
     """Ancestral sampling of the T-step model (D3PM sec. 3.3): x_T from the prior, then
-    x_{i-1} ~ p_theta(x_{i-1} | x_i) (:func:`reverse_log_probs` at s = (i-1)/T,
-    t = i/T) for i = T..2, and x_0 ~ mu_theta(x_1, 1/T); every draw exact
+    x_{i-1} ~ p_theta(x_{i-1} | x_i) (the process's ``log_posterior_from_mean`` at
+    s = (i-1)/T, t = i/T) for i = T..2, and x_0 ~ mu_theta(x_1, 1/T); every draw exact
     (:func:`ddiff.categorical`), one ``lax.scan``. Labels and classifier-free guidance
     go through :func:`ddiff.batched_log_mean`; given positions (infilling) are written
     into x after the prior draw and after every step, which is exact for the absorbing
@@ -663,7 +688,7 @@ class D3PMAncestralSampler(ddiff.AbstractSampler):
             t = index.astype(jnp.float32) / self.steps
             s = (index - 1).astype(jnp.float32) / self.steps
             log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
-            log_probs = jax.vmap(lambda x_t, lm: reverse_log_probs(process, x_t, lm, s, t))(x, log_mean)
+            log_probs = jax.vmap(lambda x_t, lm: process.log_posterior_from_mean(x_t, lm, s, t))(x, log_mean)
             return ddiff.apply_fixed(conditioning, ddiff.categorical(step_key, log_probs)), None
 
         if self.steps > 1:
@@ -687,10 +712,9 @@ def _steps_used(slot: str, component: Any) -> int | None:
     return None
 
 
-def _grid_problem(owner: Any, grid: int, components: Mapping[str, tuple[str, Any]]) -> str | None:
+def _grid_problem(grid: int, components: Mapping[str, tuple[str, Any]]) -> str | None:
     """Refuse an objective or sampler whose grid i/steps is not part of the grid i/``grid``
-    on which ``owner`` (a tabulated process or schedule) is defined: steps must divide it."""
-    owner_name = next((f"{slot} {name!r}" for slot, (name, c) in components.items() if c is owner), "it")
+    on which a tabulated process or schedule is defined: its steps must divide ``grid``."""
     for slot in ("objective", "sampler"):
         if slot not in components:
             continue
@@ -698,9 +722,9 @@ def _grid_problem(owner: Any, grid: int, components: Mapping[str, tuple[str, Any
         steps = _steps_used(slot, component)
         if steps is not None and grid % steps:
             return (
-                f"{owner_name} is defined on a grid of {grid} steps, but {slot} {name!r} "
-                f"takes steps={steps}, which does not divide {grid}; set {slot}.steps to "
-                f"{grid} or a divisor of it"
+                f"it is defined on a grid of {grid} steps, but {slot} {name!r} takes "
+                f"steps={steps}, which does not divide {grid}; set {slot}.steps to {grid} "
+                f"or a divisor of it"
             )
     return None
 

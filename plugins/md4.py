@@ -250,8 +250,7 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
     def log_marginal_from_mean(self, log_mean, t):
         """Closed form, O(V) per position: a clean value y keeps its mass with probability
         alpha_t[y], so log q_t(y | mu) = log alpha_t[y] + log mu[y], and the mask collects
-        the rest, log sum_v mu[v] (1 - alpha_t[v]) (= log(1 - alpha_t) for a scalar
-        schedule)."""
+        the rest, log sum_v mu[v] (1 - alpha_t[v])."""
         alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
         log_alpha = jnp.where(alpha > 0, jnp.log(jnp.where(alpha > 0, alpha, 1.0)), -jnp.inf)
         log_gone = jnp.where(alpha < 1, jnp.log1p(-jnp.where(alpha < 1, alpha, 0.0)), -jnp.inf)

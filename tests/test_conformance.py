@@ -10,10 +10,20 @@ measured on 2^16 samples of the markov toy, ancestral sampling is caught at 32 s
 """
 
 import ddiff
-from ddiff.testing import objective_conformance, sampler_conformance
+from ddiff.testing import Setup, objective_conformance, sampler_conformance
 
 test_md4_elbo = objective_conformance("md4_elbo")
 test_md4_discrete_elbo = objective_conformance("md4_discrete_elbo")
+
+# D3PM: the absorbing family (masked process, beta_t = 1/(T - t + 1), MD4's mean) and the
+# uniform family (cosine schedule, x0 parameterization). Samplers on a process without a
+# mask are checked with labels only: replacement infilling is exact only when absorbing.
+D3PM_ABSORBING = Setup(process={"kind": "masked", "schedule": "jsd"}, parameterization="mean")
+D3PM_UNIFORM = Setup(process={"kind": "uniform", "schedule": "d3pm_cosine"}, parameterization="x0")
+test_d3pm_vb_absorbing = objective_conformance("d3pm_vb", D3PM_ABSORBING)
+test_d3pm_vb_uniform = objective_conformance("d3pm_vb", D3PM_UNIFORM, hybrid_weight=0.01)
+test_d3pm_ancestral_absorbing = sampler_conformance("d3pm_ancestral", D3PM_ABSORBING, steps=128)
+test_d3pm_ancestral_uniform = sampler_conformance("d3pm_ancestral", D3PM_UNIFORM, steps=128)
 
 test_ancestral = sampler_conformance("ancestral", steps=128)
 test_top_p = sampler_conformance("top_p", steps=128, top_p=1.0)
