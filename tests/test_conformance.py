@@ -10,7 +10,14 @@ measured on 2^16 samples of the markov toy, ancestral sampling is caught at 32 s
 """
 
 import ddiff
-from ddiff.testing import objective_conformance, sampler_conformance
+from ddiff.testing import Setup, objective_conformance, sampler_conformance
+
+GENMD4 = Setup(
+    process={"kind": "masked", "schedule": {"kind": "learnable_poly", "initial_powers": [0.7, 1.5, 3.0]}}
+)
+"""GenMD4's state-dependent process with unequal powers, so that an objective or sampler
+that ignored the per-value schedule would fail (the sampler fails with TV 0.37 when its
+process has equal powers 1.5 while the oracle's has these)."""
 
 test_md4_elbo = objective_conformance("md4_elbo")
 test_md4_discrete_elbo = objective_conformance("md4_discrete_elbo")
@@ -20,6 +27,9 @@ test_top_p = sampler_conformance("top_p", steps=128, top_p=1.0)
 test_mean = sampler_conformance("mean", steps=128)
 test_cached = sampler_conformance("cached", steps=128)
 test_first_hitting = sampler_conformance("first_hitting")
+
+test_genmd4_elbo = objective_conformance("genmd4_elbo", GENMD4)
+test_genmd4_ancestral = sampler_conformance("genmd4_ancestral", GENMD4, steps=128)
 
 
 def test_every_registered_objective_and_sampler_is_checked():
