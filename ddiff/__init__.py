@@ -46,6 +46,7 @@ from ddiff._recipe import (
     EvalConfig,
     NetworkSpec,
     OptimizerConfig,
+    ParameterGroupConfig,
     Recipe,
     TrainerConfig,
     apply_overrides,

@@ -152,6 +152,41 @@ def _deep_copy(value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParameterGroupConfig:
+    """AdamW settings for one group of parameters (the forward process's schedule); each
+    left null takes the network's value. The group follows the same warmup and decay,
+    scaled to its own peak learning rate.
+
+    Attributes:
+        learning_rate: peak learning rate.
+        weight_decay: decoupled weight decay.
+        b1, b2, eps: Adam moments.
+    """
+
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    b1: float | None = None
+    b2: float | None = None
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.learning_rate is None or self.learning_rate > 0,
+            "optimizer.schedule.learning_rate",
+            "must be positive",
+        )
+        _require(
+            self.weight_decay is None or self.weight_decay >= 0,
+            "optimizer.schedule.weight_decay",
+            "must be >= 0",
+        )
+
+    def settings(self) -> dict[str, float]:
+        """The settings given (not null), by name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup and cosine decay, global-norm clipping, and an EMA.
 
@@ -165,6 +200,9 @@ class OptimizerConfig:
         b1, b2, eps: Adam moments.
         grad_clip: global gradient norm clip (null disables).
         ema_decay: decay of the exponential moving average of the parameters.
+        schedule: own settings for the parameters of the forward process's schedule
+            (GenMD4's learnable powers), e.g. ``{weight_decay: 0.0}``; null trains them
+            with the settings above.
     """
 
     learning_rate: float = 1e-3
@@ -177,6 +215,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
+    schedule: ParameterGroupConfig | None = None
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "optimizer.learning_rate", "must be positive")
@@ -303,6 +342,8 @@ _CONFIG_SECTIONS = {
     "mesh": MeshConfig,
 }
 _SECTIONS = ("seed", *_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)
+_NESTED_CONFIGS = (ParameterGroupConfig,)
+"""Config dataclasses that a config section may hold as a nested mapping."""
 
 
 class _Builder:
@@ -405,6 +446,11 @@ class _Builder:
                     if not isinstance(component, hint):
                         raise self.error(path, f"{type(component).__name__} is not a {hint.__name__}")
                     return component, resolved
+        if hint in _NESTED_CONFIGS:
+            if not isinstance(value, dict):
+                raise self.error(path, f"expected a mapping, got {_describe(value)}")
+            kwargs, resolved = self.arguments(hint, value, path, context, path)
+            return self.construct(hint, kwargs, path), resolved
         if value is None:
             raise self.error(path, f"expected {_hint_name(hint)}, got null")
         if hint is float and isinstance(value, int) and not isinstance(value, bool):

@@ -1,5 +1,6 @@
 """The trainer: jitted steps with donated buffers, EMA, evaluation, samples, checkpoints."""
 
+import dataclasses
 import json
 import math
 import os
@@ -122,16 +123,41 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     )
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on :func:`learning_rate_schedule`. The trainer clips the gradient to
-    ``grad_clip`` global norm before it (the norm of the whole gradient across the mesh,
-    which an optax transform on one shard could not compute)."""
+SCHEDULE_PATH = ".process.schedule"
+"""Where a model's schedule parameters lie (``jax.tree_util.keystr`` of their paths)."""
+
+
+def _adamw(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     return optax.adamw(
         learning_rate_schedule(config, total_steps),
         b1=config.b1,
         b2=config.b2,
         eps=config.eps,
         weight_decay=config.weight_decay,
+    )
+
+
+def parameter_groups(params: Any) -> Any:
+    """``"schedule"`` for every leaf under the model's ``process.schedule``, ``"network"``
+    for the others (the labels of ``optax.multi_transform``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "schedule" if jax.tree_util.keystr(path).startswith(SCHEDULE_PATH) else "network",
+        params,
+    )
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on :func:`learning_rate_schedule`. With ``config.schedule`` the parameters of
+    the process's schedule get their own AdamW (:func:`parameter_groups`), whose unset
+    settings are the network's. The trainer clips the gradient to ``grad_clip`` global
+    norm before it (the norm of the whole gradient across the mesh, which an optax
+    transform on one shard could not compute)."""
+    if config.schedule is None:
+        return _adamw(config, total_steps)
+    group = dataclasses.replace(config, schedule=None, **config.schedule.settings())
+    return optax.multi_transform(
+        {"network": _adamw(config, total_steps), "schedule": _adamw(group, total_steps)},
+        parameter_groups,
     )
 
 

