@@ -69,6 +69,7 @@ from ddiff._sampler import (
     TimeGrid,
     apply_fixed,
     batched_log_mean,
+    batched_log_score,
     calls_per_prediction,
     time_grid,
 )
