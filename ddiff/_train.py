@@ -33,10 +33,10 @@ from ddiff._constant import partition_trainable, trainable
 from ddiff._data import eval_batches, metric_report, train_batches, validate_batch
 from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
 from ddiff._images import image_grid, png_bytes
+from ddiff._layers import gather_for_forward
 from ddiff._mesh import (
     BATCH_AXES,
     BATCH_SPEC,
-    gather,
     global_batch,
     global_norm,
     make_mesh,
@@ -261,7 +261,7 @@ class Trainer:
             params, model_static = partition_trainable(state.model)
 
             def loss(params):
-                model = eqx.combine(gather(params, specs), model_static)
+                model = eqx.combine(model_static, gather_for_forward(params, specs))
                 terms = objective.per_example_terms(
                     model, tokens, key=key, labels=labels, train=True, offset=offset, total=batch_size
                 )
@@ -341,7 +341,7 @@ class Trainer:
             specs = tree_specs(params, mesh)
 
             def local(params, tokens, labels):
-                full = eqx.combine(gather(params, specs), static)
+                full = eqx.combine(static, gather_for_forward(params, specs))
                 offset = jax.lax.axis_index(BATCH_AXES) * local_batch
                 terms = objective.per_example_terms(
                     full, tokens, key=key, labels=labels, train=False, offset=offset, total=batch_size
@@ -370,7 +370,7 @@ class Trainer:
             local_samples = num_samples // mesh.size
 
             def local(params, conditioning):
-                full = eqx.combine(gather(params, specs), static)
+                full = eqx.combine(static, gather_for_forward(params, specs))
                 device_key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXES))
                 output = sampler.sample(
                     full, key=device_key, num_samples=local_samples, seq_len=seq_len,
