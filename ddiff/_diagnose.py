@@ -30,8 +30,8 @@ class NamedObjective:
 
 
 def parse_objective(text: str, recipe: Recipe, *, source: str = "--objective") -> NamedObjective:
-    """Build an objective from ``NAME`` or a YAML mapping ``{kind: NAME, key: value}``,
-    with the recipe's data sizes; refuse one the recipe's model cannot serve."""
+    """Build an objective from ``NAME`` or a YAML mapping ``{kind: NAME, key: value}``
+    with the recipe's data sizes; it is reported under ``text`` as given."""
     spec = parse_yaml(text, source)
     if isinstance(spec, str):
         spec = {"kind": spec}
@@ -48,8 +48,7 @@ def parse_objective(text: str, recipe: Recipe, *, source: str = "--objective") -
         num_classes=data.num_classes,
         source=source,
     )
-    label = text.strip() if spec.keys() != {"kind"} else spec["kind"]
-    return NamedObjective(label=label, name=spec["kind"], objective=objective)
+    return NamedObjective(label=text.strip(), name=spec["kind"], objective=objective)
 
 
 def check_objectives(
