@@ -62,8 +62,8 @@ class CampbellELBO(ddiff.AbstractObjective):
     where x~ is one forward jump from x (r_t(x~|x) = R_t(x -> x~) / Z_t(x)) and
     A_t(x~, x) = R_t(x -> x~) q_t(x | x_0) / q_t(x~ | x_0) is the rate of the reversal of
     the forward process conditioned on x_0. The integrand is the path KL between that
-    reversal and the model's reverse CTMC (Campbell et al. App. C: the reversal's rate into
-    x, summed over the x~ it could come from, equals Z_t(x) E_{x~}[.] by a change of
+    reversal and the model's reverse CTMC (as in the proof of Prop. 2: the reversal's rates
+    into x, summed over the x~ they come from, equal Z_t(x) E_{x~}[.] by a change of
     variables). With x~ = x^{n<-y}, log A - log R̂ = log q_t(x^n | x_0^n) - log q_t(y | x_0^n)
     - log s_theta(x~, t)[n, x^n]: the forward rate cancels. Where x cannot jump
     (Z_t(x) = 0) the second term is 0.
@@ -240,7 +240,7 @@ class TauLeapingSampler(AbstractTauLeapingSampler):
 
 
 class PredictorCorrectorSampler(AbstractTauLeapingSampler):
-    """Tau-leaping with corrector steps (Campbell et al. sec. 4.2, Prop. 4): after each
+    """Tau-leaping with corrector steps (Campbell et al. sec. 4.2): after each
     leap to time s <= ``corrector_entry_time`` (s > 0), ``corrector_steps`` leaps of length
     ``corrector_step_size`` x (step length) under the rates R_s(x -> y) + R̂_s(x -> y),
     forward plus reverse, whose CTMC leaves q_s invariant; each is one more network call.
