@@ -274,12 +274,17 @@ class EvalConfig:
         time_draws: independent time (and noise) draws per sequence.
         max_examples: evaluate at most this many sequences (null: the whole split).
         seed: seed of the evaluation's randomness (fixed, so numbers are comparable).
+        objectives: further objectives (sections with ``kind:``) evaluated on the same
+            sequences with the same randomness and reported beside the recipe's own,
+            each under its kind (``score_entropy_bits_per_token``, ...): e.g. a network
+            trained with the MD4 ELBO evaluated under score entropy.
     """
 
     batch_size: int = 64
     time_draws: int = 4
     max_examples: int | None = None
     seed: int = 1234
+    objectives: tuple[AbstractObjective, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -456,6 +461,13 @@ class _Builder:
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if origin is tuple and isinstance(value, list):
+            element = _component_elements(hint)
+            if element is not None:
+                built = [
+                    self.value(element, item, f"{path}[{index}]", context)
+                    for index, item in enumerate(value)
+                ]
+                return tuple(b for b, _ in built), [shown for _, shown in built]
             value = tuple(value)
         if origin is Literal:
             allowed = typing.get_args(hint)
@@ -472,6 +484,15 @@ class _Builder:
                 extra = " (write a number without quotes)"
             raise self.error(path, f"expected {_hint_name(hint)}, got {_describe(value)}{extra}")
         return value, _plain(value)
+
+
+def _component_elements(hint: Any) -> type | None:
+    """The component protocol X of a ``tuple[X, ...]`` hint, else None."""
+    arguments = typing.get_args(hint)
+    if len(arguments) == 2 and arguments[1] is Ellipsis and isinstance(arguments[0], type):
+        if any(issubclass(arguments[0], base) for base in SLOTS.values()):
+            return arguments[0]
+    return None
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -547,6 +568,12 @@ def build_recipe(
     schedule_name = resolved["process"].get("schedule", {}).get("kind", "schedule")
     components["schedule"] = (schedule_name, built["process"].schedule)
     check_compatibility(components, source=source, deferred=("network",))
+    extra = eval_objectives(built["eval"], resolved["eval"])
+    kinds = [name for name, _ in extra.values()]
+    for path, (name, _) in extra.items():
+        if kinds.count(name) > 1:
+            raise builder.error(path, f"objective {name!r} is listed twice; keep one")
+    check_compatibility({**components, **extra}, source=source, deferred=("network",))
     return Recipe(
         seed=seed,
         resolved=resolved,
@@ -554,6 +581,16 @@ def build_recipe(
         source=source,
         **{key: built[key] for key in (*_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)},
     )
+
+
+def eval_objectives(config: EvalConfig, resolved: Mapping[str, Any]) -> dict[str, tuple[str, AbstractObjective]]:
+    """The extra evaluation objectives by recipe path (``eval.objectives[i]``), each with
+    its registered name, as :func:`ddiff.capabilities.check_compatibility` takes them."""
+    names = [section["kind"] for section in resolved.get("objectives", [])]
+    return {
+        f"eval.objectives[{index}]": (name, objective)
+        for index, (name, objective) in enumerate(zip(names, config.objectives, strict=True))
+    }
 
 
 def load_recipe(

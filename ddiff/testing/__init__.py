@@ -47,6 +47,7 @@ from ddiff.testing._exact import (
     exact_reverse_rates,
     oracle_model,
     oracle_network,
+    oracle_output,
     prior_gap,
     reverse_kl_rate,
 )
@@ -54,6 +55,7 @@ from ddiff.testing._suite import (
     DEFAULT_NETWORK,
     DEFAULT_PARAMETERIZATION,
     DEFAULT_PROCESS,
+    DEFAULT_SAMPLER_CASES,
     DISCRETE_STEPS,
     SAMPLER_CASES,
     Setup,

@@ -351,17 +351,25 @@ def oracle_model(
     """A :class:`ddiff.DiffusionModel` driven by the exact posterior of ``distribution``:
     the oracle's output is log p(x_0 | x_t) for a mean parameterization and the exact log
     score for a score parameterization."""
-    provided = parameterization.capabilities()
-    if MEAN in provided:
-        output = "log_mean"
-    elif SCORE in provided:
-        output = "log_score"
-    else:
-        raise DdiffError(
-            f"oracle: parameterization {type(parameterization).__name__} provides neither "
-            f"'{MEAN}' nor '{SCORE}'; build the oracle network with oracle_network()"
-        )
     network = oracle_network(
-        distribution, process, output=output, time_conditioned=time_conditioned
+        distribution,
+        process,
+        output=oracle_output(parameterization),
+        time_conditioned=time_conditioned,
     )
     return DiffusionModel(network=network, parameterization=parameterization, process=process)
+
+
+def oracle_output(parameterization: AbstractParameterization) -> Literal["log_mean", "log_score"]:
+    """What an oracle network must output for ``parameterization``: the exact log mean
+    when it provides a mean (it must read its input as log-probabilities), else the exact
+    log score (it must read its input as log scores)."""
+    provided = parameterization.capabilities()
+    if MEAN in provided:
+        return "log_mean"
+    if SCORE in provided:
+        return "log_score"
+    raise DdiffError(
+        f"oracle: parameterization {type(parameterization).__name__} provides neither "
+        f"'{MEAN}' nor '{SCORE}'; build the oracle network with oracle_network()"
+    )
