@@ -5,8 +5,8 @@ The public API. Plugins (built-in or third-party) import from here only.
 
 from ddiff import capabilities
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
-from ddiff._constant import Constant, partition_trainable, trainable
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
+from ddiff._constant import Constant, partition_trainable, trainable
 from ddiff._data import (
     METRICS,
     AbstractDataSource,
@@ -27,6 +27,7 @@ from ddiff._errors import (
 )
 from ddiff._hookspecs import hookimpl, hookspec
 from ddiff._images import image_grid, png_bytes
+from ddiff._layers import LayerStack, stack_layers
 from ddiff._model import DiffusionModel
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
 from ddiff._objective import AbstractObjective, ObjectiveTerms
@@ -46,6 +47,7 @@ from ddiff._recipe import (
     EvalConfig,
     NetworkSpec,
     OptimizerConfig,
+    ParameterGroupConfig,
     Recipe,
     TrainerConfig,
     apply_overrides,
@@ -69,6 +71,7 @@ from ddiff._sampler import (
     TimeGrid,
     apply_fixed,
     batched_log_mean,
+    batched_log_score,
     calls_per_prediction,
     time_grid,
 )

@@ -70,10 +70,13 @@ def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
 
 def leaf_spec(shape: tuple[int, ...], fsdp: int) -> P:
     """Shard an array over ``fsdp`` along its largest dimension divisible by the axis size
-    (replicate small arrays and arrays with no such dimension)."""
+    (replicate small arrays and arrays with no such dimension). The leading dimension of
+    an array of two or more dimensions is never chosen: it may be the layer axis of a
+    :class:`ddiff.LayerStack`, which is scanned over and gathered layer by layer."""
     if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
         return P()
-    candidates = [i for i, size in enumerate(shape) if size % fsdp == 0]
+    first = 1 if len(shape) >= 2 else 0
+    candidates = [i for i, size in enumerate(shape) if i >= first and size % fsdp == 0]
     if not candidates:
         return P()
     dim = max(candidates, key=lambda i: shape[i])

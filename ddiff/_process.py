@@ -163,6 +163,48 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
         column = jnp.take(table, x_t, axis=1).T  # (seq, vocab)
         return jnp.where(column > 0, jnp.log(jnp.where(column > 0, column, 1.0)), -jnp.inf)
 
+    def log_mean_from_score(self, log_score: StateLogProbs, x_t: Tokens, t: Time) -> LogProbs:
+        """The clean-value marginals whose concentration ratios are s: the inverse of
+        :meth:`log_score_from_mean` (Tweedie's formula for a factorized process, Lou et al.
+        2024 Thm. 4.2; SEDD's final denoising step). With w = (Q_t^T)^+ s, where
+        Q_t[v, y] = q_t(y | v),
+
+            mu[n, v] proportional to max(w[n, v], 0) q_t(x_t^n | v),
+
+        exact for the exact score; a model's scores may give negative weights, which are
+        clipped (uniform over the values that can produce x_t^n where none is left). The
+        default solves with the pseudo-inverse of the dense (vocab, states) table (small
+        vocabularies only); processes override it with a closed form.
+
+        Arguments:
+            log_score: log s, shape (seq, states).
+            x_t: the noisy tokens.
+            t: the time.
+
+        Returns:
+            log mu, shape (seq, vocab).
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # (vocab, states)
+        weights = jnp.exp(log_score) @ jnp.linalg.pinv(table)  # (seq, vocab)
+        current = jnp.take(table, x_t, axis=1).T  # q_t(x_t^n | v)
+        mean = possible_mean(jnp.log(jnp.maximum(weights, 0.0) * current), current > 0)
+        return jnp.where(mean > 0, jnp.log(jnp.where(mean > 0, mean, 1.0)), -jnp.inf)
+
+    def reconstruction_nll(self, x0: Tokens) -> Scalar:
+        """The reconstruction term of a continuous-time bound whose time 0 still carries
+        noise (alpha_0 < 1), in nats: sum_n E_{z ~ q_0(. | x_0^n)}[-log d(x_0^n | z)] for
+        the data-free decoder d(v | z) = q_0(z | v) / sum_u q_0(z | u), the posterior of
+        the noise at t = 0 under uniform data. With the exact reverse process the bound's
+        slack at t = 0 is E KL(p(x_0 | z) || d) <= this term. The default builds the dense
+        (vocab, states) table (small vocabularies only); processes override it with a
+        closed form.
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), jnp.zeros(()))
+        columns = jnp.sum(table, axis=0)
+        q = table[x0]  # (seq, states)
+        log_decoder = jnp.log(jnp.where(q > 0, q, 1.0)) - jnp.log(jnp.where(q > 0, columns, 1.0))
+        return -jnp.sum(jnp.where(q > 0, q * log_decoder, 0.0))
+
     def prior_kl(self, x0: Tokens) -> Scalar:
         """KL(q(x_1 | x_0) || p(x_1)) summed over positions, in nats (the prior term)."""
         q = self.marginal_probs(x0, jnp.ones(()))
@@ -186,6 +228,16 @@ class AbstractTransitionProcess(AbstractForwardProcess):
     @abc.abstractmethod
     def propagate(self, probs_s: StateProbs, s: Time, t: Time) -> StateProbs:
         """Push a distribution over x_s through the transition: sum_j p(j) q(x_t | x_s=j)."""
+
+    def unpropagate(self, values: StateProbs, s: Time, t: Time) -> StateProbs:
+        """Undo :meth:`propagate`: values Q_{s->t}^{-1} per position (row vectors over the
+        states). Applied to the scores at t it gives SEDD's "staggered score"
+        p_s(y) / p_t(x) = sum_z Q_{s->t}^{-1}[z, y] s[z] of the analytic (Tweedie
+        tau-leaping) step (Lou et al. 2024, Thm. 4.2). The default solves with the dense
+        (states, states) matrix (small state spaces only); processes override it with a
+        closed form."""
+        matrix = self.transition_probs(jnp.arange(self.num_states), s, t)
+        return jnp.linalg.solve(matrix.T, values.T).T
 
     def posterior_probs(self, x_t: Tokens, probs_0: StateProbs, s: Time, t: Time) -> StateProbs:
         """D3PM's reference-code reverse step: proportional to

@@ -126,16 +126,54 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         return jnp.where(jax.nn.one_hot(x_t, self.vocab_size, dtype=bool), 0.0, log_score)
 
 
-class X0Parameterization(ddiff.AbstractMeanParameterization):
+    def log_mean_from_score(self, log_score, x_t, t):
+        """Closed form (the inverse of :meth:`log_score_from_mean`): with a = alpha_t and
+        b = (1 - a)/V, s[y] = a w[y] + b sum(w) for w[v] = mu[v] / q_t(x | v), so
+        w = (s - b sum(s)) / a (SEDD's staggered score to t = 0) and
+        mu[v] proportional to max(w[v], 0) (a [v = x] + b)."""
+        a = self.schedule.alpha(t)
+        b = (1.0 - a) / self.vocab_size
+        score = jnp.exp(log_score)
+        weights = jnp.maximum(score - b * jnp.sum(score, axis=-1, keepdims=True), 0.0) / a
+        likelihood = self._mix(x_t, a)
+        mean = ddiff.possible_mean(jnp.log(weights * likelihood), likelihood > 0)
+        return jnp.where(mean > 0, jnp.log(jnp.where(mean > 0, mean, 1.0)), -jnp.inf)
+
+    def unpropagate(self, values, s, t):
+        """Closed form: Q_{s->t}^{-1} = (1/r) I - ((1 - r)/r) 11^T/V with r = alpha_t/alpha_s,
+        the uniform transition with the times exchanged."""
+        return self.propagate(values, t, s)
+
+    def reconstruction_nll(self, x0):
+        """Closed form: Q_0 is doubly stochastic, so d(v | z) = q_0(z | v) and the term is
+        D times the entropy of a row, -(a + b) log(a + b) - (V - 1) b log b with
+        a = alpha_0, b = (1 - a)/V."""
+        a = self.schedule.alpha(jnp.zeros(()))
+        b = (1.0 - a) / self.vocab_size
+        noise = jnp.where(b > 0, b * jnp.log(jnp.where(b > 0, b, 1.0)), 0.0)
+        return -x0.shape[0] * ((a + b) * jnp.log(a + b) + (self.vocab_size - 1) * noise)
+
+
+class X0Parameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractScoreParameterization):
     """mu_theta(x_t, t) = softmax of the network's V logits at every position (D3PM's
     x0-parameterization, Austin et al. 2021 sec. 3.3). Unlike MD4's ``mean`` (SUBS),
-    it assumes nothing of the process: a clean-looking token may still be noise."""
+    it assumes nothing of the process: a clean-looking token may still be noise.
+
+    The mean also reads as a score through the process's
+    :meth:`ddiff.AbstractForwardProcess.log_score_from_mean` (Lou et al. 2024), so the
+    same network can be trained or evaluated under score entropy.
+    """
+
+    provides = frozenset({caps.MEAN, caps.SCORE})
 
     def output_channels(self, process):
         return process.vocab_size
 
     def log_mean(self, output, x_t, t, process):
         return jax.nn.log_softmax(output, axis=-1)
+
+    def log_score(self, output, x_t, t, process):
+        return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)
 
 
 @ddiff.hookimpl

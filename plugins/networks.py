@@ -130,7 +130,7 @@ class Transformer(ddiff.AbstractNetwork):
     time_mlp: eqx.nn.MLP | None
     class_embedding: eqx.nn.Embedding | None
     conditioning_bias: Float[Array, " dim"]
-    blocks: tuple[TransformerBlock, ...]
+    blocks: ddiff.LayerStack
     final_norm: eqx.nn.LayerNorm
     final_modulation: eqx.nn.Linear
     head: eqx.nn.Linear
@@ -177,8 +177,8 @@ class Transformer(ddiff.AbstractNetwork):
             eqx.nn.Embedding(num_classes + 1, dim, key=keys[3]) if num_classes > 0 else None
         )
         self.conditioning_bias = jnp.zeros(dim)
-        self.blocks = tuple(
-            TransformerBlock(dim, heads, mlp_ratio, dropout, key=k) for k in keys[6:]
+        self.blocks = ddiff.stack_layers(
+            lambda k: TransformerBlock(dim, heads, mlp_ratio, dropout, key=k), keys[6:]
         )
         self.final_norm = eqx.nn.LayerNorm(dim, use_weight=False, use_bias=False)
         self.final_modulation = _zero_linear(dim, 2 * dim, key=keys[4])
@@ -194,9 +194,11 @@ class Transformer(ddiff.AbstractNetwork):
             cond = cond + self.time_mlp(timestep_features(t, cond.shape[0]))
         if self.class_embedding is not None:
             cond = cond + self.class_embedding(self.num_classes if label is None else label)
-        block_keys = [None] * len(self.blocks) if key is None else jax.random.split(key, len(self.blocks))
-        for block, block_key in zip(self.blocks, block_keys, strict=True):
-            x = block(x, cond, use_rotary, key=block_key)
+        x, _ = self.blocks(
+            x,
+            lambda block, h, k: (block(h, cond, use_rotary, key=k), None),
+            _scan_keys(key, self.blocks.count),
+        )
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
         x = _modulate(jax.vmap(self.final_norm)(x), shift, scale)
         return jax.vmap(self.head)(x)
@@ -275,24 +277,6 @@ def rotary(
     real, imaginary = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([real * cos - imaginary * sin, real * sin + imaginary * cos], axis=-1)
     return rotated.reshape(x.shape)
-
-
-def _stack(make: Callable[[ddiff.Key], eqx.Module], key: ddiff.Key, count: int) -> eqx.Module:
-    """``count`` independently initialised copies of a module, stacked along a leading
-    axis of every array (run them with :func:`_scan`)."""
-    return eqx.filter_vmap(make)(jax.random.split(key, count))
-
-
-def _scan(stacked: eqx.Module, carry: Any, step: Callable, xs: Any = None) -> tuple[Any, Any]:
-    """Apply stacked modules in order: ``carry, out = step(module, carry, x)`` with the
-    matching slice of ``xs``; one traced copy of the module, whatever the depth."""
-    params, static = eqx.partition(stacked, eqx.is_array)
-
-    def body(carry, sliced):
-        module_params, x = sliced
-        return step(eqx.combine(module_params, static), carry, x)
-
-    return jax.lax.scan(body, carry, (params, xs))
 
 
 def _initialise(parts: Callable[[ddiff.Key], dict[str, Any]], key: ddiff.Key) -> dict[str, Any]:
@@ -440,19 +424,16 @@ def _rotary_blocks(
         )
     ffn_scale = 2.0 / depth if depth_scaled_init else 1.0
     hidden = _glu_hidden(dim, multiple_of)
-    return _stack(
+    return ddiff.stack_layers(
         lambda k: RotaryBlock(dim, heads, hidden, cond_dim, mlp, dropout, ffn_scale, key=k),
-        key,
-        depth,
+        jax.random.split(key, depth),
     )
 
 
 def _run_blocks(
-    blocks: RotaryBlock, x: Float[Array, "seq dim"], cond: Array, key: ddiff.Key | None, depth: int
+    blocks: ddiff.LayerStack, x: Float[Array, "seq dim"], cond: Array, key: ddiff.Key | None
 ) -> Float[Array, "seq dim"]:
-    x, _ = _scan(
-        blocks, x, lambda block, h, k: (block(h, cond, key=k), None), _scan_keys(key, depth)
-    )
+    x, _ = blocks(x, lambda block, h, k: (block(h, cond, key=k), None), _scan_keys(key, blocks.count))
     return x
 
 
@@ -479,7 +460,7 @@ class MD4Transformer(ddiff.AbstractNetwork):
 
     embedding: Float[Array, "states dim"]
     condition: ConditionEmbedding
-    blocks: RotaryBlock
+    blocks: ddiff.LayerStack
     final_modulation: eqx.nn.Linear
     head: eqx.nn.Linear
     depth: int = eqx.field(static=True)
@@ -537,7 +518,7 @@ class MD4Transformer(ddiff.AbstractNetwork):
         k_embed, k_blocks = _split(key, 2)
         cond = self.condition(t, label)
         x = _dropout(self.embedding[x_t], self.dropout, k_embed)
-        x = _run_blocks(self.blocks, x, cond, k_blocks, self.depth)
+        x = _run_blocks(self.blocks, x, cond, k_blocks)
         shift, scale = jnp.split(self.final_modulation(GLU_ACTIVATIONS[self.mlp](cond)), 2)
         return jax.vmap(self.head)(_modulate(_layer_norm(x), shift, scale))
 
@@ -634,7 +615,7 @@ class PatchTransformer(eqx.Module):
 
     patch_in: eqx.nn.Conv2d
     position: Float[Array, "patches dim"]
-    blocks: RotaryBlock
+    blocks: ddiff.LayerStack
     final_modulation: eqx.nn.Linear
     patch_out: eqx.nn.Linear
     patch: int = eqx.field(static=True)
@@ -676,7 +657,7 @@ class PatchTransformer(eqx.Module):
         tokens = self.patch_in(x)
         dim = tokens.shape[0]
         tokens = tokens.reshape(dim, -1).T + self.position
-        tokens = _run_blocks(self.blocks, tokens, cond, key, self.depth)
+        tokens = _run_blocks(self.blocks, tokens, cond, key)
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
         patches = jax.vmap(self.patch_out)(_modulate(_layer_norm(tokens), shift, scale))
         patches = patches.reshape(height // p, width // p, p, p, channels)
@@ -711,12 +692,12 @@ class UNet(ddiff.AbstractNetwork):
     embedding: Float[Array, "states channels"]
     condition: ConditionEmbedding
     conv_in: eqx.nn.Conv2d
-    down: ResidualBlock
+    down: ddiff.LayerStack
     middle_in: ResidualBlock | None
     middle_attention: SelfAttention2d | None
     middle_out: ResidualBlock | None
     middle_transformer: PatchTransformer | None
-    up: ResidualBlock
+    up: ddiff.LayerStack
     norm_out: eqx.nn.GroupNorm
     conv_out: eqx.nn.Conv2d
     image_shape: tuple[int, int, int] = eqx.field(static=True)
@@ -786,9 +767,9 @@ class UNet(ddiff.AbstractNetwork):
                 / math.sqrt(num_states),
                 "condition": ConditionEmbedding(channels, time_conditioned, num_classes, key=keys[1]),
                 "conv_in": eqx.nn.Conv2d(colours * channels, channels, 3, padding=1, key=keys[2]),
-                "down": _stack(block(channels), keys[3], num_blocks),
+                "down": ddiff.stack_layers(block(channels), jax.random.split(keys[3], num_blocks)),
                 **middle,
-                "up": _stack(block(2 * channels), keys[5], num_blocks + 1),
+                "up": ddiff.stack_layers(block(2 * channels), jax.random.split(keys[5], num_blocks + 1)),
                 "norm_out": eqx.nn.GroupNorm(groups, channels),
                 "conv_out": _zero_conv(conv_out),
             }
@@ -820,7 +801,7 @@ class UNet(ddiff.AbstractNetwork):
             return h, h
 
         first = h
-        h, kept = _scan(self.down, h, down, _scan_keys(k_down, self.num_blocks))
+        h, kept = self.down(h, down, _scan_keys(k_down, self.num_blocks))
         if self.middle_transformer is not None:
             h = self.middle_transformer(h, cond, key=k_middle)
         else:
@@ -833,7 +814,7 @@ class UNet(ddiff.AbstractNetwork):
             skip, k = sliced
             return block(jnp.concatenate([h, skip]), cond, key=k), None
 
-        h, _ = _scan(self.up, h, up, (skips, _scan_keys(k_up, self.num_blocks + 1)))
+        h, _ = self.up(h, up, (skips, _scan_keys(k_up, self.num_blocks + 1)))
         out = self.conv_out(jax.nn.silu(self.norm_out(h)))
         out = out.reshape(colours, -1, height, width).transpose(2, 3, 0, 1)
         return out.reshape(height * width * colours, -1)

@@ -77,18 +77,6 @@ def test_transitions_compose_marginals(process):
     assert float(likelihood[1, 3]) == 1.0
 
 
-def test_rates_satisfy_kolmogorov_forward_equation(process):
-    # d/dt q_t = q_t R_t, checked by central differences (h = 1e-3, tolerance 1e-3).
-    x0 = jnp.array([0, 2])
-    t, h = 0.4, 1e-3
-    derivative = (process.marginal_probs(x0, jnp.asarray(t + h)) - process.marginal_probs(x0, jnp.asarray(t - h))) / (2 * h)
-    q = process.marginal_probs(x0, jnp.asarray(t))
-    states = jnp.arange(process.num_states)
-    rate_matrix = jax.vmap(lambda s: process.forward_rates(jnp.array([s]), jnp.asarray(t))[0])(states)
-    np.testing.assert_allclose(q @ rate_matrix, derivative, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(rate_matrix.sum(-1), 0.0, atol=1e-6)
-
-
 def test_prior_kl_is_exact(process):
     # KL(q(x_1|x_0) || p) = alpha_1 log V per position when the prior matches the mask rate.
     x0 = jnp.array([0, 1, 2, 2])

@@ -45,12 +45,12 @@ def test_paper_sizes_without_allocating():
         lambda: MD4Transformer(num_states=50258, num_outputs=50257, seq_len=1024, key=jax.random.key(0))
     )
     assert _count(md4_s) == 165_857_344
-    assert md4_s.blocks.w1.weight.shape == (12, 2048, 768)
+    assert md4_s.blocks.layers.w1.weight.shape == (12, 2048, 768)
     cifar = eqx.filter_eval_shape(
         lambda: UNet(num_states=257, num_outputs=256, seq_len=3072, key=jax.random.key(0))
     )
     assert _count(cifar) == 28_427_520
-    assert cifar.down.conv1.weight.shape[0] == 32 and cifar.up.conv1.weight.shape[:2] == (33, 128)
+    assert cifar.down.layers.conv1.weight.shape[0] == 32 and cifar.up.layers.conv1.weight.shape[:2] == (33, 128)
 
 
 def test_md4_transformer_starts_at_zero_and_conditions_on_time_and_class():
@@ -102,7 +102,7 @@ def test_depth_scaled_initialisation():
             num_states=4, num_outputs=3, seq_len=4, key=jax.random.key(0), dim=64, depth=8,
             heads=4, cond_dim=8, depth_scaled_init=depth_scaled,
         )  # fmt: skip
-        return float(jnp.std(network.blocks.w1.weight))
+        return float(jnp.std(network.blocks.layers.w1.weight))
 
     assert spread(True) == pytest.approx((2.0 / 8 / 64) ** 0.5, rel=0.05)
     assert spread(False) == pytest.approx((1.0 / 64) ** 0.5, rel=0.05)
@@ -126,7 +126,7 @@ def test_unet_maps_every_sub_pixel_to_logits(middle):
     assert not jnp.allclose(plain[0], plain[1])  # class
     assert not jnp.allclose(plain[0], plain[2])  # time
     assert not jnp.allclose(plain[0], dropped)
-    assert network.down.conv1.weight.shape[0] == 2 and network.up.conv1.weight.shape[0] == 3
+    assert network.down.layers.conv1.weight.shape[0] == 2 and network.up.layers.conv1.weight.shape[0] == 3
 
 
 def test_unet_refuses_an_image_shape_that_is_not_the_data():

@@ -1,0 +1,109 @@
+"""Stacks of identical layers, applied with one ``lax.scan`` and, under fully sharded data
+parallelism, gathered one layer at a time."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+from jaxtyping import Array
+
+from ddiff._mesh import FSDP, gather, sharded_dim
+
+SAVED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+"""What the backward pass of a sharded layer keeps from its forward pass: the outputs of
+matrix products and convolutions. Everything else, the gathered parameters included, is
+recomputed (gathering them again), so no layer's full parameters outlive its step."""
+
+
+def _save_products(primitive: Any, *_: Any, **__: Any) -> bool:
+    return primitive.name in SAVED_PRIMITIVES
+
+
+class ShardedLeaf(eqx.Module):
+    """A stacked parameter that is still sharded over the ``fsdp`` mesh axis: each layer's
+    slice is gathered along ``dim`` right before the layer runs. Made by the trainer
+    inside its ``shard_map``; a network never builds one."""
+
+    shard: Array
+    dim: int = eqx.field(static=True)
+
+
+def _is_sharded_leaf(node: Any) -> bool:
+    return isinstance(node, ShardedLeaf)
+
+
+def _gather_layer(layer: Any) -> Any:
+    def one(node: Any) -> Any:
+        if not isinstance(node, ShardedLeaf):
+            return node
+        return jax.lax.all_gather(node.shard, FSDP, axis=node.dim, tiled=True)
+
+    return jax.tree.map(one, layer, is_leaf=_is_sharded_leaf)
+
+
+class LayerStack(eqx.Module):
+    """``count`` layers of the same structure, stored as one module whose arrays carry a
+    leading layer axis, and applied in order with one ``lax.scan`` (one traced copy of the
+    layer, whatever the depth). Build it with :func:`stack_layers`.
+
+    Under FSDP the trainer hands the stack over still sharded; each layer's parameters are
+    all-gathered inside the scan body, and the body is rematerialised keeping only matrix
+    products and convolutions (:data:`SAVED_PRIMITIVES`), so the backward pass gathers
+    them again: at most one layer's full parameters (and the sharded rest) are alive at a
+    time (ZeRO-3).
+
+    Attributes:
+        layers: the stacked layer module.
+        count: the number of layers.
+    """
+
+    layers: Any
+    count: int = eqx.field(static=True)
+
+    def __call__(self, carry: Any, step: Callable[[Any, Any, Any], tuple[Any, Any]], xs: Any = None) -> tuple[Any, Any]:
+        """Run ``carry, out = step(layer, carry, x)`` for each layer with the matching slice
+        of ``xs``; returns the final carry and the stacked outputs (as ``lax.scan``)."""
+        params, static = eqx.partition(self.layers, eqx.is_array)
+        sharded = any(_is_sharded_leaf(node) for node in jax.tree.leaves(self.layers, is_leaf=_is_sharded_leaf))
+
+        def body(carry: Any, sliced: Any) -> tuple[Any, Any]:
+            layer_params, x = sliced
+            layer = _gather_layer(eqx.combine(layer_params, static))
+            return step(layer, carry, x)
+
+        if sharded:
+            body = jax.checkpoint(body, policy=_save_products)
+        return jax.lax.scan(body, carry, (params, xs))
+
+
+def stack_layers(make: Callable[[jax.Array], eqx.Module], keys: jax.Array) -> LayerStack:
+    """One layer ``make(key)`` per key of ``keys`` (e.g. ``jax.random.split(key, depth)``),
+    stacked into a :class:`LayerStack`; the values equal those of calling ``make`` on each
+    key in turn."""
+    return LayerStack(layers=eqx.filter_vmap(make)(keys), count=len(keys))
+
+
+def _is_layer_stack(node: Any) -> bool:
+    return isinstance(node, LayerStack)
+
+
+def gather_for_forward(params: Any, specs: Any) -> Any:
+    """Inside ``shard_map``: all-gather every fsdp-sharded leaf outside a
+    :class:`LayerStack`; inside one, wrap it as a :class:`ShardedLeaf` so the stack gathers
+    it layer by layer (a leaf sharded along the layer axis itself is gathered now)."""
+
+    def defer(leaf: Any, spec: Any) -> Any:
+        dim = sharded_dim(spec)
+        if dim is None:
+            return leaf
+        if dim == 0:
+            return jax.lax.all_gather(leaf, FSDP, axis=0, tiled=True)
+        return ShardedLeaf(shard=leaf, dim=dim - 1)
+
+    def one(node: Any, spec: Any) -> Any:
+        if _is_layer_stack(node):
+            return LayerStack(layers=jax.tree.map(defer, node.layers, spec.layers), count=node.count)
+        return gather(node, spec)
+
+    return jax.tree.map(one, params, specs, is_leaf=_is_layer_stack)
