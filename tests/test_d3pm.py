@@ -177,17 +177,20 @@ def _true_posterior(process, x_t, x0, s, t):
     return joint / jnp.sum(joint, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("family", ["masked", "uniform", "gaussian"])
+@pytest.mark.parametrize("family", ["masked", "masked_per_value", "uniform", "gaussian"])
 def test_closed_forms_match_enumeration(family):
     """log_marginal_from_mean (for unnormalised weights with zeros) and
     log_marginal_likelihood of each family against the core's enumeration over values
     (abs 1e-5) at t = 0.25, 0.625, 1, and the reverse step with a one-hot mu against the
-    true posterior q(x_s | x_t, x_0) (abs 1e-5)."""
-    process = (
-        _gaussian()
-        if family == "gaussian"
-        else build("process", {"kind": family, "schedule": "jsd"})
-    )
+    true posterior q(x_s | x_t, x_0) (abs 1e-5). ``masked_per_value`` is GenMD4's
+    state-dependent masking (powers 0.5, 1, 3)."""
+    if family == "gaussian":
+        process = _gaussian()
+    elif family == "masked_per_value":
+        schedule = {"kind": "learnable_poly", "initial_powers": [0.5, 1.0, 3.0]}
+        process = build("process", {"kind": "masked", "schedule": schedule})
+    else:
+        process = build("process", {"kind": family, "schedule": "jsd"})
     weights = jnp.log(
         jnp.array([[0.2, 0.0, 0.5], [1.0, 2.0, 3.0], [0.0, 0.0, 1.0], [0.1, 0.1, 0.1]])
     )
