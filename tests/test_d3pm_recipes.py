@@ -46,11 +46,13 @@ def test_d3pm_text8_recipe(tmp_path, capsys):
 @pytest.mark.slow
 def test_d3pm_cifar10_recipe(tmp_path, capsys):
     """The Gaussian family with the logistic on CIFAR-10, tables for 8 steps, one test
-    image (the exact reverse step costs V^2 exponentials per sub-pixel on a CPU)."""
+    image, batches of one (the exact reverse step costs V^2 exponentials per sub-pixel on a
+    CPU)."""
     write_cifar10(tmp_path / "data", per_batch=2, test=1)
     out = _run(
         capsys, "d3pm_gaussian_cifar10", tmp_path / "run", f"data.root={tmp_path / 'data'}", "data.download=false",
         *SMALL_UNET, "process.schedule.steps=8", "objective.steps=8", "eval.time_draws=1", "trainer.num_samples=1",
+        "trainer.batch_size=1",
     )  # fmt: skip
     assert "discretized_gaussian process, discretized_logistic parameterization" in out
     result = _eval_json(tmp_path / "run")
