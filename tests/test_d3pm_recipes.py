@@ -4,7 +4,7 @@ overrides, as tests/test_paper_recipes.py does for MD4)."""
 
 import pytest
 from data_fixtures import write_cifar10, write_text8
-from test_paper_recipes import RECIPES, SHRINK, SMALL_TRANSFORMER, SMALL_UNET, _eval_json, _run
+from test_paper_recipes import RECIPES, SMALL_TRANSFORMER, SMALL_UNET, _eval_json, _run
 
 from ddiff import load_recipe
 
