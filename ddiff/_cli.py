@@ -80,6 +80,36 @@ def _parser() -> argparse.ArgumentParser:
         "fixed throughout sampling, -1 marks positions to generate",
     )
 
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="evaluate several objectives on the same network and data: means and spreads",
+    )
+    diagnose.add_argument(
+        "target", help="a run directory (its trained model) or a recipe YAML (its untrained model)"
+    )
+    diagnose.add_argument("overrides", nargs="*", help="recipe overrides such as data.eval_split=test")
+    diagnose.add_argument(
+        "--objective",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="a registered objective, NAME or '{kind: NAME, key: value}'; give it once per objective",
+    )
+    diagnose.add_argument("--batches", type=int, default=8, help="eval batches to use (default 8)")
+    diagnose.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per batch (default eval.batch_size)"
+    )
+    diagnose.add_argument(
+        "--repeats", type=int, default=1, help="independent draws per batch (2+ gives the estimator std)"
+    )
+    diagnose.add_argument("--seed", type=int, default=0)
+    diagnose.add_argument(
+        "--no-ema", action="store_true", help="a run's trained parameters rather than their EMA"
+    )
+    diagnose.add_argument(
+        "--output", default=None, help="JSON file (default DIR/diagnose.json, or diagnose.json here)"
+    )
+
     commands.add_parser("plugins", help="list registered components by slot and plugin")
 
     recipe = commands.add_parser("recipe", help="inspect recipes")
@@ -227,6 +257,41 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} samples ({int(output.num_function_evals)} network evaluations) to {path}")
 
 
+def _diagnose(args: argparse.Namespace) -> None:
+    import jax
+
+    from ddiff._diagnose import diagnose, format_diagnosis, parse_objective
+    from ddiff._recipe import load_recipe
+    from ddiff._train import _atomic_write_text, build_model, load_run
+
+    target = Path(args.target)
+    overrides = list(args.overrides)
+    if args.batch_size is not None:
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    if not target.exists():
+        raise RecipeError("no such run directory or recipe file", source=str(target))
+    if target.is_dir():
+        recipe, state = load_run(target, tuple(overrides))
+        model = state.model if args.no_ema else state.ema
+        output = Path(args.output) if args.output else target / "diagnose.json"
+        described = f"{target} at step {int(state.step)} ({'trained' if args.no_ema else 'EMA'} parameters)"
+    else:
+        recipe = load_recipe(target, overrides)
+        model = build_model(recipe, jax.random.split(jax.random.PRNGKey(recipe.seed))[0])
+        output = Path(args.output) if args.output else Path("diagnose.json")
+        described = f"{target}, untrained (the initialisation of seed {recipe.seed})"
+    objectives = [parse_objective(text, recipe) for text in args.objective]
+    labels = [named.label for named in objectives]
+    if len(set(labels)) != len(labels):
+        raise RecipeError("the same --objective is given twice", source="command line")
+    result = diagnose(
+        model, recipe, objectives, max_batches=args.batches, repeats=args.repeats, seed=args.seed
+    )
+    result = {"model": described, **result}
+    _atomic_write_text(output, json.dumps(result, indent=2) + "\n")
+    print(f"{described}\n{format_diagnosis(result)}\nwrote {output}")
+
+
 def _plugins(args: argparse.Namespace) -> None:
     from ddiff._registry import SLOTS, default_registry
 
@@ -249,7 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.no_typecheck:
         set_typecheck(False)
-    handlers = {"run": _run, "eval": _eval, "sample": _sample, "plugins": _plugins, "plot": _plot}
+    handlers = {
+        "run": _run,
+        "eval": _eval,
+        "sample": _sample,
+        "plugins": _plugins,
+        "plot": _plot,
+        "diagnose": _diagnose,
+    }
     try:
         if args.command == "recipe":
             _recipe_show(args)
