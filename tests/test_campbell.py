@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ddiff_plugins import campbell
 
 import ddiff
 import ddiff.testing as kit
-from ddiff_plugins import campbell
 
 V, D = 3, 4
 PROCESSES = {
