@@ -47,6 +47,7 @@ from ddiff._recipe import (
     EvalConfig,
     NetworkSpec,
     OptimizerConfig,
+    ParameterGroupConfig,
     Recipe,
     TrainerConfig,
     apply_overrides,
@@ -70,6 +71,7 @@ from ddiff._sampler import (
     TimeGrid,
     apply_fixed,
     batched_log_mean,
+    batched_log_score,
     calls_per_prediction,
     time_grid,
 )

@@ -6,7 +6,9 @@ declare ``requires``, a mapping from a recipe slot (``process``, ``parameterizat
 slot. A component may refine what it provides per instance by overriding
 ``capabilities()`` (a masked process built on a per-value schedule provides
 ``state_dependent`` rather than ``scalar_schedule``, a network built without time
-conditioning provides ``time_independent``).
+conditioning provides ``time_independent``). What capabilities cannot express (numbers
+that must agree, such as the step counts of a discrete-time grid) a component checks in
+``pairing_problem``.
 """
 
 from collections.abc import Collection, Mapping
@@ -56,6 +58,18 @@ class Capable:
         """What this instance provides (default: the class's ``provides``)."""
         return frozenset(type(self).provides)
 
+    def pairing_problem(self, components: Mapping[str, tuple[str, Any]]) -> str | None:
+        """Why this component cannot work with the others of a recipe, in one sentence,
+        or None (the default). For constraints that capabilities cannot express, such as
+        a number of steps that must match: a process whose transition tables exist on a
+        fixed time grid refuses an objective that steps on another grid.
+
+        Arguments:
+            components: slot -> (registered name, component) of the recipe, this one
+                included.
+        """
+        return None
+
 
 def check_compatibility(
     components: Mapping[str, tuple[str, Any]],
@@ -63,7 +77,8 @@ def check_compatibility(
     source: str | None = None,
     deferred: Collection[str] = (),
 ) -> None:
-    """Refuse a set of components in which one requires what another does not provide.
+    """Refuse a set of components in which one requires what another does not provide,
+    or in which one reports a :meth:`Capable.pairing_problem` with the others.
 
     Arguments:
         components: slot -> (registered name, component instance). Only components
@@ -96,3 +111,11 @@ def check_compatibility(
                     source=source,
                     path=slot,
                 )
+    for slot, (name, component) in components.items():
+        problem = component.pairing_problem(components) if isinstance(component, Capable) else None
+        if problem is not None:
+            raise IncompatibleComponentsError(
+                f"{slot} {name!r} cannot be used with this recipe: {problem}",
+                source=source,
+                path=slot,
+            )

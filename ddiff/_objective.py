@@ -29,7 +29,9 @@ class ObjectiveTerms(eqx.Module):
         loss: the quantity that is differentiated (a surrogate where the objective
             needs one, e.g. REINFORCE or a hybrid cross-entropy), in nats.
         nelbo: an unbiased estimate of the negative ELBO of the whole sequence, in nats.
-        metrics: named terms (``diffusion``, ``reconstruction``, ``prior``, ...), in nats.
+        metrics: named terms (``diffusion``, ``reconstruction``, ``prior``, ...), in nats,
+            and diagnostics that are not nats where an objective has them (GenMD4's
+            learned powers ``power_min``/``power_mean``/``power_max``, dimensionless).
     """
 
     loss: Scalar

@@ -33,6 +33,14 @@ def possible_mean(
     return jnp.where(total > 0, mean / jnp.where(total > 0, total, 1.0), fallback)
 
 
+def _normalised(log_probs: Float[Array, "seq states"]) -> Float[Array, "seq states"]:
+    """Log-probabilities normalised over the last axis, with a gradient that is never NaN;
+    a row that is -inf throughout stays so."""
+    reachable = jnp.any(log_probs > -jnp.inf, axis=-1, keepdims=True)
+    total = jax.nn.logsumexp(jnp.where(reachable, log_probs, 0.0), axis=-1, keepdims=True)
+    return log_probs - jnp.where(reachable, total, 0.0)
+
+
 class AbstractForwardProcess(AbstractCheckedModule, Capable):
     """A forward (noising) process over sequences of tokens, factorized over positions.
 
@@ -106,6 +114,97 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
         score = jnp.where(possible, mean / jnp.where(possible, current, 1.0), 0.0) @ table
         return jnp.where(score > 0, jnp.log(jnp.where(score > 0, score, 1.0)), -jnp.inf)
 
+    def log_marginal_from_mean(self, log_mean: LogProbs, t: Time) -> StateLogProbs:
+        """The marginal of x_t when x_0 is drawn from mu, in log space:
+
+            log q_t(y | mu)[n] = log sum_v mu[n, v] q_t(y | v),
+
+        D3PM's x0-parameterization pushing the predicted x_0 through the forward process
+        (Austin et al. 2021, eq. 4); with mu one-hot at x_0 it is log q(x_t | x_0). The map
+        is linear, so mu may be any non-negative weights (they need not sum to one).
+        Values mu gives no mass (-inf) and states no value reaches give -inf; nothing is
+        padded.
+
+        The default enumerates q_t over every clean value (O(V S) per position, small
+        vocabularies only); processes override it with a closed form.
+
+        Arguments:
+            log_mean: log mu (or log weights), shape (seq, vocab); -inf entries allowed.
+            t: the time.
+
+        Returns:
+            log q_t(y | mu), shape (seq, states).
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # q_t(y | v), (vocab, states)
+        log_table = jnp.where(table > 0, jnp.log(jnp.where(table > 0, table, 1.0)), -jnp.inf)
+        terms = log_mean[:, :, None] + log_table[None]
+        # A log-sum-exp over entries that are all -inf has a NaN gradient: guard it.
+        reachable = jnp.any(terms > -jnp.inf, axis=1)
+        total = jax.nn.logsumexp(jnp.where(reachable[:, None, :], terms, 0.0), axis=1)
+        return jnp.where(reachable, total, -jnp.inf)
+
+    def log_marginal_likelihood(self, x_t: Tokens, t: Time) -> LogProbs:
+        """log q_t(x_t^n | x_0^n = v) for every clean value v, per position: how well each
+        value explains the noisy token (the column of q_t that ``marginal_probs`` gives a
+        row of). Bayes' rule with it turns a denoiser into posteriors, as in D3PM's
+        x0-parameterization.
+
+        The default enumerates q_t over every clean value (O(V S) per position, small
+        vocabularies only); processes override it with a closed form.
+
+        Arguments:
+            x_t: the noisy tokens.
+            t: the time.
+
+        Returns:
+            Shape (seq, vocab); -inf for a value that cannot produce x_t^n.
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # q_t(y | v), (vocab, states)
+        column = jnp.take(table, x_t, axis=1).T  # (seq, vocab)
+        return jnp.where(column > 0, jnp.log(jnp.where(column > 0, column, 1.0)), -jnp.inf)
+
+    def log_mean_from_score(self, log_score: StateLogProbs, x_t: Tokens, t: Time) -> LogProbs:
+        """The clean-value marginals whose concentration ratios are s: the inverse of
+        :meth:`log_score_from_mean` (Tweedie's formula for a factorized process, Lou et al.
+        2024 Thm. 4.2; SEDD's final denoising step). With w = (Q_t^T)^+ s, where
+        Q_t[v, y] = q_t(y | v),
+
+            mu[n, v] proportional to max(w[n, v], 0) q_t(x_t^n | v),
+
+        exact for the exact score; a model's scores may give negative weights, which are
+        clipped (uniform over the values that can produce x_t^n where none is left). The
+        default solves with the pseudo-inverse of the dense (vocab, states) table (small
+        vocabularies only); processes override it with a closed form.
+
+        Arguments:
+            log_score: log s, shape (seq, states).
+            x_t: the noisy tokens.
+            t: the time.
+
+        Returns:
+            log mu, shape (seq, vocab).
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # (vocab, states)
+        weights = jnp.exp(log_score) @ jnp.linalg.pinv(table)  # (seq, vocab)
+        current = jnp.take(table, x_t, axis=1).T  # q_t(x_t^n | v)
+        mean = possible_mean(jnp.log(jnp.maximum(weights, 0.0) * current), current > 0)
+        return jnp.where(mean > 0, jnp.log(jnp.where(mean > 0, mean, 1.0)), -jnp.inf)
+
+    def reconstruction_nll(self, x0: Tokens) -> Scalar:
+        """The reconstruction term of a continuous-time bound whose time 0 still carries
+        noise (alpha_0 < 1), in nats: sum_n E_{z ~ q_0(. | x_0^n)}[-log d(x_0^n | z)] for
+        the data-free decoder d(v | z) = q_0(z | v) / sum_u q_0(z | u), the posterior of
+        the noise at t = 0 under uniform data. With the exact reverse process the bound's
+        slack at t = 0 is E KL(p(x_0 | z) || d) <= this term. The default builds the dense
+        (vocab, states) table (small vocabularies only); processes override it with a
+        closed form.
+        """
+        table = self.marginal_probs(jnp.arange(self.vocab_size), jnp.zeros(()))
+        columns = jnp.sum(table, axis=0)
+        q = table[x0]  # (seq, states)
+        log_decoder = jnp.log(jnp.where(q > 0, q, 1.0)) - jnp.log(jnp.where(q > 0, columns, 1.0))
+        return -jnp.sum(jnp.where(q > 0, q * log_decoder, 0.0))
+
     def prior_kl(self, x0: Tokens) -> Scalar:
         """KL(q(x_1 | x_0) || p(x_1)) summed over positions, in nats (the prior term)."""
         q = self.marginal_probs(x0, jnp.ones(()))
@@ -130,13 +229,79 @@ class AbstractTransitionProcess(AbstractForwardProcess):
     def propagate(self, probs_s: StateProbs, s: Time, t: Time) -> StateProbs:
         """Push a distribution over x_s through the transition: sum_j p(j) q(x_t | x_s=j)."""
 
+    def unpropagate(self, values: StateProbs, s: Time, t: Time) -> StateProbs:
+        """Undo :meth:`propagate`: values Q_{s->t}^{-1} per position (row vectors over the
+        states). Applied to the scores at t it gives SEDD's "staggered score"
+        p_s(y) / p_t(x) = sum_z Q_{s->t}^{-1}[z, y] s[z] of the analytic (Tweedie
+        tau-leaping) step (Lou et al. 2024, Thm. 4.2). The default solves with the dense
+        (states, states) matrix (small state spaces only); processes override it with a
+        closed form."""
+        matrix = self.transition_probs(jnp.arange(self.num_states), s, t)
+        return jnp.linalg.solve(matrix.T, values.T).T
+
     def posterior_probs(self, x_t: Tokens, probs_0: StateProbs, s: Time, t: Time) -> StateProbs:
-        """q(x_s | x_t, x_0) averaged over x_0 ~ probs_0 as D3PM does for its
-        x0-parameterization: proportional to q(x_t | x_s) * sum_x0 p(x0) q(x_s | x_0)."""
+        """D3PM's reference-code reverse step: proportional to
+        q(x_t | x_s) * sum_x0 p(x0) q(x_s | x_0), x_0 weighted by the joint
+        q(x_s, x_t | x_0). It equals q(x_s | x_t, x_0) averaged over x_0 ~ probs_0 only
+        when q_t(x_t | x_0) is the same for every x_0 that can produce x_t (the absorbing
+        process); :meth:`log_posterior_from_mean` is the average for any process."""
         unnormalized = self.transition_likelihood(x_t, s, t) * self.propagate(
             probs_0, jnp.zeros(()), s
         )
         return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+    def log_posterior(self, x_t: Tokens, x0: Tokens, s: Time, t: Time) -> StateLogProbs:
+        """log q(x_s | x_t, x_0), proportional to q(x_t | x_s) q(x_s | x_0) (D3PM eq. 3),
+        per position. The default takes logarithms of ``transition_likelihood`` and
+        ``marginal_probs``; a process whose probabilities can underflow float32 computes
+        it from logarithms instead.
+
+        Arguments:
+            x_t: the noisy tokens at time t.
+            x0: the clean tokens.
+            s: the earlier time, s < t.
+            t: the time of x_t.
+
+        Returns:
+            Shape (seq, states), normalised over states.
+        """
+        joint = self.transition_likelihood(x_t, s, t) * self.marginal_probs(x0, s)
+        log_joint = jnp.where(joint > 0, jnp.log(jnp.where(joint > 0, joint, 1.0)), -jnp.inf)
+        return _normalised(log_joint)
+
+    def log_posterior_from_mean(
+        self, x_t: Tokens, log_mean: LogProbs, s: Time, t: Time
+    ) -> StateLogProbs:
+        """log p(x_s | x_t) when x_0 ~ mu is pushed through the true posterior, D3PM's
+        x0-parameterization of the reverse step (Austin et al. 2021, sec. 3.3):
+
+            p(x_s = j | x_t) = sum_v mu[v] q(x_s = j | x_t, x_0 = v)
+                             = q(x_t | x_s = j) sum_v [mu[v] / q_t(x_t | v)] q_s(j | v).
+
+        With the exact denoiser mu it is the exact reverse step of each position; with mu
+        one-hot at x_0 it is q(x_s | x_t, x_0). The default weights the values by
+        mu[v] / q_t(x_t | v) (:meth:`log_marginal_likelihood`), pushes the weights to time s
+        (:meth:`log_marginal_from_mean`), multiplies by q(x_t | x_s)
+        (``transition_likelihood``, read in probability space) and normalises in log
+        space; a process whose transition probabilities can underflow float32 (the
+        discretized Gaussian) overrides it. A position whose x_t no value mu allows can
+        produce gets -inf throughout.
+
+        Arguments:
+            x_t: the noisy tokens at time t.
+            log_mean: log mu, shape (seq, vocab).
+            s: the earlier time, s < t.
+            t: the time of x_t.
+
+        Returns:
+            log p(x_s | x_t), shape (seq, states), normalised over states.
+        """
+        likelihood = self.log_marginal_likelihood(x_t, t)
+        possible = likelihood > -jnp.inf
+        weights = jnp.where(possible, log_mean - jnp.where(possible, likelihood, 0.0), -jnp.inf)
+        step = self.transition_likelihood(x_t, s, t)
+        log_step = jnp.where(step > 0, jnp.log(jnp.where(step > 0, step, 1.0)), -jnp.inf)
+        return _normalised(log_step + self.log_marginal_from_mean(weights, s))
 
 
 class AbstractRateProcess(AbstractForwardProcess):

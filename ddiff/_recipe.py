@@ -152,6 +152,41 @@ def _deep_copy(value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParameterGroupConfig:
+    """AdamW settings for one group of parameters (the forward process's schedule); each
+    left null takes the network's value. The group follows the same warmup and decay,
+    scaled to its own peak learning rate.
+
+    Attributes:
+        learning_rate: peak learning rate.
+        weight_decay: decoupled weight decay.
+        b1, b2, eps: Adam moments.
+    """
+
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    b1: float | None = None
+    b2: float | None = None
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.learning_rate is None or self.learning_rate > 0,
+            "optimizer.schedule.learning_rate",
+            "must be positive",
+        )
+        _require(
+            self.weight_decay is None or self.weight_decay >= 0,
+            "optimizer.schedule.weight_decay",
+            "must be >= 0",
+        )
+
+    def settings(self) -> dict[str, float]:
+        """The settings given (not null), by name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup and cosine decay, global-norm clipping, and an EMA.
 
@@ -165,6 +200,9 @@ class OptimizerConfig:
         b1, b2, eps: Adam moments.
         grad_clip: global gradient norm clip (null disables).
         ema_decay: decay of the exponential moving average of the parameters.
+        schedule: own settings for the parameters of the forward process's schedule
+            (GenMD4's learnable powers), e.g. ``{weight_decay: 0.0}``; null trains them
+            with the settings above.
     """
 
     learning_rate: float = 1e-3
@@ -177,6 +215,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
+    schedule: ParameterGroupConfig | None = None
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "optimizer.learning_rate", "must be positive")
@@ -235,12 +274,17 @@ class EvalConfig:
         time_draws: independent time (and noise) draws per sequence.
         max_examples: evaluate at most this many sequences (null: the whole split).
         seed: seed of the evaluation's randomness (fixed, so numbers are comparable).
+        objectives: further objectives (sections with ``kind:``) evaluated on the same
+            sequences with the same randomness and reported beside the recipe's own,
+            each under its kind (``score_entropy_bits_per_token``, ...): e.g. a network
+            trained with the MD4 ELBO evaluated under score entropy.
     """
 
     batch_size: int = 64
     time_draws: int = 4
     max_examples: int | None = None
     seed: int = 1234
+    objectives: tuple[AbstractObjective, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -303,6 +347,8 @@ _CONFIG_SECTIONS = {
     "mesh": MeshConfig,
 }
 _SECTIONS = ("seed", *_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)
+_NESTED_CONFIGS = (ParameterGroupConfig,)
+"""Config dataclasses that a config section may hold as a nested mapping."""
 
 
 class _Builder:
@@ -405,11 +451,23 @@ class _Builder:
                     if not isinstance(component, hint):
                         raise self.error(path, f"{type(component).__name__} is not a {hint.__name__}")
                     return component, resolved
+        if hint in _NESTED_CONFIGS:
+            if not isinstance(value, dict):
+                raise self.error(path, f"expected a mapping, got {_describe(value)}")
+            kwargs, resolved = self.arguments(hint, value, path, context, path)
+            return self.construct(hint, kwargs, path), resolved
         if value is None:
             raise self.error(path, f"expected {_hint_name(hint)}, got null")
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if origin is tuple and isinstance(value, list):
+            element = _component_elements(hint)
+            if element is not None:
+                built = [
+                    self.value(element, item, f"{path}[{index}]", context)
+                    for index, item in enumerate(value)
+                ]
+                return tuple(b for b, _ in built), [shown for _, shown in built]
             value = tuple(value)
         if origin is Literal:
             allowed = typing.get_args(hint)
@@ -426,6 +484,15 @@ class _Builder:
                 extra = " (write a number without quotes)"
             raise self.error(path, f"expected {_hint_name(hint)}, got {_describe(value)}{extra}")
         return value, _plain(value)
+
+
+def _component_elements(hint: Any) -> type | None:
+    """The component protocol X of a ``tuple[X, ...]`` hint, else None."""
+    arguments = typing.get_args(hint)
+    if len(arguments) == 2 and arguments[1] is Ellipsis and isinstance(arguments[0], type):
+        if any(issubclass(arguments[0], base) for base in SLOTS.values()):
+            return arguments[0]
+    return None
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -501,6 +568,12 @@ def build_recipe(
     schedule_name = resolved["process"].get("schedule", {}).get("kind", "schedule")
     components["schedule"] = (schedule_name, built["process"].schedule)
     check_compatibility(components, source=source, deferred=("network",))
+    extra = eval_objectives(built["eval"], resolved["eval"])
+    kinds = [name for name, _ in extra.values()]
+    for path, (name, _) in extra.items():
+        if kinds.count(name) > 1:
+            raise builder.error(path, f"objective {name!r} is listed twice; keep one")
+    check_compatibility({**components, **extra}, source=source, deferred=("network",))
     return Recipe(
         seed=seed,
         resolved=resolved,
@@ -508,6 +581,16 @@ def build_recipe(
         source=source,
         **{key: built[key] for key in (*_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)},
     )
+
+
+def eval_objectives(config: EvalConfig, resolved: Mapping[str, Any]) -> dict[str, tuple[str, AbstractObjective]]:
+    """The extra evaluation objectives by recipe path (``eval.objectives[i]``), each with
+    its registered name, as :func:`ddiff.capabilities.check_compatibility` takes them."""
+    names = [section["kind"] for section in resolved.get("objectives", [])]
+    return {
+        f"eval.objectives[{index}]": (name, objective)
+        for index, (name, objective) in enumerate(zip(names, config.objectives, strict=True))
+    }
 
 
 def load_recipe(

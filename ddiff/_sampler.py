@@ -118,3 +118,34 @@ def batched_log_mean(
     finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
     mixed = jnp.where(finite, (1.0 + w) * conditional - w * jnp.where(finite, unconditional, 0.0), -jnp.inf)
     return jax.nn.log_softmax(mixed, axis=-1), 2
+
+
+def batched_log_score(
+    model: DiffusionModel,
+    x_t: Int[Array, "batch seq"],
+    t: Float[Array, ""] | Float[Array, " batch"],
+    conditioning: Conditioning,
+) -> tuple[Float[Array, "batch seq states"], int]:
+    """log s_theta(x_t, t) (concentration ratios) for a batch, with classifier-free
+    guidance when ``conditioning.guidance`` is non-zero, and the number of network calls it
+    took. ``t`` is one time for the whole batch or one per example.
+
+    Guided: log s_w = (1 + w) log s_c - w log s_u, the scores of the tilted marginal
+    p_c^(1+w) / p_u^w (ratios are not normalised, so no softmax); -inf where either
+    prediction is -inf. The current state's entry stays log 1 = 0.
+    """
+    labels = conditioning.labels
+    times = jnp.broadcast_to(t, x_t.shape[:1])
+
+    def predict(x, time, label):
+        return model.log_score(x, time, label=label)
+
+    conditional = jax.vmap(predict)(x_t, times, labels)
+    if calls_per_prediction(conditioning) == 1:
+        return conditional, 1
+    null = jnp.full_like(labels, model.network.num_classes)
+    unconditional = jax.vmap(predict)(x_t, times, null)
+    w = conditioning.guidance
+    finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
+    mixed = (1.0 + w) * jnp.where(finite, conditional, 0.0) - w * jnp.where(finite, unconditional, 0.0)
+    return jnp.where(finite, mixed, -jnp.inf), 2

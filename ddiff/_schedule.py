@@ -40,6 +40,15 @@ class AbstractSchedule(AbstractCheckedModule, Capable):
         """The MD4 ELBO weight alpha'(t) / (1 - alpha(t)) (non-positive; paper eq. 5)."""
         return self.alpha_derivative(t) / (1.0 - self.alpha(t))
 
+    def log_mask_probability(self, t: Time) -> ScheduleValue:
+        """log(1 - alpha(t)), the log-probability that a clean token is masked by time t.
+
+        The default is log1p(-alpha(t)); a schedule whose alpha(t) rounds to 1 near t = 0
+        (GenMD4's 1 - (1 - eps) t^w) overrides it with a closed form that stays accurate
+        there (REINFORCE log-likelihoods and reverse steps need it).
+        """
+        return jnp.log1p(-self.alpha(t))
+
     def total_noise(self, t: Time) -> ScheduleValue:
         """SEDD's total noise sigma_bar(t) = -log alpha(t)."""
         return -jnp.log(self.alpha(t))

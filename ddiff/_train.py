@@ -1,5 +1,6 @@
 """The trainer: jitted steps with donated buffers, EMA, evaluation, samples, checkpoints."""
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,8 @@ from ddiff._mesh import (
     tree_specs,
 )
 from ddiff._model import DiffusionModel
-from ddiff._recipe import OptimizerConfig, Recipe, load_recipe, parse_yaml
+from ddiff._objective import AbstractObjective
+from ddiff._recipe import OptimizerConfig, Recipe, eval_objectives, load_recipe, parse_yaml
 from ddiff._sampler import Conditioning, SampleOutput
 
 RECIPE_FILE = "recipe.yaml"
@@ -86,6 +88,7 @@ def build_model(recipe: Recipe, key: jax.Array) -> DiffusionModel:
         for slot in ("process", "parameterization", "objective", "sampler")
     }
     components["network"] = (recipe.names["network"], network)
+    components.update(eval_objectives(recipe.eval, recipe.resolved["eval"]))
     check_compatibility(components, source=recipe.source)
     return DiffusionModel(network=network, parameterization=recipe.parameterization, process=process)
 
@@ -122,16 +125,41 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
     )
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on :func:`learning_rate_schedule`. The trainer clips the gradient to
-    ``grad_clip`` global norm before it (the norm of the whole gradient across the mesh,
-    which an optax transform on one shard could not compute)."""
+SCHEDULE_PATH = ".process.schedule"
+"""Where a model's schedule parameters lie (``jax.tree_util.keystr`` of their paths)."""
+
+
+def _adamw(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     return optax.adamw(
         learning_rate_schedule(config, total_steps),
         b1=config.b1,
         b2=config.b2,
         eps=config.eps,
         weight_decay=config.weight_decay,
+    )
+
+
+def parameter_groups(params: Any) -> Any:
+    """``"schedule"`` for every leaf under the model's ``process.schedule``, ``"network"``
+    for the others (the labels of ``optax.multi_transform``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "schedule" if jax.tree_util.keystr(path).startswith(SCHEDULE_PATH) else "network",
+        params,
+    )
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on :func:`learning_rate_schedule`. With ``config.schedule`` the parameters of
+    the process's schedule get their own AdamW (:func:`parameter_groups`), whose unset
+    settings are the network's. The trainer clips the gradient to ``grad_clip`` global
+    norm before it (the norm of the whole gradient across the mesh, which an optax
+    transform on one shard could not compute)."""
+    if config.schedule is None:
+        return _adamw(config, total_steps)
+    group = dataclasses.replace(config, schedule=None, **config.schedule.settings())
+    return optax.multi_transform(
+        {"network": _adamw(config, total_steps), "schedule": _adamw(group, total_steps)},
+        parameter_groups,
     )
 
 
@@ -166,10 +194,10 @@ def _bits_per_token(nats: jax.Array, seq_len: int) -> jax.Array:
     return nats / (seq_len * math.log(2.0))
 
 
-_COMPILED: dict[str, tuple[Callable, Callable, Callable]] = {}
-"""Jitted step, eval and sample functions keyed by everything they close over (objective,
-sampler, optimizer settings, sequence length), shared by every Trainer of the process (a
-resumed run, ``ddiff eval`` after ``ddiff run``, tests)."""
+_COMPILED: dict[str, tuple[Callable, Callable, Callable, dict[str, Callable]]] = {}
+"""Jitted step, eval, sample and extra-objective eval functions keyed by everything they
+close over (objectives, sampler, optimizer settings, sequence length), shared by every
+Trainer of the process (a resumed run, ``ddiff eval`` after ``ddiff run``, tests)."""
 
 
 class Trainer:
@@ -190,9 +218,14 @@ class Trainer:
         self.num_devices = self.mesh.size
         check_divisible(recipe, self.num_devices)
         self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
+        extra = {
+            name: objective
+            for name, objective in eval_objectives(recipe.eval, recipe.resolved["eval"]).values()
+        }
         cache_key = repr(
             (
                 recipe.objective,
+                extra,
                 recipe.sampler,
                 recipe.optimizer,
                 recipe.trainer.steps,
@@ -204,8 +237,13 @@ class Trainer:
         if cache_key not in _COMPILED:
             if len(_COMPILED) >= 8:
                 _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[cache_key] = (self._make_step(), self._make_eval(), self._make_sample())
-        self._step_fn, self._eval_fn, self._sample_fn = _COMPILED[cache_key]
+            _COMPILED[cache_key] = (
+                self._make_step(),
+                self._make_eval(recipe.objective),
+                self._make_sample(),
+                {name: self._make_eval(objective) for name, objective in extra.items()},
+            )
+        self._step_fn, self._eval_fn, self._sample_fn, self._extra_eval_fns = _COMPILED[cache_key]
 
     # ------------------------------------------------------------------ state
 
@@ -318,8 +356,7 @@ class Trainer:
 
         return step
 
-    def _make_eval(self) -> Callable:
-        objective = self.recipe.objective
+    def _make_eval(self, objective: AbstractObjective) -> Callable:
         mesh = self.mesh
         batch_size = self.recipe.eval.batch_size
         local_batch = batch_size // mesh.size
@@ -386,12 +423,15 @@ class Trainer:
     ) -> dict[str, float]:
         """Negative ELBO over the eval split in bits per token, with its standard error
         over sequences (each sequence averaged over ``eval.time_draws`` draws), and in the
-        data source's ``metric`` (bits per dim, bits per char or perplexity)."""
+        data source's ``metric`` (bits per dim, bits per char or perplexity). Each of
+        ``eval.objectives`` is evaluated with the same sequences and keys and reported
+        with its kind as prefix (``score_entropy_bits_per_token``, ...)."""
         config = self.recipe.eval
         data = self.recipe.data
         limit = config.max_examples if max_examples is None else max_examples
         base_key = jax.random.PRNGKey(config.seed)
-        totals: list[np.ndarray] = []
+        functions = {"": self._eval_fn, **{f"{name}_": fn for name, fn in self._extra_eval_fns.items()}}
+        totals: dict[str, list[np.ndarray]] = {prefix: [] for prefix in functions}
         batches = eval_batches(
             data,
             batch_size=config.batch_size,
@@ -405,21 +445,26 @@ class Trainer:
             if index == 0:
                 validate_batch(batch, data, "eval split")
             tokens, labels = self._device_batch(batch)
-            draws = [
-                _to_host(self._eval_fn(model, tokens, labels, jax.random.fold_in(base_key, index * 1009 + d)))
-                for d in range(config.time_draws)
-            ]
-            per_example = np.mean(np.stack(draws), axis=0)
-            totals.append(per_example[weights > 0])
-        values = np.concatenate(totals).astype(np.float64)
-        scale = data.seq_len * math.log(2.0)
-        count = len(values)
-        stderr = float(values.std(ddof=1) / math.sqrt(count)) if count > 1 else float("nan")
-        bits, bits_stderr = float(values.mean() / scale), stderr / scale
+            keys = [jax.random.fold_in(base_key, index * 1009 + d) for d in range(config.time_draws)]
+            for prefix, function in functions.items():
+                draws = [_to_host(function(model, tokens, labels, key)) for key in keys]
+                per_example = np.mean(np.stack(draws), axis=0)
+                totals[prefix].append(per_example[weights > 0])
+        result: dict[str, float] = {}
+        for prefix, parts in totals.items():
+            values = np.concatenate(parts).astype(np.float64)
+            scale = data.seq_len * math.log(2.0)
+            count = len(values)
+            stderr = float(values.std(ddof=1) / math.sqrt(count)) if count > 1 else float("nan")
+            bits, bits_stderr = float(values.mean() / scale), stderr / scale
+            report = {
+                "bits_per_token": bits,
+                "bits_per_token_stderr": bits_stderr,
+                **metric_report(data.metric, bits, bits_stderr),
+            }
+            result.update({f"{prefix}{key}": value for key, value in report.items()})
         return {
-            "bits_per_token": bits,
-            "bits_per_token_stderr": bits_stderr,
-            **metric_report(data.metric, bits, bits_stderr),
+            **result,
             "num_sequences": count,
             "num_tokens": count * data.seq_len,
             "time_draws": config.time_draws,

@@ -91,6 +91,28 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         # R_t is symmetric: the rates into x^n equal the rates out of it.
         return self.forward_rates(x, t)
 
+    def log_marginal_from_mean(self, log_mean, t):
+        """Closed form, O(V) per position: q_t(y | mu) = alpha_t mu[y] + (1 - alpha_t)/V
+        sum_v mu[v], computed as a log-sum of the two terms."""
+        a = self.schedule.alpha(t)
+        log_keep = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -jnp.inf)
+        log_fresh = jnp.where(a < 1, jnp.log1p(-jnp.where(a < 1, a, 0.0)), -jnp.inf) - jnp.log(
+            self.vocab_size
+        )
+        present = jnp.any(log_mean > -jnp.inf, axis=-1, keepdims=True)
+        log_total = jax.nn.logsumexp(jnp.where(present, log_mean, 0.0), axis=-1, keepdims=True)
+        log_fresh = jnp.where(present, log_fresh + log_total, -jnp.inf)
+        kept = log_mean + log_keep
+        # logaddexp(-inf, -inf) has a NaN gradient: guard it.
+        empty = (kept == -jnp.inf) & (log_fresh == -jnp.inf)
+        mixed = jnp.logaddexp(jnp.where(empty, 0.0, kept), jnp.where(empty, 0.0, log_fresh))
+        return jnp.where(empty, -jnp.inf, mixed)
+
+    def log_marginal_likelihood(self, x_t, t):
+        """Closed form: q_t(x_t | v) = alpha_t [v = x_t] + (1 - alpha_t)/V."""
+        probs = self._mix(x_t, self.schedule.alpha(t))
+        return jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+
     def log_score_from_mean(self, log_mean, x_t, t):
         """Closed form of sum_v mu[v] q_t(y | v) / q_t(x | v) with q_t(y | v) =
         a [y = v] + b, a = alpha_t, b = (1 - alpha_t)/V: for y != x,
@@ -104,16 +126,54 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         return jnp.where(jax.nn.one_hot(x_t, self.vocab_size, dtype=bool), 0.0, log_score)
 
 
-class X0Parameterization(ddiff.AbstractMeanParameterization):
+    def log_mean_from_score(self, log_score, x_t, t):
+        """Closed form (the inverse of :meth:`log_score_from_mean`): with a = alpha_t and
+        b = (1 - a)/V, s[y] = a w[y] + b sum(w) for w[v] = mu[v] / q_t(x | v), so
+        w = (s - b sum(s)) / a (SEDD's staggered score to t = 0) and
+        mu[v] proportional to max(w[v], 0) (a [v = x] + b)."""
+        a = self.schedule.alpha(t)
+        b = (1.0 - a) / self.vocab_size
+        score = jnp.exp(log_score)
+        weights = jnp.maximum(score - b * jnp.sum(score, axis=-1, keepdims=True), 0.0) / a
+        likelihood = self._mix(x_t, a)
+        mean = ddiff.possible_mean(jnp.log(weights * likelihood), likelihood > 0)
+        return jnp.where(mean > 0, jnp.log(jnp.where(mean > 0, mean, 1.0)), -jnp.inf)
+
+    def unpropagate(self, values, s, t):
+        """Closed form: Q_{s->t}^{-1} = (1/r) I - ((1 - r)/r) 11^T/V with r = alpha_t/alpha_s,
+        the uniform transition with the times exchanged."""
+        return self.propagate(values, t, s)
+
+    def reconstruction_nll(self, x0):
+        """Closed form: Q_0 is doubly stochastic, so d(v | z) = q_0(z | v) and the term is
+        D times the entropy of a row, -(a + b) log(a + b) - (V - 1) b log b with
+        a = alpha_0, b = (1 - a)/V."""
+        a = self.schedule.alpha(jnp.zeros(()))
+        b = (1.0 - a) / self.vocab_size
+        noise = jnp.where(b > 0, b * jnp.log(jnp.where(b > 0, b, 1.0)), 0.0)
+        return -x0.shape[0] * ((a + b) * jnp.log(a + b) + (self.vocab_size - 1) * noise)
+
+
+class X0Parameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractScoreParameterization):
     """mu_theta(x_t, t) = softmax of the network's V logits at every position (D3PM's
     x0-parameterization, Austin et al. 2021 sec. 3.3). Unlike MD4's ``mean`` (SUBS),
-    it assumes nothing of the process: a clean-looking token may still be noise."""
+    it assumes nothing of the process: a clean-looking token may still be noise.
+
+    The mean also reads as a score through the process's
+    :meth:`ddiff.AbstractForwardProcess.log_score_from_mean` (Lou et al. 2024), so the
+    same network can be trained or evaluated under score entropy.
+    """
+
+    provides = frozenset({caps.MEAN, caps.SCORE})
 
     def output_channels(self, process):
         return process.vocab_size
 
     def log_mean(self, output, x_t, t, process):
         return jax.nn.log_softmax(output, axis=-1)
+
+    def log_score(self, output, x_t, t, process):
+        return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)
 
 
 @ddiff.hookimpl

@@ -102,58 +102,84 @@ class PolySchedule(AbstractClippedSchedule):
         return -self.power * t ** (self.power - 1.0)
 
 
-class GeometricSchedule(AbstractClippedSchedule):
-    """a(t) = exp(-sigma_bar(t)) with SEDD's geometric total noise
-    sigma_bar(t) = sigma_min^(1-t) sigma_max^t (Lou et al. 2024; MD4 Table 1, geometric),
-    so a'(t) = -a(t) sigma_bar(t) log(sigma_max / sigma_min).
+def _check_unit_interval(value: float, name: str) -> None:
+    if not 0.0 < value < 1.0:
+        raise ddiff.RecipeError(f"{name} must be in (0, 1), got {value}", path=f"process.schedule.{name}")
+
+
+class GeometricSchedule(ddiff.AbstractSchedule):
+    """SEDD's geometric noise (Lou et al. 2024, sec. 5 and their noise_lib; MD4 Table 1,
+    geometric): total noise sigma_bar(t) = sigma_min^(1-t) sigma_max^t and
+    alpha_t = exp(-sigma_bar(t)), with no further clipping: sigma_min > 0 keeps
+    alpha_0 = exp(-sigma_min) below 1 and sigma_max keeps alpha_1 = exp(-sigma_max) above 0.
+    The noise rate is sigma(t) = sigma_bar(t) log(sigma_max / sigma_min).
 
     Attributes:
-        sigma_min: total noise at t = 0 (a(0) = exp(-sigma_min)).
-        sigma_max: total noise at t = 1 (a(1) = exp(-sigma_max), ~0 for a masked process).
-        eps: the clipping.
+        sigma_min: total noise at t = 0 (SEDD's 1e-4).
+        sigma_max: total noise at t = 1 (SEDD's 20).
     """
 
+    provides = frozenset({caps.SCALAR})
     sigma_min: float = eqx.field(static=True, default=1e-4)
     sigma_max: float = eqx.field(static=True, default=20.0)
-    eps: float = eqx.field(static=True, default=EPS)
 
     def __check_init__(self):
-        _check_eps(self.eps)
         if not 0.0 < self.sigma_min < self.sigma_max:
             raise ddiff.RecipeError(
                 f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}",
                 path="process.schedule",
             )
 
-    def _total_noise(self, t):
-        return self.sigma_min ** (1.0 - t) * self.sigma_max**t
+    def alpha(self, t):
+        return jnp.exp(-self.total_noise(t))
 
-    def shape(self, t):
-        return jnp.exp(-self._total_noise(t))
+    def alpha_derivative(self, t):
+        return -self.alpha(t) * self.noise_rate(t)
 
-    def shape_derivative(self, t):
-        log_ratio = math.log(self.sigma_max / self.sigma_min)
-        return -self.shape(t) * self._total_noise(t) * log_ratio
+    def total_noise(self, t):
+        return jnp.exp((1.0 - t) * math.log(self.sigma_min) + t * math.log(self.sigma_max))
+
+    def noise_rate(self, t):
+        return self.total_noise(t) * math.log(self.sigma_max / self.sigma_min)
 
 
-class LogLinearSchedule(AbstractClippedSchedule):
-    """a(t) = exp(-sigma_bar(t)) with SEDD's log-linear total noise
-    sigma_bar(t) = -log(1 - (1 - eps) t), i.e. a(t) = 1 - (1 - eps) t (Lou et al. 2024,
-    the schedule SEDD uses for the absorbing graph). The survival probability is linear
-    in t: this schedule differs from ``linear`` only near t = 1 (alpha_1 ~ 2 eps), and
-    exists so that SEDD recipes name the schedule they follow.
+class LogLinearSchedule(ddiff.AbstractSchedule):
+    """SEDD's log-linear noise, the schedule of its absorbing graph (Lou et al. 2024,
+    their noise_lib): total noise sigma_bar(tau) = -log(1 - (1 - eps) tau), so
+    alpha = 1 - (1 - eps) tau falls linearly from 1 to eps. At tau = 0 alpha is 1 and the
+    score r = alpha / (1 - alpha) is infinite, so SEDD trains on tau in [t_min, 1] (their
+    ``sampling_eps``); ddiff's time runs over that interval, tau = t_min + (1 - t_min) t,
+    which leaves alpha_0 = 1 - (1 - eps) t_min < 1 and a finite reconstruction term.
+    The noise rate is sigma(t) = (1 - t_min)(1 - eps) / (1 - (1 - eps) tau).
+
+    Attributes:
+        eps: alpha at t = 1 (SEDD's 1e-3).
+        t_min: SEDD's smallest training time, where ddiff's t = 0 lies (SEDD's 1e-3).
     """
 
-    eps: float = eqx.field(static=True, default=EPS)
+    provides = frozenset({caps.SCALAR})
+    eps: float = eqx.field(static=True, default=1e-3)
+    t_min: float = eqx.field(static=True, default=1e-3)
 
     def __check_init__(self):
-        _check_eps(self.eps)
+        _check_unit_interval(self.eps, "eps")
+        _check_unit_interval(self.t_min, "t_min")
 
-    def shape(self, t):
-        return 1.0 - (1.0 - self.eps) * t
+    def _tau(self, t):
+        return self.t_min + (1.0 - self.t_min) * t
 
-    def shape_derivative(self, t):
-        return -(1.0 - self.eps) * jnp.ones_like(t)
+    def alpha(self, t):
+        # 1 - (1 - eps) tau, written without the cancellation near tau = 1.
+        return self.eps + (1.0 - self.eps) * (1.0 - self.t_min) * (1.0 - t)
+
+    def alpha_derivative(self, t):
+        return -(1.0 - self.eps) * (1.0 - self.t_min) * jnp.ones_like(t)
+
+    def total_noise(self, t):
+        return -jnp.log1p(-(1.0 - self.eps) * self._tau(t))
+
+    def noise_rate(self, t):
+        return (1.0 - self.t_min) * (1.0 - self.eps) / self.alpha(t)
 
 
 class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
@@ -247,6 +273,30 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         own = -hazard[jnp.minimum(x, self.vocab_size - 1)][:, None] * jax.nn.one_hot(x, self.num_states)
         return jnp.where(masked, into_mask, own)
 
+    def log_marginal_from_mean(self, log_mean, t):
+        """Closed form, O(V) per position: a clean value y keeps its mass with probability
+        alpha_t[y], so log q_t(y | mu) = log alpha_t[y] + log mu[y], and the mask collects
+        the rest, log sum_v mu[v] (1 - alpha_t[v])."""
+        alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
+        log_alpha = jnp.where(alpha > 0, jnp.log(jnp.where(alpha > 0, alpha, 1.0)), -jnp.inf)
+        log_gone = jnp.where(alpha < 1, jnp.log1p(-jnp.where(alpha < 1, alpha, 0.0)), -jnp.inf)
+        clean = log_mean + log_alpha[None, :]
+        gone = log_mean + log_gone[None, :]
+        # A log-sum-exp over entries that are all -inf has a NaN gradient: guard it.
+        reachable = jnp.any(gone > -jnp.inf, axis=-1, keepdims=True)
+        masked = jax.nn.logsumexp(jnp.where(reachable, gone, 0.0), axis=-1, keepdims=True)
+        return jnp.concatenate([clean, jnp.where(reachable, masked, -jnp.inf)], axis=-1)
+
+    def log_marginal_likelihood(self, x_t, t):
+        """Closed form: a masked token has likelihood 1 - alpha_t[v] under every value v;
+        a clean token u only under v = u, with likelihood alpha_t[u]."""
+        alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
+        log_alpha = jnp.where(alpha > 0, jnp.log(jnp.where(alpha > 0, alpha, 1.0)), -jnp.inf)
+        log_gone = jnp.where(alpha < 1, jnp.log1p(-jnp.where(alpha < 1, alpha, 0.0)), -jnp.inf)
+        same = jax.nn.one_hot(x_t, self.vocab_size, dtype=bool)
+        clean = jnp.where(same, log_alpha[None, :], -jnp.inf)
+        return jnp.where((x_t == self.mask_id)[:, None], log_gone[None, :], clean)
+
     def log_score_from_mean(self, log_mean, x_t, t):
         """Closed form of the absorbing process (Lou et al. 2024; DESIGN.md): at a masked
         position s[y] = alpha_t[y] / (1 - alpha_t[y]) mu[y] for clean y (= r mu for a
@@ -263,11 +313,46 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         return jnp.where((x_t == self.mask_id)[:, None], masked_row, clean_row)
 
 
-class MeanParameterization(ddiff.AbstractMeanParameterization):
+    def log_mean_from_score(self, log_score, x_t, t):
+        """Closed form (the inverse of :meth:`log_score_from_mean`): at a masked position
+        mu[v] proportional to s[v] (1 - alpha_t[v]) / alpha_t[v], the Tweedie denoiser
+        SEDD's absorbing graph uses; a clean position keeps its token."""
+        alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
+        log_ratio = jnp.log(alpha) - jnp.log1p(-alpha)
+        masked = jax.nn.log_softmax(log_score[:, : self.vocab_size] - log_ratio[None, :], axis=-1)
+        carried = jnp.where(
+            jax.nn.one_hot(x_t, self.vocab_size, dtype=bool), 0.0, -jnp.inf
+        )
+        return jnp.where((x_t == self.mask_id)[:, None], masked, carried)
+
+    def unpropagate(self, values, s, t):
+        """Closed form: Q_{s->t}^{-1} is the transition from t back to s, keep a clean v
+        with alpha_s[v] / alpha_t[v] and send the rest (a negative weight) to the mask, so
+        it is :meth:`propagate` with the times exchanged."""
+        return self.propagate(values, t, s)
+
+    def reconstruction_nll(self, x0):
+        """Closed form: z is x_0^n itself (which only x_0^n produces, d = 1) or the mask,
+        from which d(v) is proportional to 1 - alpha_0[v]; for a scalar schedule this is
+        MD4's D (1 - alpha_0) log V."""
+        masking = 1.0 - jnp.broadcast_to(self.schedule.alpha(jnp.zeros(())), (self.vocab_size,))
+        own = masking[x0]
+        log_decoder = jnp.log(jnp.where(own > 0, own, 1.0)) - jnp.log(jnp.where(own > 0, jnp.sum(masking), 1.0))
+        return -jnp.sum(jnp.where(own > 0, own * log_decoder, 0.0))
+
+
+class MeanParameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractScoreParameterization):
     """mu_theta = softmax of the network's V logits at masked positions; an unmasked
     position carries its token over (one-hot), and no mass is put on the mask
-    (MDLM's "SUBS", MD4 sec. 3). Needs a masked process (use ``x0`` for others)."""
+    (MDLM's "SUBS", MD4 sec. 3). Needs a masked process (use ``x0`` for others).
 
+    The mean also reads as a score (Lou et al. 2024; DESIGN.md): s = alpha_t / (1 - alpha_t)
+    mu at masked positions (:meth:`ddiff.AbstractForwardProcess.log_score_from_mean`), so
+    a network trained with the MD4 ELBO can be evaluated under score entropy and sampled
+    with SEDD's samplers.
+    """
+
+    provides = frozenset({caps.MEAN, caps.SCORE})
     requires = {"process": frozenset({caps.MASKED})}
 
     def output_channels(self, process):
@@ -279,6 +364,9 @@ class MeanParameterization(ddiff.AbstractMeanParameterization):
             jax.nn.one_hot(x_t, process.vocab_size, dtype=bool), 0.0, -jnp.inf
         )
         return jnp.where(masked, jax.nn.log_softmax(output, axis=-1), carried)
+
+    def log_score(self, output, x_t, t, process):
+        return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)
 
 
 def _masked_log_likelihood(log_mean: jax.Array, x0: ddiff.Tokens, masked: jax.Array) -> jax.Array:

@@ -15,11 +15,53 @@ from ddiff.testing import Setup, objective_conformance, sampler_conformance
 test_md4_elbo = objective_conformance("md4_elbo")
 test_md4_discrete_elbo = objective_conformance("md4_discrete_elbo")
 
+# D3PM: the absorbing family (masked process, beta_t = 1/(T - t + 1), MD4's mean) and the
+# uniform family (cosine schedule, x0 parameterization; with hybrid_weight to build the
+# hybrid loss, which the kit does not read). Replacement infilling is exact only when
+# absorbing (a given token of the uniform process reads as possibly noise), so the
+# uniform sampler is checked with labels without infilling.
+D3PM_ABSORBING = Setup(process={"kind": "masked", "schedule": "jsd"}, parameterization="mean")
+D3PM_UNIFORM = Setup(
+    process={"kind": "uniform", "schedule": "d3pm_cosine"},
+    parameterization="x0",
+    sampler_cases=("exact[none/markov]", "exact[labels/classes]"),
+)
+test_d3pm_vb_absorbing = objective_conformance("d3pm_vb", D3PM_ABSORBING)
+test_d3pm_vb_uniform = objective_conformance("d3pm_vb", D3PM_UNIFORM, hybrid_weight=0.01)
+test_d3pm_ancestral_absorbing = sampler_conformance("d3pm_ancestral", D3PM_ABSORBING, steps=128)
+test_d3pm_ancestral_uniform = sampler_conformance("d3pm_ancestral", D3PM_UNIFORM, steps=128)
+
 test_ancestral = sampler_conformance("ancestral", steps=128)
 test_top_p = sampler_conformance("top_p", steps=128, top_p=1.0)
 test_mean = sampler_conformance("mean", steps=128)
 test_cached = sampler_conformance("cached", steps=128)
 test_first_hitting = sampler_conformance("first_hitting")
+
+# SEDD on its two graphs. The oracle drives the objective through the exact score (the
+# `score` parameterization reading the kit's exact log scores, uniform graph) and through
+# the exact mean read as a score (absorbing graph, which adds the schedule-invariance
+# check); the samplers read the exact mean as a score (one enumeration per call instead
+# of one per changed state). At 128 steps the samplers' exact output distributions
+# (computed by propagating all 81 states through every step) are within KL 1.5e-4 of the
+# markov toy on both graphs, a chi-square noncentrality of about 2 at 2^13 samples; at 32
+# steps (KL 6e-4 absorbing, 2.7e-3 uniform) they are caught with 2^16 samples. Infilling
+# by projection is exact on the absorbing graph only: a given token of the uniform graph
+# looks noisy to the score (caught at p = 1e-40 with 2^13 samples), so the uniform lines
+# check labels without infilling.
+ABSORBING = Setup(process={"kind": "masked", "schedule": {"kind": "loglinear"}}, parameterization="mean")
+ABSORBING_COSINE = Setup(process={"kind": "masked", "schedule": {"kind": "cosine"}}, parameterization="mean")
+UNIFORM_SCORE = Setup(process={"kind": "uniform", "schedule": {"kind": "geometric"}}, parameterization="score")
+UNIFORM = Setup(
+    process={"kind": "uniform", "schedule": {"kind": "geometric"}},
+    parameterization="x0",
+    sampler_cases=("exact[none/markov]", "exact[labels/classes]"),
+)
+test_score_entropy_absorbing = objective_conformance("score_entropy", ABSORBING)
+test_score_entropy_uniform = objective_conformance("score_entropy", UNIFORM_SCORE)
+test_analytic_absorbing = sampler_conformance("analytic", ABSORBING, steps=128)
+test_euler_absorbing = sampler_conformance("euler", ABSORBING_COSINE, steps=128)
+test_analytic_uniform = sampler_conformance("analytic", UNIFORM, steps=128)
+test_euler_uniform = sampler_conformance("euler", UNIFORM, steps=128)
 
 # Campbell et al.: the CTMC bound on the masked and the uniform process (with the x0
 # parameterization), and tau-leaping. Step counts measured on 2^16 unconditional samples of
@@ -29,13 +71,24 @@ test_first_hitting = sampler_conformance("first_hitting")
 # 256 (p = 0.41). With one corrector leap of a full step the masked PC sampler passes at 64
 # (p = 0.51); on the uniform process full-step correctors bias the stationary law
 # (p = 3e-4 at 256 steps) and 0.1-step ones pass at 256 (p = 0.05).
-UNIFORM = Setup(process={"kind": "uniform", "schedule": "linear"}, parameterization="x0")
+UNIFORM_LINEAR = Setup(process={"kind": "uniform", "schedule": "linear"}, parameterization="x0")
 test_campbell_elbo = objective_conformance("campbell_elbo")
-test_campbell_elbo_uniform = objective_conformance("campbell_elbo", UNIFORM)
+test_campbell_elbo_uniform = objective_conformance("campbell_elbo", UNIFORM_LINEAR)
 test_tau_leaping = sampler_conformance("tau_leaping", steps=128)
 test_tau_leaping_pc = sampler_conformance(
     "tau_leaping_pc", steps=64, corrector_steps=1, corrector_step_size=1.0, corrector_entry_time=1.0
 )
+
+# GenMD4: the masked process on a learnable per-value schedule with unequal powers, so that
+# an objective or sampler that ignored the per-value schedule would fail (the sampler fails
+# with TV 0.37 when its process has equal powers 1.5 while the oracle's has these). Measured
+# on 2^16 samples of markov (docs/genmd4.md): caught at 32 steps (p = 4e-8), p = 0.12 at
+# 64, p = 0.25 at 128.
+GENMD4 = Setup(
+    process={"kind": "masked", "schedule": {"kind": "learnable_poly", "initial_powers": [0.7, 1.5, 3.0]}}
+)
+test_genmd4_elbo = objective_conformance("genmd4_elbo", GENMD4)
+test_genmd4_ancestral = sampler_conformance("genmd4_ancestral", GENMD4, steps=128)
 
 
 def test_every_registered_objective_and_sampler_is_checked():

@@ -9,6 +9,7 @@ import pytest
 from ddiff_plugins import md4
 
 import ddiff
+from ddiff import capabilities as caps
 
 EPS = md4.EPS
 SPECS = {
@@ -20,15 +21,16 @@ SPECS = {
     "geometric": {"kind": "geometric"},
     "loglinear": {"kind": "loglinear"},
 }
-# alpha(0) and alpha(1) in exact arithmetic: (1 - 2 eps) a(t) + eps.
+# alpha(0) and alpha(1) in exact arithmetic: (1 - 2 eps) a(t) + eps for MD4's shapes;
+# SEDD's exp(-sigma_bar) for geometric, 1 - (1 - 1e-3) tau on tau in [1e-3, 1] for loglinear.
 END_POINTS = {
     "linear": (1 - EPS, EPS),
     "cosine": (1 - EPS, EPS),
     "poly2": (1 - EPS, EPS),
     "poly3": (1 - EPS, EPS),
     "poly0.5": (1 - EPS, EPS),
-    "geometric": ((1 - 2 * EPS) * math.exp(-1e-4) + EPS, (1 - 2 * EPS) * math.exp(-20.0) + EPS),
-    "loglinear": (1 - EPS, (1 - 2 * EPS) * EPS + EPS),
+    "geometric": (math.exp(-1e-4), math.exp(-20.0)),
+    "loglinear": (1 - (1 - 1e-3) * 1e-3, 1e-3),
 }
 GRID = jnp.linspace(0.0, 1.0, 2001)
 
@@ -38,16 +40,26 @@ def schedule(request):
     return request.param, ddiff.build_component("schedule", SPECS[request.param])
 
 
-def test_every_registered_schedule_is_covered():
-    assert set(ddiff.default_registry().names("schedule")) <= {s["kind"] for s in SPECS.values()}
+def test_every_registered_scalar_schedule_is_covered():
+    """Per-value schedules (GenMD4's ``learnable_poly``) are tested in test_genmd4.py, and
+    D3PM's beta schedules (alpha(0) = 1 and alpha(1) = 0 exactly) in test_d3pm.py."""
+    registry = ddiff.default_registry()
+    scalar = {
+        e.name
+        for e in registry
+        if e.slot == "schedule" and e.plugin != "d3pm" and caps.SCALAR in registry.get("schedule", e.name).provides
+    }
+    assert scalar <= {s["kind"] for s in SPECS.values()}
 
 
-def test_alpha_is_decreasing_and_within_eps(schedule):
+def test_alpha_is_decreasing_between_its_end_points(schedule):
     name, schedule = schedule
     alpha = np.asarray(jax.vmap(schedule.alpha)(GRID), np.float64)
     # float32 evaluation: allow one ulp of 1.0 of non-monotonicity.
     assert np.all(np.diff(alpha) <= 1.2e-7), name
-    assert alpha.min() >= EPS - 1e-7 and alpha.max() <= 1 - EPS + 1e-7, name
+    at_zero, at_one = END_POINTS[name]
+    assert 0 < at_one and at_zero < 1, name
+    assert alpha.min() >= at_one - 1e-7 and alpha.max() <= at_zero + 1e-7, name
 
 
 def test_end_points(schedule):
@@ -76,15 +88,15 @@ def test_elbo_weight_and_total_noise(schedule):
 
 
 def test_closed_forms_against_the_papers():
-    """Spot values of each shape a(t) (MD4 Table 1; SEDD noise_lib), float64 reference."""
+    """Spot values of each schedule (MD4 Table 1; SEDD's noise_lib), float64 reference."""
     t = 0.3
     clip = lambda a: (1 - 2 * EPS) * a + EPS  # noqa: E731
     expected = {
         "linear": clip(1 - t),
         "cosine": clip(1 - math.cos(math.pi / 2 * (1 - t))),
         "poly3": clip(1 - t**3),
-        "geometric": clip(math.exp(-(1e-4 ** (1 - t)) * 20.0**t)),
-        "loglinear": clip(math.exp(math.log1p(-(1 - EPS) * t))),
+        "geometric": math.exp(-(1e-4 ** (1 - t)) * 20.0**t),
+        "loglinear": math.exp(math.log1p(-(1 - 1e-3) * (1e-3 + (1 - 1e-3) * t))),
     }
     for name, value in expected.items():
         schedule = ddiff.build_component("schedule", SPECS[name])

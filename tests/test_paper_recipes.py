@@ -128,6 +128,56 @@ def test_openwebtext_recipe_reports_perplexity(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+GENMD4_RECIPES = ("genmd4_text8", "genmd4_openwebtext")
+
+
+@pytest.mark.parametrize("name", GENMD4_RECIPES)
+def test_genmd4_recipe_is_its_md4_recipe_with_a_learned_schedule(name):
+    """Each GenMD4 recipe opens with the paper's result and equals the MD4 recipe for the
+    same data in every setting but the schedule, objective, sampler and the schedule's
+    optimizer group (so the 2-step run of md4_openwebtext covers the rest of
+    genmd4_openwebtext; only genmd4_text8 is run, to keep the suite's compilations few)."""
+    text = (RECIPES / f"{name}.yaml").read_text()
+    assert text.startswith("# GenMD4") and "Paper:" in text.split("\n\n")[0]
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    assert recipe.names["objective"] == "genmd4_elbo" and recipe.names["sampler"] == "genmd4_ancestral"
+    assert recipe.resolved["process"]["schedule"] == {
+        "kind": "learnable_poly", "initial_power": 1.0, "initial_powers": None, "eps": 1e-4
+    }  # fmt: skip
+    assert recipe.optimizer.schedule.weight_decay == 0.0
+    md4 = load_recipe(RECIPES / f"{name.replace('genmd4', 'md4')}.yaml").resolved
+    ours = dict(recipe.resolved)
+    for section in ("objective", "sampler"):
+        assert ours.pop(section)["kind"].startswith("genmd4")
+        md4.pop(section)
+    assert ours.pop("process")["kind"] == md4.pop("process")["kind"] == "masked"
+    assert ours["optimizer"].pop("schedule") is not None and md4["optimizer"].pop("schedule") is None
+    assert ours == md4
+
+
+@pytest.mark.slow
+def test_genmd4_text8_recipe_learns_its_powers_with_their_own_learning_rate(tmp_path, capsys):
+    """Two steps with the schedule's learning rate raised to 0.1 (no warmup): the logged
+    powers move away from 1 while the logged learning rate stays the network's (<= 3e-4).
+    No samples or final evaluation (the sampler and the nelbo without training are
+    checked by the conformance kit), a 1-block network: the run is mostly compilation."""
+    write_text8(tmp_path / "data", characters=4000)
+    workdir = tmp_path / "run"
+    out = _run(
+        capsys, "genmd4_text8", workdir, f"data.root={tmp_path / 'data'}", "data.length=32",
+        "network.dim=16", "network.depth=1", "network.heads=2", "network.cond_dim=16",
+        "optimizer.warmup_steps=0", "optimizer.schedule.learning_rate=0.1",
+        "trainer.num_samples=0", "trainer.final_eval=false",
+    )  # fmt: skip
+    assert "genmd4_elbo with masked process" in out and "(V=27, D=32)" in out
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["split"] == "train"][-1]
+    assert last["step"] == 2 and 0 < last["learning_rate"] <= 3e-4
+    assert last["terms/power_min"] < 0.99 or last["terms/power_max"] > 1.01, last
+    assert last["terms/power_min"] <= last["terms/power_mean"] <= last["terms/power_max"]
+    assert last["loss"] != last["nelbo"] and 3.0 < last["bits_per_token"] < 7.0
+
+
 def test_plot_and_eval_refuse_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err

@@ -14,6 +14,9 @@ samplers. The checks (see ``docs/conformance.md``):
 (d) ``check_sampler``: a sampler driven by the oracle reproduces p (chi-square test at a
     stated false-alarm rate), unconditionally, given labels, and with given positions.
 (e) ``check_schedule_invariance``: the continuous-time ELBO is the same for every schedule.
+(f) ``check_gradient``: an objective's gradient estimate (e.g. REINFORCE for a learnable
+    schedule) is unbiased: its mean matches the exact gradient of the bound computed by
+    enumeration (``exact_diffusion_nelbo``).
 
 One line in a pytest module runs every applicable check on a registered component::
 
@@ -26,6 +29,7 @@ from ddiff.testing._checks import (
     ConformanceError,
     check_discrete_bound,
     check_entropy_bound,
+    check_gradient,
     check_sampler,
     check_schedule_invariance,
     check_tight,
@@ -35,6 +39,7 @@ from ddiff.testing._checks import (
 )
 from ddiff.testing._exact import (
     OracleNetwork,
+    exact_diffusion_nelbo,
     exact_log_denoiser,
     exact_log_marginal,
     exact_log_posterior,
@@ -42,12 +47,15 @@ from ddiff.testing._exact import (
     exact_reverse_rates,
     oracle_model,
     oracle_network,
+    oracle_output,
     prior_gap,
+    reverse_kl_rate,
 )
 from ddiff.testing._suite import (
     DEFAULT_NETWORK,
     DEFAULT_PARAMETERIZATION,
     DEFAULT_PROCESS,
+    DEFAULT_SAMPLER_CASES,
     DISCRETE_STEPS,
     SAMPLER_CASES,
     Setup,

@@ -307,6 +307,109 @@ def check_schedule_invariance(
     )
 
 
+def _float64(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
+
+
+@eqx.filter_jit
+def _example_gradients(objective, model, where, x0, labels, key):
+    """Per example: the gradient of the objective's ``loss`` with respect to the inexact
+    arrays of ``where(model)``, flattened, and its ``nelbo``; times and noise keyed as
+    :meth:`AbstractObjective.per_example_terms` keys them."""
+    count = x0.shape[0]
+    time_key, noise_key = jax.random.split(key)
+    times = objective.sample_times(time_key, count)
+    keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(jnp.arange(count))
+    params, static = eqx.partition(where(model), eqx.is_inexact_array)
+
+    def one(params, x, t, k, label):
+        full = eqx.tree_at(where, model, eqx.combine(params, static))
+        terms = objective.example_terms(full, x, t, key=k, label=label, train=False)
+        return terms.loss, terms.nelbo
+
+    def gradient(x, t, k, label):
+        grads, nelbo = jax.grad(one, has_aux=True)(params, x, t, k, label)
+        return jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)]), nelbo
+
+    return jax.vmap(gradient)(x0, times, keys, labels)
+
+
+@eqx.filter_jit
+def _exact_value_and_gradient(exact_nelbo, where, model):
+    params, static = eqx.partition(where(model), eqx.is_inexact_array)
+
+    def exact(params):
+        return exact_nelbo(eqx.tree_at(where, model, eqx.combine(params, static)))
+
+    return jax.value_and_grad(exact)(params)
+
+
+def check_gradient(
+    objective: AbstractObjective,
+    model: DiffusionModel,
+    distribution: ToyDistribution,
+    exact_nelbo: Callable[[DiffusionModel], jax.Array],
+    *,
+    where: Callable[[DiffusionModel], object],
+    key: jax.Array,
+    num_examples: int = 2**14,
+    z: float = 4.0,
+    rtol: float = 1e-3,
+    subject: str | None = None,
+) -> CheckResult:
+    """(f) An objective's gradient estimate is unbiased: the mean over ``num_examples``
+    draws (x ~ p, the objective's times and noise) of the gradient of its ``loss`` with
+    respect to the parameters ``where(model)`` (e.g. ``lambda m: m.process.schedule``)
+    equals the exact gradient of the bound, ``jax.grad(exact_nelbo)``, and the mean of
+    its ``nelbo`` equals ``exact_nelbo(model)``. A surrogate loss (REINFORCE) is judged
+    by its gradient only; its value may differ from the bound.
+
+    ``exact_nelbo(model)`` computes E_x[nelbo] exactly, differentiably (by enumeration,
+    e.g. with :func:`exact_diffusion_nelbo` plus the objective's end terms); it runs in
+    float64 (``jax.enable_x64``) on a float64 copy of the model, where 1 - alpha_t is
+    resolved close to t = 0. Each gradient coordinate and the value must agree within
+    z standard errors of the mean plus ``rtol`` of the exact number (the quadrature's
+    and float32's share); with P coordinates the false-alarm rate is at most
+    (P + 1) x 2 Phi(-z).
+    """
+    data_key, objective_key = jax.random.split(key)
+    x0, labels = distribution.sample(data_key, num_examples)
+    estimates, nelbo = _example_gradients(objective, model, where, x0, labels, objective_key)
+    estimates = np.asarray(estimates, np.float64)
+    with jax.enable_x64(True):
+        value, grads = _exact_value_and_gradient(exact_nelbo, where, _float64(model))
+        value = float(value)
+        exact_gradient = np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(grads)])
+    mean = estimates.mean(axis=0)
+    error = estimates.std(axis=0, ddof=1) / math.sqrt(num_examples)
+    allowed = z * error + rtol * np.abs(exact_gradient)
+    gradient_ok = np.abs(mean - exact_gradient) <= allowed
+    mean_nelbo, nelbo_error = _mean_and_error(np.asarray(nelbo, np.float64))
+    value_allowed = z * nelbo_error + rtol * abs(value)
+    value_ok = abs(mean_nelbo - value) <= value_allowed
+    passed = bool(np.all(gradient_ok) and value_ok and np.all(np.isfinite(mean)))
+    rows = "; ".join(
+        f"[{i}] {m:+.5f} ± {e:.5f} vs {g:+.5f}{'' if ok else ' FAILED'}"
+        for i, (m, e, g, ok) in enumerate(zip(mean, error, exact_gradient, gradient_ok, strict=True))
+    )
+    count = len(exact_gradient)
+    summary = (
+        f"gradient over {num_examples} examples (estimate ± se vs exact): {rows}; "
+        f"E[nelbo] = {mean_nelbo:.5f} ± {nelbo_error:.5f} vs exact {value:.5f}"
+        f"{'' if value_ok else ' FAILED'}; allowed {z} se + {rtol:g} relative "
+        f"(false alarm <= {(count + 1) * normal_false_alarm(z):.1e})"
+    )
+    numbers = {f"gradient_{i}": float(m) for i, m in enumerate(mean)}
+    numbers.update({f"gradient_se_{i}": float(e) for i, e in enumerate(error)})
+    numbers.update({f"exact_gradient_{i}": float(g) for i, g in enumerate(exact_gradient)})
+    numbers.update(
+        {"mean_nelbo": mean_nelbo, "nelbo_se": nelbo_error, "exact_nelbo": value, "num_examples": num_examples}
+    )
+    return CheckResult(
+        "gradient", subject or f"{_describe(objective)} on a toy", passed, summary, numbers
+    )
+
+
 # --------------------------------------------------------------------------- samplers
 
 

@@ -22,7 +22,7 @@ from ddiff.testing._checks import (
     check_schedule_invariance,
     check_tight,
 )
-from ddiff.testing._exact import oracle_model, oracle_network
+from ddiff.testing._exact import oracle_model, oracle_network, oracle_output
 from ddiff.testing._toy import ToyDistribution, class_conditional_toy, toy_distributions
 
 Spec = str | Mapping[str, Any]
@@ -32,6 +32,17 @@ DEFAULT_PARAMETERIZATION: Mapping[str, Any] = {"kind": "mean"}
 DEFAULT_NETWORK: Mapping[str, Any] = {"kind": "transformer", "dim": 16, "depth": 1, "heads": 2}
 DISCRETE_STEPS = (1, 4, 32)
 """The step counts T at which a discrete-time objective's gap must shrink."""
+
+SAMPLER_CASES = {
+    "exact[none/markov]": ("none", "markov"),
+    "exact[labels+infill/classes]": ("labels+infill", "classes"),
+    "exact[labels/classes]": ("labels", "classes"),
+}
+"""Sampler checks: (conditioning, toy). ``classes`` is a class-conditional toy; with
+``labels+infill`` every sample has a label and about half of its positions given, with
+``labels`` only the label. :attr:`Setup.sampler_cases` chooses which run."""
+
+DEFAULT_SAMPLER_CASES = ("exact[none/markov]", "exact[labels+infill/classes]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +62,10 @@ class Setup:
         num_samples: samples per sampler check.
         z: standard errors allowed in Monte Carlo comparisons.
         alpha: false-alarm rate of the sampler chi-square test.
+        sampler_cases: which :data:`SAMPLER_CASES` a sampler is checked on (default:
+            unconditional, and labels with infilling). A sampler whose infilling is
+            approximate by design (projection on a process whose noisy tokens can look
+            clean) names ``exact[labels/classes]`` instead, and says so.
     """
 
     process: Spec = dataclasses.field(default_factory=lambda: dict(DEFAULT_PROCESS))
@@ -63,6 +78,7 @@ class Setup:
     num_samples: int = 2**13
     z: float = 4.0
     alpha: float = 1e-3
+    sampler_cases: tuple[str, ...] = DEFAULT_SAMPLER_CASES
     registry: Registry | None = None
 
     def build(self, slot: str, spec: Spec, num_classes: int = 0) -> Any:
@@ -199,7 +215,9 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
 
         def make_model(schedule: Any) -> DiffusionModel:
             process = eqx.tree_at(lambda p: p.schedule, setup.process_with(), schedule)
-            network = oracle_network(wrong, process, time_conditioned=False)
+            network = oracle_network(
+                wrong, process, output=oracle_output(parameterization), time_conditioned=False
+            )
             return DiffusionModel(network=network, parameterization=parameterization, process=process)
 
         return check_schedule_invariance(
@@ -226,20 +244,12 @@ def _is_masked_with_schedule(setup: Setup) -> bool:
     return MASKED in process.capabilities() and SCALAR in process.schedule.capabilities()
 
 
-SAMPLER_CASES = {
-    "exact[none/markov]": ("none", "markov"),
-    "exact[labels+infill/classes]": ("labels+infill", "classes"),
-}
-"""Sampler checks: (conditioning, toy). ``classes`` is a class-conditional toy; in the
-second case every sample has a label and about half of its positions given."""
-
-
 def sampler_checks(
     name: str, setup: Setup | None = None, **sampler_arguments: Any
 ) -> dict[str, Callable[[], CheckResult]]:
-    """The checks of the sampler registered as ``name``, by check name (see
-    :data:`SAMPLER_CASES`): driven by the oracle it must reproduce p unconditionally, and
-    given labels and positions (infilling) (d). Building this mapping does no numerical
+    """The checks of the sampler registered as ``name``, by check name (the
+    :attr:`Setup.sampler_cases` of :data:`SAMPLER_CASES`): driven by the oracle it must
+    reproduce p unconditionally, and given labels and positions (infilling) (d). Building this mapping does no numerical
     work.
 
     Arguments:
@@ -268,7 +278,13 @@ def sampler_checks(
 
         return run
 
-    return {check: case(*arguments) for check, arguments in SAMPLER_CASES.items()}
+    unknown = sorted(set(setup.sampler_cases) - set(SAMPLER_CASES))
+    if unknown:
+        raise DdiffError(
+            f"unknown sampler case(s) {', '.join(unknown)} in Setup.sampler_cases "
+            f"(available: {', '.join(SAMPLER_CASES)})"
+        )
+    return {check: case(*SAMPLER_CASES[check]) for check in setup.sampler_cases}
 
 
 def _arguments(arguments: Mapping[str, Any]) -> str:

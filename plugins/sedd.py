@@ -1,0 +1,259 @@
+"""SEDD (Lou et al., ICML 2024): score entropy discrete diffusion.
+
+The network estimates concentration ratios s[n, y] ~ p_t(x with x^n = y) / p_t(x) of a
+factorized CTMC with forward rates R_t; the time reversal moves position n from x^n to y
+at rate R_t(y -> x^n) s[n, y] (their eq. 3). SEDD's absorbing graph is the ``masked``
+process and its uniform graph the ``uniform`` process, with the ``loglinear`` and
+``geometric`` schedules (alpha_t = exp(-sigma_bar(t))).
+
+Notation: V token values, S states (V + 1 with the mask at index V), q_t(y | v) the
+marginal of one position, r_t = alpha_t / (1 - alpha_t).
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import ddiff
+from ddiff import capabilities as caps
+
+
+class ScoreParameterization(ddiff.AbstractScoreParameterization):
+    """SEDD's score network (their model/transformer.py): one output channel per state,
+    read as log s, with the current state's entry set to log 1 = 0.
+
+    With ``absorbing_scale`` on a masked process the output is shifted by
+    log r_t - log V per clean value (SEDD's ``scale_by_sigma``:
+    log s = output - log(e^sigma_bar - 1) - log V), so that an output of zero is the score
+    r_t / V of a uniform denoiser and the network learns a time-independent quantity.
+    SEDD scales only the absorbing graph; on any other process the output is read as
+    log s unchanged, as SEDD reads it on the uniform graph.
+
+    Attributes:
+        absorbing_scale: add log r_t - log V on a masked process.
+    """
+
+    absorbing_scale: bool = eqx.field(static=True, default=True)
+
+    def output_channels(self, process):
+        return process.num_states
+
+    def log_score(self, output, x_t, t, process):
+        log_score = output
+        if self.absorbing_scale and caps.MASKED in process.capabilities():
+            total_noise = jnp.broadcast_to(process.schedule.total_noise(t), (process.vocab_size,))
+            shift = -jnp.log(jnp.expm1(total_noise)) - jnp.log(process.vocab_size)
+            padding = jnp.zeros((process.num_states - process.vocab_size,))
+            log_score = log_score + jnp.concatenate([shift, padding])[None, :]
+        current = jax.nn.one_hot(x_t, process.num_states, dtype=bool)
+        return jnp.where(current, 0.0, log_score)
+
+
+def score_entropy(
+    process: ddiff.AbstractRateProcess,
+    log_score: ddiff.StateLogProbs,
+    x0: ddiff.Tokens,
+    x_t: ddiff.Tokens,
+    t: ddiff.Time,
+) -> ddiff.Scalar:
+    """The denoising score entropy integrand at (x_0, x_t, t) (Lou et al. 2024, eq. 9 and
+    Thm. 3.6), summed over positions:
+
+        sum_n sum_{y != x_t^n} R_t(y -> x_t^n) [ s_y - a_y log s_y + K(a_y) ],
+
+    with a_y = q_t(y | x_0^n) / q_t(x_t^n | x_0^n) and K(a) = a (log a - 1). Each bracket is
+    written as the generalised KL divergence s - a + a (log a - log s) >= 0, which is 0
+    exactly at s = a and avoids the cancellation of the r log r terms. O(S) per position.
+    """
+    num_states = process.num_states
+    weights = process.incoming_rates(x_t, t)
+    probs = process.marginal_probs(x0, t)
+    current_prob = jnp.take_along_axis(probs, x_t[:, None], axis=-1)
+    possible = probs > 0
+    ratio = probs / current_prob
+    log_ratio = jnp.log(jnp.where(possible, probs, 1.0)) - jnp.log(current_prob)
+    active = (weights > 0) & ~jax.nn.one_hot(x_t, num_states, dtype=bool)
+    score = jnp.exp(jnp.where(active, log_score, 0.0))
+    surprise = jnp.where(possible, ratio * (log_ratio - jnp.where(active, log_score, 0.0)), 0.0)
+    divergence = score - ratio + surprise
+    return jnp.sum(jnp.where(active, weights * divergence, 0.0))
+
+
+class ScoreEntropy(ddiff.AbstractObjective):
+    """Diffusion-weighted denoising score entropy, a bound on -log p_theta(x_0) (Lou et
+    al. 2024, Thm. 3.6), made complete for ddiff's time interval:
+
+        L = int_0^1 E_{x_t ~ q_t(. | x_0)} [score entropy integrand] dt
+            + reconstruction + KL(q_1(. | x_0) || p_1),
+
+    with one antithetic time per example. The reconstruction term is the process's
+    :meth:`~ddiff.AbstractForwardProcess.reconstruction_nll` (the noise left at t = 0,
+    where alpha_0 < 1, removed by a data-free decoder), so with the exact score the bound
+    is tight up to the prior mismatch and with any score it is at least H(p). Generic over
+    processes with forward rates: absorbing (``masked``) and uniform graphs alike. For the
+    masked process with s = r_t mu each position's term equals the MD4 integrand (DESIGN.md).
+    Reported in nats per sequence (the trainer divides by D log 2 for bits per token).
+    """
+
+    provides = frozenset({caps.CONTINUOUS_TIME})
+    requires = {
+        "parameterization": frozenset({caps.SCORE}),
+        "process": frozenset({caps.RATES, caps.FACTORIZED}),
+    }
+
+    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+        process = model.process
+        noise_key, network_key = jax.random.split(key)
+        x_t = process.sample_marginal(x0, t, key=noise_key)
+        log_score = model.log_score(x_t, t, label=label, key=network_key if train else None)
+        diffusion = score_entropy(process, log_score, x0, x_t, t)
+        reconstruction = process.reconstruction_nll(x0)
+        prior = process.prior_kl(x0)
+        nelbo = diffusion + reconstruction + prior
+        return ddiff.ObjectiveTerms(
+            loss=nelbo,
+            nelbo=nelbo,
+            metrics={"diffusion": diffusion, "reconstruction": reconstruction, "prior": prior},
+        )
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+class AbstractScoreSampler(ddiff.AbstractSampler):
+    """Reverse sampling with scores on a time grid 1 = t_0 > ... > t_T = 0
+    (:func:`ddiff.time_grid`), as SEDD's predictor loop (their sampling.py), jitted as one
+    ``lax.scan``: the reverse process starts from the process prior, every step draws all
+    positions independently from :meth:`step_probs` (one batched score per step, labels
+    and classifier-free guidance through :func:`ddiff.batched_log_score`), and given
+    positions are projected back after every step (SEDD's infilling). A final denoising
+    step at t = 0 draws every position from the Tweedie mean of the scores
+    (:meth:`~ddiff.AbstractForwardProcess.log_mean_from_score`, SEDD's noise removal),
+    which also resolves positions still masked. Network evaluations: steps + 1 (doubled
+    under guidance).
+    """
+
+    steps: eqx.AbstractVar[int]
+    grid: eqx.AbstractVar[ddiff.TimeGrid]
+
+    @abc.abstractmethod
+    def step_probs(
+        self,
+        process: ddiff.AbstractForwardProcess,
+        x: ddiff.Tokens,
+        log_score: ddiff.StateLogProbs,
+        s: ddiff.Time,
+        t: ddiff.Time,
+    ) -> ddiff.StateProbs:
+        """Unnormalised probabilities of each position's state at time s < t, given the
+        state x at t and its log scores (one example)."""
+
+    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+        process = model.process
+        prior_key, loop_key, final_key = jax.random.split(key, 3)
+        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(
+            jax.random.split(prior_key, num_samples)
+        )
+        x = ddiff.apply_fixed(conditioning, x)
+
+        def step(carry, inputs):
+            x, evals = carry
+            t, s, step_key = inputs
+            log_score, calls = ddiff.batched_log_score(model, x, t, conditioning)
+            probs = jax.vmap(lambda x, log_score: self.step_probs(process, x, log_score, s, t))(
+                x, log_score
+            )
+            stuck = jnp.sum(probs, axis=-1, keepdims=True) <= 0
+            probs = jnp.where(stuck, jax.nn.one_hot(x, process.num_states), probs)
+            x = ddiff.apply_fixed(conditioning, ddiff.categorical_from_probs(step_key, probs))
+            return (x, evals + calls), None
+
+        times = ddiff.time_grid(self.grid, self.steps)
+        (x, evals), _ = jax.lax.scan(
+            step,
+            (x, jnp.int32(0)),
+            (times[:-1], times[1:], jax.random.split(loop_key, self.steps)),
+        )
+        end = times[-1]
+        log_score, calls = ddiff.batched_log_score(model, x, end, conditioning)
+        log_mean = jax.vmap(lambda log_score, x: process.log_mean_from_score(log_score, x, end))(
+            log_score, x
+        )
+        x = ddiff.apply_fixed(conditioning, ddiff.categorical(final_key, log_mean))
+        return ddiff.SampleOutput(tokens=x, num_function_evals=evals + calls)
+
+
+def _require_steps(steps: int) -> None:
+    if steps < 1:
+        raise ddiff.RecipeError(f"steps must be >= 1, got {steps}", path="sampler.steps")
+
+
+class EulerSampler(AbstractScoreSampler):
+    """SEDD's Euler predictor: from t to s every position moves from x^n to y != x^n with
+    probability (t - s) R_t(y -> x^n) s_theta[n, y] and stays otherwise (the first-order
+    step of the reverse CTMC, Lou et al. 2024 sec. 4.1); where the moves exceed 1 the stay
+    probability is 0 and the moves are renormalised, as SEDD's draw does.
+
+    Attributes:
+        steps: number of reverse steps T (network evaluations T + 1).
+        grid: ``uniform`` or ``cosine`` time grid.
+    """
+
+    requires = {
+        "parameterization": frozenset({caps.SCORE}),
+        "process": frozenset({caps.RATES, caps.FACTORIZED}),
+    }
+    steps: int = eqx.field(static=True, default=128)
+    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
+
+    def __check_init__(self):
+        _require_steps(self.steps)
+
+    def step_probs(self, process, x, log_score, s, t):
+        incoming = process.incoming_rates(x, t)
+        moving = (incoming > 0) & ~jax.nn.one_hot(x, process.num_states, dtype=bool)
+        rates = jnp.where(moving, incoming * jnp.exp(jnp.where(moving, log_score, 0.0)), 0.0)
+        moves = (t - s) * rates
+        stay = jnp.maximum(1.0 - jnp.sum(moves, axis=-1, keepdims=True), 0.0)
+        return jnp.where(moving, moves, 0.0) + stay * jax.nn.one_hot(x, process.num_states)
+
+
+class AnalyticSampler(AbstractScoreSampler):
+    """SEDD's analytic predictor, Tweedie tau-leaping (Lou et al. 2024, Thm. 4.2): each
+    position jumps from x^n at t to y at s with probability proportional to
+
+        [Q_{s->t}^{-T} s_theta]_y  q(x_t^n | x_s^n = y),
+
+    the exact reverse transition of one position given the others when the scores are
+    exact (for the absorbing graph it is MD4's ancestral step). The "staggered score"
+    comes from :meth:`~ddiff.AbstractTransitionProcess.unpropagate`; negative values a
+    model's scores can give are clipped at 0, as SEDD's draw does.
+
+    Attributes:
+        steps: number of reverse steps T (network evaluations T + 1).
+        grid: ``uniform`` or ``cosine`` time grid.
+    """
+
+    requires = {
+        "parameterization": frozenset({caps.SCORE}),
+        "process": frozenset({caps.TRANSITIONS, caps.FACTORIZED}),
+    }
+    steps: int = eqx.field(static=True, default=128)
+    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
+
+    def __check_init__(self):
+        _require_steps(self.steps)
+
+    def step_probs(self, process, x, log_score, s, t):
+        staggered = process.unpropagate(jnp.exp(log_score), s, t)
+        return jnp.maximum(staggered, 0.0) * process.transition_likelihood(x, s, t)
+
+
+@ddiff.hookimpl
+def ddiff_register_components(registry: ddiff.Registry) -> None:
+    registry.register("parameterization", "score", ScoreParameterization)
+    registry.register("objective", "score_entropy", ScoreEntropy)
+    registry.register("sampler", "euler", EulerSampler)
+    registry.register("sampler", "analytic", AnalyticSampler)
