@@ -20,8 +20,12 @@ from ddiff import capabilities as caps
 
 _REQUIRES = {
     "parameterization": frozenset({caps.MEAN}),
-    "process": frozenset({caps.RATES, caps.FACTORIZED}),
+    "process": frozenset({caps.RATES, caps.FACTORIZED, caps.SCALAR_SCHEDULE}),
 }
+"""The rates are read from alpha_t, and float32 keeps 1 - alpha_t only while alpha_t < 1:
+a per-value schedule such as GenMD4's (alpha_0 = 1, alpha_t[v] = 1 - t^{w_v} rounding to
+1 at small t while its rate does not vanish) would overflow the reverse rates, so a scalar
+schedule is required (MD4's keep alpha <= 1 - eps)."""
 
 
 def reverse_rates(
