@@ -70,14 +70,24 @@ test_euler_uniform = sampler_conformance("euler", UNIFORM, steps=128)
 # passes at 128 (p = 0.16); the uniform process is caught at 128 (p = 2e-13) and passes at
 # 256 (p = 0.41). With one corrector leap of a full step the masked PC sampler passes at 64
 # (p = 0.51); on the uniform process full-step correctors bias the stationary law
-# (p = 3e-4 at 256 steps) and 0.1-step ones pass at 256 (p = 0.05).
-UNIFORM_LINEAR = Setup(process={"kind": "uniform", "schedule": "linear"}, parameterization="x0")
+# (p = 3e-4 at 256 steps) and 0.1-step ones pass at 256 (p = 0.05). As for D3PM and SEDD,
+# the uniform lines check labels without infilling (p = 7e-46 with it, 128 steps).
+UNIFORM_LINEAR = Setup(
+    process={"kind": "uniform", "schedule": "linear"},
+    parameterization="x0",
+    sampler_cases=("exact[none/markov]", "exact[labels/classes]"),
+)
 test_campbell_elbo = objective_conformance("campbell_elbo")
 test_campbell_elbo_uniform = objective_conformance("campbell_elbo", UNIFORM_LINEAR)
 test_tau_leaping = sampler_conformance("tau_leaping", steps=128)
+test_tau_leaping_uniform = sampler_conformance("tau_leaping", UNIFORM_LINEAR, steps=256)
 test_tau_leaping_pc = sampler_conformance(
     "tau_leaping_pc", steps=64, corrector_steps=1, corrector_step_size=1.0, corrector_entry_time=1.0
 )
+test_tau_leaping_pc_uniform = sampler_conformance(
+    "tau_leaping_pc", UNIFORM_LINEAR, steps=256, corrector_steps=1, corrector_step_size=0.1,
+    corrector_entry_time=1.0,
+)  # fmt: skip
 
 # GenMD4: the masked process on a learnable per-value schedule with unequal powers, so that
 # an objective or sampler that ignored the per-value schedule would fail (the sampler fails
