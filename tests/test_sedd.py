@@ -112,7 +112,7 @@ def _both_objectives(model, x0, times, keys):
     return jax.vmap(one)(x0, times, keys)
 
 
-@pytest.mark.parametrize("schedule", ["loglinear", "geometric", "cosine"])
+@pytest.mark.parametrize("schedule", ["loglinear", "geometric"])
 def test_score_entropy_with_score_r_mu_equals_the_md4_integrand(schedule):
     """DESIGN.md: on the absorbing graph with s = r mu, r = alpha/(1 - alpha), a masked
     position contributes sigma(t) [sum_y s_y - r log s_x0 + r (log r - 1)] = -alpha'/(1 -
@@ -448,10 +448,10 @@ def _run(tmp_path, capsys, name, *overrides):
 
 
 @pytest.mark.slow
-def test_sedd_text8_recipe_trains_samples_and_evaluates(tmp_path, capsys):
-    """Two steps, two samples with the analytic sampler, the held-out score entropy."""
-    workdir, _ = _run(tmp_path, capsys, "sedd_text8")
-    assert 3.0 < json.loads((workdir / "eval.json").read_text())["bits_per_char"] < 9.0
+def test_sedd_text8_recipe_trains_and_samples(tmp_path, capsys):
+    """Two steps and two samples with the analytic sampler (the trainer's held-out score
+    entropy is run by the mean recipe's test)."""
+    workdir, _ = _run(tmp_path, capsys, "sedd_text8", "trainer.final_eval=false")
     samples = (workdir / "samples" / "step_00000002.txt").read_text().splitlines()
     assert len(samples) == 2 and all(len(s) == 32 and set(s) <= set("abcdefghijklmnopqrstuvwxyz ") for s in samples)
 
