@@ -30,7 +30,7 @@ from ddiff._checkpoint import (
     restore_latest,
     save_checkpoint,
 )
-from ddiff._constant import partition_trainable, trainable
+from ddiff._constant import is_constant, partition_trainable, trainable
 from ddiff._data import eval_batches, metric_report, train_batches, validate_batch
 from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
 from ddiff._images import image_grid, png_bytes
@@ -287,7 +287,8 @@ class Trainer:
             params, model_static = partition_trainable(state.model)
 
             def loss(params):
-                model = eqx.combine(model_static, gather_for_forward(params, specs))
+                # A Constant is one leaf of model_static (partition_trainable) and None in params.
+                model = eqx.combine(model_static, gather_for_forward(params, specs), is_leaf=is_constant)
                 terms = objective.per_example_terms(
                     model, tokens, key=key, labels=labels, train=True, offset=offset, total=batch_size
                 )
@@ -331,9 +332,9 @@ class Trainer:
             }
             new_state = TrainState(
                 step=state.step + 1,
-                model=eqx.combine(guard(new_params, params), model_static),
+                model=eqx.combine(guard(new_params, params), model_static, is_leaf=is_constant),
                 opt_state=guard(opt_state, state.opt_state),
-                ema=eqx.combine(guard(new_ema, ema_params), model_static),
+                ema=eqx.combine(guard(new_ema, ema_params), model_static, is_leaf=is_constant),
                 key=state.key,
                 skipped_steps=metrics["skipped_steps"],
             )

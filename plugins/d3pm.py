@@ -108,9 +108,13 @@ class D3PMCosineSchedule(ddiff.AbstractSchedule):
 
     def __check_init__(self):
         if not self.offset > 0:
-            raise ddiff.RecipeError(f"offset must be positive, got {self.offset}", path="process.schedule.offset")
+            raise ddiff.RecipeError(
+                f"offset must be positive, got {self.offset}", path="process.schedule.offset"
+            )
         if not self.power >= 1:
-            raise ddiff.RecipeError(f"power must be >= 1, got {self.power}", path="process.schedule.power")
+            raise ddiff.RecipeError(
+                f"power must be >= 1, got {self.power}", path="process.schedule.power"
+            )
 
     def _angle(self, t):
         return 0.5 * math.pi * (t + self.offset) / (1.0 + self.offset)
@@ -151,10 +155,13 @@ class D3PMLinearSchedule(ddiff.AbstractSchedule):
 
     def __init__(self, steps: int = 1000, start: float = 1e-4, stop: float = 0.02):
         if steps < 1:
-            raise ddiff.RecipeError(f"steps must be >= 1, got {steps}", path="process.schedule.steps")
+            raise ddiff.RecipeError(
+                f"steps must be >= 1, got {steps}", path="process.schedule.steps"
+            )
         if not 0.0 < start <= stop < 1.0:
             raise ddiff.RecipeError(
-                f"need 0 < start <= stop < 1, got start={start} and stop={stop}", path="process.schedule"
+                f"need 0 < start <= stop < 1, got start={start} and stop={stop}",
+                path="process.schedule",
             )
         self.steps, self.start, self.stop = steps, start, stop
         betas = np.linspace(start, stop, steps, dtype=np.float64)
@@ -264,7 +271,11 @@ class MutualInformationSchedule(ddiff.AbstractSchedule):
             )
         if self.marginal is not None:
             probs = np.asarray(self.marginal, np.float64)
-            if probs.shape != (self.vocab_size,) or np.any(probs < 0) or abs(probs.sum() - 1.0) > 1e-3:
+            if (
+                probs.shape != (self.vocab_size,)
+                or np.any(probs < 0)
+                or abs(probs.sum() - 1.0) > 1e-3
+            ):
                 raise ddiff.RecipeError(
                     f"marginal must hold {self.vocab_size} non-negative probabilities summing to 1 "
                     f"(got {len(self.marginal)} summing to {probs.sum():.6g})",
@@ -465,7 +476,9 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
         first, last = self._steps_between(s, t)
 
         def body(index, probs):
-            return jnp.matmul(probs, jnp.exp(self.log_steps.value[index]), precision=jax.lax.Precision.HIGHEST)
+            return jnp.matmul(
+                probs, jnp.exp(self.log_steps.value[index]), precision=jax.lax.Precision.HIGHEST
+            )
 
         return jax.lax.fori_loop(first, last, body, probs_s)
 
@@ -479,7 +492,9 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
 
         def body(offset, column):
             index = last - 1 - offset
-            return jnp.matmul(column, jnp.exp(self.log_steps.value[index]), precision=jax.lax.Precision.HIGHEST)
+            return jnp.matmul(
+                column, jnp.exp(self.log_steps.value[index]), precision=jax.lax.Precision.HIGHEST
+            )
 
         return jax.lax.fori_loop(0, last - first, body, jax.nn.one_hot(x_t, self.vocab_size))
 
@@ -596,7 +611,8 @@ class D3PMBound(ddiff.AbstractObjective):
             raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="objective.steps")
         if not self.hybrid_weight >= 0:
             raise ddiff.RecipeError(
-                f"hybrid_weight must be >= 0, got {self.hybrid_weight}", path="objective.hybrid_weight"
+                f"hybrid_weight must be >= 0, got {self.hybrid_weight}",
+                path="objective.hybrid_weight",
             )
 
     def sample_times(self, key, batch_size):
@@ -689,13 +705,17 @@ class D3PMAncestralSampler(ddiff.AbstractSampler):
             t = index.astype(jnp.float32) / self.steps
             s = (index - 1).astype(jnp.float32) / self.steps
             log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
-            log_probs = jax.vmap(lambda x_t, lm: process.log_posterior_from_mean(x_t, lm, s, t))(x, log_mean)
+            log_probs = jax.vmap(lambda x_t, lm: process.log_posterior_from_mean(x_t, lm, s, t))(
+                x, log_mean
+            )
             return ddiff.apply_fixed(conditioning, ddiff.categorical(step_key, log_probs)), None
 
         if self.steps > 1:
             indices = jnp.arange(self.steps, 1, -1, dtype=jnp.int32)
             x, _ = jax.lax.scan(step, x, (indices, jax.random.split(loop_key, self.steps - 1)))
-        log_mean, _ = ddiff.batched_log_mean(model, x, jnp.asarray(1.0 / self.steps, jnp.float32), conditioning)
+        log_mean, _ = ddiff.batched_log_mean(
+            model, x, jnp.asarray(1.0 / self.steps, jnp.float32), conditioning
+        )
         x = ddiff.apply_fixed(conditioning, ddiff.categorical(final_key, log_mean))
         return ddiff.SampleOutput(tokens=x, num_function_evals=jnp.int32(self.steps * calls))
 
@@ -737,6 +757,8 @@ def ddiff_register_components(registry: ddiff.Registry) -> None:
     registry.register("schedule", "d3pm_linear", D3PMLinearSchedule)
     registry.register("schedule", "mutual_information", MutualInformationSchedule)
     registry.register("process", "discretized_gaussian", DiscretizedGaussianProcess)
-    registry.register("parameterization", "discretized_logistic", DiscretizedLogisticParameterization)
+    registry.register(
+        "parameterization", "discretized_logistic", DiscretizedLogisticParameterization
+    )
     registry.register("objective", "d3pm_vb", D3PMBound)
     registry.register("sampler", "d3pm_ancestral", D3PMAncestralSampler)

@@ -31,7 +31,9 @@ def build(slot, spec, vocab_size=V):
 
 
 def _grid_values(function, steps):
-    return np.asarray(jax.vmap(function)(jnp.arange(steps + 1, dtype=jnp.float32) / steps), np.float64)
+    return np.asarray(
+        jax.vmap(function)(jnp.arange(steps + 1, dtype=jnp.float32) / steps), np.float64
+    )
 
 
 def test_jsd_and_cosine_schedules_give_d3pm_betas():
@@ -40,7 +42,9 @@ def test_jsd_and_cosine_schedules_give_d3pm_betas():
     in float64 (rel 1e-5, abs 1e-6, T = 1000), alpha(1) = 0; its derivative matches
     autodiff (rel 1e-5)."""
     alpha = _grid_values(build("schedule", "jsd").alpha, 10)
-    np.testing.assert_allclose(1 - alpha[1:] / alpha[:-1], 1 / (10 - np.arange(1, 11) + 1), atol=1e-6)
+    np.testing.assert_allclose(
+        1 - alpha[1:] / alpha[:-1], 1 / (10 - np.arange(1, 11) + 1), atol=1e-6
+    )
     cosine = build("schedule", "d3pm_cosine")
     steps = np.arange(1001) / 1000
     f = np.cos((steps + 0.008) / 1.008 * np.pi / 2)
@@ -95,12 +99,16 @@ def test_mutual_information_schedule_loses_information_linearly(marginal):
     schedule = build("schedule", spec, vocab_size=5)
     probs = np.full(5, 0.2) if marginal is None else np.asarray(marginal)
     times = np.array([0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.399, 0.401, 0.4])
-    keep, slope = jax.jit(jax.vmap(jax.value_and_grad(schedule.alpha)))(jnp.asarray(times, jnp.float32))
+    keep, slope = jax.jit(jax.vmap(jax.value_and_grad(schedule.alpha)))(
+        jnp.asarray(times, jnp.float32)
+    )
     for t, a in zip(times[:7], np.asarray(keep, np.float64)[:7], strict=True):
         assert _information_fraction(a, probs) == pytest.approx(1 - t, abs=1e-4)
     assert float(slope[9]) == pytest.approx((float(keep[8]) - float(keep[7])) / 2e-3, rel=2e-2)
     absorbing = build("schedule", {**spec, "transitions": "absorbing"}, vocab_size=5)
-    np.testing.assert_allclose(jax.vmap(absorbing.alpha)(jnp.linspace(0, 1, 11)), 1 - np.linspace(0, 1, 11), atol=1e-7)
+    np.testing.assert_allclose(
+        jax.vmap(absorbing.alpha)(jnp.linspace(0, 1, 11)), 1 - np.linspace(0, 1, 11), atol=1e-7
+    )
 
 
 # --------------------------------------------------------------------------- families
@@ -108,12 +116,16 @@ def test_mutual_information_schedule_loses_information_linearly(marginal):
 
 def _gaussian(steps=8, vocab_size=V, start=0.05, stop=0.9):
     schedule = {"kind": "d3pm_linear", "steps": steps, "start": start, "stop": stop}
-    return build("process", {"kind": "discretized_gaussian", "schedule": schedule}, vocab_size=vocab_size)
+    return build(
+        "process", {"kind": "discretized_gaussian", "schedule": schedule}, vocab_size=vocab_size
+    )
 
 
 def _d3pm_gaussian_matrix(beta, size):
     """D3PM eq. 8 written out entry by entry."""
-    normaliser = sum(math.exp(-4 * n * n / ((size - 1) ** 2 * beta)) for n in range(-(size - 1), size))
+    normaliser = sum(
+        math.exp(-4 * n * n / ((size - 1) ** 2 * beta)) for n in range(-(size - 1), size)
+    )
     matrix = np.zeros((size, size))
     for i in range(size):
         for j in range(size):
@@ -171,8 +183,14 @@ def test_closed_forms_match_enumeration(family):
     log_marginal_likelihood of each family against the core's enumeration over values
     (abs 1e-5) at t = 0.25, 0.625, 1, and the reverse step with a one-hot mu against the
     true posterior q(x_s | x_t, x_0) (abs 1e-5)."""
-    process = _gaussian() if family == "gaussian" else build("process", {"kind": family, "schedule": "jsd"})
-    weights = jnp.log(jnp.array([[0.2, 0.0, 0.5], [1.0, 2.0, 3.0], [0.0, 0.0, 1.0], [0.1, 0.1, 0.1]]))
+    process = (
+        _gaussian()
+        if family == "gaussian"
+        else build("process", {"kind": family, "schedule": "jsd"})
+    )
+    weights = jnp.log(
+        jnp.array([[0.2, 0.0, 0.5], [1.0, 2.0, 3.0], [0.0, 0.0, 1.0], [0.1, 0.1, 0.1]])
+    )
     last = process.num_states - 1
     x_t = jnp.array([0, last, 1, 2])
     x0 = jnp.array([0, 1, 1, 2])
@@ -182,13 +200,17 @@ def test_closed_forms_match_enumeration(family):
     def compared(t):
         generic = ddiff.AbstractForwardProcess
         return (
-            process.log_marginal_from_mean(weights, t) - generic.log_marginal_from_mean(process, weights, t),
-            process.log_marginal_likelihood(x_t, t) - generic.log_marginal_likelihood(process, x_t, t),
+            process.log_marginal_from_mean(weights, t)
+            - generic.log_marginal_from_mean(process, weights, t),
+            process.log_marginal_likelihood(x_t, t)
+            - generic.log_marginal_likelihood(process, x_t, t),
         )
 
     for mixed, likelihood in zip(*jax.vmap(compared)(jnp.array([0.25, 0.625, 1.0])), strict=True):
         np.testing.assert_allclose(jnp.where(jnp.isnan(mixed), 0.0, mixed), 0.0, atol=1e-5)
-        np.testing.assert_allclose(jnp.where(jnp.isnan(likelihood), 0.0, likelihood), 0.0, atol=1e-5)
+        np.testing.assert_allclose(
+            jnp.where(jnp.isnan(likelihood), 0.0, likelihood), 0.0, atol=1e-5
+        )
     one_hot = jnp.where(jax.nn.one_hot(x0, V, dtype=bool), 0.0, -jnp.inf)
     s, t = jnp.asarray(0.25), jnp.asarray(0.625)
     np.testing.assert_allclose(
@@ -213,7 +235,9 @@ def test_gaussian_reverse_step_is_exact():
     @jax.vmap
     def computed(i):
         s, t = (i - 1) / 8, i / 8
-        return process.log_posterior_from_mean(x_t, log_mean, s, t), process.log_posterior_from_mean(x_t, extreme, s, t)
+        return process.log_posterior_from_mean(
+            x_t, log_mean, s, t
+        ), process.log_posterior_from_mean(x_t, extreme, s, t)
 
     ours, wild = computed(jnp.arange(2, 9, dtype=jnp.float32))
     noise = _grid_values(process.schedule.total_noise, 8)
@@ -226,7 +250,9 @@ def test_gaussian_reverse_step_is_exact():
         for n, u in enumerate(np.asarray(x_t)):
             posteriors = one_step[i - 1][:, u][None, :] * cumulative[i - 1]  # (v, j)
             expected = mean[n] @ (posteriors / posteriors.sum(1, keepdims=True))
-            np.testing.assert_allclose(np.exp(ours[i - 2, n]), expected, atol=1e-5, err_msg=f"step {i}, position {n}")
+            np.testing.assert_allclose(
+                np.exp(ours[i - 2, n]), expected, atol=1e-5, err_msg=f"step {i}, position {n}"
+            )
     assert bool(jnp.all(jnp.isfinite(jnp.max(wild, -1))))
     np.testing.assert_allclose(jnp.sum(jnp.exp(wild), -1), 1.0, atol=1e-5)
 
@@ -270,7 +296,9 @@ def test_absorbing_terms_equal_md4_discrete_terms():
     (rel 1e-5, abs 1e-5; 256 examples, T = 16, a time-independent model: the exact
     denoiser of another toy, read through MD4's mean)."""
     process = build("process", {"kind": "masked", "schedule": "jsd"})
-    model = kit.oracle_model(kit.toy_distributions(V, D)["dense"], process, build("parameterization", "mean"))
+    model = kit.oracle_model(
+        kit.toy_distributions(V, D)["dense"], process, build("parameterization", "mean")
+    )
     x0 = jax.random.randint(jax.random.PRNGKey(0), (256, D), 0, V)
     ours = build("objective", {"kind": "d3pm_vb", "steps": 16})
     md4 = build("objective", {"kind": "md4_discrete_elbo", "steps": 16})
@@ -298,7 +326,9 @@ def _exact_expectation(process, model, toy, states, s, t, objective):
         def given(x0):
             q = process.marginal_probs(x0, t)
             weight = jnp.prod(q[jnp.arange(D)[None, :], states], axis=-1)
-            terms = jax.vmap(lambda x, lm: objective.step_term(process, x0, x, lm, s, t))(states, log_mean)
+            terms = jax.vmap(lambda x, lm: objective.step_term(process, x0, x, lm, s, t))(
+                states, log_mean
+            )
             return jnp.sum(jnp.where(weight > 0, weight * terms, 0.0))
 
         return jnp.sum(jnp.where(probs > 0, probs * jax.vmap(given)(sequences), 0.0))
@@ -344,18 +374,24 @@ def test_bound_approaches_md4_continuous_elbo_as_steps_grow():
         cross_entropy = -jnp.sum(jnp.where(masks[None], picked, 0.0), -1)
 
         def at(s, t):
-            return jax.vmap(jax.vmap(lambda a, b, c: objective.step_term(process, a, b, c, s, t)))(x0, x_t, log_mean)
+            return jax.vmap(jax.vmap(lambda a, b, c: objective.step_term(process, a, b, c, s, t)))(
+                x0, x_t, log_mean
+            )
 
         return cross_entropy, jax.lax.map(lambda st: at(*st), (s, t))
 
     cross_entropy, values = computed(s, t)
     probs = np.asarray(data.probabilities(), np.float64)
     count = np.asarray(masks.sum(-1))
-    beta = np.array([math.gamma(k) * math.gamma(D - k + 1) / math.gamma(D + 1) if k else 0.0 for k in count])
+    beta = np.array(
+        [math.gamma(k) * math.gamma(D - k + 1) / math.gamma(D + 1) if k else 0.0 for k in count]
+    )
     exact = float(np.sum(probs[:, None] * np.asarray(cross_entropy, np.float64) * beta[None]))
     grid = np.asarray(t, np.float64)[:, None]
-    weights = grid**count[None] * (1 - grid) ** (D - count[None])
-    per_step = np.sum(probs[None, :, None] * weights[:, None, :] * np.asarray(values, np.float64), axis=(1, 2))
+    weights = grid ** count[None] * (1 - grid) ** (D - count[None])
+    per_step = np.sum(
+        probs[None, :, None] * weights[:, None, :] * np.asarray(values, np.float64), axis=(1, 2)
+    )
     errors = []
     for steps in (4, 16, 64, 256):
         bound = float(per_step[owner == steps].sum())
@@ -364,7 +400,11 @@ def test_bound_approaches_md4_continuous_elbo_as_steps_grow():
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False)) and errors[-1] < 0.005
 
     samples, _ = data.sample(jax.random.PRNGKey(0), 2**13)
-    terms = eqx.filter_jit(lambda m, x: build("objective", "md4_elbo").per_example_terms(m, x, key=jax.random.PRNGKey(1), train=False))(model, samples)
+    terms = eqx.filter_jit(
+        lambda m, x: build("objective", "md4_elbo").per_example_terms(
+            m, x, key=jax.random.PRNGKey(1), train=False
+        )
+    )(model, samples)
     values = np.asarray(terms.nelbo, np.float64)
     error = values.std(ddof=1) / math.sqrt(len(values))
     assert abs(values.mean() - exact) < 4 * error, (values.mean(), exact, error)
@@ -386,14 +426,24 @@ def test_gaussian_bound_is_exact_for_independent_data_and_shrinks_otherwise():
         toy = toys[name]
         model = kit.oracle_model(toy, process, parameterization)
         per_step = _exact_expectation(process, model, toy, states, s, t, objective)
-        prior_term = float(jnp.sum(jnp.where(toy.probabilities() > 0, toy.probabilities() * jax.vmap(process.prior_kl)(states), 0.0)))
+        prior_term = float(
+            jnp.sum(
+                jnp.where(
+                    toy.probabilities() > 0,
+                    toy.probabilities() * jax.vmap(process.prior_kl)(states),
+                    0.0,
+                )
+            )
+        )
         prior = kit.prior_gap(toy, process)
         bounds = [per_step[owner == steps].sum() + prior_term for steps in (1, 2, 4, 8)]
         gaps = [bound - toy.conditional_entropy() for bound in bounds]
         if name == "independent":
             np.testing.assert_allclose(gaps, prior, atol=1e-4)
         else:
-            assert gaps[-1] - prior >= -1e-5 and all(a > b + 1e-3 for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+            assert gaps[-1] - prior >= -1e-5 and all(
+                a > b + 1e-3 for a, b in zip(gaps, gaps[1:], strict=False)
+            ), gaps
 
 
 def test_terms_need_no_padded_logarithm():
@@ -418,7 +468,9 @@ def test_terms_need_no_padded_logarithm():
     values, gradients = term_and_gradient(jnp.array([0.4, 0.0, 0.9]), jnp.array([0.5, 0.1, 1.0]))
     # alpha_s = 0.6, alpha_t = 0.5; -log mu[x_0] is 300 + log 2 at position 0 and log 3 at
     # the two other masked positions.
-    assert float(values[0]) == pytest.approx(0.2 * (300.0 + math.log(2.0) + 2 * math.log(3.0)), rel=1e-5)
+    assert float(values[0]) == pytest.approx(
+        0.2 * (300.0 + math.log(2.0) + 2 * math.log(3.0)), rel=1e-5
+    )
     assert bool(jnp.all(jnp.isfinite(values))) and bool(jnp.all(jnp.isfinite(gradients)))
 
 
@@ -439,17 +491,41 @@ def test_step_counts_must_agree_at_load_time():
     steps do not divide T, in one line naming both; divisors are accepted. The mutual-
     information schedule refuses a process other than the one its transitions name."""
     linear = "process.schedule={kind: d3pm_linear, steps: 1000}"
-    _load(linear, "objective={kind: d3pm_vb, steps: 250}", "sampler={kind: d3pm_ancestral, steps: 1000}")
-    with pytest.raises(ddiff.IncompatibleComponentsError, match=r"grid of 1000 steps.*steps=300, which does not divide"):
-        _load(linear, "objective={kind: d3pm_vb, steps: 300}", "sampler={kind: d3pm_ancestral, steps: 1000}")
+    _load(
+        linear,
+        "objective={kind: d3pm_vb, steps: 250}",
+        "sampler={kind: d3pm_ancestral, steps: 1000}",
+    )
+    with pytest.raises(
+        ddiff.IncompatibleComponentsError,
+        match=r"grid of 1000 steps.*steps=300, which does not divide",
+    ):
+        _load(
+            linear,
+            "objective={kind: d3pm_vb, steps: 300}",
+            "sampler={kind: d3pm_ancestral, steps: 1000}",
+        )
     gaussian = "process={kind: discretized_gaussian, steps: 8, schedule: {kind: d3pm_cosine}}"
-    with pytest.raises(ddiff.IncompatibleComponentsError, match=r"sampler 'd3pm_ancestral' takes steps=3"):
-        _load(gaussian, "objective={kind: d3pm_vb, steps: 8}", "sampler={kind: d3pm_ancestral, steps: 3}")
-    with pytest.raises(ddiff.RecipeError, match=r"process.steps: steps=16 does not divide the schedule's 8 steps"):
-        _load("process={kind: discretized_gaussian, steps: 16, schedule: {kind: d3pm_linear, steps: 8}}")
+    with pytest.raises(
+        ddiff.IncompatibleComponentsError, match=r"sampler 'd3pm_ancestral' takes steps=3"
+    ):
+        _load(
+            gaussian,
+            "objective={kind: d3pm_vb, steps: 8}",
+            "sampler={kind: d3pm_ancestral, steps: 3}",
+        )
+    with pytest.raises(
+        ddiff.RecipeError, match=r"process.steps: steps=16 does not divide the schedule's 8 steps"
+    ):
+        _load(
+            "process={kind: discretized_gaussian, steps: 16, schedule: {kind: d3pm_linear, steps: 8}}"
+        )
     with pytest.raises(ddiff.RecipeError, match=r"process.steps: give the number of steps"):
         _load("process={kind: discretized_gaussian, schedule: {kind: jsd}}")
-    with pytest.raises(ddiff.IncompatibleComponentsError, match=r"transitions: uniform do not match process 'masked'"):
+    with pytest.raises(
+        ddiff.IncompatibleComponentsError,
+        match=r"transitions: uniform do not match process 'masked'",
+    ):
         _load("process.schedule={kind: mutual_information}")
 
 
@@ -491,13 +567,21 @@ def test_sampler_keeps_given_positions_and_counts_evaluations():
     """Given positions are never changed and the count of network evaluations is the
     number of steps, doubled under guidance (16 samples, 5 steps, uniform process)."""
     process = build("process", {"kind": "uniform", "schedule": "d3pm_cosine"})
-    model = kit.oracle_model(kit.class_conditional_toy(V, D), process, build("parameterization", "x0"))
+    model = kit.oracle_model(
+        kit.class_conditional_toy(V, D), process, build("parameterization", "x0")
+    )
     fixed = jnp.tile(jnp.array([[2, 0, 1, 1]]), (16, 1))
     mask = jnp.tile(jnp.array([[True, False, True, False]]), (16, 1))
-    conditioning = ddiff.Conditioning(labels=jnp.zeros(16, jnp.int32), fixed_tokens=fixed, fixed_mask=mask, guidance=1.5)
+    conditioning = ddiff.Conditioning(
+        labels=jnp.zeros(16, jnp.int32), fixed_tokens=fixed, fixed_mask=mask, guidance=1.5
+    )
     sampler = build("sampler", {"kind": "d3pm_ancestral", "steps": 5})
     output = eqx.filter_jit(
-        lambda model, key: sampler.sample(model, key=key, num_samples=16, seq_len=D, conditioning=conditioning)
+        lambda model, key: sampler.sample(
+            model, key=key, num_samples=16, seq_len=D, conditioning=conditioning
+        )
     )(model, jax.random.PRNGKey(0))
-    np.testing.assert_array_equal(np.asarray(output.tokens)[np.asarray(mask)], np.asarray(fixed)[np.asarray(mask)])
+    np.testing.assert_array_equal(
+        np.asarray(output.tokens)[np.asarray(mask)], np.asarray(fixed)[np.asarray(mask)]
+    )
     assert int(output.num_function_evals) == 10
