@@ -73,6 +73,7 @@ from ddiff._sampler import (
     batched_log_mean,
     batched_log_score,
     calls_per_prediction,
+    initial_tokens,
     time_grid,
 )
 from ddiff._schedule import AbstractSchedule

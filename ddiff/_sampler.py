@@ -2,6 +2,7 @@
 
 import abc
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
@@ -11,6 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ddiff._capabilities import Capable
 from ddiff._model import DiffusionModel
+from ddiff._process import AbstractForwardProcess
 from ddiff._typing import AbstractCheckedModule, Key, Labels, TokenBatch
 
 
@@ -90,6 +92,42 @@ def calls_per_prediction(conditioning: Conditioning) -> int:
     return 2 if conditioning.guidance != 0.0 and conditioning.labels is not None else 1
 
 
+def _guided_prediction(
+    model: DiffusionModel,
+    predict: Callable[..., jax.Array],
+    x_t: Int[Array, "batch seq"],
+    t: Float[Array, ""] | Float[Array, " batch"],
+    conditioning: Conditioning,
+    guide: Callable[[jax.Array, jax.Array, float], jax.Array],
+) -> tuple[jax.Array, int]:
+    """``predict(x, t, label=...)`` vmapped over a batch; under classifier-free guidance also
+    with the null class, the two combined by ``guide(conditional, unconditional, w)``.
+    Returns the prediction and the network calls it took."""
+    labels = conditioning.labels
+    times = jnp.broadcast_to(t, x_t.shape[:1])
+    conditional = jax.vmap(lambda x, time, label: predict(x, time, label=label))(x_t, times, labels)
+    if calls_per_prediction(conditioning) == 1:
+        return conditional, 1
+    null = jnp.full_like(labels, model.network.num_classes)
+    unconditional = jax.vmap(lambda x, time, label: predict(x, time, label=label))(x_t, times, null)
+    return guide(conditional, unconditional, conditioning.guidance), 2
+
+
+def initial_tokens(
+    process: AbstractForwardProcess,
+    *,
+    key: Key,
+    num_samples: int,
+    seq_len: int,
+    conditioning: Conditioning,
+) -> Int[Array, "batch seq"]:
+    """Where every reverse process starts: ``num_samples`` draws of x_1 from the process
+    prior (one key per sample), with the given positions (infilling) set."""
+    keys = jax.random.split(key, num_samples)
+    x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(keys)
+    return apply_fixed(conditioning, x)
+
+
 def batched_log_mean(
     model: DiffusionModel,
     x_t: Int[Array, "batch seq"],
@@ -103,21 +141,12 @@ def batched_log_mean(
     Guided: log mu_w = log_softmax((1 + w) log mu_c - w log mu_u) over the values both
     predictions allow (a carried-over one-hot position stays one-hot).
     """
-    labels = conditioning.labels
-    times = jnp.broadcast_to(t, x_t.shape[:1])
+    def guide(conditional, unconditional, w):
+        finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
+        mixed = jnp.where(finite, (1.0 + w) * conditional - w * jnp.where(finite, unconditional, 0.0), -jnp.inf)
+        return jax.nn.log_softmax(mixed, axis=-1)
 
-    def predict(x, time, label):
-        return model.log_mean(x, time, label=label)
-
-    conditional = jax.vmap(predict)(x_t, times, labels)
-    if calls_per_prediction(conditioning) == 1:
-        return conditional, 1
-    null = jnp.full_like(labels, model.network.num_classes)
-    unconditional = jax.vmap(predict)(x_t, times, null)
-    w = conditioning.guidance
-    finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
-    mixed = jnp.where(finite, (1.0 + w) * conditional - w * jnp.where(finite, unconditional, 0.0), -jnp.inf)
-    return jax.nn.log_softmax(mixed, axis=-1), 2
+    return _guided_prediction(model, model.log_mean, x_t, t, conditioning, guide)
 
 
 def batched_log_score(
@@ -134,18 +163,9 @@ def batched_log_score(
     p_c^(1+w) / p_u^w (ratios are not normalised, so no softmax); -inf where either
     prediction is -inf. The current state's entry stays log 1 = 0.
     """
-    labels = conditioning.labels
-    times = jnp.broadcast_to(t, x_t.shape[:1])
+    def guide(conditional, unconditional, w):
+        finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
+        mixed = (1.0 + w) * jnp.where(finite, conditional, 0.0) - w * jnp.where(finite, unconditional, 0.0)
+        return jnp.where(finite, mixed, -jnp.inf)
 
-    def predict(x, time, label):
-        return model.log_score(x, time, label=label)
-
-    conditional = jax.vmap(predict)(x_t, times, labels)
-    if calls_per_prediction(conditioning) == 1:
-        return conditional, 1
-    null = jnp.full_like(labels, model.network.num_classes)
-    unconditional = jax.vmap(predict)(x_t, times, null)
-    w = conditioning.guidance
-    finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
-    mixed = (1.0 + w) * jnp.where(finite, conditional, 0.0) - w * jnp.where(finite, unconditional, 0.0)
-    return jnp.where(finite, mixed, -jnp.inf), 2
+    return _guided_prediction(model, model.log_score, x_t, t, conditioning, guide)

@@ -20,8 +20,12 @@ from ddiff import capabilities as caps
 
 _REQUIRES = {
     "parameterization": frozenset({caps.MEAN}),
-    "process": frozenset({caps.RATES, caps.FACTORIZED}),
+    "process": frozenset({caps.RATES, caps.FACTORIZED, caps.SCALAR_SCHEDULE}),
 }
+"""The rates are read from alpha_t, and float32 keeps 1 - alpha_t only while alpha_t < 1:
+a per-value schedule such as GenMD4's (alpha_0 = 1, alpha_t[v] = 1 - t^{w_v} rounding to
+1 at small t while its rate does not vanish) would overflow the reverse rates, so a scalar
+schedule is required (MD4's keep alpha <= 1 - eps)."""
 
 
 def reverse_rates(
@@ -95,27 +99,28 @@ class CampbellELBO(ddiff.AbstractObjective):
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         process = model.process
-        keys = jax.random.split(key, 6)
-        noise_key, jump_key, start_key = keys[:3]
-        network_keys = keys[3:] if train else (None, None, None)
-
+        noise_key, jump_key, start_key, network_key = jax.random.split(key, 4)
         x_t = process.sample_marginal(x0, t, key=noise_key)
-        log_mean = model.log_mean(x_t, t, label=label, key=network_keys[0])
-        reverse_exit = jnp.sum(reverse_rates(process, log_mean, x_t, t))
-
         position, new_state, exit_total = _draw_jump(process, x_t, t, jump_key)
         can_jump = exit_total > 0
         current = x_t[position]
         x_tilde = jnp.where(can_jump, x_t.at[position].set(new_state), x_t)
-        log_mean_tilde = model.log_mean(x_tilde, t, label=label, key=network_keys[1])
+        x_start = process.sample_marginal(x0, jnp.zeros(()), key=start_key)
+
+        # The three inputs are known before any prediction: one batched network call.
+        inputs = jnp.stack([x_t, x_tilde, x_start])
+        times = jnp.stack([t, t, jnp.zeros_like(t)])
+        keys = jax.random.split(network_key, 3) if train else None
+        log_mean, log_mean_tilde, log_decoder = jax.vmap(
+            lambda x, s, k: model.log_mean(x, s, label=label, key=k), (0, 0, 0 if train else None)
+        )(inputs, times, keys)
+
+        reverse_exit = jnp.sum(reverse_rates(process, log_mean, x_t, t))
         model_log_ratio = process.log_score_from_mean(log_mean_tilde, x_tilde, t)[position, current]
         q = process.marginal_probs(x0[position][None], t)[0]
         true_log_ratio = jnp.log(q[current]) - jnp.log(q[new_state])
         jump = jnp.where(can_jump, true_log_ratio - model_log_ratio - 1.0, 0.0)
         diffusion = reverse_exit + exit_total * jump
-
-        x_start = process.sample_marginal(x0, jnp.zeros(()), key=start_key)
-        log_decoder = model.log_mean(x_start, jnp.zeros(()), label=label, key=network_keys[2])
         reconstruction = -jnp.sum(_picked(log_decoder, x0))
         prior = process.prior_kl(x0)
         nelbo = diffusion + reconstruction + prior
@@ -194,10 +199,9 @@ class AbstractTauLeapingSampler(ddiff.AbstractSampler):
     def sample(self, model, *, key, num_samples, seq_len, conditioning):
         process = model.process
         prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(
-            jax.random.split(prior_key, num_samples)
+        x = ddiff.initial_tokens(
+            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
         )
-        x = ddiff.apply_fixed(conditioning, x)
         calls = ddiff.calls_per_prediction(conditioning)
 
         def step(carry, inputs):

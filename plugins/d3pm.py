@@ -695,10 +695,9 @@ class D3PMAncestralSampler(ddiff.AbstractSampler):
     def sample(self, model, *, key, num_samples, seq_len, conditioning):
         process = model.process
         prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(
-            jax.random.split(prior_key, num_samples)
+        x = ddiff.initial_tokens(
+            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
         )
-        x = ddiff.apply_fixed(conditioning, x)
         calls = ddiff.calls_per_prediction(conditioning)
 
         def step(x, inputs):

@@ -548,10 +548,9 @@ class AbstractGridSampler(ddiff.AbstractSampler):
         schedule = process.schedule
         mask_id = process.mask_id
         prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(
-            jax.random.split(prior_key, num_samples)
+        x = ddiff.initial_tokens(
+            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
         )
-        x = ddiff.apply_fixed(conditioning, x)
         calls = ddiff.calls_per_prediction(conditioning)
 
         def fresh(x, t):
@@ -744,10 +743,9 @@ class FirstHittingSampler(ddiff.AbstractSampler):
         k = min(self.tokens_per_call, seq_len)
         calls = ddiff.calls_per_prediction(conditioning)
         prior_key, loop_key = jax.random.split(key)
-        x = jax.vmap(lambda key: process.sample_prior(seq_len, key=key))(
-            jax.random.split(prior_key, num_samples)
+        x = ddiff.initial_tokens(
+            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
         )
-        x = ddiff.apply_fixed(conditioning, x)
         alpha_0, alpha_1 = schedule.alpha(jnp.zeros(())), schedule.alpha(jnp.ones(()))
 
         def body(state):

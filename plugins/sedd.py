@@ -75,9 +75,9 @@ def score_entropy(
     ratio = probs / current_prob
     log_ratio = jnp.log(jnp.where(possible, probs, 1.0)) - jnp.log(current_prob)
     active = (weights > 0) & ~jax.nn.one_hot(x_t, num_states, dtype=bool)
-    score = jnp.exp(jnp.where(active, log_score, 0.0))
-    surprise = jnp.where(possible, ratio * (log_ratio - jnp.where(active, log_score, 0.0)), 0.0)
-    divergence = score - ratio + surprise
+    log_score = jnp.where(active, log_score, 0.0)
+    surprise = jnp.where(possible, ratio * (log_ratio - log_score), 0.0)
+    divergence = jnp.exp(log_score) - ratio + surprise
     return jnp.sum(jnp.where(active, weights * divergence, 0.0))
 
 
@@ -153,10 +153,9 @@ class AbstractScoreSampler(ddiff.AbstractSampler):
     def sample(self, model, *, key, num_samples, seq_len, conditioning):
         process = model.process
         prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(
-            jax.random.split(prior_key, num_samples)
+        x = ddiff.initial_tokens(
+            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
         )
-        x = ddiff.apply_fixed(conditioning, x)
 
         def step(carry, inputs):
             x, evals = carry
@@ -217,7 +216,7 @@ class EulerSampler(AbstractScoreSampler):
         rates = jnp.where(moving, incoming * jnp.exp(jnp.where(moving, log_score, 0.0)), 0.0)
         moves = (t - s) * rates
         stay = jnp.maximum(1.0 - jnp.sum(moves, axis=-1, keepdims=True), 0.0)
-        return jnp.where(moving, moves, 0.0) + stay * jax.nn.one_hot(x, process.num_states)
+        return moves + stay * jax.nn.one_hot(x, process.num_states)
 
 
 class AnalyticSampler(AbstractScoreSampler):

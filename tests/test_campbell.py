@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ddiff_plugins import campbell
 
 import ddiff
 import ddiff.testing as kit
-from ddiff_plugins import campbell
 
 V, D = 3, 4
 PROCESSES = {
@@ -224,3 +224,11 @@ def test_text8_recipe_runs_two_steps(tmp_path, capsys):
     assert 3.0 < result["bits_per_char"] < 9.0
     samples = (workdir / "samples" / "step_00000002.txt").read_text().splitlines()
     assert len(samples) == 4 and all(len(s) == 32 and set(s) <= set("abcdefghijklmnopqrstuvwxyz ") for s in samples)
+
+
+def test_a_per_value_schedule_is_refused_at_load_time(tiny_overrides):
+    """GenMD4's per-value schedule (alpha_0 = 1, alpha rounding to 1 at small t) would
+    overflow the reverse rates; the recipe is refused with one line."""
+    overrides = (*tiny_overrides, "process.schedule={kind: learnable_poly}", "objective.kind=campbell_elbo", "sampler.kind=tau_leaping")
+    with pytest.raises(ddiff.IncompatibleComponentsError, match="needs capability scalar_schedule"):
+        ddiff.load_recipe("recipes/quickstart.yaml", overrides)

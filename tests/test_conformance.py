@@ -15,13 +15,20 @@ from ddiff.testing import Setup, objective_conformance, sampler_conformance
 test_md4_elbo = objective_conformance("md4_elbo")
 test_md4_discrete_elbo = objective_conformance("md4_discrete_elbo")
 
+# The later families' lines draw 2^14 examples per objective mean and 2^12 samples per
+# sampler check (a quarter and a half of the kit's defaults) to keep the suite within its
+# time budget; tolerances scale with the standard error (z = 4) and the chi-square
+# false-alarm rate stays 1e-3. The step counts below were chosen with 2^16 samples.
+LIGHT = {"num_examples": 2**14, "num_samples": 2**12}
+
 # D3PM: the absorbing family (masked process, beta_t = 1/(T - t + 1), MD4's mean) and the
 # uniform family (cosine schedule, x0 parameterization; with hybrid_weight to build the
 # hybrid loss, which the kit does not read). Replacement infilling is exact only when
 # absorbing (a given token of the uniform process reads as possibly noise), so the
 # uniform sampler is checked with labels without infilling.
-D3PM_ABSORBING = Setup(process={"kind": "masked", "schedule": "jsd"}, parameterization="mean")
+D3PM_ABSORBING = Setup(**LIGHT, process={"kind": "masked", "schedule": "jsd"}, parameterization="mean")
 D3PM_UNIFORM = Setup(
+    **LIGHT,
     process={"kind": "uniform", "schedule": "d3pm_cosine"},
     parameterization="x0",
     sampler_cases=("exact[none/markov]", "exact[labels/classes]"),
@@ -48,10 +55,11 @@ test_first_hitting = sampler_conformance("first_hitting")
 # by projection is exact on the absorbing graph only: a given token of the uniform graph
 # looks noisy to the score (caught at p = 1e-40 with 2^13 samples), so the uniform lines
 # check labels without infilling.
-ABSORBING = Setup(process={"kind": "masked", "schedule": {"kind": "loglinear"}}, parameterization="mean")
-ABSORBING_COSINE = Setup(process={"kind": "masked", "schedule": {"kind": "cosine"}}, parameterization="mean")
-UNIFORM_SCORE = Setup(process={"kind": "uniform", "schedule": {"kind": "geometric"}}, parameterization="score")
+ABSORBING = Setup(**LIGHT, process={"kind": "masked", "schedule": {"kind": "loglinear"}}, parameterization="mean")
+ABSORBING_COSINE = Setup(**LIGHT, process={"kind": "masked", "schedule": {"kind": "cosine"}}, parameterization="mean")
+UNIFORM_SCORE = Setup(**LIGHT, process={"kind": "uniform", "schedule": {"kind": "geometric"}}, parameterization="score")
 UNIFORM = Setup(
+    **LIGHT,
     process={"kind": "uniform", "schedule": {"kind": "geometric"}},
     parameterization="x0",
     sampler_cases=("exact[none/markov]", "exact[labels/classes]"),
@@ -70,14 +78,25 @@ test_euler_uniform = sampler_conformance("euler", UNIFORM, steps=128)
 # passes at 128 (p = 0.16); the uniform process is caught at 128 (p = 2e-13) and passes at
 # 256 (p = 0.41). With one corrector leap of a full step the masked PC sampler passes at 64
 # (p = 0.51); on the uniform process full-step correctors bias the stationary law
-# (p = 3e-4 at 256 steps) and 0.1-step ones pass at 256 (p = 0.05).
-UNIFORM_LINEAR = Setup(process={"kind": "uniform", "schedule": "linear"}, parameterization="x0")
-test_campbell_elbo = objective_conformance("campbell_elbo")
-test_campbell_elbo_uniform = objective_conformance("campbell_elbo", UNIFORM_LINEAR)
-test_tau_leaping = sampler_conformance("tau_leaping", steps=128)
-test_tau_leaping_pc = sampler_conformance(
-    "tau_leaping_pc", steps=64, corrector_steps=1, corrector_step_size=1.0, corrector_entry_time=1.0
+# (p = 3e-4 at 256 steps) and 0.1-step ones pass at 256 (p = 0.05). As for D3PM and SEDD,
+# the uniform lines check labels without infilling (p = 7e-46 with it, 128 steps).
+UNIFORM_LINEAR = Setup(
+    **LIGHT,
+    process={"kind": "uniform", "schedule": "linear"},
+    parameterization="x0",
+    sampler_cases=("exact[none/markov]", "exact[labels/classes]"),
 )
+test_campbell_elbo = objective_conformance("campbell_elbo", Setup(**LIGHT))
+test_campbell_elbo_uniform = objective_conformance("campbell_elbo", UNIFORM_LINEAR)
+test_tau_leaping = sampler_conformance("tau_leaping", Setup(**LIGHT), steps=128)
+test_tau_leaping_uniform = sampler_conformance("tau_leaping", UNIFORM_LINEAR, steps=256)
+test_tau_leaping_pc = sampler_conformance(
+    "tau_leaping_pc", Setup(**LIGHT), steps=64, corrector_steps=1, corrector_step_size=1.0, corrector_entry_time=1.0
+)
+test_tau_leaping_pc_uniform = sampler_conformance(
+    "tau_leaping_pc", UNIFORM_LINEAR, steps=256, corrector_steps=1, corrector_step_size=0.1,
+    corrector_entry_time=1.0,
+)  # fmt: skip
 
 # GenMD4: the masked process on a learnable per-value schedule with unequal powers, so that
 # an objective or sampler that ignored the per-value schedule would fail (the sampler fails
@@ -85,6 +104,7 @@ test_tau_leaping_pc = sampler_conformance(
 # on 2^16 samples of markov (docs/genmd4.md): caught at 32 steps (p = 4e-8), p = 0.12 at
 # 64, p = 0.25 at 128.
 GENMD4 = Setup(
+    **LIGHT,
     process={"kind": "masked", "schedule": {"kind": "learnable_poly", "initial_powers": [0.7, 1.5, 3.0]}}
 )
 test_genmd4_elbo = objective_conformance("genmd4_elbo", GENMD4)

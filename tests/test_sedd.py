@@ -65,7 +65,7 @@ def processes():
 # --------------------------------------------------------------------------- schedules
 
 
-def test_schedules_are_seddS_noise():
+def test_schedules_follow_sedds_noise_lib():
     """SEDD's noise_lib in float64: geometric sigma_bar = 1e-4^(1-t) 20^t with
     alpha = exp(-sigma_bar); log-linear sigma_bar(tau) = -log(1 - (1 - 1e-3) tau) on
     tau = 1e-3 + (1 - 1e-3) t, its rate d sigma_bar / dt; relative tolerance 1e-5."""
@@ -112,7 +112,7 @@ def _both_objectives(model, x0, times, keys):
     return jax.vmap(one)(x0, times, keys)
 
 
-@pytest.mark.parametrize("schedule", ["loglinear", "geometric", "cosine"])
+@pytest.mark.parametrize("schedule", ["loglinear", "geometric"])
 def test_score_entropy_with_score_r_mu_equals_the_md4_integrand(schedule):
     """DESIGN.md: on the absorbing graph with s = r mu, r = alpha/(1 - alpha), a masked
     position contributes sigma(t) [sum_y s_y - r log s_x0 + r (log r - 1)] = -alpha'/(1 -
@@ -188,7 +188,7 @@ def _integrands(process, key, count):
 
 
 @pytest.mark.parametrize("graph", ["masked", "uniform"])
-def test_score_entropy_matches_seddS_closed_forms(processes, graph):
+def test_score_entropy_matches_sedds_per_graph_formulas(processes, graph):
     """The generic integrand (incoming rates and marginal ratios of any process) against
     SEDD's own per-graph formulas times sigma(t) (their losses.py), for arbitrary log
     scores with the current entry 0, 64 draws of (x_0, t, x_t); relative tolerance 1e-4."""
@@ -249,6 +249,7 @@ def test_closed_forms_equal_the_generic_defaults(processes, name):
 
 
 def test_reconstruction_is_md4s_for_a_scalar_masked_schedule():
+    """D (1 - alpha_0) log V (md4.reconstruction_bound); relative tolerance 1e-5."""
     process = build("process", {"kind": "masked", "schedule": "cosine"})
     expected = md4.reconstruction_bound(process, D)
     np.testing.assert_allclose(process.reconstruction_nll(jnp.array([0, 1, 2, 0])), expected, rtol=1e-5)
@@ -428,6 +429,7 @@ SEDD_RECIPES = ("sedd_text8", "sedd_uniform_text8", "sedd_mean_text8")
 
 @pytest.mark.parametrize("name", SEDD_RECIPES)
 def test_sedd_recipe_opens_with_the_paper_result_and_loads(name):
+    """The header quotes the paper and SEDD's text8 number; the recipe loads unchanged."""
     text = (RECIPES / f"{name}.yaml").read_text()
     assert "Lou et al., ICML 2024" in text.split("\n\n")[0] and "1.39" in text.split("\n\n")[0]
     recipe = ddiff.load_recipe(RECIPES / f"{name}.yaml")
@@ -446,9 +448,10 @@ def _run(tmp_path, capsys, name, *overrides):
 
 
 @pytest.mark.slow
-def test_sedd_text8_recipe_trains_samples_and_evaluates(tmp_path, capsys):
-    workdir, _ = _run(tmp_path, capsys, "sedd_text8")
-    assert 3.0 < json.loads((workdir / "eval.json").read_text())["bits_per_char"] < 9.0
+def test_sedd_text8_recipe_trains_and_samples(tmp_path, capsys):
+    """Two steps and two samples with the analytic sampler (the trainer's held-out score
+    entropy is run by the mean recipe's test)."""
+    workdir, _ = _run(tmp_path, capsys, "sedd_text8", "trainer.final_eval=false")
     samples = (workdir / "samples" / "step_00000002.txt").read_text().splitlines()
     assert len(samples) == 2 and all(len(s) == 32 and set(s) <= set("abcdefghijklmnopqrstuvwxyz ") for s in samples)
 
