@@ -251,7 +251,11 @@ class Trainer:
         """A fresh state, laid out on the mesh."""
         key = jax.random.PRNGKey(self.recipe.seed)
         model_key, train_key = jax.random.split(key)
-        model = build_model(self.recipe, model_key)
+        # The recipe's components hold arrays of their own (learnable schedules, constants);
+        # the donated step must own copies, so the recipe stays usable for another Trainer.
+        model = jax.tree.map(
+            lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, build_model(self.recipe, model_key)
+        )
         params = trainable(model)
         state = TrainState(
             step=jnp.zeros((), jnp.int32),
