@@ -30,7 +30,7 @@ from ddiff._images import image_grid, png_bytes
 from ddiff._layers import LayerStack, stack_layers
 from ddiff._model import DiffusionModel
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
-from ddiff._objective import AbstractObjective, ObjectiveTerms
+from ddiff._objective import AbstractObjective, ObjectiveTerms, bound_terms
 from ddiff._parameterization import (
     AbstractMeanParameterization,
     AbstractParameterization,

@@ -39,6 +39,22 @@ class ObjectiveTerms(eqx.Module):
     metrics: dict[str, Scalar]
 
 
+def bound_terms(model: DiffusionModel, x0: Tokens, diffusion: Scalar) -> ObjectiveTerms:
+    """The terms of a diffusion bound on -log p(x_0): the diffusion term (an estimate, in
+    nats) plus the process's reconstruction term at t = 0
+    (:meth:`~ddiff.AbstractForwardProcess.reconstruction_nll`) and its exact prior term
+    (:meth:`~ddiff.AbstractForwardProcess.prior_kl`); the loss is the bound itself."""
+    process = model.process
+    reconstruction = process.reconstruction_nll(x0)
+    prior = process.prior_kl(x0)
+    nelbo = diffusion + reconstruction + prior
+    return ObjectiveTerms(
+        loss=nelbo,
+        nelbo=nelbo,
+        metrics={"diffusion": diffusion, "reconstruction": reconstruction, "prior": prior},
+    )
+
+
 class AbstractObjective(AbstractCheckedModule, Capable):
     """A training objective. ``requires`` names the capabilities it needs (e.g. a mean
     parameterization and a masked process); a recipe that cannot provide them is refused

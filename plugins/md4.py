@@ -374,13 +374,6 @@ def _masked_log_likelihood(log_mean: jax.Array, x0: ddiff.Tokens, masked: jax.Ar
     return jnp.sum(jnp.where(masked, picked, 0.0))
 
 
-def reconstruction_bound(process: MaskedProcess, seq_len: int) -> jax.Array:
-    """The reconstruction term at t = 0 with a uniform decoder for still-masked positions:
-    D (1 - alpha_0) log V (MD4's recon loss)."""
-    alpha_0 = jnp.mean(process.schedule.alpha(jnp.zeros(())))
-    return seq_len * (1.0 - alpha_0) * jnp.log(process.vocab_size)
-
-
 def _masked_terms(model, x0, t, key, label, train):
     """Draw x_t ~ q(x_t | x_0) and return sum over masked n of log mu_theta(x_t, t)[n, x_0^n]."""
     process = model.process
@@ -388,18 +381,6 @@ def _masked_terms(model, x0, t, key, label, train):
     x_t = process.sample_marginal(x0, t, key=noise_key)
     log_mean = model.log_mean(x_t, t, label=label, key=network_key if train else None)
     return _masked_log_likelihood(log_mean, x0, x_t == process.mask_id)
-
-
-def _elbo_terms(model, x0, diffusion):
-    process = model.process
-    reconstruction = reconstruction_bound(process, x0.shape[0])
-    prior = process.prior_kl(x0)
-    nelbo = diffusion + reconstruction + prior
-    return ddiff.ObjectiveTerms(
-        loss=nelbo,
-        nelbo=nelbo,
-        metrics={"diffusion": diffusion, "reconstruction": reconstruction, "prior": prior},
-    )
 
 
 _MD4_REQUIRES = {
@@ -425,7 +406,7 @@ class MD4ContinuousELBO(ddiff.AbstractObjective):
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         log_likelihood = _masked_terms(model, x0, t, key, label, train)
-        return _elbo_terms(model, x0, model.process.schedule.elbo_weight(t) * log_likelihood)
+        return ddiff.bound_terms(model, x0, model.process.schedule.elbo_weight(t) * log_likelihood)
 
 
 class MD4DiscreteELBO(ddiff.AbstractObjective):
@@ -464,7 +445,7 @@ class MD4DiscreteELBO(ddiff.AbstractObjective):
         alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
         weight = self.steps * (alpha_s - alpha_t) / (1.0 - alpha_t)
         log_likelihood = _masked_terms(model, x0, t, key, label, train)
-        return _elbo_terms(model, x0, -weight * log_likelihood)
+        return ddiff.bound_terms(model, x0, -weight * log_likelihood)
 
 
 # --------------------------------------------------------------------------- samplers

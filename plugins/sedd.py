@@ -108,15 +108,7 @@ class ScoreEntropy(ddiff.AbstractObjective):
         noise_key, network_key = jax.random.split(key)
         x_t = process.sample_marginal(x0, t, key=noise_key)
         log_score = model.log_score(x_t, t, label=label, key=network_key if train else None)
-        diffusion = score_entropy(process, log_score, x0, x_t, t)
-        reconstruction = process.reconstruction_nll(x0)
-        prior = process.prior_kl(x0)
-        nelbo = diffusion + reconstruction + prior
-        return ddiff.ObjectiveTerms(
-            loss=nelbo,
-            nelbo=nelbo,
-            metrics={"diffusion": diffusion, "reconstruction": reconstruction, "prior": prior},
-        )
+        return ddiff.bound_terms(model, x0, score_entropy(process, log_score, x0, x_t, t))
 
 
 # --------------------------------------------------------------------------- samplers
