@@ -30,7 +30,7 @@ from ddiff._images import image_grid, png_bytes
 from ddiff._layers import LayerStack, stack_layers
 from ddiff._model import DiffusionModel
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
-from ddiff._objective import AbstractObjective, ObjectiveTerms, bound_terms
+from ddiff._objective import AbstractObjective, BoundForm, ObjectiveTerms, bound_terms
 from ddiff._parameterization import (
     AbstractMeanParameterization,
     AbstractParameterization,
@@ -67,12 +67,14 @@ from ddiff._registry import (
 from ddiff._sampler import (
     AbstractSampler,
     Conditioning,
+    ReverseChain,
     SampleOutput,
     TimeGrid,
     apply_fixed,
     batched_log_mean,
     batched_log_score,
     calls_per_prediction,
+    grid_times,
     initial_tokens,
     time_grid,
 )

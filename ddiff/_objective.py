@@ -1,13 +1,15 @@
 """The Objective protocol: a loss estimate for one example, vmapped over a batch."""
 
 import abc
+import dataclasses
+from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from ddiff._capabilities import Capable
+from ddiff._capabilities import CONTINUOUS_TIME, DISCRETE_TIME, Capable
 from ddiff._model import DiffusionModel
 from ddiff._typing import (
     AbstractCheckedModule,
@@ -55,11 +57,60 @@ def bound_terms(model: DiffusionModel, x0: Tokens, diffusion: Scalar) -> Objecti
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class BoundForm:
+    """Which bound an objective's ``nelbo`` estimates, stated in terms that
+    :mod:`ddiff.testing` computes exactly on a toy (it never reads the objective's code):
+
+        nelbo = prior + diffusion + reconstruction,
+
+    with prior = KL(q(x_1 | x_0) || p(x_1)) summed over positions, and
+
+    - continuous time (``steps`` None): diffusion = int_{t_start}^1 E_{x_t ~ q_t(. | x_0)}
+      [KL rate between the reverse chain given x_0 and the model's] dt (Campbell et al.
+      2022; Lou et al. 2024), reconstruction at t_start;
+    - discrete time (``steps`` = T, grid t_i = i/T): diffusion = sum over steps i of
+      E_{x_{t_i}} KL(q(x_{t_{i-1}} | x_{t_i}, x_0) || p_theta(x_{t_{i-1}} | x_{t_i})), the
+      model's step averaging the true posterior over x_0 ~ mu_theta(x_{t_i}, t_i) (MD4
+      eq. 4, D3PM eq. 1); i = 1..T with the ``data_free`` decoder at t = 0, i = 2..T with
+      the ``model`` decoder, whose i = 1 term is the reconstruction.
+
+    The reconstruction is E[-log d(x_0 | z)] for z the noisy sequence at t_start (continuous)
+    or at t_1 = 1/T (discrete, ``model``) or t = 0 (discrete, ``data_free``), with decoder
+    ``data_free``: d(v | z^n) proportional to q(z^n | v) per position (the process's
+    :meth:`~ddiff.AbstractForwardProcess.reconstruction_nll`, :func:`bound_terms`), or
+    ``model``: d = mu_theta(z, time) (Campbell et al.'s decoder, D3PM's first step).
+
+    Attributes:
+        steps: None for a continuous-time bound, else the number of steps T.
+        t_start: where a continuous-time integral starts (GenMD4's t1).
+        decoder: ``data_free`` or ``model``.
+    """
+
+    steps: int | None = None
+    t_start: float = 0.0
+    decoder: Literal["data_free", "model"] = "data_free"
+
+
 class AbstractObjective(AbstractCheckedModule, Capable):
     """A training objective. ``requires`` names the capabilities it needs (e.g. a mean
     parameterization and a masked process); a recipe that cannot provide them is refused
     at load time.
     """
+
+    def bound_form(self) -> BoundForm | None:
+        """Which bound ``nelbo`` estimates, for the conformance kit (``ddiff.testing``
+        checks every reported term against it exactly). The default reads the
+        capabilities: ``continuous_time`` is the integral over [0, 1] with the data-free
+        decoder (what :func:`bound_terms` assembles), ``discrete_time`` the bound of the
+        ``steps``-step model with the data-free decoder at t = 0; None otherwise (the kit
+        then checks only that the objective bounds the data's entropy)."""
+        provided = self.capabilities()
+        if DISCRETE_TIME in provided:
+            return BoundForm(steps=self.steps)
+        if CONTINUOUS_TIME in provided:
+            return BoundForm()
+        return None
 
     def sample_times(self, key: Key, batch_size: int) -> Times:
         """Antithetic times t_i = (u + i/B) mod 1 (MD4, sec. 4), one per example."""

@@ -1,6 +1,7 @@
 """The Sampler protocol and what it is given and returns."""
 
 import abc
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -55,8 +56,81 @@ def time_grid(kind: TimeGrid, steps: int) -> Float[Array, " steps_plus_one"]:
     return jnp.cos(0.5 * math.pi * fraction)
 
 
+def grid_times(kind: TimeGrid, steps: int) -> tuple[float, ...]:
+    """The times of :func:`time_grid` as Python floats (their float32 values exactly), for a
+    :class:`ReverseChain`."""
+    return tuple(float(t) for t in time_grid(kind, steps).tolist())
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseChain:
+    """The Markov chain a sampler simulates, stated so that :mod:`ddiff.testing` can compute
+    the exact law of its output on a toy, for any model (it never runs the sampler's code).
+
+    The chain starts from the process prior at t = 1 (given positions set), takes one
+    ``step`` from each time of ``times`` to the next (positions moving independently given
+    the whole sequence, from the model's prediction at the step's first time; given
+    positions set again after every step), then draws the output with ``final`` at the
+    last time. The rules, for one position n of x at time t, moving to time s < t:
+
+    - ``posterior``: x_s^n ~ sum_v mu[n, v] q(x_s^n | x_t^n, x_0^n = v) (MD4 Alg. 2; D3PM's
+      x0-parameterized step; GenMD4's per-value step), mu restricted to the values that
+      can produce x_t^n, after the nucleus ``top_p``.
+    - ``euler``: to y != x^n with probability (t - s) R_t(y -> x^n) s[n, y], staying with
+      the rest; where the moves exceed 1 they are renormalised and the stay is 0 (SEDD).
+    - ``tweedie``: to y with probability proportional to
+      max([s Q_{s->t}^{-1}]_y, 0) Q_{s->t}(y, x^n) (SEDD's analytic step).
+    - ``tau_leap``: the reverse rates r_y = R_t(y -> x^n) s[n, y] held for t - s; with
+      lambda = (t - s) sum_y r_y the position moves (to y with probability r_y / sum r)
+      with probability lambda e^-lambda, else stays (Campbell et al., one jump at most).
+      With ``corrector_steps`` > 0, after each step to 0 < s <= ``corrector_entry`` that many
+      leaps of length ``corrector_size`` (t - s) under forward plus reverse rates at s.
+    - ``continuous``: the reverse CTMC itself with rates R_t(y -> x^n) s[n, y] from t = 1 to
+      0 (first-hitting sampling); the kit computes it for a masked process with a scalar
+      schedule. ``times`` is then (1, 0).
+
+    ``final`` at the last time t_K: ``mean`` draws every position from mu(x, t_K);
+    ``masked_mean`` only the positions in a noisy state (index >= V), the others kept;
+    ``tweedie`` draws every position from the process's Tweedie mean of the scores
+    (:meth:`~ddiff.AbstractForwardProcess.log_mean_from_score`); ``sequential`` draws the
+    noisy positions one at a time, in uniformly random order, each from mu of the sequence
+    so far (first-hitting sampling's end at t = 0).
+
+    mu is the model's mean (:func:`batched_log_mean`, guidance included) and s its scores:
+    with ``reads`` = ``mean`` the concentration ratios of mu (Lou et al. 2024), with
+    ``score`` the model's scores (:func:`batched_log_score`), which for a parameterization
+    that provides a mean are the ratios of its mean. R_t are the forward rates, Q_{s->t}
+    the transition matrix.
+
+    Attributes:
+        step: the rule of every step.
+        reads: ``mean`` or ``score``: what the steps read from the model.
+        times: 1 = t_0 > t_1 > ... > t_K, the times of the steps and the final draw.
+        final: the rule of the final draw.
+        top_p: nucleus of mu for ``posterior`` steps and ``mean`` draws (1 = none).
+        corrector_steps, corrector_size, corrector_entry: ``tau_leap`` correctors.
+    """
+
+    step: Literal["posterior", "euler", "tweedie", "tau_leap", "continuous"]
+    reads: Literal["mean", "score"]
+    times: tuple[float, ...]
+    final: Literal["mean", "masked_mean", "tweedie", "sequential"]
+    top_p: float = 1.0
+    corrector_steps: int = 0
+    corrector_size: float = 0.0
+    corrector_entry: float = 1.0
+
+
 class AbstractSampler(AbstractCheckedModule, Capable):
     """Generates a batch of sequences from a model, optionally conditioned."""
+
+    def reverse_chain(self) -> ReverseChain | None:
+        """The chain this sampler simulates (:class:`ReverseChain`), so that the
+        conformance kit can compare its samples with the chain's exact law under models
+        whose predictions depend on t; None (the default) when it simulates no chain the
+        kit knows (the kit then compares its samples with the data under the exact
+        model only)."""
+        return None
 
     @abc.abstractmethod
     def sample(

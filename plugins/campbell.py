@@ -97,6 +97,10 @@ class CampbellELBO(ddiff.AbstractObjective):
                 f"nll_weight must be >= 0, got {self.nll_weight}", path="objective.nll_weight"
             )
 
+    def bound_form(self):
+        """The integral over [0, 1] with the model's decoder mu_theta(x_0', 0) at t = 0."""
+        return ddiff.BoundForm(decoder="model")
+
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         process = model.process
         noise_key, jump_key, start_key, network_key = jax.random.split(key, 4)
@@ -242,6 +246,11 @@ class TauLeapingSampler(AbstractTauLeapingSampler):
     def __check_init__(self):
         _require_positive(self.steps, "sampler.steps")
 
+    def reverse_chain(self):
+        return ddiff.ReverseChain(
+            step="tau_leap", reads="mean", times=ddiff.grid_times(self.grid, self.steps), final="mean"
+        )
+
 
 class PredictorCorrectorSampler(AbstractTauLeapingSampler):
     """Tau-leaping with corrector steps (Campbell et al. sec. 4.2): after each
@@ -276,6 +285,13 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
                 f"must be in [0, 1], got {self.corrector_entry_time}",
                 path="sampler.corrector_entry_time",
             )
+
+    def reverse_chain(self):
+        return ddiff.ReverseChain(
+            step="tau_leap", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
+            final="mean", corrector_steps=self.corrector_steps,
+            corrector_size=self.corrector_step_size, corrector_entry=self.corrector_entry_time,
+        )
 
     def correct(self, model, x, s, tau, conditioning, *, key):
         process = model.process

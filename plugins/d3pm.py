@@ -615,6 +615,10 @@ class D3PMBound(ddiff.AbstractObjective):
                 path="objective.hybrid_weight",
             )
 
+    def bound_form(self):
+        """L_vb of the T-step model; its i = 1 term is the decoder -log mu(x_1, 1/T)[x_0]."""
+        return ddiff.BoundForm(steps=self.steps, decoder="model")
+
     def sample_times(self, key, batch_size):
         u = jax.random.uniform(key, ())
         fraction = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
@@ -691,6 +695,14 @@ class D3PMAncestralSampler(ddiff.AbstractSampler):
     def __check_init__(self):
         if self.steps < 1:
             raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="sampler.steps")
+
+    def reverse_chain(self):
+        """Steps from i/T to (i-1)/T for i = T..2, then x_0 ~ mu(x, 1/T) at every position."""
+        times = jnp.arange(self.steps, 0, -1, dtype=jnp.int32).astype(jnp.float32) / self.steps
+        return ddiff.ReverseChain(
+            step="posterior", reads="mean", times=tuple(float(t) for t in times.tolist()),
+            final="mean",
+        )
 
     def sample(self, model, *, key, num_samples, seq_len, conditioning):
         process = model.process

@@ -188,6 +188,10 @@ class GenMD4ELBO(ddiff.AbstractObjective):
         if not 0.0 < self.t1 < 1.0:
             raise ddiff.RecipeError(f"t1 must be in (0, 1), got {self.t1}", path="objective.t1")
 
+    def bound_form(self):
+        """The integral over [t1, 1] with the data-free decoder at t1."""
+        return ddiff.BoundForm(t_start=self.t1)
+
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         process = model.process
         schedule = process.schedule
@@ -262,6 +266,12 @@ class StateDependentAncestralSampler(ddiff.AbstractSampler):
     def __check_init__(self):
         if self.steps < 1:
             raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="sampler.steps")
+
+    def reverse_chain(self):
+        return ddiff.ReverseChain(
+            step="posterior", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
+            final="masked_mean",
+        )
 
     def sample(self, model, *, key, num_samples, seq_len, conditioning):
         process = model.process

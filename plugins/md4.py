@@ -501,6 +501,14 @@ class AbstractGridSampler(ddiff.AbstractSampler):
         """Whether a prediction is reused while the batch is unchanged."""
         return False
 
+    def reverse_chain(self):
+        """MD4 Alg. 2 on the grid, masked positions drawn from mu(x, 0) at the end (with
+        caching, the same chain for a network that ignores t)."""
+        return ddiff.ReverseChain(
+            step="posterior", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
+            final="masked_mean",
+        )
+
     def filter_mean(self, log_mean: ddiff.LogProbs) -> ddiff.LogProbs:
         """The distribution over clean values actually drawn from (default: mu itself)."""
         return log_mean
@@ -619,6 +627,12 @@ class TopPSampler(AbstractGridSampler):
     def filter_mean(self, log_mean):
         return nucleus(log_mean, self.top_p)
 
+    def reverse_chain(self):
+        return ddiff.ReverseChain(
+            step="posterior", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
+            final="masked_mean", top_p=self.top_p,
+        )
+
 
 class MeanSampler(AbstractGridSampler):
     """Ancestral sampling in two draws (MD4's ``mean`` sampler, App. G): draw a clean
@@ -716,6 +730,16 @@ class FirstHittingSampler(ddiff.AbstractSampler):
                 f"tokens_per_call must be >= 1, got {self.tokens_per_call}",
                 path="sampler.tokens_per_call",
             )
+
+    def reverse_chain(self):
+        """The reverse CTMC, positions still masked at t = 0 drawn one at a time; with
+        ``tokens_per_call`` > 1 no exact chain (the k tokens of a call are drawn
+        independently)."""
+        if self.tokens_per_call > 1:
+            return None
+        return ddiff.ReverseChain(
+            step="continuous", reads="mean", times=(1.0, 0.0), final="sequential"
+        )
 
     def sample(self, model, *, key, num_samples, seq_len, conditioning):
         process = model.process

@@ -130,6 +130,17 @@ class AbstractScoreSampler(ddiff.AbstractSampler):
     steps: eqx.AbstractVar[int]
     grid: eqx.AbstractVar[ddiff.TimeGrid]
 
+    @property
+    @abc.abstractmethod
+    def step_rule(self) -> str:
+        """The :class:`ddiff.ReverseChain` rule of :meth:`step_probs`."""
+
+    def reverse_chain(self):
+        return ddiff.ReverseChain(
+            step=self.step_rule, reads="score", times=ddiff.grid_times(self.grid, self.steps),
+            final="tweedie",
+        )
+
     @abc.abstractmethod
     def step_probs(
         self,
@@ -202,6 +213,10 @@ class EulerSampler(AbstractScoreSampler):
     def __check_init__(self):
         _require_steps(self.steps)
 
+    @property
+    def step_rule(self):
+        return "euler"
+
     def step_probs(self, process, x, log_score, s, t):
         incoming = process.incoming_rates(x, t)
         moving = (incoming > 0) & ~jax.nn.one_hot(x, process.num_states, dtype=bool)
@@ -236,6 +251,10 @@ class AnalyticSampler(AbstractScoreSampler):
 
     def __check_init__(self):
         _require_steps(self.steps)
+
+    @property
+    def step_rule(self):
+        return "tweedie"
 
     def step_probs(self, process, x, log_score, s, t):
         staggered = process.unpropagate(jnp.exp(log_score), s, t)
