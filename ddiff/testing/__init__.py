@@ -25,15 +25,20 @@ One line in a pytest module runs every applicable check on a registered componen
 """
 
 from ddiff.testing._checks import (
+    BOUND_TERMS,
     CheckResult,
     ConformanceError,
+    check_bound_terms,
+    check_chain_limit,
     check_discrete_bound,
     check_entropy_bound,
     check_gradient,
+    check_reverse_chain,
     check_sampler,
     check_schedule_invariance,
     check_tight,
     chi_square_test,
+    conditioning_patterns,
     normal_false_alarm,
     sampling_conditioning,
 )
@@ -51,12 +56,23 @@ from ddiff.testing._exact import (
     prior_gap,
     reverse_kl_rate,
 )
+from ddiff.testing._reference import (
+    Combos,
+    chain_law,
+    exact_bound_terms,
+    exact_predictions,
+    exact_target,
+    model_predictions,
+    noisy_states,
+    score_from_mean,
+)
 from ddiff.testing._suite import (
     DEFAULT_NETWORK,
     DEFAULT_PARAMETERIZATION,
     DEFAULT_PROCESS,
     DEFAULT_SAMPLER_CASES,
     DISCRETE_STEPS,
+    LAW_CASES,
     SAMPLER_CASES,
     Setup,
     objective_checks,
@@ -66,6 +82,7 @@ from ddiff.testing._suite import (
     sampler_checks,
     sampler_conformance,
 )
+from ddiff.testing._table import TableNetwork, table_model, table_network
 from ddiff.testing._toy import (
     MAX_SEQUENCES,
     ToyDistribution,

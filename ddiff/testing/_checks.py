@@ -20,11 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
+from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
 from ddiff._objective import AbstractObjective
-from ddiff._sampler import AbstractSampler, Conditioning
+from ddiff._process import AbstractForwardProcess
+from ddiff._sampler import AbstractSampler, Conditioning, ReverseChain
 from ddiff._schedule import AbstractSchedule
 from ddiff.testing._exact import prior_gap
+from ddiff.testing._reference import (
+    Combos,
+    _float64,
+    chain_law,
+    exact_bound_terms,
+    exact_predictions,
+    exact_target,
+    model_predictions,
+)
 from ddiff.testing._toy import ToyDistribution
 
 
@@ -307,10 +318,6 @@ def check_schedule_invariance(
     )
 
 
-def _float64(tree):
-    return jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
-
-
 @eqx.filter_jit
 def _example_gradients(objective, model, where, x0, labels, key):
     """Per example: the gradient of the objective's ``loss`` with respect to the inexact
@@ -573,4 +580,354 @@ def check_sampler(
         bool(passed),
         summary,
         numbers,
+    )
+
+
+# --------------------------------------------------------------------------- exact terms
+
+
+BOUND_TERMS = ("prior", "reconstruction", "diffusion")
+"""The terms of :class:`ddiff.BoundForm` that an objective may report as metrics."""
+
+
+def _show(sequence) -> str:
+    return "(" + ", ".join(str(int(v)) for v in sequence) + ")"
+
+
+def check_bound_terms(
+    objective: AbstractObjective,
+    model: DiffusionModel,
+    x0s: np.ndarray,
+    *,
+    key: jax.Array,
+    num_examples: int = 2**14,
+    z: float = 4.0,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    exact: Mapping[str, np.ndarray] | None = None,
+    subject: str | None = None,
+) -> CheckResult:
+    """(g) An objective is an unbiased estimate of the bound it declares
+    (:meth:`ddiff.AbstractObjective.bound_form`) for any model, term by term and x_0 by
+    x_0.
+
+    ``num_examples`` draws, the K clean sequences ``x0s`` in turn (so each gets
+    num_examples / K of the objective's own times and noise), are averaged per x_0: the
+    ``nelbo`` and every reported term among ``prior``, ``reconstruction``, ``diffusion``
+    must each lie within z standard errors plus ``rtol`` of the exact value plus ``atol``
+    (float32's and the quadrature's share) of its exact value, computed in float64 by
+    :func:`ddiff.testing.exact_bound_terms` (every noisy sequence enumerated, Gauss-Legendre
+    quadrature in t). With a model whose predictions are arbitrary functions of (x_t, t)
+    (:func:`ddiff.testing.table_model`) nothing averages out: a term that is wrong but
+    zero on average under the exact denoiser, mass moved from one term to another, or a
+    discrete-time objective that is not the T-step bound, all show. With 4 terms of K
+    sequences the false-alarm rate is at most 4 K x 2 Phi(-z) (K = 4, z = 4: 1.0e-3);
+    deterministic terms (standard error 0) are compared to the tolerance alone. A model
+    decoder's reconstruction term is a rare event where alpha_0 is close to 1 (a position
+    still noisy at t = 0): its standard error is at least that of a one-draw estimate,
+    whose variance the reference computes exactly.
+    """
+    x0s = np.asarray(x0s, np.int64)
+    count = len(x0s)
+    per_x0 = max(num_examples // count, 2)
+    if exact is None:
+        form = objective.bound_form()
+        if form is None:
+            raise DdiffError(
+                f"{_describe(objective)} declares no bound (bound_form() is None): nothing to "
+                f"compare its terms with"
+            )
+        exact = exact_bound_terms(form, model, x0s)
+    batch = jnp.asarray(np.tile(x0s, (per_x0, 1)), jnp.int32)
+    terms = _bound_metrics(objective, model, batch, key)
+    rows, failures, numbers, passed = [], [], {}, True
+    for name in ("nelbo", *BOUND_TERMS):
+        if name not in terms:
+            continue
+        values = np.asarray(terms[name], np.float64).reshape(per_x0, count)
+        means = values.mean(0)
+        errors = values.std(0, ddof=1) / math.sqrt(per_x0)
+        if f"{name}_variance" in exact:
+            # The variance of the one-draw estimate, exactly: rare events (a position
+            # still noisy at t = 0) that the sample may have missed keep their share.
+            errors = np.maximum(errors, np.sqrt(np.asarray(exact[f"{name}_variance"]) / per_x0))
+        target = np.asarray(exact[name], np.float64)
+        allowed = z * errors + rtol * np.abs(target) + atol
+        ok = np.isfinite(means) & (np.abs(means - target) <= allowed)
+        passed = passed and bool(ok.all())
+        for k in range(count):
+            numbers[f"{name}_{k}"] = float(means[k])
+            numbers[f"{name}_se_{k}"] = float(errors[k])
+            numbers[f"{name}_exact_{k}"] = float(target[k])
+            off = means[k] - target[k]
+            score = off / errors[k] if errors[k] > 0 else (0.0 if off == 0 else math.copysign(math.inf, off))
+            numbers[f"{name}_z_{k}"] = float(score)
+            if not ok[k]:
+                failures.append(
+                    f"x_0 = {_show(x0s[k])}: {name} {means[k]:.5f} ± {errors[k]:.5f} vs exact "
+                    f"{target[k]:.5f} (off by {off:+.5f} nats, {score:+.1f} se)"
+                )
+        rows.append(
+            f"{name} " + ", ".join(f"{m:.4f}±{e:.4f}/{t:.4f}" for m, e, t in zip(means, errors, target, strict=True))
+        )
+    comparisons = sum(1 for name in ("nelbo", *BOUND_TERMS) if name in terms) * count
+    summary = (
+        (f"OFF: {'; '.join(failures)}. " if failures else "")
+        + f"estimate ± se / exact per x_0 {', '.join(_show(x) for x in x0s)} over {per_x0} "
+        f"draws each: " + "; ".join(rows)
+        + f"; allowed {z} se + {rtol:g} relative + {atol:g} (false alarm <= "
+        f"{comparisons * normal_false_alarm(z):.1e})"
+    )
+    numbers.update({"num_examples": float(per_x0 * count), "z": z})
+    return CheckResult(
+        "bound_terms", subject or f"{_describe(objective)} on a toy", passed, summary, numbers
+    )
+
+
+@eqx.filter_jit
+def _bound_metrics(objective, model, x0, key):
+    terms = objective.per_example_terms(model, x0, key=key, train=False)
+    found = {name: terms.metrics[name] for name in BOUND_TERMS if name in terms.metrics}
+    return {"nelbo": terms.nelbo, **found}
+
+
+# --------------------------------------------------------------------------- reverse chains
+
+
+def conditioning_patterns(
+    distribution: ToyDistribution,
+    kind: str,
+    *,
+    key: jax.Array,
+    num_samples: int,
+    patterns: int = 4,
+    guidance: float = 0.0,
+) -> tuple[Conditioning, Combos, np.ndarray]:
+    """The conditioning of a chain check: ``none``, ``labels`` (labels drawn from p(c)),
+    ``infill`` or ``labels+infill`` (each sample also gets one of ``patterns`` infilling
+    patterns, uniformly: a set of given positions, each position given with probability
+    1/2 but never all, and their values from one draw of p). With ``guidance`` w > 0 and
+    labels, classifier-free guidance of weight w.
+
+    Returns:
+        the sampler's :class:`ddiff.Conditioning`, the distinct combinations (label,
+        pattern) in a :class:`Combos`, and each sample's combination index.
+    """
+    rng = _numpy_rng(key)
+    seq_len = distribution.seq_len
+    labelled = kind in ("labels", "labels+infill")
+    infill = kind in ("infill", "labels+infill")
+    if kind not in ("none", "labels", "infill", "labels+infill"):
+        raise ValueError(
+            f"unknown conditioning {kind!r}; use 'none', 'labels', 'infill' or 'labels+infill'"
+        )
+    if labelled and distribution.num_classes == 0:
+        raise ValueError(f"conditioning {kind!r} needs a class-conditional toy distribution")
+    count = patterns if infill else 1
+    masks = np.zeros((count, seq_len), bool)
+    values = np.zeros((count, seq_len), np.int64)
+    if infill:
+        sequences = np.asarray(distribution.sequences())
+        marginal = distribution.probabilities()
+        for index in range(count):
+            mask = rng.random(seq_len) < 0.5
+            while mask.all():
+                mask = rng.random(seq_len) < 0.5
+            masks[index] = mask
+            values[index] = np.where(mask, sequences[rng.choice(len(sequences), p=marginal)], 0)
+    classes = distribution.num_classes if labelled else 1
+    if labelled:
+        class_probs = np.exp(np.asarray(distribution.class_log_probs, np.float64))
+        labels = rng.choice(classes, size=num_samples, p=class_probs / class_probs.sum())
+    else:
+        labels = np.zeros(num_samples, np.int64)
+    pattern = rng.integers(0, count, num_samples)
+    combo = labels * count + pattern
+    combos = Combos(
+        labels=np.repeat(np.arange(classes), count) if labelled else None,
+        fixed_mask=np.tile(masks, (classes, 1)),
+        fixed_tokens=np.tile(values, (classes, 1)),
+    )
+    spec = Conditioning(
+        labels=jnp.asarray(labels, jnp.int32) if labelled else None,
+        fixed_tokens=jnp.asarray(values[pattern], jnp.int32) if infill else None,
+        fixed_mask=jnp.asarray(masks[pattern]) if infill else None,
+        guidance=float(guidance) if labelled else 0.0,
+    )
+    return spec, combos, combo
+
+
+def _numpy_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded by a JAX key (legacy uint32 or typed)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key, np.uint32).ravel())
+
+
+def _describe_combo(combos: Combos, index: int) -> str:
+    parts = []
+    if combos.labels is not None:
+        parts.append(f"label {int(combos.labels[index])}")
+    mask = combos.fixed_mask[index]
+    if mask.any():
+        given = "".join(str(int(v)) if m else "_" for v, m in zip(combos.fixed_tokens[index], mask, strict=True))
+        parts.append(f"given {given}")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def _sequence_of(index: int, vocab_size: int, seq_len: int) -> tuple[int, ...]:
+    return tuple(int(d) for d in np.unravel_index(index, (vocab_size,) * seq_len))
+
+
+def check_reverse_chain(
+    sampler: AbstractSampler,
+    model: DiffusionModel,
+    distribution: ToyDistribution,
+    *,
+    key: jax.Array,
+    conditioning: str = "none",
+    guidance: float = 0.0,
+    patterns: int = 4,
+    num_samples: int = 2**13,
+    alpha: float = 1e-3,
+    chain: ReverseChain | None = None,
+    subject: str | None = None,
+) -> CheckResult:
+    """(h) A sampler draws from the exact law of the chain it declares
+    (:meth:`ddiff.AbstractSampler.reverse_chain`), for any model.
+
+    ``num_samples`` sequences are drawn with the conditioning of
+    :func:`conditioning_patterns` (labels from p(c), infilling patterns, guidance), and the
+    counts of each (conditioning, output sequence) are tested with Pearson's chi-square
+    test at false-alarm rate ``alpha`` against the chain's law, which
+    :func:`ddiff.testing.chain_law` computes in float64 by pushing the distribution over
+    every noisy sequence through the chain's steps with the model's predictions, without
+    running the sampler's code. With a model whose predictions depend on t
+    (:func:`ddiff.testing.table_model`) a wrong reverse probability, a wrong time grid, a
+    wrong first-hitting time law, a wrong score conversion or wrong guidance changes the
+    law. An output with a noisy position left, a changed given position or a sequence of
+    probability 0 fails too; ``distribution`` only supplies p(c) and the given values.
+    """
+    chain = sampler.reverse_chain() if chain is None else chain
+    if chain is None:
+        raise DdiffError(
+            f"{_describe(sampler)} declares no reverse chain (reverse_chain() is None); use "
+            f"check_sampler"
+        )
+    seq_len, vocab = distribution.seq_len, distribution.vocab_size
+    condition_key, sample_key = jax.random.split(key)
+    spec, combos, combo = conditioning_patterns(
+        distribution, conditioning, key=condition_key, num_samples=num_samples,
+        patterns=patterns, guidance=guidance,
+    )
+    law, noisy = chain_law(
+        chain, model.process, model_predictions(model), seq_len=seq_len, combos=combos,
+        guidance=spec.guidance,
+    )
+    output = _sample(sampler, model, sample_key, spec, num_samples, seq_len)
+    tokens = np.asarray(output.tokens)
+    problems = _output_problems(tokens, vocab, spec, int(output.num_function_evals), num_samples, seq_len)
+    tokens = np.clip(tokens, 0, vocab - 1)
+    index = tokens @ (vocab ** np.arange(seq_len - 1, -1, -1))
+    cells = vocab**seq_len
+    observed = np.bincount(combo * cells + index, minlength=combos.count * cells).reshape(combos.count, cells)
+    per_combo = observed.sum(1)
+    expected = per_combo[:, None] * law
+    test = chi_square_test(observed, law * (per_combo[:, None] / num_samples), constraints=int((per_combo > 0).sum()))
+    if test["impossible"]:
+        problems.append(f"{int(test['impossible'])} samples of probability 0 under the chain")
+    if float(noisy.max()) > 1e-9:
+        problems.append(f"the chain itself leaves a noisy position with probability {float(noisy.max()):.2e}")
+    passed = not problems and test["p_value"] >= alpha
+    worst = _worst_cells(observed, expected, law, combos, vocab, seq_len)
+    summary = (
+        f"chi2 = {test['chi2']:.1f} on {int(test['dof'])} dof, p = {test['p_value']:.3g} (fails "
+        f"below {alpha:g}, the false-alarm rate), TV = {test['tv']:.4f} over {num_samples} "
+        f"samples against the exact law of its chain ({chain.step}, {len(chain.times) - 1} "
+        f"steps; {conditioning} conditioning"
+        + (f", guidance {spec.guidance:g}" if spec.guidance else "")
+        + f"), {int(output.num_function_evals)} network evaluations"
+        + (f"; {'; '.join(problems)}" if problems else "")
+        + f"; largest deviations: {worst}"
+    )
+    numbers = {**test, "alpha": alpha, "num_function_evals": float(output.num_function_evals)}
+    return CheckResult(
+        "reverse_chain", subject or f"{_describe(sampler)} on a toy", bool(passed), summary, numbers
+    )
+
+
+def _output_problems(tokens, vocab, spec, evals, num_samples, seq_len) -> list[str]:
+    problems = []
+    if tokens.shape != (num_samples, seq_len):
+        problems.append(f"output shape {tokens.shape}, expected {(num_samples, seq_len)}")
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        problems.append(f"tokens outside 0..{vocab - 1} (a mask left?)")
+    if spec.fixed_mask is not None:
+        changed = int(np.sum(np.asarray(spec.fixed_mask) & (tokens != np.asarray(spec.fixed_tokens))))
+        if changed:
+            problems.append(f"{changed} given positions changed")
+    if evals <= 0:
+        problems.append(f"reported {evals} network evaluations")
+    return problems
+
+
+def _worst_cells(observed, expected, law, combos, vocab, seq_len, count: int = 3) -> str:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        residual = np.where(expected > 0, (observed - expected) / np.sqrt(np.where(expected > 0, expected, 1.0)), np.where(observed > 0, np.inf, 0.0))
+    order = np.argsort(-np.abs(residual), axis=None)[:count]
+    rows = []
+    for flat in order:
+        combo, cell = np.unravel_index(flat, observed.shape)
+        rows.append(
+            f"output {_show(_sequence_of(cell, vocab, seq_len))}{_describe_combo(combos, combo)}: "
+            f"{int(observed[combo, cell])} samples vs {expected[combo, cell]:.1f} expected "
+            f"(exact probability {law[combo, cell]:.4f})"
+        )
+    return "; ".join(rows)
+
+
+def check_chain_limit(
+    chain: ReverseChain,
+    process: AbstractForwardProcess,
+    distribution: ToyDistribution,
+    *,
+    key: jax.Array,
+    conditioning: str = "none",
+    patterns: int = 4,
+    tolerance: float = 0.02,
+    subject: str | None = None,
+) -> CheckResult:
+    """(d) The chain a sampler declares reproduces the data when driven by the exact
+    denoiser: its output law, computed exactly (:func:`ddiff.testing.chain_law` with the
+    exact posterior means of ``distribution`` at every noisy sequence), is within total
+    variation ``tolerance`` of p(x | c, given values) for every conditioning of
+    :func:`conditioning_patterns`. Deterministic (no sampling, no false alarms): it bounds
+    the chain's own discretisation error, so give a sampler enough steps; together with
+    :func:`check_reverse_chain` (the sampler draws from its chain for any model) it says
+    that the sampler reproduces the data."""
+    spec, combos, _ = conditioning_patterns(
+        distribution, conditioning, key=key, num_samples=1, patterns=patterns
+    )
+    del spec
+    law, noisy = chain_law(
+        chain, process, exact_predictions(distribution), seq_len=distribution.seq_len, combos=combos
+    )
+    target = exact_target(distribution, combos)
+    distances = 0.5 * np.abs(law - target).sum(1)
+    worst = int(np.argmax(distances))
+    cell = int(np.argmax(np.abs(law[worst] - target[worst])))
+    passed = bool(distances.max() <= tolerance and noisy.max() <= 1e-9 and np.all(np.isfinite(law)))
+    shape = (distribution.vocab_size,) * distribution.seq_len
+    summary = (
+        f"TV between the exact law of its chain ({chain.step}, {len(chain.times) - 1} steps) "
+        f"under the exact denoiser and p = {distances.max():.5f} (largest over "
+        f"{combos.count} conditioning{'s' if combos.count > 1 else ''}: {conditioning}), "
+        f"allowed {tolerance:g}; largest difference at output "
+        f"{_show(np.unravel_index(cell, shape))}{_describe_combo(combos, worst)}: "
+        f"{law[worst, cell]:.5f} vs p = {target[worst, cell]:.5f}"
+        + (f"; a noisy position left with probability {noisy.max():.2e}" if noisy.max() > 1e-9 else "")
+    )
+    numbers = {"tv": float(distances.max()), "tolerance": tolerance, "noisy": float(noisy.max())}
+    return CheckResult(
+        "chain_limit", subject or f"{chain.step} chain on a toy", passed, summary, numbers
     )

@@ -2,27 +2,41 @@
 by name, as plain functions or as one parametrized pytest test."""
 
 import dataclasses
+import json
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
 import jax
+import numpy as np
 
-from ddiff._capabilities import CONTINUOUS_TIME, DISCRETE_TIME, MASKED, SCALAR, check_compatibility
+from ddiff._capabilities import (
+    CONTINUOUS_TIME,
+    DISCRETE_TIME,
+    MASKED,
+    SCALAR,
+    TIME_INDEPENDENT,
+    check_compatibility,
+)
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
 from ddiff._recipe import build_component
 from ddiff._registry import Registry, default_registry
 from ddiff.testing._checks import (
     CheckResult,
+    check_bound_terms,
+    check_chain_limit,
     check_discrete_bound,
     check_entropy_bound,
+    check_reverse_chain,
     check_sampler,
     check_schedule_invariance,
     check_tight,
 )
 from ddiff.testing._exact import oracle_model, oracle_network, oracle_output
+from ddiff.testing._reference import exact_bound_terms
+from ddiff.testing._table import table_model
 from ddiff.testing._toy import ToyDistribution, class_conditional_toy, toy_distributions
 
 Spec = str | Mapping[str, Any]
@@ -30,47 +44,68 @@ Spec = str | Mapping[str, Any]
 DEFAULT_PROCESS: Mapping[str, Any] = {"kind": "masked", "schedule": {"kind": "linear"}}
 DEFAULT_PARAMETERIZATION: Mapping[str, Any] = {"kind": "mean"}
 DEFAULT_NETWORK: Mapping[str, Any] = {"kind": "transformer", "dim": 16, "depth": 1, "heads": 2}
+"""A small untrained transformer section, for tests that need a real network."""
 DISCRETE_STEPS = (1, 4, 32)
-"""The step counts T at which a discrete-time objective's gap must shrink."""
+"""The step counts T at which a discrete-time objective's gap must shrink; the exact
+per-x_0 check (g) runs at the second, T = 4."""
 
 SAMPLER_CASES = {
     "exact[none/markov]": ("none", "markov"),
     "exact[labels+infill/classes]": ("labels+infill", "classes"),
     "exact[labels/classes]": ("labels", "classes"),
 }
-"""Sampler checks: (conditioning, toy). ``classes`` is a class-conditional toy; with
-``labels+infill`` every sample has a label and about half of its positions given, with
-``labels`` only the label. :attr:`Setup.sampler_cases` chooses which run."""
+"""Checks of a sampler against the data: (conditioning, toy). ``classes`` is a
+class-conditional toy; with ``labels+infill`` every sample has a label and one of four
+infilling patterns (about half of the positions given), with ``labels`` only the label.
+For a sampler that declares its chain (:meth:`ddiff.AbstractSampler.reverse_chain`)
+the check is exact and deterministic (:func:`check_chain_limit`); otherwise the sampler
+is run with the exact denoiser (:func:`check_sampler`). :attr:`Setup.sampler_cases`
+chooses which run."""
 
 DEFAULT_SAMPLER_CASES = ("exact[none/markov]", "exact[labels+infill/classes]")
+
+LAW_CASES = {
+    "chain[none]": ("none", "markov", 0.0),
+    "chain[labels+infill+guidance]": ("labels+infill", "classes", None),
+}
+"""Checks of a sampler against the exact law of its own chain with a table model whose
+predictions depend on t (:func:`check_reverse_chain`): (conditioning, toy, guidance; None
+is :attr:`Setup.guidance`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """What the suite builds components from: recipe-style sections (``{"kind": ...}``)
-    for the process, parameterization and untrained network, the toy size, sample sizes
-    and tolerances.
+    for the process and parameterization, the toy size, sample sizes and tolerances.
 
     Attributes:
         process: process section (default: masked with the linear schedule).
         parameterization: parameterization section (default: mean).
-        network: the untrained network of the entropy-bound check.
         vocab_size, seq_len: the toy's V and D (V^D sequences are enumerated).
-        seed: seed of every check (each check folds in its own name).
+        seed: seed of every check (each check folds in its own name) and of the table
+            models.
         num_examples: draws per estimated mean of an objective (a sixteenth of it for the
-            entropy bound, whose margin is wide).
-        num_samples: samples per sampler check.
+            entropy bound, whose margin is wide); the exact per-x_0 check (g) spreads them
+            over its ``bound_sequences`` clean sequences.
+        num_samples: samples per sampled sampler check.
         z: standard errors allowed in Monte Carlo comparisons.
-        alpha: false-alarm rate of the sampler chi-square test.
-        sampler_cases: which :data:`SAMPLER_CASES` a sampler is checked on (default:
-            unconditional, and labels with infilling). A sampler whose infilling is
-            approximate by design (projection on a process whose noisy tokens can look
+        alpha: false-alarm rate of the sampler chi-square tests.
+        sampler_cases: which :data:`SAMPLER_CASES` a sampler is checked on against the data
+            (default: unconditional, and labels with infilling). A sampler whose infilling
+            is approximate by design (projection on a process whose noisy tokens can look
             clean) names ``exact[labels/classes]`` instead, and says so.
+        chain_cases: which :data:`LAW_CASES` a sampler is checked on against its own chain.
+        chain_steps: the steps a sampler with a ``steps`` argument takes in the chain checks
+            (few steps keep each step's effect large).
+        guidance: the classifier-free guidance weight of the conditional chain check.
+        limit_tv: the total variation allowed between a chain's law under the exact
+            denoiser and the data (the chain's discretisation error, :func:`check_chain_limit`).
+        bound_sequences: how many clean sequences the exact per-x_0 check (g) uses.
+        registry: the registry components are built from (default: the installed plugins).
     """
 
     process: Spec = dataclasses.field(default_factory=lambda: dict(DEFAULT_PROCESS))
     parameterization: Spec = dataclasses.field(default_factory=lambda: dict(DEFAULT_PARAMETERIZATION))
-    network: Spec = dataclasses.field(default_factory=lambda: dict(DEFAULT_NETWORK))
     vocab_size: int = 3
     seq_len: int = 4
     seed: int = 0
@@ -79,6 +114,11 @@ class Setup:
     z: float = 4.0
     alpha: float = 1e-3
     sampler_cases: tuple[str, ...] = DEFAULT_SAMPLER_CASES
+    chain_cases: tuple[str, ...] = tuple(LAW_CASES)
+    chain_steps: int = 8
+    guidance: float = 1.5
+    limit_tv: float = 0.02
+    bound_sequences: int = 4
     registry: Registry | None = None
 
     def build(self, slot: str, spec: Spec, num_classes: int = 0) -> Any:
@@ -103,10 +143,50 @@ class Setup:
     def toys(self) -> dict[str, ToyDistribution]:
         return toy_distributions(self.vocab_size, self.seq_len, seed=self.seed)
 
+    def toy(self, name: str) -> ToyDistribution:
+        if name == "classes":
+            return class_conditional_toy(self.vocab_size, self.seq_len, seed=self.seed)
+        return self.toys()[name]
+
     def oracle(self, distribution: ToyDistribution, process: Any | None = None) -> DiffusionModel:
         process = self.process_with() if process is None else process
         parameterization = self.build("parameterization", self.parameterization)
         return oracle_model(distribution, process, parameterization)
+
+    def table(self, *, num_classes: int = 0, time_conditioned: bool = True) -> DiffusionModel:
+        """The model of the exact checks (g) and (h): a random :func:`table_model`."""
+        parameterization = self.build("parameterization", self.parameterization)
+        return table_model(
+            self.process_with(), parameterization, self.seq_len, seed=self.seed,
+            num_classes=num_classes, time_conditioned=time_conditioned,
+        )
+
+    def bound_x0s(self) -> np.ndarray:
+        """The clean sequences of the exact per-x_0 check: ``bound_sequences`` of the V^D,
+        drawn once from the seed."""
+        count = self.vocab_size**self.seq_len
+        rng = np.random.default_rng([self.seed, 16])
+        chosen = np.sort(rng.choice(count, min(self.bound_sequences, count), replace=False))
+        return np.stack(np.unravel_index(chosen, (self.vocab_size,) * self.seq_len), axis=1)
+
+    def identity(self) -> str:
+        """What the exact references depend on (for caching them within a process)."""
+        return json.dumps(
+            [self.process, self.parameterization, self.vocab_size, self.seq_len, self.seed,
+             id(self.registry)],
+            sort_keys=True, default=str,
+        )
+
+
+_REFERENCES: dict[Any, Any] = {}
+"""Exact references computed in this process, by what they depend on: an objective's
+mutant, or the same setup on another line, reuses them."""
+
+
+def _cached(key: Any, compute: Callable[[], Any]) -> Any:
+    if key not in _REFERENCES:
+        _REFERENCES[key] = compute()
+    return _REFERENCES[key]
 
 
 def _registry(setup: Setup) -> Registry:
@@ -130,12 +210,13 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
     """The checks that apply to the objective registered as ``name``, by check name, each a
     function that runs it. Building this mapping does no numerical work.
 
-    Continuous-time objectives (capability ``continuous_time``): ``tight[markov]``,
-    ``tight[parity]`` (a), ``entropy_bound[untrained]`` and ``entropy_bound[mismatched]``
-    (c), and for a masked process ``schedule_invariance`` (e) over every registered scalar
-    schedule. Discrete-time objectives (``discrete_time``, built with ``steps=T``):
-    ``discrete_bound[parity]`` (b) at T in :data:`DISCRETE_STEPS`, and the entropy bounds.
-    Any other objective gets the entropy bounds.
+    Every objective that declares its bound (:meth:`ddiff.AbstractObjective.bound_form`):
+    ``bound_terms[table]`` (g), each reported term unbiased for its exact value per x_0
+    with a random time-dependent table model. Continuous-time objectives (capability
+    ``continuous_time``): ``tight[markov]``, ``tight[parity]`` (a), and for a masked process
+    ``schedule_invariance`` (e) between the setup's schedule and one other. Discrete-time
+    objectives (``discrete_time``, built with ``steps=T``): ``discrete_bound[parity]`` (b) at
+    T in :data:`DISCRETE_STEPS`. Every objective: ``entropy_bound[mismatched]`` (c).
 
     Arguments:
         name: the registered objective.
@@ -177,38 +258,39 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
 
         return run
 
-    def entropy(kind: str) -> Callable[[], CheckResult]:
-        def run() -> CheckResult:
-            toy = setup.toys()["markov"]
-            process = setup.process_with()
-            parameterization = setup.build("parameterization", setup.parameterization)
-            if kind == "untrained":
-                network = setup.build("network", setup.network).build(
-                    num_states=process.num_states,
-                    num_outputs=parameterization.output_channels(process),
-                    seq_len=setup.seq_len,
-                    num_classes=0,
-                    key=setup.key("network"),
-                )
-                model = DiffusionModel(network=network, parameterization=parameterization, process=process)
-            else:
-                model = oracle_model(setup.toys()["dense"], process, parameterization)
-            built = objective(steps=DISCRETE_STEPS[-1]) if DISCRETE_TIME in provided else objective()
-            _check_pairing(setup, "objective", name, built, model)
-            return check_entropy_bound(
-                built, model, toy, key=setup.key(f"entropy{kind}"),
-                num_examples=max(setup.num_examples // 16, 2), z=setup.z,
-                subject=f"objective {name!r} with {kind} network on toy 'markov'",
-            )
+    def built_for_bounds() -> Any:
+        return objective(steps=DISCRETE_STEPS[1]) if DISCRETE_TIME in provided else objective()
 
-        return run
+    def entropy() -> CheckResult:
+        toy = setup.toys()["markov"]
+        process = setup.process_with()
+        parameterization = setup.build("parameterization", setup.parameterization)
+        model = oracle_model(setup.toys()["dense"], process, parameterization)
+        built = objective(steps=DISCRETE_STEPS[-1]) if DISCRETE_TIME in provided else objective()
+        _check_pairing(setup, "objective", name, built, model)
+        return check_entropy_bound(
+            built, model, toy, key=setup.key("entropymismatched"),
+            num_examples=max(setup.num_examples // 16, 2), z=setup.z,
+            subject=f"objective {name!r} with the wrong oracle of toy 'dense' on toy 'markov'",
+        )
+
+    def terms() -> CheckResult:
+        built = built_for_bounds()
+        model = setup.table()
+        _check_pairing(setup, "objective", name, built, model)
+        form = built.bound_form()
+        x0s = setup.bound_x0s()
+        exact = _cached(
+            ("bound", setup.identity(), form),
+            lambda: exact_bound_terms(form, model, x0s),
+        )
+        return check_bound_terms(
+            built, model, x0s, key=setup.key("terms"), num_examples=setup.num_examples,
+            z=setup.z, exact=exact,
+            subject=f"objective {name!r} ({form}) with a time-dependent table model",
+        )
 
     def invariance() -> CheckResult:
-        registry = _registry(setup)
-        schedules = {}
-        for schedule_name in registry.names("schedule"):
-            if SCALAR in getattr(registry.get("schedule", schedule_name), "provides", ()):
-                schedules[schedule_name] = setup.build("schedule", schedule_name)
         toy = setup.toys()["markov"]
         wrong = setup.toys()["dense"]
         parameterization = setup.build("parameterization", setup.parameterization)
@@ -221,7 +303,7 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
             return DiffusionModel(network=network, parameterization=parameterization, process=process)
 
         return check_schedule_invariance(
-            objective(), make_model, schedules, toy, key=setup.key("invariance"),
+            objective(), make_model, _contrasting_schedules(setup), toy, key=setup.key("invariance"),
             num_examples=setup.num_examples, z=setup.z,
             subject=f"objective {name!r} with a time-independent wrong oracle on toy 'markov'",
         )
@@ -232,11 +314,21 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
         checks["tight[parity]"] = tight("parity")
     if DISCRETE_TIME in provided:
         checks["discrete_bound[parity]"] = discrete("parity")
-    checks["entropy_bound[untrained]"] = entropy("untrained")
-    checks["entropy_bound[mismatched]"] = entropy("mismatched")
+    if built_for_bounds().bound_form() is not None:
+        checks["bound_terms[table]"] = terms
+    checks["entropy_bound[mismatched]"] = entropy
     if CONTINUOUS_TIME in provided and _is_masked_with_schedule(setup):
         checks["schedule_invariance"] = invariance
     return checks
+
+
+def _contrasting_schedules(setup: Setup) -> dict[str, Any]:
+    """The setup's schedule and one registered scalar schedule of another shape (cosine,
+    or linear when the setup's is cosine): MD4 sec. 4's invariance needs two shapes, not
+    every registered one."""
+    own = setup.process_with().schedule
+    other = "linear" if type(own) is type(setup.build("schedule", "cosine")) else "cosine"
+    return {"setup": own, other: setup.build("schedule", other)}
 
 
 def _is_masked_with_schedule(setup: Setup) -> bool:
@@ -244,13 +336,23 @@ def _is_masked_with_schedule(setup: Setup) -> bool:
     return MASKED in process.capabilities() and SCALAR in process.schedule.capabilities()
 
 
+def _takes_steps(cls: type) -> bool:
+    return any(field.name == "steps" for field in dataclasses.fields(cls))
+
+
 def sampler_checks(
     name: str, setup: Setup | None = None, **sampler_arguments: Any
 ) -> dict[str, Callable[[], CheckResult]]:
-    """The checks of the sampler registered as ``name``, by check name (the
-    :attr:`Setup.sampler_cases` of :data:`SAMPLER_CASES`): driven by the oracle it must
-    reproduce p unconditionally, and given labels and positions (infilling) (d). Building this mapping does no numerical
-    work.
+    """The checks of the sampler registered as ``name``, by check name. Building this
+    mapping does no numerical work.
+
+    For a sampler that declares its chain (:meth:`ddiff.AbstractSampler.reverse_chain`):
+    ``chain[none]`` and ``chain[labels+infill+guidance]`` (h), its samples against the
+    exact law of its chain with a random time-dependent table model (with
+    :attr:`Setup.chain_steps` steps), and the :attr:`Setup.sampler_cases` of
+    :data:`SAMPLER_CASES` (d), the chain's exact law under the exact denoiser against
+    the data (deterministic). For a sampler without a declared chain, (d) by sampling
+    with the exact denoiser.
 
     Arguments:
         name: the registered sampler.
@@ -258,33 +360,70 @@ def sampler_checks(
         **sampler_arguments: the sampler's own arguments (e.g. ``steps``).
     """
     setup = setup or Setup()
-    _registry(setup).get("sampler", name)
+    cls = _registry(setup).get("sampler", name)
     spec = {"kind": name, **sampler_arguments}
+    declared = setup.build("sampler", spec).reverse_chain() is not None
+
+    def subject(toy: str, steps: Any = None) -> str:
+        arguments = dict(sampler_arguments)
+        if steps is not None:
+            arguments["steps"] = steps
+        return f"sampler {name!r} ({_arguments(arguments)}) on toy {toy!r}"
 
     def case(conditioning: str, toy_name: str) -> Callable[[], CheckResult]:
         def run() -> CheckResult:
-            if toy_name == "classes":
-                toy = class_conditional_toy(setup.vocab_size, setup.seq_len, seed=setup.seed)
-            else:
-                toy = setup.toys()[toy_name]
-            model = setup.oracle(toy)
+            toy = setup.toy(toy_name)
             sampler = setup.build("sampler", spec)
+            model = setup.oracle(toy)
             _check_pairing(setup, "sampler", name, sampler, model)
-            return check_sampler(
-                sampler, model, toy, key=setup.key(f"sampler{conditioning}{toy_name}"),
-                conditioning=conditioning, num_samples=setup.num_samples, alpha=setup.alpha,
-                subject=f"sampler {name!r} ({_arguments(sampler_arguments)}) on toy {toy_name!r}",
+            chain = sampler.reverse_chain()
+            if chain is None:
+                return check_sampler(
+                    sampler, model, toy, key=setup.key(f"sampler{conditioning}{toy_name}"),
+                    conditioning=conditioning, num_samples=setup.num_samples, alpha=setup.alpha,
+                    subject=subject(toy_name),
+                )
+            return _cached(
+                ("limit", setup.identity(), chain, conditioning, toy_name, setup.limit_tv),
+                lambda: check_chain_limit(
+                    chain, model.process, toy, key=setup.key(f"patterns{toy_name}"),
+                    conditioning=conditioning, tolerance=setup.limit_tv,
+                    subject=subject(toy_name) + " driven by the exact denoiser",
+                ),
+            )
+
+        return run
+
+    def law(conditioning: str, toy_name: str, guidance: float | None) -> Callable[[], CheckResult]:
+        def run() -> CheckResult:
+            toy = setup.toy(toy_name)
+            steps = setup.chain_steps if _takes_steps(cls) else None
+            sampler = setup.build("sampler", spec if steps is None else {**spec, "steps": steps})
+            needs_constant = TIME_INDEPENDENT in sampler.requires.get("network", frozenset())
+            model = setup.table(num_classes=toy.num_classes, time_conditioned=not needs_constant)
+            _check_pairing(setup, "sampler", name, sampler, model)
+            weight = setup.guidance if guidance is None else guidance
+            return check_reverse_chain(
+                sampler, model, toy, key=setup.key(f"chain{conditioning}{toy_name}"),
+                conditioning=conditioning, guidance=weight, num_samples=setup.num_samples,
+                alpha=setup.alpha,
+                subject=subject(toy_name, steps) + f" with a {'time-independent' if needs_constant else 'time-dependent'} table model",
             )
 
         return run
 
     unknown = sorted(set(setup.sampler_cases) - set(SAMPLER_CASES))
+    unknown += sorted(set(setup.chain_cases) - set(LAW_CASES))
     if unknown:
         raise DdiffError(
-            f"unknown sampler case(s) {', '.join(unknown)} in Setup.sampler_cases "
-            f"(available: {', '.join(SAMPLER_CASES)})"
+            f"unknown sampler case(s) {', '.join(unknown)} in Setup.sampler_cases or "
+            f"Setup.chain_cases (available: {', '.join([*SAMPLER_CASES, *LAW_CASES])})"
         )
-    return {check: case(*SAMPLER_CASES[check]) for check in setup.sampler_cases}
+    checks = {}
+    if declared:
+        checks.update({check: law(*LAW_CASES[check]) for check in setup.chain_cases})
+    checks.update({check: case(*SAMPLER_CASES[check]) for check in setup.sampler_cases})
+    return checks
 
 
 def _arguments(arguments: Mapping[str, Any]) -> str:
