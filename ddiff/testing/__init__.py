@@ -65,6 +65,7 @@ from ddiff.testing._reference import (
     model_predictions,
     noisy_states,
     score_from_mean,
+    tweedie_problem,
 )
 from ddiff.testing._suite import (
     DEFAULT_NETWORK,

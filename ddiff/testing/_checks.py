@@ -29,6 +29,7 @@ from ddiff._schedule import AbstractSchedule
 from ddiff.testing._exact import prior_gap
 from ddiff.testing._reference import (
     Combos,
+    tweedie_problem,
     _float64,
     chain_law,
     exact_bound_terms,
@@ -620,9 +621,12 @@ def check_bound_terms(
     quadrature in t). With a model whose predictions are arbitrary functions of (x_t, t)
     (:func:`ddiff.testing.table_model`) nothing averages out: a term that is wrong but
     zero on average under the exact denoiser, mass moved from one term to another, or a
-    discrete-time objective that is not the T-step bound, all show. With 4 terms of K
-    sequences the false-alarm rate is at most 4 K x 2 Phi(-z) (K = 4, z = 4: 1.0e-3);
-    deterministic terms (standard error 0) are compared to the tolerance alone. A model
+    discrete-time objective that is not the T-step bound, all show. Each term is also
+    compared pooled over the K sequences (their mean against the mean of the exact
+    values), where a bias of the same sign at every x_0 shows sqrt(K) times more clearly.
+    With 4 terms and K + 1 comparisons each the false-alarm rate is at most
+    4 (K + 1) x 2 Phi(-z) (K = 4, z = 4: 1.3e-3); deterministic terms (standard error 0)
+    are compared to the tolerance alone. A model
     decoder's reconstruction term is a rare event where alpha_0 is close to 1 (a position
     still noisy at t = 0): its standard error is at least that of a one-draw estimate,
     whose variance the reference computes exactly.
@@ -652,10 +656,15 @@ def check_bound_terms(
             # still noisy at t = 0) that the sample may have missed keep their share.
             errors = np.maximum(errors, np.sqrt(np.asarray(exact[f"{name}_variance"]) / per_x0))
         target = np.asarray(exact[name], np.float64)
+        # The K sequences one by one, then pooled: a bias of the same sign at every x_0
+        # (the usual mistake) shows sqrt(K) times more clearly in their average.
+        means = np.append(means, means.mean())
+        errors = np.append(errors, math.sqrt(np.sum(errors**2)) / count)
+        target = np.append(target, target.mean())
         allowed = z * errors + rtol * np.abs(target) + atol
         ok = np.isfinite(means) & (np.abs(means - target) <= allowed)
         passed = passed and bool(ok.all())
-        for k in range(count):
+        for k in range(count + 1):
             numbers[f"{name}_{k}"] = float(means[k])
             numbers[f"{name}_se_{k}"] = float(errors[k])
             numbers[f"{name}_exact_{k}"] = float(target[k])
@@ -663,18 +672,19 @@ def check_bound_terms(
             score = off / errors[k] if errors[k] > 0 else (0.0 if off == 0 else math.copysign(math.inf, off))
             numbers[f"{name}_z_{k}"] = float(score)
             if not ok[k]:
+                where = f"x_0 = {_show(x0s[k])}" if k < count else "the mean over the x_0"
                 failures.append(
-                    f"x_0 = {_show(x0s[k])}: {name} {means[k]:.5f} ± {errors[k]:.5f} vs exact "
+                    f"{where}: {name} {means[k]:.5f} ± {errors[k]:.5f} vs exact "
                     f"{target[k]:.5f} (off by {off:+.5f} nats, {score:+.1f} se)"
                 )
         rows.append(
             f"{name} " + ", ".join(f"{m:.4f}±{e:.4f}/{t:.4f}" for m, e, t in zip(means, errors, target, strict=True))
         )
-    comparisons = sum(1 for name in ("nelbo", *BOUND_TERMS) if name in terms) * count
+    comparisons = sum(1 for name in ("nelbo", *BOUND_TERMS) if name in terms) * (count + 1)
     summary = (
         (f"OFF: {'; '.join(failures)}. " if failures else "")
-        + f"estimate ± se / exact per x_0 {', '.join(_show(x) for x in x0s)} over {per_x0} "
-        f"draws each: " + "; ".join(rows)
+        + f"estimate ± se / exact per x_0 {', '.join(_show(x) for x in x0s)} and their mean, "
+        f"over {per_x0} draws each: " + "; ".join(rows)
         + f"; allowed {z} se + {rtol:g} relative + {atol:g} (false alarm <= "
         f"{comparisons * normal_false_alarm(z):.1e})"
     )
@@ -806,7 +816,11 @@ def check_reverse_chain(
     (:func:`ddiff.testing.table_model`) a wrong reverse probability, a wrong time grid, a
     wrong first-hitting time law, a wrong score conversion or wrong guidance changes the
     law. An output with a noisy position left, a changed given position or a sequence of
-    probability 0 fails too; ``distribution`` only supplies p(c) and the given values.
+    probability 0 fails too; ``distribution`` supplies p(c) and the given values. For a
+    chain whose final draw is the process's Tweedie denoiser, that denoiser must invert
+    the concentration ratios of the exact means of ``distribution`` at the final time and
+    at t = 0.25, 0.5, 0.75 (:func:`ddiff.testing.tweedie_problem`), the only process code the reference trusts
+    besides marginals, transitions and prior.
     """
     chain = sampler.reverse_chain() if chain is None else chain
     if chain is None:
@@ -838,6 +852,10 @@ def check_reverse_chain(
         problems.append(f"{int(test['impossible'])} samples of probability 0 under the chain")
     if float(noisy.max()) > 1e-9:
         problems.append(f"the chain itself leaves a noisy position with probability {float(noisy.max()):.2e}")
+    if chain.final == "tweedie":
+        problem = tweedie_problem(model.process, distribution, (chain.times[-1], 0.25, 0.5, 0.75))
+        if problem:
+            problems.append(problem)
     passed = not problems and test["p_value"] >= alpha
     worst = _worst_cells(observed, expected, law, combos, vocab, seq_len)
     summary = (

@@ -297,6 +297,11 @@ class OracleNetwork(AbstractNetwork):
             positions are masked, not on alpha_t; with a per-value schedule it does, through
             the ratios of 1 - alpha_t[v]), which admits caching samplers.
         num_classes: the distribution's classes (label ``num_classes`` is the marginal).
+        reader: for ``log_score``, the score parameterization that will read the output,
+            when it adds an offset to it (SEDD's absorbing scaling adds log r_t - log V):
+            the output is then the exact log score minus that offset,
+            ``reader.log_score(0, x_t, t, process)``, so that the model's score is exact.
+            None: the output is the exact log score.
     """
 
     distribution: ToyDistribution
@@ -304,6 +309,7 @@ class OracleNetwork(AbstractNetwork):
     output: Literal["log_mean", "log_score"] = eqx.field(static=True)
     time_conditioned: bool = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
+    reader: AbstractParameterization | None = None
 
     def __check_init__(self):
         if self.distribution.vocab_size != self.process.vocab_size:
@@ -316,8 +322,13 @@ class OracleNetwork(AbstractNetwork):
         self, x_t: Tokens, t: Time, *, label: Label | None = None, key: Key | None = None
     ) -> NetworkOutput:
         del key
-        exact = exact_log_denoiser if self.output == "log_mean" else exact_log_score
-        return exact(self.distribution, self.process, x_t, t, label)
+        if self.output == "log_mean":
+            return exact_log_denoiser(self.distribution, self.process, x_t, t, label)
+        log_score = exact_log_score(self.distribution, self.process, x_t, t, label)
+        if self.reader is None:
+            return log_score
+        offset = self.reader.log_score(jnp.zeros_like(log_score), x_t, t, self.process)
+        return log_score - jnp.where(jnp.isfinite(offset), offset, 0.0)
 
 
 def oracle_network(
@@ -326,6 +337,7 @@ def oracle_network(
     *,
     output: Literal["log_mean", "log_score"] = "log_mean",
     time_conditioned: bool | None = None,
+    reader: AbstractParameterization | None = None,
 ) -> OracleNetwork:
     """An :class:`OracleNetwork`; by default time conditioned unless the process is masked
     with a scalar schedule."""
@@ -338,6 +350,7 @@ def oracle_network(
         output=output,
         time_conditioned=time_conditioned,
         num_classes=distribution.num_classes,
+        reader=reader if output == "log_score" else None,
     )
 
 
@@ -356,6 +369,7 @@ def oracle_model(
         process,
         output=oracle_output(parameterization),
         time_conditioned=time_conditioned,
+        reader=parameterization,
     )
     return DiffusionModel(network=network, parameterization=parameterization, process=process)
 

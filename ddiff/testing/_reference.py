@@ -877,6 +877,48 @@ def _discrete_terms(form, tables, predictions, states, x0s):
     return diffusion, reconstruction
 
 
+def tweedie_problem(
+    process: AbstractForwardProcess,
+    distribution: ToyDistribution,
+    times: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
+    *,
+    tolerance: float = 1e-5,
+) -> str | None:
+    """Why the process's Tweedie denoiser (``log_mean_from_score``) is not the inverse of
+    the concentration ratios, or None: for the exact posterior means mu of
+    ``distribution`` at every noisy sequence and each of ``times``, the denoiser applied
+    to the ratios s = :func:`score_from_mean` (mu) must give mu back (within
+    ``tolerance``, float64). For exact scores Tweedie's formula is determined (Lou et al.
+    2024, Thm. 4.2); only there does the kit check the denoiser, which a score sampler's
+    final draw uses. Several times, because near t = 0 the exact mean is nearly one-hot
+    on x_t and hides most mistakes."""
+    with jax.enable_x64(True):
+        tables = _as_process(process, distribution.seq_len)
+        states = noisy_states(tables.num_states, distribution.seq_len)
+        times = np.asarray(times, np.float64)
+        log_means = _exact_log_mean(distribution, tables, states, times, [None])[:, 0]
+        marginals = tables.marginals(times)
+        for time, log_mean, marginal in zip(times, log_means, marginals, strict=True):
+            score = score_from_mean(log_mean, states, marginal)
+            back = np.asarray(
+                _process_tweedie(
+                    tables.process, jnp.asarray(_log(score)), jnp.asarray(states),
+                    jnp.asarray(time, jnp.float64),
+                ),
+                np.float64,
+            )
+            error = np.abs(np.exp(back) - np.exp(log_mean))
+            if not error.max() <= tolerance:
+                worst = np.unravel_index(np.argmax(error), error.shape)
+                return (
+                    f"the process's Tweedie denoiser does not invert the concentration ratios "
+                    f"of the exact mean at t = {time:g}: at x_t = "
+                    f"{tuple(int(v) for v in states[worst[0]])}, position {worst[1]}, value "
+                    f"{worst[2]} it gives {np.exp(back[worst]):.5f} for {np.exp(log_mean[worst]):.5f}"
+                )
+    return None
+
+
 def exact_target(distribution: ToyDistribution, combos: Combos) -> np.ndarray:
     """p(x | c, x_F = given values) for each conditioning combination: shape (C, V^D)."""
     sequences = np.asarray(distribution.sequences())

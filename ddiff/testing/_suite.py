@@ -170,10 +170,16 @@ class Setup:
         return np.stack(np.unravel_index(chosen, (self.vocab_size,) * self.seq_len), axis=1)
 
     def identity(self) -> str:
-        """What the exact references depend on (for caching them within a process)."""
+        """What the exact references depend on (for caching them within a process): the
+        sections, the classes they resolve to in the registry, the sizes and the seed."""
+        process = self.process_with()
+        parameterization = self.build("parameterization", self.parameterization)
+        classes = [
+            f"{type(c).__module__}.{type(c).__qualname__}"
+            for c in (process, process.schedule, parameterization)
+        ]
         return json.dumps(
-            [self.process, self.parameterization, self.vocab_size, self.seq_len, self.seed,
-             id(self.registry)],
+            [self.process, self.parameterization, classes, self.vocab_size, self.seq_len, self.seed],
             sort_keys=True, default=str,
         )
 
@@ -298,7 +304,8 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
         def make_model(schedule: Any) -> DiffusionModel:
             process = eqx.tree_at(lambda p: p.schedule, setup.process_with(), schedule)
             network = oracle_network(
-                wrong, process, output=oracle_output(parameterization), time_conditioned=False
+                wrong, process, output=oracle_output(parameterization), time_conditioned=False,
+                reader=parameterization,
             )
             return DiffusionModel(network=network, parameterization=parameterization, process=process)
 
