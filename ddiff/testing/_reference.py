@@ -266,11 +266,17 @@ def exact_predictions(distribution: ToyDistribution) -> _Predictions:
 def _exact_log_mean(distribution, tables: _Process, states, times, rows) -> np.ndarray:
     """p(x_0^n = v | x_t) by enumeration: shape (times, rows, N, D, V). A state that no
     clean sequence can produce gets the prior p(x_0^n) instead (it has probability 0)."""
+    return _exact_posterior(distribution, tables, states, times, rows)[0]
+
+
+def _exact_posterior(distribution, tables: _Process, states, times, rows):
+    """(:func:`_exact_log_mean`, and whether each state has positive probability under
+    p_t: shape (times, rows, N))."""
     sequences = np.asarray(distribution.sequences())
     features = np.eye(tables.vocab_size)[sequences]  # (M, D, V)
     log_prior = np.stack([_toy_log_probs(distribution, row) for row in rows])  # (rows, M)
     marginals = tables.marginals(times)
-    out = []
+    out, possible = [], []
     for table in marginals:
         log_table = _log(table)
         # log q_t(x | x_0) for every state and clean sequence: (N, M).
@@ -285,7 +291,8 @@ def _exact_log_mean(distribution, tables: _Process, states, times, rows) -> np.n
         posterior = np.where(total > 0, weights / np.where(total > 0, total, 1.0), fallback)
         mean = np.einsum("rnm,mdv->rndv", posterior, features)
         out.append(_log(mean))
-    return np.stack(out)
+        possible.append(total[..., 0] > 0)
+    return np.stack(out), np.stack(possible)
 
 
 def _toy_log_probs(distribution: ToyDistribution, label: int | None) -> np.ndarray:
@@ -888,7 +895,8 @@ def tweedie_problem(
     the concentration ratios, or None: for the exact posterior means mu of
     ``distribution`` at every noisy sequence and each of ``times``, the denoiser applied
     to the ratios s = :func:`score_from_mean` (mu) must give mu back (within
-    ``tolerance``, float64). For exact scores Tweedie's formula is determined (Lou et al.
+    ``tolerance``, float64) at every noisy sequence of positive probability. For exact
+    scores Tweedie's formula is determined (Lou et al.
     2024, Thm. 4.2); only there does the kit check the denoiser, which a score sampler's
     final draw uses. Several times, because near t = 0 the exact mean is nearly one-hot
     on x_t and hides most mistakes."""
@@ -896,9 +904,9 @@ def tweedie_problem(
         tables = _as_process(process, distribution.seq_len)
         states = noisy_states(tables.num_states, distribution.seq_len)
         times = np.asarray(times, np.float64)
-        log_means = _exact_log_mean(distribution, tables, states, times, [None])[:, 0]
+        log_means, possible = _exact_posterior(distribution, tables, states, times, [None])
         marginals = tables.marginals(times)
-        for time, log_mean, marginal in zip(times, log_means, marginals, strict=True):
+        for time, log_mean, reached, marginal in zip(times, log_means[:, 0], possible[:, 0], marginals, strict=True):
             score = score_from_mean(log_mean, states, marginal)
             back = np.asarray(
                 _process_tweedie(
@@ -907,7 +915,7 @@ def tweedie_problem(
                 ),
                 np.float64,
             )
-            error = np.abs(np.exp(back) - np.exp(log_mean))
+            error = np.where(reached[:, None, None], np.abs(np.exp(back) - np.exp(log_mean)), 0.0)
             if not error.max() <= tolerance:
                 worst = np.unravel_index(np.argmax(error), error.shape)
                 return (
