@@ -626,10 +626,12 @@ def check_bound_terms(
     values), where a bias of the same sign at every x_0 shows sqrt(K) times more clearly.
     With 4 terms and K + 1 comparisons each the false-alarm rate is at most
     4 (K + 1) x 2 Phi(-z) (K = 4, z = 4: 1.3e-3); deterministic terms (standard error 0)
-    are compared to the tolerance alone. A model
-    decoder's reconstruction term is a rare event where alpha_0 is close to 1 (a position
-    still noisy at t = 0): its standard error is at least that of a one-draw estimate,
-    whose variance the reference computes exactly.
+    are compared to the tolerance alone. Every standard error is at least that of the
+    one-draw estimate (one time, one noisy sequence), whose variance the reference
+    computes exactly: with a table model the estimates can be heavy-tailed (large rates at
+    a few times) or rare events (a position still noisy at t = 0), and a sample's spread
+    then underestimates them; averaging over antithetic times and extra draws only lowers
+    the true variance, so the floor is conservative.
     """
     x0s = np.asarray(x0s, np.int64)
     count = len(x0s)
@@ -652,8 +654,9 @@ def check_bound_terms(
         means = values.mean(0)
         errors = values.std(0, ddof=1) / math.sqrt(per_x0)
         if f"{name}_variance" in exact:
-            # The variance of the one-draw estimate, exactly: rare events (a position
-            # still noisy at t = 0) that the sample may have missed keep their share.
+            # The variance of the one-draw estimate, exactly: heavy tails and rare events
+            # (a position still noisy at t = 0) that the sample may have missed keep their
+            # share of the standard error.
             errors = np.maximum(errors, np.sqrt(np.asarray(exact[f"{name}_variance"]) / per_x0))
         target = np.asarray(exact[name], np.float64)
         # The K sequences one by one, then pooled: a bias of the same sign at every x_0

@@ -806,6 +806,12 @@ def exact_bound_terms(
     quadrature with ``nodes`` nodes on each of ``panels`` panels (geometric from
     t_start > 0). The model's prediction is its mean (read as concentration ratios where
     the bound needs scores) when its parameterization provides one, else its scores.
+
+    Also returned, ``diffusion_variance``, ``reconstruction_variance`` and
+    ``nelbo_variance``: the variances of the one-draw estimates (one time uniform in
+    [t_start, 1] or one step uniform in 1..T, one noisy sequence), by the same
+    enumeration. A check's standard error is at least theirs: the estimates can be
+    heavy-tailed (large rates at few times), where a sample's spread underestimates them.
     """
     x0s = np.asarray(x0s, np.int64)
     seq_len = x0s.shape[1]
@@ -819,17 +825,13 @@ def exact_bound_terms(
         terminal = start_end[1][x0s]  # (K, D, S)
         prior_term = _categorical_kl(terminal, np.broadcast_to(prior, terminal.shape)).sum(-1)
         if form.steps is None:
-            diffusion, (reconstruction, spread) = _continuous_terms(
-                form, tables, predictions, states, x0s, panels, nodes
-            )
+            terms = _continuous_terms(form, tables, predictions, states, x0s, panels, nodes)
         else:
-            diffusion, (reconstruction, spread) = _discrete_terms(form, tables, predictions, states, x0s)
+            terms = _discrete_terms(form, tables, predictions, states, x0s)
     return {
         "prior": prior_term,
-        "reconstruction": reconstruction,
-        "diffusion": diffusion,
-        "nelbo": prior_term + reconstruction + diffusion,
-        "reconstruction_variance": spread,
+        "nelbo": prior_term + terms["reconstruction"] + terms["diffusion"],
+        **terms,
     }
 
 
@@ -846,18 +848,27 @@ def _continuous_terms(form, tables, predictions, states, x0s, panels, nodes):
     marginals = tables.marginals(times)
     rates = tables.rates(times)
     scores = np.exp(predictions.log_score(tables, states, times))[:, 0]
-    diffusion = np.zeros(len(x0s))
+    diffusion, second = np.zeros(len(x0s)), np.zeros(len(x0s))
     for time_index, weight in enumerate(weights):
         likelihood = _likelihood(marginals[time_index], x0s, states)
         rate = _kl_rate(scores[time_index], states, x0s, marginals[time_index], rates[time_index])
         diffusion += weight * (likelihood * rate).sum(-1)
+        second += weight * (likelihood * rate**2).sum(-1)
+    # The estimate is (1 - t_start) L_t at t uniform in [t_start, 1].
+    spread = np.maximum((1.0 - form.t_start) * second - diffusion**2, 0.0)
     start = tables.marginals(np.asarray([form.t_start]))[0]
     if form.decoder == "data_free":
-        reconstruction = _data_free_reconstruction(start, x0s), np.zeros(len(x0s))
+        reconstruction, decoder_spread = _data_free_reconstruction(start, x0s), np.zeros(len(x0s))
     else:
         log_mean = predictions.log_mean(tables, states, np.asarray([form.t_start]))[0, 0]
-        reconstruction = _decoder_nll(log_mean, x0s, _likelihood(start, x0s, states))
-    return diffusion, reconstruction
+        reconstruction, decoder_spread = _decoder_nll(log_mean, x0s, _likelihood(start, x0s, states))
+    return {
+        "diffusion": diffusion,
+        "reconstruction": reconstruction,
+        "diffusion_variance": spread,
+        "reconstruction_variance": decoder_spread,
+        "nelbo_variance": spread + decoder_spread,
+    }
 
 
 def _discrete_terms(form, tables, predictions, states, x0s):
@@ -867,21 +878,30 @@ def _discrete_terms(form, tables, predictions, states, x0s):
     transitions = tables.transitions(grid[:-1], grid[1:])
     log_means = predictions.log_mean(tables, states, grid[1:])[:, 0]  # (T, N, D, V)
     first = 2 if form.decoder == "model" else 1
-    diffusion = np.zeros(len(x0s))
+    diffusion, second = np.zeros(len(x0s)), np.zeros(len(x0s))
     for i in range(first, steps + 1):
         marginal_s, marginal_t, transition = marginals[i - 1], marginals[i], transitions[i - 1]
         likelihood = _likelihood(marginal_t, x0s, states)
         truth = _posterior_table(marginal_s, transition)[x0s[:, None, :], states[None, :, :]]  # (K, N, D, S)
         model_step = posterior_rule(np.exp(log_means[i - 1]), states, marginal_s, transition)  # (N, D, S)
-        kl = _categorical_kl(truth, model_step[None]).sum(-1)
-        diffusion += (likelihood * np.where(likelihood > 0, kl, 0.0)).sum(-1)
+        kl = np.where(likelihood > 0, _categorical_kl(truth, model_step[None]).sum(-1), 0.0)
+        diffusion += (likelihood * kl).sum(-1)
+        second += (likelihood * kl**2).sum(-1)
+    # Every term is estimated as T times one step's, the step drawn with probability 1/T.
     if form.decoder == "model":
-        # Estimated as T times the first step's term, drawn with probability 1/T.
         mean, spread = _decoder_nll(log_means[0], x0s, _likelihood(marginals[1], x0s, states))
-        reconstruction = mean, steps * (spread + mean**2) - mean**2
+        decoder_second = spread + mean**2
+        reconstruction = mean
     else:
-        reconstruction = _data_free_reconstruction(marginals[0], x0s), np.zeros(len(x0s))
-    return diffusion, reconstruction
+        reconstruction = _data_free_reconstruction(marginals[0], x0s)
+        mean, decoder_second = np.zeros(len(x0s)), np.zeros(len(x0s))
+    return {
+        "diffusion": diffusion,
+        "reconstruction": reconstruction,
+        "diffusion_variance": np.maximum(steps * second - diffusion**2, 0.0),
+        "reconstruction_variance": np.maximum(steps * decoder_second - mean**2, 0.0),
+        "nelbo_variance": np.maximum(steps * (second + decoder_second) - (diffusion + mean) ** 2, 0.0),
+    }
 
 
 def tweedie_problem(

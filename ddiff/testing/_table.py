@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ddiff._capabilities import MEAN
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
 from ddiff._network import AbstractNetwork
@@ -84,12 +85,20 @@ def table_network(
     seed: int,
     num_classes: int = 0,
     time_conditioned: bool = True,
-    scale: float = 1.5,
-    slope_scale: float = 1.5,
+    scale: float | None = None,
+    slope_scale: float | None = None,
 ) -> TableNetwork:
     """A random :class:`TableNetwork` for ``parameterization`` on ``process``: base entries
     N(0, scale^2), slopes N(0, slope_scale^2) (so an output moves by about 2 slope_scale
-    over t in [0, 1]), drawn from ``seed``."""
+    over t in [0, 1]), drawn from ``seed``. By default both scales are 1.5 for a
+    parameterization that provides a mean (logits), and 0.5 for one that reads its output
+    as log concentration ratios only: near t = 1 the forward rates are large and the
+    ratios close to 1, so wider random log ratios make the bound's estimate needlessly
+    heavy-tailed."""
+    reads_scores = MEAN not in parameterization.capabilities()
+    default = 0.5 if reads_scores else 1.5
+    scale = default if scale is None else scale
+    slope_scale = default if slope_scale is None else slope_scale
     count = process.num_states**seq_len
     if count > MAX_STATES:
         raise DdiffError(
