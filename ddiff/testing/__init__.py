@@ -3,20 +3,30 @@
 On toy distributions small enough to enumerate (V^D sequences, e.g. V=3, D=4), the exact
 denoiser, score and reverse rates of any forward process whose marginals factorize are
 computed by enumeration, and an oracle network built from them drives objectives and
-samplers. The checks (see ``docs/conformance.md``):
+samplers; random table networks (any function of (x_t, t, label)) drive them where the
+oracle would hide a mistake, against exact references computed in float64 from the
+process's marginals and transitions alone: the value of every term of the bound an
+objective declares (:meth:`ddiff.AbstractObjective.bound_form`) per clean sequence, and
+the law of the output of the chain a sampler declares
+(:meth:`ddiff.AbstractSampler.reverse_chain`). The checks (see ``docs/conformance.md``):
 
 (a) ``check_tight``: a continuous-time objective with the oracle equals H(p) up to the
     exact prior mismatch at t = 1 (and a reconstruction slack at t = 0).
 (b) ``check_discrete_bound``: a discrete-time objective with the oracle is an upper bound
     whose gap shrinks as the number of steps grows.
-(c) ``check_entropy_bound``: any model's (an untrained one's) expected objective is at
+(c) ``check_entropy_bound``: any model's (a wrong oracle's) expected objective is at
     least H(p).
-(d) ``check_sampler``: a sampler driven by the oracle reproduces p (chi-square test at a
-    stated false-alarm rate), unconditionally, given labels, and with given positions.
-(e) ``check_schedule_invariance``: the continuous-time ELBO is the same for every schedule.
+(d) ``check_chain_limit``: a sampler's chain driven by the exact denoiser reproduces p
+    (exactly computed, within a total variation), unconditionally, given labels, and with
+    given positions; ``check_sampler`` samples a sampler without a declared chain.
+(e) ``check_schedule_invariance``: the continuous-time ELBO is the same for two schedules.
 (f) ``check_gradient``: an objective's gradient estimate (e.g. REINFORCE for a learnable
     schedule) is unbiased: its mean matches the exact gradient of the bound computed by
     enumeration (``exact_diffusion_nelbo``).
+(g) ``check_bound_terms``: with a time-dependent table model, an objective's nelbo and
+    each term it reports are unbiased for their exact values, per x_0 and pooled.
+(h) ``check_reverse_chain``: with a time-dependent table model, a sampler's samples follow
+    the exact law of its chain (chi-square), with labels, infilling and guidance.
 
 One line in a pytest module runs every applicable check on a registered component::
 
