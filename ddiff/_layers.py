@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array
 
-from ddiff._mesh import FSDP, gather, sharded_dim
+from ddiff._sharding import FSDP, gather, sharded_dim
 
 SAVED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 """What the backward pass of a sharded layer keeps from its forward pass: the outputs of

@@ -157,8 +157,7 @@ class Transformer(ddiff.AbstractNetwork):
         if dim % heads != 0 or (positions == "rotary" and (dim // heads) % 2):
             raise ddiff.RecipeError(
                 f"dim={dim} must be a multiple of heads={heads} with an even head width "
-                f"for rotary positions",
-                path="network",
+                f"for rotary positions"
             )
         keys = jax.random.split(key, depth + 6)
         self.token_embedding = eqx.nn.Embedding(num_states, dim, key=keys[0])
@@ -497,7 +496,7 @@ class MD4Transformer(ddiff.AbstractNetwork):
                 "condition": ConditionEmbedding(cond_dim, time_conditioned, num_classes, key=keys[1]),
                 "blocks": _rotary_blocks(
                     dim, depth, heads, cond_dim, mlp, multiple_of, dropout, depth_scaled_init,
-                    key=keys[2], path="network.heads",
+                    key=keys[2], path="heads",
                 ),  # fmt: skip
                 "final_modulation": _zero_linear(cond_dim, 2 * dim, key=keys[3]),
                 "head": eqx.tree_at(lambda linear: linear.weight, head, replace_fn=jnp.zeros_like),
@@ -635,14 +634,14 @@ class PatchTransformer(eqx.Module):
     ):
         if dim % 4:
             raise ddiff.RecipeError(
-                f"must be a multiple of 4, got {dim}", path="network.transformer_dim"
+                f"must be a multiple of 4, got {dim}", path="transformer_dim"
             )
         k1, k2, k3, k4 = jax.random.split(key, 4)
         self.patch_in = eqx.nn.Conv2d(channels, dim, patch, stride=patch, key=k1)
         self.position = sincos_2d(grid, dim)
         self.blocks = _rotary_blocks(
             dim, depth, heads, channels, "swiglu", 32, dropout, True, key=k2,
-            path="network.transformer_heads",
+            path="transformer_heads",
         )  # fmt: skip
         self.final_modulation = _zero_linear(channels, 2 * dim, key=k3)
         self.patch_out = _zero_linear(dim, patch * patch * channels, key=k4)
@@ -729,17 +728,17 @@ class UNet(ddiff.AbstractNetwork):
             raise ddiff.RecipeError(
                 f"{height}x{width}x{colours} = {height * width * colours} sub-pixels, but the "
                 f"data has sequences of {seq_len}",
-                path="network.image_shape",
+                path="image_shape",
             )
         if channels % groups:
             raise ddiff.RecipeError(
-                f"channels={channels} is not divisible by groups={groups}", path="network.groups"
+                f"channels={channels} is not divisible by groups={groups}", path="groups"
             )
         if transformer_depth and (height != width or height % patch_size):
             raise ddiff.RecipeError(
                 f"the middle transformer needs square images whose side is a multiple of "
                 f"patch_size={patch_size}",
-                path="network.patch_size",
+                path="patch_size",
             )
 
         def parts(key: ddiff.Key) -> dict[str, Any]:

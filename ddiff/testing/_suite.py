@@ -9,10 +9,10 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from ddiff._builder import build_component
 from ddiff._capabilities import CONTINUOUS_TIME, DISCRETE_TIME, MASKED, SCALAR, check_compatibility
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
-from ddiff._recipe import build_component
 from ddiff._registry import Registry, default_registry
 from ddiff.testing._checks import (
     CheckResult,
@@ -28,8 +28,11 @@ from ddiff.testing._toy import ToyDistribution, class_conditional_toy, toy_distr
 Spec = str | Mapping[str, Any]
 
 DEFAULT_PROCESS: Mapping[str, Any] = {"kind": "masked", "schedule": {"kind": "linear"}}
+"""The process a component is checked with when its requirements allow it."""
 DEFAULT_PARAMETERIZATION: Mapping[str, Any] = {"kind": "mean"}
+"""The parameterization the oracle is read through when the requirements allow it."""
 DEFAULT_NETWORK: Mapping[str, Any] = {"kind": "transformer", "dim": 16, "depth": 1, "heads": 2}
+"""The untrained network of the entropy-bound check (any model bounds H(p))."""
 DISCRETE_STEPS = (1, 4, 32)
 """The step counts T at which a discrete-time objective's gap must shrink."""
 
@@ -43,6 +46,7 @@ SAMPLER_CASES = {
 ``labels`` only the label. :attr:`Setup.sampler_cases` chooses which run."""
 
 DEFAULT_SAMPLER_CASES = ("exact[none/markov]", "exact[labels+infill/classes]")
+"""The :data:`SAMPLER_CASES` run unless :attr:`Setup.sampler_cases` says otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)
