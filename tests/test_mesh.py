@@ -82,6 +82,28 @@ def test_mesh_errors_are_recipe_errors(tiny_overrides):
         ddiff.runner.Trainer(recipe, "/nonexistent")
 
 
+def test_samples_do_not_depend_on_the_mesh_or_the_batch(tiny_recipe, tmp_path):
+    """Sample i is drawn from fold_in(key, i) whatever the mesh and the batch: the first 4
+    of 8 samples drawn on a 2x4 mesh (each device drawing one sample, in a batch of 1) are
+    the 4 samples drawn on 1 device in one batch of 4. The network's parameters are
+    random (not its zero-initialised head), so its predictions depend on the tokens. (The
+    1-device program is the one the tiny run compiles for its final samples.)"""
+    one = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False, mesh=make_mesh(MeshConfig(1, 1)))
+    eight = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False, mesh=make_mesh(MeshConfig(2, 4)))
+    state = one.init_state()
+    params, static = eqx.partition(state.ema, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noisy = [leaf + 0.5 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys, strict=True)]
+    state = eqx.tree_at(lambda s: s.ema, state, eqx.combine(jax.tree.unflatten(treedef, noisy), static))
+    key = jax.random.PRNGKey(3)
+    reference = np.asarray(one.sample(state.ema, key=key, num_samples=4).tokens)
+    assert len({row.tobytes() for row in reference}) > 1
+    sharded = eight.place(state).ema
+    np.testing.assert_array_equal(np.asarray(eight.sample(sharded, key=key, num_samples=8).tokens)[:4], reference)
+    np.testing.assert_array_equal(np.asarray(eight.sample(sharded, key=key, num_samples=4).tokens), reference)
+
+
 def test_fsdp_specs_shard_the_largest_divisible_dimension():
     mesh = make_mesh(MeshConfig(2, 4))
     specs = tree_specs({"w": jax.ShapeDtypeStruct((6, 256), np.float32), "b": jax.ShapeDtypeStruct((6,), np.float32)}, mesh)

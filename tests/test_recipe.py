@@ -2,6 +2,7 @@
 
 import glob
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -71,6 +72,19 @@ def test_wrong_types_are_explained():
     assert "write a number without quotes" in _error(["optimizer.learning_rate='1e-3'"])
     assert "'uniform', 'cosine'" in _error(["sampler.grid=linear"])
     assert "must be >= 1" in _error(["trainer.steps=0"])
+
+
+def test_component_errors_are_relative_to_their_section(tiny_overrides):
+    """A component names only its own key; the builder prefixes where the section lies."""
+    objective = "{kind: md4_discrete_elbo, steps: 0}"
+    assert "recipes/quickstart.yaml: objective.steps: steps must be >= 1, got 0" in _error([f"objective={objective}"])
+    under_eval = _error([f"eval.objectives=[md4_elbo, {objective}]"])
+    assert "recipes/quickstart.yaml: eval.objectives[1].steps: steps must be >= 1, got 0" in under_eval
+    assert "process.schedule.eps: eps must be in [0, 0.5)" in _error(["process.schedule.eps=0.7"])
+    assert "optimizer.schedule.weight_decay: weight_decay must be >= 0" in _error(["optimizer.schedule={weight_decay: -1}"])
+    recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "network.heads=3"])
+    with pytest.raises(ddiff.RecipeError, match=r"^network: dim=16 must be a multiple of heads=3"):
+        ddiff.runner.build_model(recipe, jax.random.PRNGKey(0))
 
 
 def test_context_keys_cannot_be_set():
