@@ -92,10 +92,7 @@ class CampbellELBO(ddiff.AbstractObjective):
     nll_weight: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
-        if not self.nll_weight >= 0.0:
-            raise ddiff.RecipeError(
-                f"nll_weight must be >= 0, got {self.nll_weight}", path="nll_weight"
-            )
+        ddiff.check_at_least("nll_weight", self.nll_weight, 0)
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         process = model.process

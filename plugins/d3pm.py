@@ -97,10 +97,7 @@ class D3PMCosineSchedule(ddiff.AbstractSchedule):
             raise ddiff.RecipeError(
                 f"offset must be positive, got {self.offset}", path="offset"
             )
-        if not self.power >= 1:
-            raise ddiff.RecipeError(
-                f"power must be >= 1, got {self.power}", path="power"
-            )
+        ddiff.check_at_least("power", self.power)
 
     def _angle(self, t):
         return 0.5 * math.pi * (t + self.offset) / (1.0 + self.offset)
