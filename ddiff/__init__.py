@@ -27,7 +27,7 @@ from ddiff._errors import (
 )
 from ddiff._hookspecs import hookimpl, hookspec
 from ddiff._images import image_grid, png_bytes
-from ddiff._layers import LayerStack, stack_layers
+from ddiff._layers import COMPUTE_DTYPES, LayerStack, cast_floating, stack_layers
 from ddiff._model import DiffusionModel
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
 from ddiff._objective import AbstractObjective, ObjectiveTerms, bound_terms
