@@ -354,10 +354,12 @@ def attention(
         kind = "einsum" if jax.default_backend() == "cpu" else "dot_product_attention"
     if kind == "dot_product_attention" and not dropping:
         return jax.nn.dot_product_attention(q, k, v)
-    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)
+    # Heads first, as the products want them (jnp.einsum would order the second
+    # product's operands as v^T p^T, which runs at half the speed on CPU).
+    q, k, v = (jnp.swapaxes(a, 0, 1) for a in (q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype), k, v))
+    scores = jnp.matmul(q, jnp.swapaxes(k, 1, 2), preferred_element_type=jnp.float32)
     probs = _dropout(jax.nn.softmax(scores, axis=-1), dropout, key).astype(v.dtype)
-    return jnp.einsum("hqk,khd->qhd", probs, v)
+    return jnp.swapaxes(jnp.matmul(probs, v), 0, 1)
 
 
 def _initialise(parts: Callable[[ddiff.Key], dict[str, Any]], key: ddiff.Key) -> dict[str, Any]:
