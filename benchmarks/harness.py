@@ -133,7 +133,7 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 10, dtype:
         a = jax.random.normal(jax.random.key(0), (size, size), dtype)
         b = jax.random.normal(jax.random.key(1), (size, size), dtype)
         dot = jax.jit(jnp.dot)
-        _, times = median_time(lambda: dot(a, b).block_until_ready(), repeats, warmup=2)
+        _, times = median_time(lambda dot=dot, a=a, b=b: dot(a, b).block_until_ready(), repeats, warmup=2)
         best = max(best, 2.0 * size**3 / min(times))
     return best
 
@@ -172,20 +172,22 @@ def _cost_flops(compiled: Any) -> float | None:
     return None if not cost else float(cost.get("flops", 0.0))
 
 
-def with_compute_dtype(state: ddiff.TrainState, compute_dtype: str | None) -> ddiff.TrainState:
+def with_compute_dtype(trainer: ddiff.Trainer, state: ddiff.TrainState, compute_dtype: str | None) -> ddiff.TrainState:
     """The train state with its model and EMA computing in ``compute_dtype`` (parameters
-    stay float32; :class:`ddiff.DiffusionModel`)."""
+    stay float32; :class:`ddiff.DiffusionModel`), and its optimizer state made for that
+    model (the optimizer state mirrors the model's structure)."""
     if compute_dtype is None:
         return state
     model = dataclasses.replace(state.model, compute_dtype=compute_dtype)
     ema = dataclasses.replace(state.ema, compute_dtype=compute_dtype)
-    return dataclasses.replace(state, model=model, ema=ema)
+    opt_state = trainer.optimizer.init(ddiff.trainable(model))
+    return trainer.place(dataclasses.replace(state, model=model, ema=ema, opt_state=opt_state))
 
 
 def bench_train_step(recipe: ddiff.Recipe, *, repeats: int = 10, compute_dtype: str | None = None) -> dict[str, Any]:
     """Compile and time the Trainer's jitted train step on a random batch."""
     trainer = ddiff.Trainer(recipe, "/nonexistent-bench-workdir", show_progress=False)
-    state = with_compute_dtype(trainer.init_state(), compute_dtype)
+    state = with_compute_dtype(trainer, trainer.init_state(), compute_dtype)
     batch = recipe.trainer.batch_size
     seq_len = recipe.data.seq_len
     tokens = jax.random.randint(jax.random.key(0), (batch, seq_len), 0, recipe.data.vocab_size)

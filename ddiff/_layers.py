@@ -85,7 +85,7 @@ class LayerStack(eqx.Module):
             return jax.lax.scan(body, carry, (params, xs))
         outputs = []
         for index in range(self.count):
-            carry, out = body(carry, jax.tree.map(lambda a: a[index], (params, xs)))
+            carry, out = body(carry, jax.tree.map(lambda a, i=index: a[i], (params, xs)))
             outputs.append(out)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 

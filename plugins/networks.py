@@ -13,7 +13,6 @@ from jaxtyping import Array, Float
 
 import ddiff
 
-
 AttentionKind = Literal["auto", "dot_product_attention", "einsum"]
 """How :func:`attention` computes: ``auto`` picks per backend."""
 
@@ -342,8 +341,8 @@ def attention(
     softmax in float32 whatever the dtype of q, k, v.
 
     ``dot_product_attention`` goes through ``jax.nn.dot_product_attention`` (a GPU's fused
-    kernel where available); ``einsum`` writes the two products out (on CPU, where no
-    fused kernel exists, it runs about 10% faster than the former's XLA formulation);
+    kernel where available); ``einsum`` writes the two products out, heads first (on CPU,
+    where no fused kernel exists, it runs faster than the former's XLA formulation);
     ``auto`` picks the first on accelerators and the second on CPU. Dropout on the
     attention probabilities (training with ``dropout`` > 0 and a key) needs the
     probabilities themselves, so it always takes the ``einsum`` path.
@@ -568,7 +567,7 @@ class MD4Transformer(ddiff.AbstractNetwork):
         depth_scaled_init: scale the feed-forward initialisation by 2 / depth.
         time_conditioned: whether the output depends on t.
         scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
-            unrolled (the default: about 1.25x faster train steps on CPU, measured in
+            unrolled (the default: about 1.2x faster train steps on CPU, measured in
             docs/performance.md); same values either way.
         attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`attention`).
     """
