@@ -23,7 +23,7 @@ from ddiff._errors import (
     check_at_least,
 )
 from ddiff._hookspecs import hookimpl, hookspec
-from ddiff._layers import LayerStack, stack_layers
+from ddiff._layers import COMPUTE_DTYPES, LayerStack, cast_floating, stack_layers
 from ddiff._model import DiffusionModel
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
 from ddiff._numerics import log_normalize, log_sum_exp, safe_log
@@ -158,12 +158,14 @@ __all__ = [
     "RegistryError",
     "check_at_least",
     # shared numerics and sampling helpers
+    "COMPUTE_DTYPES",
     "METRICS",
     "apply_fixed",
     "batched_log_mean",
     "batched_log_score",
     "bound_terms",
     "calls_per_prediction",
+    "cast_floating",
     "categorical",
     "categorical_from_probs",
     "gumbel",
