@@ -188,11 +188,13 @@ class Mixing(ddiff.AbstractSampler):
     def reverse_chain(self):
         return self.inner.reverse_chain()
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
-        inner_key, coin_key, value_key = jax.random.split(key, 3)
-        output = self.inner.sample(model, key=inner_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning)
-        swap = jax.random.bernoulli(coin_key, self.eps, (num_samples, 1))
-        noise = jax.random.randint(value_key, output.tokens.shape, 0, model.process.vocab_size)
+    def sample(self, model, *, keys, seq_len, conditioning):
+        output = self.inner.sample(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
+        extra = ddiff.step_keys(keys, 10**6)
+        swap = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 0), self.eps, (1,)))(extra)
+        noise = jax.vmap(
+            lambda k: jax.random.randint(jax.random.fold_in(k, 1), (seq_len,), 0, model.process.vocab_size)
+        )(extra)
         return ddiff.SampleOutput(tokens=jnp.where(swap, noise, output.tokens), num_function_evals=output.num_function_evals)
 
 

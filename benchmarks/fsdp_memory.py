@@ -27,23 +27,26 @@ def main() -> None:
     import jax.numpy as jnp
 
     import ddiff
-    import ddiff._train as train
-    from ddiff._mesh import MeshConfig, gather, make_mesh
+    import ddiff.runner
+    import ddiff.runner.trainer.step as train
+    from ddiff._sharding import gather
+    from ddiff.runner.mesh import MeshConfig, make_mesh
+    from ddiff.runner.trainer import compiled as shared
 
     overrides = [
         f"network.dim={args.dim}", f"network.depth={args.depth}", "network.heads=8",
         f"trainer.batch_size={args.batch}", f"data.length={args.seq}", f"mesh.fsdp={args.devices}",
         "mesh.data=1", "eval.batch_size=64", "trainer.num_samples=8",
     ]
-    recipe = ddiff.load_recipe("recipes/quickstart.yaml", overrides)
+    recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", overrides)
     mesh = make_mesh(MeshConfig(data=1, fsdp=args.devices))
     tokens = jnp.zeros((args.batch, args.seq), jnp.int32)
     layer_by_layer = train.gather_for_forward
     results = {}
     for name, gathering in [("layer by layer", layer_by_layer), ("all at once", gather)]:
         train.gather_for_forward = gathering
-        train._COMPILED.clear()
-        trainer = ddiff.Trainer(recipe, "/nonexistent", show_progress=False, mesh=mesh)
+        shared._CACHE.clear()
+        trainer = ddiff.runner.Trainer(recipe, "/nonexistent", show_progress=False, mesh=mesh)
         state = trainer.init_state()
         compiled = trainer._step_fn.lower(state, tokens, None).compile()
         memory = compiled.compiled.memory_analysis()

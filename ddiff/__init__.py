@@ -1,60 +1,49 @@
 """ddiff: a plugin framework for discrete diffusion models on JAX and Equinox.
 
-The public API. Plugins (built-in or third-party) import from here only.
+The authoring layer: what a plugin (built-in or third-party) imports, and the only part
+of ddiff it may import. The protocols of the components and their typing aliases,
+capabilities, the registry and its pluggy hook, the recipe builder, errors, shared
+numerics and categorical draws, and the model that objectives and samplers receive.
+The conformance kit is :mod:`ddiff.testing`; the running layer (recipe files, the
+trainer, the command line) is :mod:`ddiff.runner`, which nothing here imports.
 """
 
 from ddiff import capabilities
+from ddiff._builder import NetworkSpec, SectionBuilder, build_component
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
 from ddiff._constant import Constant, partition_trainable, trainable
-from ddiff._data import (
-    METRICS,
-    AbstractDataSource,
-    ArraySplit,
-    RandomAccess,
-    eval_batches,
-    metric_report,
-    train_batches,
-    validate_batch,
-)
+from ddiff._data import METRICS, AbstractDataSource, ArraySplit, RandomAccess
 from ddiff._errors import (
     DataError,
     DdiffError,
     IncompatibleComponentsError,
     RecipeError,
     RegistryError,
-    RunDirectoryError,
+    check_at_least,
 )
 from ddiff._hookspecs import hookimpl, hookspec
-from ddiff._images import image_grid, png_bytes
-from ddiff._layers import LayerStack, stack_layers
+from ddiff._layers import COMPUTE_DTYPES, LayerStack, cast_floating, stack_layers
 from ddiff._model import DiffusionModel
 from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
-from ddiff._objective import AbstractObjective, BoundForm, ObjectiveTerms, bound_terms
+from ddiff._numerics import log_normalize, log_sum_exp, safe_log
+from ddiff._objective import (
+    AbstractDiscreteTimeObjective,
+    AbstractObjective,
+    BoundForm,
+    ObjectiveTerms,
+    bound_terms,
+)
 from ddiff._parameterization import (
     AbstractMeanParameterization,
     AbstractParameterization,
     AbstractScoreParameterization,
 )
-from ddiff._plot import plot_run
 from ddiff._process import (
     AbstractForwardProcess,
     AbstractRateProcess,
     AbstractTransitionProcess,
     possible_mean,
-)
-from ddiff._recipe import (
-    EvalConfig,
-    NetworkSpec,
-    OptimizerConfig,
-    ParameterGroupConfig,
-    Recipe,
-    TrainerConfig,
-    apply_overrides,
-    build_component,
-    build_recipe,
-    load_recipe,
-    read_recipe_file,
 )
 from ddiff._registry import (
     ENTRY_POINT_GROUP,
@@ -69,6 +58,7 @@ from ddiff._sampler import (
     Conditioning,
     ReverseChain,
     SampleOutput,
+    SamplingStart,
     TimeGrid,
     apply_fixed,
     batched_log_mean,
@@ -76,13 +66,16 @@ from ddiff._sampler import (
     calls_per_prediction,
     grid_times,
     initial_tokens,
+    sample_keys,
+    start_sampling,
+    step_keys,
     time_grid,
 )
 from ddiff._schedule import AbstractSchedule
-from ddiff._train import Trainer, TrainState, build_model, load_run, make_optimizer
 from ddiff._typing import (
     AbstractCheckedModule,
     Key,
+    KeyBatch,
     Label,
     Labels,
     LogProbs,
@@ -100,4 +93,100 @@ from ddiff._typing import (
 
 __version__ = "0.1.0"
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    # protocols
+    "AbstractCheckedModule",
+    "AbstractDataSource",
+    "AbstractDiscreteTimeObjective",
+    "AbstractForwardProcess",
+    "AbstractMeanParameterization",
+    "AbstractNetwork",
+    "AbstractObjective",
+    "AbstractParameterization",
+    "AbstractRateProcess",
+    "AbstractSampler",
+    "AbstractSchedule",
+    "AbstractScoreParameterization",
+    "AbstractTransitionProcess",
+    # what components receive, return, hold and declare
+    "ArraySplit",
+    "BoundForm",
+    "Conditioning",
+    "Constant",
+    "DiffusionModel",
+    "LayerStack",
+    "ObjectiveTerms",
+    "RandomAccess",
+    "ReverseChain",
+    "SampleOutput",
+    "SamplingStart",
+    "partition_trainable",
+    "stack_layers",
+    "trainable",
+    # typing aliases
+    "Key",
+    "KeyBatch",
+    "Label",
+    "Labels",
+    "LogProbs",
+    "NetworkOutput",
+    "PositionMask",
+    "Scalar",
+    "ScheduleValue",
+    "StateLogProbs",
+    "StateProbs",
+    "Time",
+    "TimeGrid",
+    "Times",
+    "TokenBatch",
+    "Tokens",
+    # capabilities, registry and hooks
+    "ENTRY_POINT_GROUP",
+    "SLOTS",
+    "Registry",
+    "build_registry",
+    "capabilities",
+    "default_registry",
+    "hookimpl",
+    "hookspec",
+    "make_plugin_manager",
+    # the recipe builder
+    "NETWORK_CONTEXT",
+    "NetworkSpec",
+    "SectionBuilder",
+    "build_component",
+    # errors and checks
+    "DataError",
+    "DdiffError",
+    "IncompatibleComponentsError",
+    "RecipeError",
+    "RegistryError",
+    "check_at_least",
+    # shared numerics and sampling helpers
+    "COMPUTE_DTYPES",
+    "METRICS",
+    "apply_fixed",
+    "batched_log_mean",
+    "batched_log_score",
+    "bound_terms",
+    "calls_per_prediction",
+    "cast_floating",
+    "categorical",
+    "categorical_from_probs",
+    "grid_times",
+    "gumbel",
+    "initial_tokens",
+    "log_normalize",
+    "log_sum_exp",
+    "possible_mean",
+    "safe_log",
+    "sample_keys",
+    "standard_exponential",
+    "start_sampling",
+    "step_keys",
+    "time_grid",
+    # trace-time type checks
+    "set_typecheck",
+    "typecheck",
+    "typecheck_enabled",
+]

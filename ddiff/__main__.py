@@ -2,6 +2,6 @@
 
 import sys
 
-from ddiff._cli import main
+from ddiff.runner.cli import main
 
 sys.exit(main())

@@ -36,3 +36,18 @@ class RunDirectoryError(DdiffError):
 
 class DataError(DdiffError):
     """A data set that is missing, malformed, or inconsistent with the recipe."""
+
+
+def check_at_least(name: str, value: int | float, minimum: int | float = 1) -> None:
+    """Refuse a hyper-parameter below ``minimum`` (``steps must be >= 1, got 0``).
+
+    Call it in a component's ``__check_init__`` (or a settings dataclass's
+    ``__post_init__``) with the constructor argument's ``name``: the error's path is that
+    name, relative to the component's recipe section, to which the recipe builder adds
+    the section's path (``sampler.steps``).
+
+    Raises:
+        RecipeError: ``value < minimum``.
+    """
+    if not value >= minimum:
+        raise RecipeError(f"{name} must be >= {minimum}, got {value}", path=name)

@@ -14,7 +14,9 @@ import pluggy
 
 PROJECT_NAME = "ddiff"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+"""Marks ddiff's hook specifications (below)."""
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+"""Marks a plugin's hook implementation: ``@ddiff.hookimpl def ddiff_register_components``."""
 
 
 @hookspec

@@ -1,14 +1,15 @@
-"""Stacks of identical layers, applied with one ``lax.scan`` and, under fully sharded data
-parallelism, gathered one layer at a time."""
+"""Stacks of identical layers, applied with one ``lax.scan`` (or unrolled) and, under fully
+sharded data parallelism, gathered one layer at a time; and the casts of mixed precision."""
 
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array
 
-from ddiff._mesh import FSDP, gather, sharded_dim
+from ddiff._sharding import FSDP, gather, sharded_dim
 
 SAVED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 """What the backward pass of a sharded layer keeps from its forward pass: the outputs of
@@ -44,22 +45,28 @@ def _gather_layer(layer: Any) -> Any:
 
 class LayerStack(eqx.Module):
     """``count`` layers of the same structure, stored as one module whose arrays carry a
-    leading layer axis, and applied in order with one ``lax.scan`` (one traced copy of the
-    layer, whatever the depth). Build it with :func:`stack_layers`.
+    leading layer axis, and applied in order: with one ``lax.scan`` (one traced copy of the
+    layer, whatever the depth: fast to compile) or, with ``scan=False``, unrolled (one
+    traced copy per layer: slower to compile, and faster to run, since the compiler
+    fuses across layers and the backward pass needs no stacked per-layer residuals; the
+    values are the same either way).
 
     Under FSDP the trainer hands the stack over still sharded; each layer's parameters are
     all-gathered inside the scan body, and the body is rematerialised keeping only matrix
     products and convolutions (:data:`SAVED_PRIMITIVES`), so the backward pass gathers
     them again: at most one layer's full parameters (and the sharded rest) are alive at a
-    time (ZeRO-3).
+    time (ZeRO-3). A sharded stack is always scanned, whatever ``scan`` says: unrolled,
+    the compiler would be free to gather every layer at once.
 
     Attributes:
         layers: the stacked layer module.
         count: the number of layers.
+        scan: apply the layers with ``lax.scan`` (True) or unrolled (False).
     """
 
     layers: Any
     count: int = eqx.field(static=True)
+    scan: bool = eqx.field(static=True, default=True)
 
     def __call__(self, carry: Any, step: Callable[[Any, Any, Any], tuple[Any, Any]], xs: Any = None) -> tuple[Any, Any]:
         """Run ``carry, out = step(layer, carry, x)`` for each layer with the matching slice
@@ -74,14 +81,22 @@ class LayerStack(eqx.Module):
 
         if sharded:
             body = jax.checkpoint(body, policy=_save_products)
-        return jax.lax.scan(body, carry, (params, xs))
+        if self.scan or sharded:
+            return jax.lax.scan(body, carry, (params, xs))
+        outputs = []
+        for index in range(self.count):
+            carry, out = body(carry, jax.tree.map(lambda a, i=index: a[i], (params, xs)))
+            outputs.append(out)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
 
-def stack_layers(make: Callable[[jax.Array], eqx.Module], keys: jax.Array) -> LayerStack:
+def stack_layers(
+    make: Callable[[jax.Array], eqx.Module], keys: jax.Array, *, scan: bool = True
+) -> LayerStack:
     """One layer ``make(key)`` per key of ``keys`` (e.g. ``jax.random.split(key, depth)``),
-    stacked into a :class:`LayerStack`; the values equal those of calling ``make`` on each
-    key in turn."""
-    return LayerStack(layers=eqx.filter_vmap(make)(keys), count=len(keys))
+    stacked into a :class:`LayerStack` (applied with ``lax.scan`` or, with ``scan=False``,
+    unrolled); the values equal those of calling ``make`` on each key in turn."""
+    return LayerStack(layers=eqx.filter_vmap(make)(keys), count=len(keys), scan=scan)
 
 
 def _is_layer_stack(node: Any) -> bool:
@@ -103,7 +118,26 @@ def gather_for_forward(params: Any, specs: Any) -> Any:
 
     def one(node: Any, spec: Any) -> Any:
         if _is_layer_stack(node):
-            return LayerStack(layers=jax.tree.map(defer, node.layers, spec.layers), count=node.count)
+            layers = jax.tree.map(defer, node.layers, spec.layers)
+            return LayerStack(layers=layers, count=node.count, scan=node.scan)
         return gather(node, spec)
 
     return jax.tree.map(one, params, specs, is_leaf=_is_layer_stack)
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+"""The names a compute dtype may take (mixed precision)."""
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """``tree`` with every floating-point array leaf cast to ``dtype`` (other leaves as they
+    are). Differentiable: the gradient with respect to a float32 leaf comes back float32,
+    so parameters (and optimizer state and EMA) stay float32 while a network computes in
+    ``dtype`` (:attr:`ddiff.DiffusionModel.compute_dtype`)."""
+
+    def one(leaf: Any) -> Any:
+        if eqx.is_inexact_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree.map(one, tree)

@@ -7,9 +7,11 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from equinox import AbstractVar
 from jaxtyping import Array, Int
 
 from ddiff._capabilities import CONTINUOUS_TIME, DISCRETE_TIME, Capable
+from ddiff._errors import check_at_least
 from ddiff._model import DiffusionModel
 from ddiff._typing import (
     AbstractCheckedModule,
@@ -100,15 +102,12 @@ class AbstractObjective(AbstractCheckedModule, Capable):
 
     def bound_form(self) -> BoundForm | None:
         """Which bound ``nelbo`` estimates, for the conformance kit (``ddiff.testing``
-        checks every reported term against it exactly). The default reads the
-        capabilities: ``continuous_time`` is the integral over [0, 1] with the data-free
-        decoder (what :func:`bound_terms` assembles), ``discrete_time`` the bound of the
-        ``steps``-step model with the data-free decoder at t = 0; None otherwise (the kit
-        then checks only that the objective bounds the data's entropy)."""
-        provided = self.capabilities()
-        if DISCRETE_TIME in provided:
-            return BoundForm(steps=self.steps)
-        if CONTINUOUS_TIME in provided:
+        checks every reported term against it exactly). The default: for an objective
+        with capability ``continuous_time``, the integral over [0, 1] with the data-free
+        decoder (what :func:`bound_terms` assembles); None otherwise (the kit then checks
+        only the oracle properties). :class:`AbstractDiscreteTimeObjective` declares the
+        ``steps``-step bound."""
+        if CONTINUOUS_TIME in self.capabilities():
             return BoundForm()
         return None
 
@@ -181,3 +180,34 @@ class AbstractObjective(AbstractCheckedModule, Capable):
         """Batch mean of :meth:`per_example_terms`."""
         terms = self.per_example_terms(model, x0, key=key, labels=labels, train=train)
         return jax.tree.map(lambda a: jnp.mean(a, axis=0), terms)
+
+
+class AbstractDiscreteTimeObjective(AbstractObjective):
+    """An objective that bounds -log p(x_0) under a T-step discrete-time model (capability
+    ``discrete_time``), the step T being its constructor argument ``steps`` (>= 1).
+
+    Step i runs from s = (i-1)/T to t = i/T. :meth:`sample_times` draws the step index
+    antithetically across the batch, i = floor(T u_b) + 1 with u_b = (u + b/B) mod 1
+    (MD4 sec. 4), and gives t = i/T; ``example_terms`` returns T times the term of step i,
+    an unbiased estimate of the sum over the steps.
+
+    Attributes:
+        steps: the number of steps T.
+    """
+
+    provides = frozenset({DISCRETE_TIME})
+    steps: AbstractVar[int]
+
+    def __check_init__(self):
+        check_at_least("steps", self.steps)
+
+    def bound_form(self) -> BoundForm | None:
+        """The bound of the ``steps``-step model with the data-free decoder at t = 0."""
+        return BoundForm(steps=self.steps)
+
+    def sample_times(self, key: Key, batch_size: int) -> Times:
+        """Grid times t_b = i_b / T, the step indices i_b antithetic across the batch."""
+        u = jax.random.uniform(key, ())
+        fraction = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+        index = jnp.minimum(jnp.floor(fraction * self.steps), self.steps - 1) + 1.0
+        return index / self.steps

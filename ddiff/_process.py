@@ -9,6 +9,7 @@ from jaxtyping import Array, Bool, Float
 
 from ddiff._capabilities import FACTORIZED, RATES, TRANSITIONS, Capable
 from ddiff._categorical import categorical
+from ddiff._numerics import log_normalize, log_sum_exp, safe_log
 from ddiff._schedule import AbstractSchedule
 from ddiff._typing import (
     AbstractCheckedModule,
@@ -31,14 +32,6 @@ def possible_mean(
     total = jnp.sum(mean, axis=-1, keepdims=True)
     fallback = possible / jnp.maximum(jnp.sum(possible, axis=-1, keepdims=True), 1)
     return jnp.where(total > 0, mean / jnp.where(total > 0, total, 1.0), fallback)
-
-
-def _normalised(log_probs: Float[Array, "seq states"]) -> Float[Array, "seq states"]:
-    """Log-probabilities normalised over the last axis, with a gradient that is never NaN;
-    a row that is -inf throughout stays so."""
-    reachable = jnp.any(log_probs > -jnp.inf, axis=-1, keepdims=True)
-    total = jax.nn.logsumexp(jnp.where(reachable, log_probs, 0.0), axis=-1, keepdims=True)
-    return log_probs - jnp.where(reachable, total, 0.0)
 
 
 class AbstractForwardProcess(AbstractCheckedModule, Capable):
@@ -112,7 +105,7 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
         possible = current > 0
         mean = possible_mean(log_mean, possible)
         score = jnp.where(possible, mean / jnp.where(possible, current, 1.0), 0.0) @ table
-        return jnp.where(score > 0, jnp.log(jnp.where(score > 0, score, 1.0)), -jnp.inf)
+        return safe_log(score)
 
     def log_marginal_from_mean(self, log_mean: LogProbs, t: Time) -> StateLogProbs:
         """The marginal of x_t when x_0 is drawn from mu, in log space:
@@ -136,12 +129,8 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
             log q_t(y | mu), shape (seq, states).
         """
         table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # q_t(y | v), (vocab, states)
-        log_table = jnp.where(table > 0, jnp.log(jnp.where(table > 0, table, 1.0)), -jnp.inf)
-        terms = log_mean[:, :, None] + log_table[None]
-        # A log-sum-exp over entries that are all -inf has a NaN gradient: guard it.
-        reachable = jnp.any(terms > -jnp.inf, axis=1)
-        total = jax.nn.logsumexp(jnp.where(reachable[:, None, :], terms, 0.0), axis=1)
-        return jnp.where(reachable, total, -jnp.inf)
+        terms = log_mean[:, :, None] + safe_log(table)[None]
+        return log_sum_exp(terms, axis=1)[:, 0]
 
     def log_marginal_likelihood(self, x_t: Tokens, t: Time) -> LogProbs:
         """log q_t(x_t^n | x_0^n = v) for every clean value v, per position: how well each
@@ -161,7 +150,7 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
         """
         table = self.marginal_probs(jnp.arange(self.vocab_size), t)  # q_t(y | v), (vocab, states)
         column = jnp.take(table, x_t, axis=1).T  # (seq, vocab)
-        return jnp.where(column > 0, jnp.log(jnp.where(column > 0, column, 1.0)), -jnp.inf)
+        return safe_log(column)
 
     def log_mean_from_score(self, log_score: StateLogProbs, x_t: Tokens, t: Time) -> LogProbs:
         """The clean-value marginals whose concentration ratios are s: the inverse of
@@ -188,7 +177,7 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
         weights = jnp.exp(log_score) @ jnp.linalg.pinv(table)  # (seq, vocab)
         current = jnp.take(table, x_t, axis=1).T  # q_t(x_t^n | v)
         mean = possible_mean(jnp.log(jnp.maximum(weights, 0.0) * current), current > 0)
-        return jnp.where(mean > 0, jnp.log(jnp.where(mean > 0, mean, 1.0)), -jnp.inf)
+        return safe_log(mean)
 
     def reconstruction_nll(self, x0: Tokens) -> Scalar:
         """The reconstruction term of a continuous-time bound whose time 0 still carries
@@ -239,17 +228,6 @@ class AbstractTransitionProcess(AbstractForwardProcess):
         matrix = self.transition_probs(jnp.arange(self.num_states), s, t)
         return jnp.linalg.solve(matrix.T, values.T).T
 
-    def posterior_probs(self, x_t: Tokens, probs_0: StateProbs, s: Time, t: Time) -> StateProbs:
-        """D3PM's reference-code reverse step: proportional to
-        q(x_t | x_s) * sum_x0 p(x0) q(x_s | x_0), x_0 weighted by the joint
-        q(x_s, x_t | x_0). It equals q(x_s | x_t, x_0) averaged over x_0 ~ probs_0 only
-        when q_t(x_t | x_0) is the same for every x_0 that can produce x_t (the absorbing
-        process); :meth:`log_posterior_from_mean` is the average for any process."""
-        unnormalized = self.transition_likelihood(x_t, s, t) * self.propagate(
-            probs_0, jnp.zeros(()), s
-        )
-        return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
-
     def log_posterior(self, x_t: Tokens, x0: Tokens, s: Time, t: Time) -> StateLogProbs:
         """log q(x_s | x_t, x_0), proportional to q(x_t | x_s) q(x_s | x_0) (D3PM eq. 3),
         per position. The default takes logarithms of ``transition_likelihood`` and
@@ -266,8 +244,7 @@ class AbstractTransitionProcess(AbstractForwardProcess):
             Shape (seq, states), normalised over states.
         """
         joint = self.transition_likelihood(x_t, s, t) * self.marginal_probs(x0, s)
-        log_joint = jnp.where(joint > 0, jnp.log(jnp.where(joint > 0, joint, 1.0)), -jnp.inf)
-        return _normalised(log_joint)
+        return log_normalize(safe_log(joint))
 
     def log_posterior_from_mean(
         self, x_t: Tokens, log_mean: LogProbs, s: Time, t: Time
@@ -299,9 +276,8 @@ class AbstractTransitionProcess(AbstractForwardProcess):
         likelihood = self.log_marginal_likelihood(x_t, t)
         possible = likelihood > -jnp.inf
         weights = jnp.where(possible, log_mean - jnp.where(possible, likelihood, 0.0), -jnp.inf)
-        step = self.transition_likelihood(x_t, s, t)
-        log_step = jnp.where(step > 0, jnp.log(jnp.where(step > 0, step, 1.0)), -jnp.inf)
-        return _normalised(log_step + self.log_marginal_from_mean(weights, s))
+        log_step = safe_log(self.transition_likelihood(x_t, s, t))
+        return log_normalize(log_step + self.log_marginal_from_mean(weights, s))
 
 
 class AbstractRateProcess(AbstractForwardProcess):

@@ -30,6 +30,7 @@ SLOTS: dict[str, type] = {
 """Registry slot -> the protocol its classes must implement."""
 
 ENTRY_POINT_GROUP = "ddiff"
+"""The entry-point group a plugin package declares its plugin modules in."""
 DISABLE_AUTOLOAD_ENV = "DDIFF_DISABLE_PLUGIN_AUTOLOAD"
 
 

@@ -14,7 +14,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ddiff._capabilities import Capable
 from ddiff._model import DiffusionModel
 from ddiff._process import AbstractForwardProcess
-from ddiff._typing import AbstractCheckedModule, Key, Labels, TokenBatch
+from ddiff._typing import AbstractCheckedModule, Key, KeyBatch, Labels, TokenBatch
 
 
 class Conditioning(eqx.Module):
@@ -42,6 +42,7 @@ class SampleOutput(eqx.Module):
 
 
 TimeGrid = Literal["uniform", "cosine"]
+"""The time grids of :func:`time_grid`."""
 
 
 def time_grid(kind: TimeGrid, steps: int) -> Float[Array, " steps_plus_one"]:
@@ -122,7 +123,14 @@ class ReverseChain:
 
 
 class AbstractSampler(AbstractCheckedModule, Capable):
-    """Generates a batch of sequences from a model, optionally conditioned."""
+    """Generates a batch of sequences from a model, optionally conditioned.
+
+    Sample i draws all its randomness from its own key ``keys[i]`` (per step, e.g.
+    ``fold_in(keys[i], step)`` with :func:`step_keys`, and draws vmapped over the batch),
+    never from a key shared by the batch. The caller derives the keys from the global
+    index of each sample (:func:`sample_keys`), so a sample is the same whatever the batch
+    it is drawn in and however the batch is split over devices.
+    """
 
     def reverse_chain(self) -> ReverseChain | None:
         """The chain this sampler simulates (:class:`ReverseChain`), so that the
@@ -137,20 +145,71 @@ class AbstractSampler(AbstractCheckedModule, Capable):
         self,
         model: DiffusionModel,
         *,
-        key: Key,
-        num_samples: int,
+        keys: KeyBatch,
         seq_len: int,
         conditioning: Conditioning,
     ) -> SampleOutput:
-        """Draw ``num_samples`` sequences of length ``seq_len``.
+        """Draw one sequence of length ``seq_len`` per key.
 
         Arguments:
             model: the (EMA) model.
-            key: randomness.
-            num_samples: batch size.
+            keys: one PRNG key per sample, leading batch axis (:func:`sample_keys`).
             seq_len: positions per sequence.
-            conditioning: labels, fixed positions and guidance.
+            conditioning: labels, fixed positions and guidance (batch axis as ``keys``).
+
+        Returns:
+            The tokens, shape (batch, seq), and the network evaluations spent.
         """
+
+
+def sample_keys(key: Key, first_index: int | Int[Array, ""], count: int) -> KeyBatch:
+    """The keys of samples ``first_index .. first_index + count - 1`` of a sampling run
+    keyed by ``key``: ``fold_in(key, i)`` for global sample index i. A device (or a batch)
+    holding samples i..j passes their keys, so every sample is drawn from the same key
+    however the samples are batched or split over devices."""
+    indices = first_index + jnp.arange(count)
+    return jax.vmap(lambda index: jax.random.fold_in(key, index))(indices)
+
+
+def step_keys(keys: KeyBatch, step: int | Int[Array, ""]) -> KeyBatch:
+    """``fold_in(keys[i], step)`` for every sample i: the keys of one step of a sampler's
+    loop (or of one of its draws), each sample's from its own key."""
+    return jax.vmap(lambda key: jax.random.fold_in(key, step))(keys)
+
+
+class SamplingStart(eqx.Module):
+    """Where a reverse process starts (:func:`start_sampling`).
+
+    Attributes:
+        tokens: x_1 drawn from the process prior, one row per key, given positions set.
+        loop_keys: per-sample keys for the sampler's steps (:func:`step_keys` with the
+            step index).
+        final_keys: per-sample keys for a final draw after the loop.
+        calls: network calls per prediction (:func:`calls_per_prediction`).
+    """
+
+    tokens: TokenBatch
+    loop_keys: KeyBatch
+    final_keys: KeyBatch
+    calls: int = eqx.field(static=True)
+
+
+def start_sampling(
+    model: DiffusionModel, *, keys: KeyBatch, seq_len: int, conditioning: Conditioning
+) -> SamplingStart:
+    """The opening every reverse-process sampler shares: each sample's key split into a
+    prior key (x_1 from the process prior, :func:`initial_tokens`), a loop key and a final
+    key, and the network calls one prediction takes under ``conditioning``."""
+    split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
+    tokens = initial_tokens(
+        model.process, keys=split[:, 0], seq_len=seq_len, conditioning=conditioning
+    )
+    return SamplingStart(
+        tokens=tokens,
+        loop_keys=split[:, 1],
+        final_keys=split[:, 2],
+        calls=calls_per_prediction(conditioning),
+    )
 
 
 def apply_fixed(conditioning: Conditioning, tokens: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
@@ -190,14 +249,12 @@ def _guided_prediction(
 def initial_tokens(
     process: AbstractForwardProcess,
     *,
-    key: Key,
-    num_samples: int,
+    keys: KeyBatch,
     seq_len: int,
     conditioning: Conditioning,
 ) -> Int[Array, "batch seq"]:
-    """Where every reverse process starts: ``num_samples`` draws of x_1 from the process
-    prior (one key per sample), with the given positions (infilling) set."""
-    keys = jax.random.split(key, num_samples)
+    """Where every reverse process starts: one draw of x_1 from the process prior per key,
+    with the given positions (infilling) set."""
     x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(keys)
     return apply_fixed(conditioning, x)
 

@@ -11,30 +11,42 @@ from typing import Any
 
 import equinox as eqx
 from beartype import BeartypeConf, beartype
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, jaxtyped
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, UInt32, jaxtyped
+from jaxtyping import Key as KeyData
 
 from ddiff._config import typecheck_enabled
 
 Tokens = Int[Array, " seq"]
 """One sequence of token ids (clean data, or noisy states including the mask)."""
 TokenBatch = Int[Array, "batch seq"]
+"""A batch of sequences of token ids (leading batch axis)."""
 Time = Float[Array, ""]
 """A scalar diffusion time in [0, 1] (t=0 clean, t=1 fully noised)."""
 Times = Float[Array, " batch"]
+"""One diffusion time per example of a batch."""
 Label = Int[Array, ""]
 """A class label; ``num_classes`` is the null class used for classifier-free guidance."""
 Labels = Int[Array, " batch"]
+"""One class label per example of a batch."""
 ScheduleValue = Float[Array, " *values"]
 """A schedule quantity: a scalar, or one value per token value (shape ``(V,)``)."""
 NetworkOutput = Float[Array, "seq out"]
+"""A network's output channels per position of one example."""
 LogProbs = Float[Array, "seq vocab"]
 """Log-probabilities over the V real token values, per position."""
 StateProbs = Float[Array, "seq states"]
 """Probabilities (or rates) over every state a noisy token can take, per position."""
 StateLogProbs = Float[Array, "seq states"]
+"""Log-probabilities (or log-ratios, log-rates) over every state, per position."""
 PositionMask = Bool[Array, " seq"]
+"""One flag per position of a sequence (e.g. which positions are masked)."""
 Key = PRNGKeyArray
+"""A JAX PRNG key (a typed key, or the raw uint32 pair of ``jax.random.PRNGKey``)."""
+KeyBatch = KeyData[Array, " batch"] | UInt32[Array, "batch 2"]
+"""One PRNG key per example of a batch (leading batch axis), e.g. a sampler's per-sample
+keys from :func:`ddiff.sample_keys`."""
 Scalar = Float[Array, ""]
+"""A scalar float (a loss, a term in nats)."""
 
 _BEARTYPE = beartype(conf=BeartypeConf(is_pep484_tower=True))
 

@@ -92,10 +92,7 @@ class CampbellELBO(ddiff.AbstractObjective):
     nll_weight: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
-        if not self.nll_weight >= 0.0:
-            raise ddiff.RecipeError(
-                f"nll_weight must be >= 0, got {self.nll_weight}", path="objective.nll_weight"
-            )
+        ddiff.check_at_least("nll_weight", self.nll_weight, 0)
 
     def bound_form(self):
         """The integral over [0, 1] with the model's decoder mu_theta(x_0', 0) at t = 0."""
@@ -155,15 +152,10 @@ def _leap(key: ddiff.Key, x: ddiff.Tokens, rates: ddiff.StateProbs, tau: jax.Arr
     move_key, target_key = jax.random.split(key)
     total = tau * jnp.sum(rates, axis=-1)
     one = total * jnp.exp(-total)
-    log_one = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) - total, -jnp.inf)
+    log_one = ddiff.safe_log(total) - total
     moves = ddiff.categorical(move_key, jnp.stack([log_one, jnp.log1p(-one)], axis=-1)) == 0
     target = ddiff.categorical_from_probs(target_key, rates)
     return jnp.where(moves, target, x)
-
-
-def _require_positive(value: float, path: str) -> None:
-    if not value > 0:
-        raise ddiff.RecipeError(f"must be positive, got {value}", path=path)
 
 
 class AbstractTauLeapingSampler(ddiff.AbstractSampler):
@@ -194,39 +186,37 @@ class AbstractTauLeapingSampler(ddiff.AbstractSampler):
         tau: jax.Array,
         conditioning: ddiff.Conditioning,
         *,
-        key: ddiff.Key,
+        keys: ddiff.KeyBatch,
     ) -> tuple[ddiff.TokenBatch, jax.Array]:
-        """Corrector moves at time s after a predictor step of length tau; returns the
-        tokens and the network calls made (default: none)."""
+        """Corrector moves at time s after a predictor step of length tau, sample i's
+        randomness from ``keys[i]``; returns the tokens and the network calls made
+        (default: none)."""
         return x, jnp.int32(0)
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         process = model.process
-        prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = ddiff.initial_tokens(
-            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
-        )
-        calls = ddiff.calls_per_prediction(conditioning)
+        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
+        calls = start.calls
 
         def step(carry, inputs):
             x, evals = carry
-            t, s, step_key = inputs
-            leap_key, correct_key = jax.random.split(step_key)
+            t, s, index = inputs
+            split = jax.vmap(jax.random.split)(ddiff.step_keys(start.loop_keys, index))
+            leap_keys, correct_keys = split[:, 0], split[:, 1]
             log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
             rates = jax.vmap(lambda lm, xi: reverse_rates(process, lm, xi, t))(log_mean, x)
-            keys = jax.random.split(leap_key, num_samples)
             x = ddiff.apply_fixed(
-                conditioning, jax.vmap(_leap, (0, 0, 0, None))(keys, x, rates, t - s)
+                conditioning, jax.vmap(_leap, (0, 0, 0, None))(leap_keys, x, rates, t - s)
             )
-            x, used = self.correct(model, x, s, t - s, conditioning, key=correct_key)
+            x, used = self.correct(model, x, s, t - s, conditioning, keys=correct_keys)
             return (x, evals + calls + used), None
 
         times = ddiff.time_grid(self.grid, self.steps)
         (x, evals), _ = jax.lax.scan(
-            step, (x, jnp.int32(0)), (times[:-1], times[1:], jax.random.split(loop_key, self.steps))
+            step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
         )
         log_mean, _ = ddiff.batched_log_mean(model, x, jnp.zeros(()), conditioning)
-        x = ddiff.apply_fixed(conditioning, ddiff.categorical(final_key, log_mean))
+        x = ddiff.apply_fixed(conditioning, jax.vmap(ddiff.categorical)(start.final_keys, log_mean))
         return ddiff.SampleOutput(tokens=x, num_function_evals=evals + calls)
 
 
@@ -244,7 +234,7 @@ class TauLeapingSampler(AbstractTauLeapingSampler):
     grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        _require_positive(self.steps, "sampler.steps")
+        ddiff.check_at_least("steps", self.steps)
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
@@ -277,13 +267,17 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
     corrector_entry_time: float = eqx.field(static=True, default=0.9)
 
     def __check_init__(self):
-        _require_positive(self.steps, "sampler.steps")
-        _require_positive(self.corrector_steps, "sampler.corrector_steps")
-        _require_positive(self.corrector_step_size, "sampler.corrector_step_size")
+        ddiff.check_at_least("steps", self.steps)
+        ddiff.check_at_least("corrector_steps", self.corrector_steps)
+        if not self.corrector_step_size > 0:
+            raise ddiff.RecipeError(
+                f"corrector_step_size must be positive, got {self.corrector_step_size}",
+                path="corrector_step_size",
+            )
         if not 0.0 <= self.corrector_entry_time <= 1.0:
             raise ddiff.RecipeError(
                 f"must be in [0, 1], got {self.corrector_entry_time}",
-                path="sampler.corrector_entry_time",
+                path="corrector_entry_time",
             )
 
     def reverse_chain(self):
@@ -293,11 +287,11 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
             corrector_size=self.corrector_step_size, corrector_entry=self.corrector_entry_time,
         )
 
-    def correct(self, model, x, s, tau, conditioning, *, key):
+    def correct(self, model, x, s, tau, conditioning, *, keys):
         process = model.process
         calls = ddiff.calls_per_prediction(conditioning)
 
-        def corrector(x, step_key):
+        def corrector(x, index):
             log_mean, _ = ddiff.batched_log_mean(model, x, s, conditioning)
 
             def rates(lm, xi):
@@ -307,14 +301,14 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
                 )
                 return forward + reverse_rates(process, lm, xi, s)
 
-            keys = jax.random.split(step_key, x.shape[0])
             moved = jax.vmap(_leap, (0, 0, 0, None))(
-                keys, x, jax.vmap(rates)(log_mean, x), self.corrector_step_size * tau
-            )
+                ddiff.step_keys(keys, index), x, jax.vmap(rates)(log_mean, x),
+                self.corrector_step_size * tau,
+            )  # fmt: skip
             return ddiff.apply_fixed(conditioning, moved), None
 
         def run(x):
-            x, _ = jax.lax.scan(corrector, x, jax.random.split(key, self.corrector_steps))
+            x, _ = jax.lax.scan(corrector, x, jnp.arange(self.corrector_steps))
             return x, jnp.int32(self.corrector_steps * calls)
 
         active = (s > 0) & (s <= self.corrector_entry_time)

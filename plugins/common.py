@@ -32,12 +32,11 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
             raise ddiff.RecipeError(
                 f"the uniform process needs a scalar schedule, got "
                 f"{type(self.schedule).__name__}",
-                path="process.schedule",
+                path="schedule",
             )
         if self.vocab_size < 2:
             raise ddiff.RecipeError(
-                f"the uniform process needs at least 2 token values, got {self.vocab_size}",
-                path="data.vocab_size",
+                f"the uniform process needs at least 2 token values, got {self.vocab_size}"
             )
 
     @property
@@ -95,14 +94,11 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         """Closed form, O(V) per position: q_t(y | mu) = alpha_t mu[y] + (1 - alpha_t)/V
         sum_v mu[v], computed as a log-sum of the two terms."""
         a = self.schedule.alpha(t)
-        log_keep = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -jnp.inf)
         log_fresh = jnp.where(a < 1, jnp.log1p(-jnp.where(a < 1, a, 0.0)), -jnp.inf) - jnp.log(
             self.vocab_size
         )
-        present = jnp.any(log_mean > -jnp.inf, axis=-1, keepdims=True)
-        log_total = jax.nn.logsumexp(jnp.where(present, log_mean, 0.0), axis=-1, keepdims=True)
-        log_fresh = jnp.where(present, log_fresh + log_total, -jnp.inf)
-        kept = log_mean + log_keep
+        log_fresh = log_fresh + ddiff.log_sum_exp(log_mean)
+        kept = log_mean + ddiff.safe_log(a)
         # logaddexp(-inf, -inf) has a NaN gradient: guard it.
         empty = (kept == -jnp.inf) & (log_fresh == -jnp.inf)
         mixed = jnp.logaddexp(jnp.where(empty, 0.0, kept), jnp.where(empty, 0.0, log_fresh))
@@ -110,8 +106,7 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
 
     def log_marginal_likelihood(self, x_t, t):
         """Closed form: q_t(x_t | v) = alpha_t [v = x_t] + (1 - alpha_t)/V."""
-        probs = self._mix(x_t, self.schedule.alpha(t))
-        return jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+        return ddiff.safe_log(self._mix(x_t, self.schedule.alpha(t)))
 
     def log_score_from_mean(self, log_mean, x_t, t):
         """Closed form of sum_v mu[v] q_t(y | v) / q_t(x | v) with q_t(y | v) =
@@ -137,7 +132,7 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         weights = jnp.maximum(score - b * jnp.sum(score, axis=-1, keepdims=True), 0.0) / a
         likelihood = self._mix(x_t, a)
         mean = ddiff.possible_mean(jnp.log(weights * likelihood), likelihood > 0)
-        return jnp.where(mean > 0, jnp.log(jnp.where(mean > 0, mean, 1.0)), -jnp.inf)
+        return ddiff.safe_log(mean)
 
     def unpropagate(self, values, s, t):
         """Closed form: Q_{s->t}^{-1} = (1/r) I - ((1 - r)/r) 11^T/V with r = alpha_t/alpha_s,

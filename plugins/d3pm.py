@@ -31,20 +31,6 @@ GRID_TOLERANCE = 1e-3
 round(t T) / T (float32 times i/T are not exact)."""
 
 
-def _log(probs: jax.Array) -> jax.Array:
-    """log p with log 0 = -inf, safe to differentiate (no NaN from the untaken branch)."""
-    positive = probs > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, probs, 1.0)), -jnp.inf)
-
-
-def _logsumexp(values: jax.Array) -> jax.Array:
-    """log sum exp over the last axis (kept), -inf where every entry is -inf, with a
-    gradient that is never NaN (jax.nn.logsumexp's is NaN there)."""
-    reachable = jnp.any(values > -jnp.inf, axis=-1, keepdims=True)
-    total = jax.nn.logsumexp(jnp.where(reachable, values, 0.0), axis=-1, keepdims=True)
-    return jnp.where(reachable, total, -jnp.inf)
-
-
 def log_matmul(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
     """log(exp(log_a) @ exp(log_b)) for log_a (n, k) and log_b (k, m), exact however small
     the terms: for every output a maximum and a sum of exponentials over k (the maximum
@@ -58,7 +44,7 @@ def log_matmul(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
         finite = jnp.isfinite(peak)
         peak = jnp.where(finite, peak, 0.0)
         total = jnp.sum(jnp.exp(terms - peak[None, :]), axis=0)
-        return jnp.where(finite, peak + _log(total), -jnp.inf)
+        return jnp.where(finite, peak + ddiff.safe_log(total), -jnp.inf)
 
     chunk = max(1, min(log_a.shape[0], (1 << 22) // size))
     return jax.lax.map(one_row, log_a, batch_size=chunk)
@@ -109,12 +95,9 @@ class D3PMCosineSchedule(ddiff.AbstractSchedule):
     def __check_init__(self):
         if not self.offset > 0:
             raise ddiff.RecipeError(
-                f"offset must be positive, got {self.offset}", path="process.schedule.offset"
+                f"offset must be positive, got {self.offset}", path="offset"
             )
-        if not self.power >= 1:
-            raise ddiff.RecipeError(
-                f"power must be >= 1, got {self.power}", path="process.schedule.power"
-            )
+        ddiff.check_at_least("power", self.power)
 
     def _angle(self, t):
         return 0.5 * math.pi * (t + self.offset) / (1.0 + self.offset)
@@ -154,15 +137,9 @@ class D3PMLinearSchedule(ddiff.AbstractSchedule):
     log_alpha: ddiff.Constant
 
     def __init__(self, steps: int = 1000, start: float = 1e-4, stop: float = 0.02):
-        if steps < 1:
-            raise ddiff.RecipeError(
-                f"steps must be >= 1, got {steps}", path="process.schedule.steps"
-            )
+        ddiff.check_at_least("steps", steps)
         if not 0.0 < start <= stop < 1.0:
-            raise ddiff.RecipeError(
-                f"need 0 < start <= stop < 1, got start={start} and stop={stop}",
-                path="process.schedule",
-            )
+            raise ddiff.RecipeError(f"need 0 < start <= stop < 1, got start={start} and stop={stop}")
         self.steps, self.start, self.stop = steps, start, stop
         betas = np.linspace(start, stop, steps, dtype=np.float64)
         log_alpha = np.concatenate([[0.0], np.cumsum(np.log1p(-betas))])
@@ -179,7 +156,8 @@ class D3PMLinearSchedule(ddiff.AbstractSchedule):
         table = self.log_alpha.value
         return left, table[left], table[left + 1]
 
-    def total_noise(self, t):
+    def total_noise(self, t: ddiff.Time) -> ddiff.Scalar:
+        """-log alpha(t), interpolated linearly between the tabulated grid times."""
         position = self._position(t)
         left, low, high = self._interval(position)
         return -(low + (position - left) * (high - low))
@@ -202,7 +180,7 @@ def _information_fraction(keep: jax.Array, probs: jax.Array) -> jax.Array:
     fresh = (1.0 - keep) / size
 
     def entropy_terms(p):
-        return jnp.where(p > 0, -p * _log(p), 0.0)
+        return jnp.where(p > 0, -p * ddiff.safe_log(p), 0.0)
 
     marginal = keep * probs + fresh
     entropy_t = jnp.sum(entropy_terms(marginal))
@@ -266,8 +244,7 @@ class MutualInformationSchedule(ddiff.AbstractSchedule):
     def __check_init__(self):
         if self.vocab_size < 2:
             raise ddiff.RecipeError(
-                f"the mutual-information schedule needs at least 2 token values, got {self.vocab_size}",
-                path="data.vocab_size",
+                f"the mutual-information schedule needs at least 2 token values, got {self.vocab_size}"
             )
         if self.marginal is not None:
             probs = np.asarray(self.marginal, np.float64)
@@ -279,12 +256,12 @@ class MutualInformationSchedule(ddiff.AbstractSchedule):
                 raise ddiff.RecipeError(
                     f"marginal must hold {self.vocab_size} non-negative probabilities summing to 1 "
                     f"(got {len(self.marginal)} summing to {probs.sum():.6g})",
-                    path="process.schedule.marginal",
+                    path="marginal",
                 )
             if np.count_nonzero(probs) < 2:
                 raise ddiff.RecipeError(
                     "marginal must give mass to at least 2 values (else H(x_0) = 0)",
-                    path="process.schedule.marginal",
+                    path="marginal",
                 )
 
     def _probs(self) -> jax.Array:
@@ -318,6 +295,14 @@ class MutualInformationSchedule(ddiff.AbstractSchedule):
 
 
 # --------------------------------------------------------------------------- the Gaussian process
+
+
+def _total_noise(schedule: ddiff.AbstractSchedule, t: ddiff.Time) -> ddiff.Scalar:
+    """-log alpha(t): tabulated exactly for ``d3pm_linear`` (whose alpha near 1 would lose
+    the small betas to float32 rounding), from alpha for any other schedule."""
+    if isinstance(schedule, D3PMLinearSchedule):
+        return schedule.total_noise(t)
+    return -jnp.log(schedule.alpha(t))
 
 
 def gaussian_transition_matrix(beta: float, vocab_size: int) -> np.ndarray:
@@ -369,12 +354,11 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
         if caps.SCALAR not in schedule.capabilities():
             raise ddiff.RecipeError(
                 f"the discretized Gaussian process needs a scalar schedule, got {type(schedule).__name__}",
-                path="process.schedule",
+                path="schedule",
             )
         if vocab_size < 2:
             raise ddiff.RecipeError(
-                f"the discretized Gaussian process needs at least 2 token values, got {vocab_size}",
-                path="data.vocab_size",
+                f"the discretized Gaussian process needs at least 2 token values, got {vocab_size}"
             )
         schedule_steps = schedule.steps if isinstance(schedule, D3PMLinearSchedule) else None
         if steps is None:
@@ -382,20 +366,19 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
                 raise ddiff.RecipeError(
                     f"give the number of steps the transition tables are built for "
                     f"(schedule {type(schedule).__name__} has no grid of its own)",
-                    path="process.steps",
+                    path="steps",
                 )
             steps = schedule_steps
-        if steps < 1:
-            raise ddiff.RecipeError(f"steps must be >= 1, got {steps}", path="process.steps")
+        ddiff.check_at_least("steps", steps)
         if schedule_steps is not None and schedule_steps % steps:
             raise ddiff.RecipeError(
                 f"steps={steps} does not divide the schedule's {schedule_steps} steps, so the "
                 f"grid times i/{steps} fall between the schedule's; use a divisor of {schedule_steps}",
-                path="process.steps",
+                path="steps",
             )
         self.schedule, self.vocab_size, self.steps = schedule, vocab_size, steps
         times = jnp.arange(steps + 1, dtype=jnp.float32) / steps
-        noise = np.asarray(jax.vmap(schedule.total_noise)(times), np.float64)
+        noise = np.asarray(jax.vmap(lambda t: _total_noise(schedule, t))(times), np.float64)
         with np.errstate(invalid="ignore"):
             betas = -np.expm1(-(noise[1:] - noise[:-1]))
         betas = np.where(np.isnan(betas), 1.0, np.clip(betas, 0.0, 1.0))  # inf - inf: alpha stays 0
@@ -456,7 +439,7 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
         return jax.lax.fori_loop(0, jnp.maximum(last - first - 1, 0), back, column)
 
     def log_posterior(self, x_t, x0, s, t):
-        return _normalised(self._log_step_likelihood(x_t, s, t) + self._cumulative(s)[x0])
+        return ddiff.log_normalize(self._log_step_likelihood(x_t, s, t) + self._cumulative(s)[x0])
 
     def log_posterior_from_mean(self, x_t, log_mean, s, t):
         """The core's formula with every factor read from the log tables: the weights
@@ -467,7 +450,7 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
         possible = likelihood > -jnp.inf
         weights = jnp.where(possible, log_mean - jnp.where(possible, likelihood, 0.0), -jnp.inf)
         mixed = log_matmul(weights, self._cumulative(s))
-        return _normalised(self._log_step_likelihood(x_t, s, t) + mixed)
+        return ddiff.log_normalize(self._log_step_likelihood(x_t, s, t) + mixed)
 
     def _steps_between(self, s, t):
         return _grid_index(s, self.steps), _grid_index(t, self.steps)
@@ -544,13 +527,6 @@ class DiscretizedLogisticParameterization(ddiff.AbstractMeanParameterization):
 # --------------------------------------------------------------------------- the bound
 
 
-def _normalised(joint: jax.Array) -> jax.Array:
-    """Log-probabilities normalised over the last axis; a row that is -inf throughout
-    stays so."""
-    total = _logsumexp(joint)
-    return joint - jnp.where(jnp.isfinite(total), total, 0.0)
-
-
 def categorical_kl(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
     """KL(q || p) summed over the last axis and the positions, from log-probabilities:
     entries with q = 0 contribute exactly 0 (also to the gradient), entries with q > 0
@@ -566,7 +542,7 @@ def _clean_log_likelihood(log_mean: jax.Array, x0: ddiff.Tokens) -> jax.Array:
     return jnp.sum(jnp.take_along_axis(log_mean, x0[:, None], axis=-1))
 
 
-class D3PMBound(ddiff.AbstractObjective):
+class D3PMBound(ddiff.AbstractDiscreteTimeObjective):
     """The D3PM variational bound (Austin et al. 2021, eq. 1) of the T-step model with
     the x0-parameterization (eq. 4), and the hybrid loss L_lambda (eq. 5):
 
@@ -581,8 +557,9 @@ class D3PMBound(ddiff.AbstractObjective):
     is the same for the absorbing process but not for the uniform or Gaussian ones, where
     its bound with the exact denoiser does not approach H(p) as T grows.
 
-    The sum over i is estimated with one step per example, i = floor(T u_b) + 1 with
-    antithetic u_b = (u + b/B) mod 1, times T; the prior term is exact. Every term is
+    The sum over i is estimated with one step per example, drawn antithetically
+    (:meth:`ddiff.AbstractDiscreteTimeObjective.sample_times`), times T; the prior term is
+    exact. Every term is
     computed in log space (:func:`categorical_kl`). For the absorbing process the i-th
     term equals MD4's discrete-time term (MD4 App. D).
 
@@ -598,7 +575,6 @@ class D3PMBound(ddiff.AbstractObjective):
         hybrid_weight: lambda (0 trains on the bound alone).
     """
 
-    provides = frozenset({caps.DISCRETE_TIME})
     requires = {
         "parameterization": frozenset({caps.MEAN}),
         "process": frozenset({caps.TRANSITIONS}),
@@ -607,23 +583,11 @@ class D3PMBound(ddiff.AbstractObjective):
     hybrid_weight: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
-        if self.steps < 1:
-            raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="objective.steps")
-        if not self.hybrid_weight >= 0:
-            raise ddiff.RecipeError(
-                f"hybrid_weight must be >= 0, got {self.hybrid_weight}",
-                path="objective.hybrid_weight",
-            )
+        ddiff.check_at_least("hybrid_weight", self.hybrid_weight, 0)
 
     def bound_form(self):
         """L_vb of the T-step model; its i = 1 term is the decoder -log mu(x_1, 1/T)[x_0]."""
         return ddiff.BoundForm(steps=self.steps, decoder="model")
-
-    def sample_times(self, key, batch_size):
-        u = jax.random.uniform(key, ())
-        fraction = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
-        index = jnp.minimum(jnp.floor(fraction * self.steps), self.steps - 1) + 1.0
-        return index / self.steps
 
     def step_term(
         self,
@@ -693,8 +657,7 @@ class D3PMAncestralSampler(ddiff.AbstractSampler):
     steps: int = eqx.field(static=True, default=1000)
 
     def __check_init__(self):
-        if self.steps < 1:
-            raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="sampler.steps")
+        ddiff.check_at_least("steps", self.steps)
 
     def reverse_chain(self):
         """Steps from i/T to (i-1)/T for i = T..2, then x_0 ~ mu(x, 1/T) at every position."""
@@ -704,31 +667,27 @@ class D3PMAncestralSampler(ddiff.AbstractSampler):
             final="mean",
         )
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         process = model.process
-        prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = ddiff.initial_tokens(
-            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
-        )
-        calls = ddiff.calls_per_prediction(conditioning)
+        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
+        x, calls = start.tokens, start.calls
 
-        def step(x, inputs):
-            index, step_key = inputs
+        def step(x, index):
             t = index.astype(jnp.float32) / self.steps
             s = (index - 1).astype(jnp.float32) / self.steps
             log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
             log_probs = jax.vmap(lambda x_t, lm: process.log_posterior_from_mean(x_t, lm, s, t))(
                 x, log_mean
             )
-            return ddiff.apply_fixed(conditioning, ddiff.categorical(step_key, log_probs)), None
+            drawn = jax.vmap(ddiff.categorical)(ddiff.step_keys(start.loop_keys, index), log_probs)
+            return ddiff.apply_fixed(conditioning, drawn), None
 
         if self.steps > 1:
-            indices = jnp.arange(self.steps, 1, -1, dtype=jnp.int32)
-            x, _ = jax.lax.scan(step, x, (indices, jax.random.split(loop_key, self.steps - 1)))
+            x, _ = jax.lax.scan(step, x, jnp.arange(self.steps, 1, -1, dtype=jnp.int32))
         log_mean, _ = ddiff.batched_log_mean(
             model, x, jnp.asarray(1.0 / self.steps, jnp.float32), conditioning
         )
-        x = ddiff.apply_fixed(conditioning, ddiff.categorical(final_key, log_mean))
+        x = ddiff.apply_fixed(conditioning, jax.vmap(ddiff.categorical)(start.final_keys, log_mean))
         return ddiff.SampleOutput(tokens=x, num_function_evals=jnp.int32(self.steps * calls))
 
 

@@ -58,10 +58,10 @@ class LearnablePolySchedule(ddiff.AbstractSchedule):
     ):
         if initial_powers is None:
             powers = (initial_power,) * vocab_size
-            where = "process.schedule.initial_power"
+            where = "initial_power"
         else:
             powers = tuple(initial_powers)
-            where = "process.schedule.initial_powers"
+            where = "initial_powers"
             if len(powers) != vocab_size:
                 raise ddiff.RecipeError(
                     f"give one power per token value: {vocab_size} numbers, got {len(powers)}",
@@ -76,7 +76,7 @@ class LearnablePolySchedule(ddiff.AbstractSchedule):
     def __check_init__(self):
         if not 0.0 <= self.eps < 1.0:
             raise ddiff.RecipeError(
-                f"eps must be in [0, 1), got {self.eps}", path="process.schedule.eps"
+                f"eps must be in [0, 1), got {self.eps}", path="eps"
             )
 
     def powers(self) -> Float[Array, " vocab"]:
@@ -97,7 +97,8 @@ class LearnablePolySchedule(ddiff.AbstractSchedule):
         w = self.powers()
         return -(1.0 - self.eps) * w * jnp.power(t, w - 1.0)
 
-    def elbo_weight(self, t):
+    def elbo_weight(self, t: ddiff.Time) -> ddiff.ScheduleValue:
+        """The ELBO weight alpha'_t[v] / (1 - alpha_t[v]) in closed form, -w_v / t."""
         return -self.powers() / t
 
     def log_mask_probability(self, t):
@@ -145,6 +146,15 @@ def reconstruction(schedule: ddiff.AbstractSchedule, x0: ddiff.Tokens, t1: jax.A
     return jnp.sum(jnp.exp(own) * (jax.nn.logsumexp(log_mask) - own))
 
 
+def elbo_weight(schedule: ddiff.AbstractSchedule, t: ddiff.Time) -> ddiff.ScheduleValue:
+    """The ELBO weight alpha'_t[v] / (1 - alpha_t[v]) per token value (non-positive): the
+    closed form of :class:`LearnablePolySchedule`, computed from alpha for any other
+    schedule."""
+    if isinstance(schedule, LearnablePolySchedule):
+        return schedule.elbo_weight(t)
+    return schedule.alpha_derivative(t) / (1.0 - schedule.alpha(t))
+
+
 class GenMD4ELBO(ddiff.AbstractObjective):
     """The GenMD4 negative ELBO (the MD4 paper's state-dependent bound) and its surrogate
     loss.
@@ -186,7 +196,7 @@ class GenMD4ELBO(ddiff.AbstractObjective):
 
     def __check_init__(self):
         if not 0.0 < self.t1 < 1.0:
-            raise ddiff.RecipeError(f"t1 must be in (0, 1), got {self.t1}", path="objective.t1")
+            raise ddiff.RecipeError(f"t1 must be in (0, 1), got {self.t1}", path="t1")
 
     def bound_form(self):
         """The integral over [t1, 1] with the data-free decoder at t1."""
@@ -197,7 +207,7 @@ class GenMD4ELBO(ddiff.AbstractObjective):
         schedule = process.schedule
         span = 1.0 - self.t1
         time = self.t1 + span * t
-        weight = jnp.broadcast_to(schedule.elbo_weight(time), (process.vocab_size,))
+        weight = jnp.broadcast_to(elbo_weight(schedule, time), (process.vocab_size,))
         log_mask = jnp.broadcast_to(schedule.log_mask_probability(time), (process.vocab_size,))[x0]
 
         def draw(draw_key):
@@ -264,8 +274,7 @@ class StateDependentAncestralSampler(ddiff.AbstractSampler):
     grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        if self.steps < 1:
-            raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="sampler.steps")
+        ddiff.check_at_least("steps", self.steps)
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
@@ -273,35 +282,33 @@ class StateDependentAncestralSampler(ddiff.AbstractSampler):
             final="masked_mean",
         )
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         process = model.process
         schedule = process.schedule
         mask_id = process.mask_id
-        prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = ddiff.initial_tokens(
-            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
-        )
-        calls = ddiff.calls_per_prediction(conditioning)
+        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
+        calls = start.calls
 
         def log_mask(time):
             return jnp.broadcast_to(schedule.log_mask_probability(time), (process.vocab_size,))
 
         def step(carry, inputs):
             x, evals = carry
-            t, s, step_key = inputs
+            t, s, index = inputs
             log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
-            draws = ddiff.categorical(step_key, reverse_logits(log_mean, log_mask(s), log_mask(t)))
+            logits = reverse_logits(log_mean, log_mask(s), log_mask(t))
+            draws = jax.vmap(ddiff.categorical)(ddiff.step_keys(start.loop_keys, index), logits)
             x = ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, draws, x))
             return (x, evals + calls), None
 
         times = ddiff.time_grid(self.grid, self.steps)
         (x, evals), _ = jax.lax.scan(
-            step, (x, jnp.int32(0)), (times[:-1], times[1:], jax.random.split(loop_key, self.steps))
+            step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
         )
 
         def decode(x):
             log_mean, _ = ddiff.batched_log_mean(model, x, jnp.zeros(()), conditioning)
-            drawn = ddiff.categorical(final_key, log_mean)
+            drawn = jax.vmap(ddiff.categorical)(start.final_keys, log_mean)
             return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), jnp.int32(calls)
 
         x, used = jax.lax.cond(jnp.any(x == mask_id), decode, lambda x: (x, jnp.int32(0)), x)

@@ -44,7 +44,7 @@ class AbstractClippedSchedule(ddiff.AbstractSchedule):
 
 def _check_eps(eps: float) -> None:
     if not 0.0 <= eps < 0.5:
-        raise ddiff.RecipeError(f"eps must be in [0, 0.5), got {eps}", path="process.schedule.eps")
+        raise ddiff.RecipeError(f"eps must be in [0, 0.5), got {eps}", path="eps")
 
 
 class LinearSchedule(AbstractClippedSchedule):
@@ -92,7 +92,7 @@ class PolySchedule(AbstractClippedSchedule):
         _check_eps(self.eps)
         if not self.power > 0:
             raise ddiff.RecipeError(
-                f"power must be positive, got {self.power}", path="process.schedule.power"
+                f"power must be positive, got {self.power}", path="power"
             )
 
     def shape(self, t):
@@ -100,86 +100,6 @@ class PolySchedule(AbstractClippedSchedule):
 
     def shape_derivative(self, t):
         return -self.power * t ** (self.power - 1.0)
-
-
-def _check_unit_interval(value: float, name: str) -> None:
-    if not 0.0 < value < 1.0:
-        raise ddiff.RecipeError(f"{name} must be in (0, 1), got {value}", path=f"process.schedule.{name}")
-
-
-class GeometricSchedule(ddiff.AbstractSchedule):
-    """SEDD's geometric noise (Lou et al. 2024, sec. 5 and their noise_lib; MD4 Table 1,
-    geometric): total noise sigma_bar(t) = sigma_min^(1-t) sigma_max^t and
-    alpha_t = exp(-sigma_bar(t)), with no further clipping: sigma_min > 0 keeps
-    alpha_0 = exp(-sigma_min) below 1 and sigma_max keeps alpha_1 = exp(-sigma_max) above 0.
-    The noise rate is sigma(t) = sigma_bar(t) log(sigma_max / sigma_min).
-
-    Attributes:
-        sigma_min: total noise at t = 0 (SEDD's 1e-4).
-        sigma_max: total noise at t = 1 (SEDD's 20).
-    """
-
-    provides = frozenset({caps.SCALAR})
-    sigma_min: float = eqx.field(static=True, default=1e-4)
-    sigma_max: float = eqx.field(static=True, default=20.0)
-
-    def __check_init__(self):
-        if not 0.0 < self.sigma_min < self.sigma_max:
-            raise ddiff.RecipeError(
-                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}",
-                path="process.schedule",
-            )
-
-    def alpha(self, t):
-        return jnp.exp(-self.total_noise(t))
-
-    def alpha_derivative(self, t):
-        return -self.alpha(t) * self.noise_rate(t)
-
-    def total_noise(self, t):
-        return jnp.exp((1.0 - t) * math.log(self.sigma_min) + t * math.log(self.sigma_max))
-
-    def noise_rate(self, t):
-        return self.total_noise(t) * math.log(self.sigma_max / self.sigma_min)
-
-
-class LogLinearSchedule(ddiff.AbstractSchedule):
-    """SEDD's log-linear noise, the schedule of its absorbing graph (Lou et al. 2024,
-    their noise_lib): total noise sigma_bar(tau) = -log(1 - (1 - eps) tau), so
-    alpha = 1 - (1 - eps) tau falls linearly from 1 to eps. At tau = 0 alpha is 1 and the
-    score r = alpha / (1 - alpha) is infinite, so SEDD trains on tau in [t_min, 1] (their
-    ``sampling_eps``); ddiff's time runs over that interval, tau = t_min + (1 - t_min) t,
-    which leaves alpha_0 = 1 - (1 - eps) t_min < 1 and a finite reconstruction term.
-    The noise rate is sigma(t) = (1 - t_min)(1 - eps) / (1 - (1 - eps) tau).
-
-    Attributes:
-        eps: alpha at t = 1 (SEDD's 1e-3).
-        t_min: SEDD's smallest training time, where ddiff's t = 0 lies (SEDD's 1e-3).
-    """
-
-    provides = frozenset({caps.SCALAR})
-    eps: float = eqx.field(static=True, default=1e-3)
-    t_min: float = eqx.field(static=True, default=1e-3)
-
-    def __check_init__(self):
-        _check_unit_interval(self.eps, "eps")
-        _check_unit_interval(self.t_min, "t_min")
-
-    def _tau(self, t):
-        return self.t_min + (1.0 - self.t_min) * t
-
-    def alpha(self, t):
-        # 1 - (1 - eps) tau, written without the cancellation near tau = 1.
-        return self.eps + (1.0 - self.eps) * (1.0 - self.t_min) * (1.0 - t)
-
-    def alpha_derivative(self, t):
-        return -(1.0 - self.eps) * (1.0 - self.t_min) * jnp.ones_like(t)
-
-    def total_noise(self, t):
-        return -jnp.log1p(-(1.0 - self.eps) * self._tau(t))
-
-    def noise_rate(self, t):
-        return (1.0 - self.t_min) * (1.0 - self.eps) / self.alpha(t)
 
 
 class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
@@ -278,27 +198,22 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         alpha_t[y], so log q_t(y | mu) = log alpha_t[y] + log mu[y], and the mask collects
         the rest, log sum_v mu[v] (1 - alpha_t[v])."""
         alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
-        log_alpha = jnp.where(alpha > 0, jnp.log(jnp.where(alpha > 0, alpha, 1.0)), -jnp.inf)
         log_gone = jnp.where(alpha < 1, jnp.log1p(-jnp.where(alpha < 1, alpha, 0.0)), -jnp.inf)
-        clean = log_mean + log_alpha[None, :]
-        gone = log_mean + log_gone[None, :]
-        # A log-sum-exp over entries that are all -inf has a NaN gradient: guard it.
-        reachable = jnp.any(gone > -jnp.inf, axis=-1, keepdims=True)
-        masked = jax.nn.logsumexp(jnp.where(reachable, gone, 0.0), axis=-1, keepdims=True)
-        return jnp.concatenate([clean, jnp.where(reachable, masked, -jnp.inf)], axis=-1)
+        clean = log_mean + ddiff.safe_log(alpha)[None, :]
+        masked = ddiff.log_sum_exp(log_mean + log_gone[None, :])
+        return jnp.concatenate([clean, masked], axis=-1)
 
     def log_marginal_likelihood(self, x_t, t):
         """Closed form: a masked token has likelihood 1 - alpha_t[v] under every value v;
         a clean token u only under v = u, with likelihood alpha_t[u]."""
         alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
-        log_alpha = jnp.where(alpha > 0, jnp.log(jnp.where(alpha > 0, alpha, 1.0)), -jnp.inf)
         log_gone = jnp.where(alpha < 1, jnp.log1p(-jnp.where(alpha < 1, alpha, 0.0)), -jnp.inf)
         same = jax.nn.one_hot(x_t, self.vocab_size, dtype=bool)
-        clean = jnp.where(same, log_alpha[None, :], -jnp.inf)
+        clean = jnp.where(same, ddiff.safe_log(alpha)[None, :], -jnp.inf)
         return jnp.where((x_t == self.mask_id)[:, None], log_gone[None, :], clean)
 
     def log_score_from_mean(self, log_mean, x_t, t):
-        """Closed form of the absorbing process (Lou et al. 2024; DESIGN.md): at a masked
+        """Closed form of the absorbing process (Lou et al. 2024, sec. 3): at a masked
         position s[y] = alpha_t[y] / (1 - alpha_t[y]) mu[y] for clean y (= r mu for a
         scalar schedule) and s[m] = 1; at a clean position v only x_0 = v is possible, so
         s[v] = 1, s[m] = (1 - alpha_t[v]) / alpha_t[v] and 0 elsewhere."""
@@ -346,7 +261,7 @@ class MeanParameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractSco
     position carries its token over (one-hot), and no mass is put on the mask
     (MDLM's "SUBS", MD4 sec. 3). Needs a masked process (use ``x0`` for others).
 
-    The mean also reads as a score (Lou et al. 2024; DESIGN.md): s = alpha_t / (1 - alpha_t)
+    The mean also reads as a score (Lou et al. 2024, sec. 3): s = alpha_t / (1 - alpha_t)
     mu at masked positions (:meth:`ddiff.AbstractForwardProcess.log_score_from_mean`), so
     a network trained with the MD4 ELBO can be evaluated under score entropy and sampled
     with SEDD's samplers.
@@ -389,6 +304,12 @@ _MD4_REQUIRES = {
 }
 
 
+def elbo_weight(schedule: ddiff.AbstractSchedule, t: ddiff.Time) -> ddiff.ScheduleValue:
+    """The masked-diffusion ELBO weight alpha'(t) / (1 - alpha(t)) (non-positive; MD4
+    eq. 5), per token value for a per-value schedule."""
+    return schedule.alpha_derivative(t) / (1.0 - schedule.alpha(t))
+
+
 class MD4ContinuousELBO(ddiff.AbstractObjective):
     """The continuous-time negative ELBO (MD4 eq. 5):
 
@@ -406,10 +327,10 @@ class MD4ContinuousELBO(ddiff.AbstractObjective):
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         log_likelihood = _masked_terms(model, x0, t, key, label, train)
-        return ddiff.bound_terms(model, x0, model.process.schedule.elbo_weight(t) * log_likelihood)
+        return ddiff.bound_terms(model, x0, elbo_weight(model.process.schedule, t) * log_likelihood)
 
 
-class MD4DiscreteELBO(ddiff.AbstractObjective):
+class MD4DiscreteELBO(ddiff.AbstractDiscreteTimeObjective):
     """The negative ELBO of the T-step discrete-time model (MD4 sec. 4, eq. 4): with
     s(i) = (i-1)/T and t(i) = i/T,
 
@@ -418,26 +339,16 @@ class MD4DiscreteELBO(ddiff.AbstractObjective):
               + reconstruction + prior.
 
     Each step's term is KL(q(x_s | x_t, x_0) || p_theta(x_s | x_t)) for the masked process.
-    The step index is drawn antithetically across the batch: i = floor(T u_b) + 1 with
-    u_b = (u + b/B) mod 1. L_T decreases towards the continuous-time bound as T grows.
+    The step index is drawn antithetically across the batch
+    (:meth:`ddiff.AbstractDiscreteTimeObjective.sample_times`). L_T decreases towards the
+    continuous-time bound as T grows.
 
     Attributes:
         steps: the number of steps T.
     """
 
-    provides = frozenset({caps.DISCRETE_TIME})
     requires = _MD4_REQUIRES
     steps: int = eqx.field(static=True, default=1000)
-
-    def __check_init__(self):
-        if self.steps < 1:
-            raise ddiff.RecipeError(f"steps must be >= 1, got {self.steps}", path="objective.steps")
-
-    def sample_times(self, key, batch_size):
-        u = jax.random.uniform(key, ())
-        fraction = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
-        index = jnp.minimum(jnp.floor(fraction * self.steps), self.steps - 1) + 1.0
-        return index / self.steps
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         schedule = model.process.schedule
@@ -449,11 +360,6 @@ class MD4DiscreteELBO(ddiff.AbstractObjective):
 
 
 # --------------------------------------------------------------------------- samplers
-
-
-def _require_steps(steps: int) -> None:
-    if steps < 1:
-        raise ddiff.RecipeError(f"steps must be >= 1, got {steps}", path="sampler.steps")
 
 
 def _ancestral_logits(log_mean, alpha_s, alpha_t):
@@ -524,7 +430,7 @@ class AbstractGridSampler(ddiff.AbstractSampler):
         one categorical over V+1 outcomes, drawn exactly)."""
         return ddiff.categorical(key, _ancestral_logits(log_mean, alpha_s, alpha_t))
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         if self.caches and caps.TIME_INDEPENDENT not in model.network.capabilities():
             raise ddiff.IncompatibleComponentsError(
                 f"sampler {type(self).__name__} reuses network outputs across times, which "
@@ -536,11 +442,8 @@ class AbstractGridSampler(ddiff.AbstractSampler):
         process = model.process
         schedule = process.schedule
         mask_id = process.mask_id
-        prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = ddiff.initial_tokens(
-            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
-        )
-        calls = ddiff.calls_per_prediction(conditioning)
+        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
+        x, calls = start.tokens, start.calls
 
         def fresh(x, t):
             log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
@@ -556,11 +459,11 @@ class AbstractGridSampler(ddiff.AbstractSampler):
 
         def step(carry, inputs):
             x, cache, evals = carry
-            t, s, step_key = inputs
+            t, s, index = inputs
             log_mean, cache, used = predict(x, t, cache)
             alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
             draws = jax.vmap(lambda k, lm: self.draw(k, lm, alpha_s, alpha_t))(
-                jax.random.split(step_key, num_samples), log_mean
+                ddiff.step_keys(start.loop_keys, index), log_mean
             )
             x = ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, draws, x))
             return (x, cache, evals + used), None
@@ -568,14 +471,12 @@ class AbstractGridSampler(ddiff.AbstractSampler):
         times = ddiff.time_grid(self.grid, self.steps)
         cache = (jnp.full_like(x, -1), jnp.zeros((*x.shape, process.vocab_size))) if self.caches else None
         (x, cache, evals), _ = jax.lax.scan(
-            step,
-            (x, cache, jnp.int32(0)),
-            (times[:-1], times[1:], jax.random.split(loop_key, self.steps)),
+            step, (x, cache, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
         )
 
         def decode(x, cache):
             log_mean, _, used = predict(x, jnp.zeros(()), cache)
-            drawn = ddiff.categorical(final_key, log_mean)
+            drawn = jax.vmap(ddiff.categorical)(start.final_keys, log_mean)
             return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), used
 
         x, used = jax.lax.cond(
@@ -599,7 +500,7 @@ class AncestralSampler(AbstractGridSampler):
     grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        _require_steps(self.steps)
+        ddiff.check_at_least("steps", self.steps)
 
 
 class TopPSampler(AbstractGridSampler):
@@ -618,10 +519,10 @@ class TopPSampler(AbstractGridSampler):
     top_p: float = eqx.field(static=True, default=0.98)
 
     def __check_init__(self):
-        _require_steps(self.steps)
+        ddiff.check_at_least("steps", self.steps)
         if not 0.0 < self.top_p <= 1.0:
             raise ddiff.RecipeError(
-                f"top_p must be in (0, 1], got {self.top_p}", path="sampler.top_p"
+                f"top_p must be in (0, 1], got {self.top_p}", path="top_p"
             )
 
     def filter_mean(self, log_mean):
@@ -648,7 +549,7 @@ class MeanSampler(AbstractGridSampler):
     grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        _require_steps(self.steps)
+        ddiff.check_at_least("steps", self.steps)
 
     def draw(self, key, log_mean, alpha_s, alpha_t):
         value_key, reveal_key = jax.random.split(key)
@@ -677,7 +578,7 @@ class CachedSampler(AbstractGridSampler):
     grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        _require_steps(self.steps)
+        ddiff.check_at_least("steps", self.steps)
 
     @property
     def caches(self):
@@ -725,11 +626,7 @@ class FirstHittingSampler(ddiff.AbstractSampler):
     tokens_per_call: int = eqx.field(static=True, default=1)
 
     def __check_init__(self):
-        if self.tokens_per_call < 1:
-            raise ddiff.RecipeError(
-                f"tokens_per_call must be >= 1, got {self.tokens_per_call}",
-                path="sampler.tokens_per_call",
-            )
+        ddiff.check_at_least("tokens_per_call", self.tokens_per_call)
 
     def reverse_chain(self):
         """The reverse CTMC, positions still masked at t = 0 drawn one at a time; with
@@ -741,30 +638,30 @@ class FirstHittingSampler(ddiff.AbstractSampler):
             step="continuous", reads="mean", times=(1.0, 0.0), final="sequential"
         )
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         process = model.process
         schedule = process.schedule
         mask_id = process.mask_id
         k = min(self.tokens_per_call, seq_len)
-        calls = ddiff.calls_per_prediction(conditioning)
-        prior_key, loop_key = jax.random.split(key)
-        x = ddiff.initial_tokens(
-            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
-        )
+        num_samples = keys.shape[0]
+        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
+        x, calls = start.tokens, start.calls
         alpha_0, alpha_1 = schedule.alpha(jnp.zeros(())), schedule.alpha(jnp.ones(()))
 
         def body(state):
             x, t, evals, index = state
-            time_key, position_key, value_key = jax.random.split(
-                jax.random.fold_in(loop_key, index), 3
+            draw_keys = jax.vmap(lambda key: jax.random.split(key, 3))(
+                ddiff.step_keys(start.loop_keys, index)
             )
+            time_keys, position_keys, value_keys = draw_keys[:, 0], draw_keys[:, 1], draw_keys[:, 2]
             masked = x == mask_id
             count = jnp.sum(masked, axis=-1)
             # log (1 - alpha) drops by E_j / (m - j) at the j-th next hitting time.
             remaining = count[:, None] - jnp.arange(k)[None, :]
             decrements = jnp.where(
                 remaining > 0,
-                ddiff.standard_exponential(time_key, (num_samples, k)) / jnp.maximum(remaining, 1),
+                jax.vmap(lambda key: ddiff.standard_exponential(key, (k,)))(time_keys)
+                / jnp.maximum(remaining, 1),
                 0.0,
             )
             log_survivors = jnp.log1p(-jax.vmap(schedule.alpha)(t))[:, None] - jnp.cumsum(
@@ -773,12 +670,13 @@ class FirstHittingSampler(ddiff.AbstractSampler):
             hit_alpha = jnp.clip(-jnp.expm1(log_survivors), alpha_1, alpha_0)
             hit_times = time_of_alpha(schedule, hit_alpha)
             log_mean, _ = ddiff.batched_log_mean(model, x, hit_times[:, 0], conditioning)
-            priorities = jnp.where(masked, ddiff.gumbel(position_key, x.shape), -jnp.inf)
+            noise = jax.vmap(lambda key: ddiff.gumbel(key, (seq_len,)))(position_keys)
+            priorities = jnp.where(masked, noise, -jnp.inf)
             _, chosen_positions = jax.lax.top_k(priorities, k)
             chosen = jnp.zeros_like(masked).at[
                 jnp.arange(num_samples)[:, None], chosen_positions
             ].set(True) & masked
-            drawn = ddiff.categorical(value_key, log_mean)
+            drawn = jax.vmap(ddiff.categorical)(value_keys, log_mean)
             x = ddiff.apply_fixed(conditioning, jnp.where(chosen, drawn, x))
             t = jnp.where(count > 0, hit_times[:, -1], t)
             return x, t, evals + calls, index + 1
@@ -796,8 +694,6 @@ def ddiff_register_components(registry: ddiff.Registry) -> None:
     registry.register("schedule", "linear", LinearSchedule)
     registry.register("schedule", "cosine", CosineSchedule)
     registry.register("schedule", "poly", PolySchedule)
-    registry.register("schedule", "geometric", GeometricSchedule)
-    registry.register("schedule", "loglinear", LogLinearSchedule)
     registry.register("process", "masked", MaskedProcess)
     registry.register("parameterization", "mean", MeanParameterization)
     registry.register("objective", "md4_elbo", MD4ContinuousELBO)

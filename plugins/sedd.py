@@ -11,6 +11,7 @@ marginal of one position, r_t = alpha_t / (1 - alpha_t).
 """
 
 import abc
+import math
 
 import equinox as eqx
 import jax
@@ -18,6 +19,125 @@ import jax.numpy as jnp
 
 import ddiff
 from ddiff import capabilities as caps
+
+# --------------------------------------------------------------------------- schedules
+
+
+class AbstractNoiseSchedule(ddiff.AbstractSchedule):
+    """A schedule written in SEDD's terms (Lou et al. 2024): the total noise
+    sigma_bar(t), with alpha_t = exp(-sigma_bar(t)), and the noise rate
+    sigma(t) = d sigma_bar / dt = -alpha'_t / alpha_t, both in closed form.
+
+    Any schedule has them (:func:`total_noise` and :func:`noise_rate` compute them from
+    alpha); a schedule defined by its noise subclasses this to give them exactly where
+    alpha rounds (sigma_bar near 0, where alpha is within float32 of 1).
+    """
+
+    @abc.abstractmethod
+    def total_noise(self, t: ddiff.Time) -> ddiff.ScheduleValue:
+        """sigma_bar(t) = -log alpha(t)."""
+
+    @abc.abstractmethod
+    def noise_rate(self, t: ddiff.Time) -> ddiff.ScheduleValue:
+        """sigma(t) = d sigma_bar / dt = -alpha'(t) / alpha(t)."""
+
+
+def total_noise(schedule: ddiff.AbstractSchedule, t: ddiff.Time) -> ddiff.ScheduleValue:
+    """SEDD's total noise sigma_bar(t) = -log alpha(t) of any schedule (the closed form of
+    an :class:`AbstractNoiseSchedule`)."""
+    if isinstance(schedule, AbstractNoiseSchedule):
+        return schedule.total_noise(t)
+    return -jnp.log(schedule.alpha(t))
+
+
+def noise_rate(schedule: ddiff.AbstractSchedule, t: ddiff.Time) -> ddiff.ScheduleValue:
+    """SEDD's noise rate sigma(t) = -alpha'(t) / alpha(t) of any schedule (the closed form
+    of an :class:`AbstractNoiseSchedule`)."""
+    if isinstance(schedule, AbstractNoiseSchedule):
+        return schedule.noise_rate(t)
+    return -schedule.alpha_derivative(t) / schedule.alpha(t)
+
+
+def _check_unit_interval(value: float, name: str) -> None:
+    if not 0.0 < value < 1.0:
+        raise ddiff.RecipeError(f"{name} must be in (0, 1), got {value}", path=name)
+
+
+class GeometricSchedule(AbstractNoiseSchedule):
+    """SEDD's geometric noise (Lou et al. 2024, sec. 5 and their noise_lib; MD4 Table 1,
+    geometric): total noise sigma_bar(t) = sigma_min^(1-t) sigma_max^t and
+    alpha_t = exp(-sigma_bar(t)), with no further clipping: sigma_min > 0 keeps
+    alpha_0 = exp(-sigma_min) below 1 and sigma_max keeps alpha_1 = exp(-sigma_max) above 0.
+    The noise rate is sigma(t) = sigma_bar(t) log(sigma_max / sigma_min).
+
+    Attributes:
+        sigma_min: total noise at t = 0 (SEDD's 1e-4).
+        sigma_max: total noise at t = 1 (SEDD's 20).
+    """
+
+    provides = frozenset({caps.SCALAR})
+    sigma_min: float = eqx.field(static=True, default=1e-4)
+    sigma_max: float = eqx.field(static=True, default=20.0)
+
+    def __check_init__(self):
+        if not 0.0 < self.sigma_min < self.sigma_max:
+            raise ddiff.RecipeError(
+                f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}"
+            )
+
+    def alpha(self, t):
+        return jnp.exp(-self.total_noise(t))
+
+    def alpha_derivative(self, t):
+        return -self.alpha(t) * self.noise_rate(t)
+
+    def total_noise(self, t):
+        return jnp.exp((1.0 - t) * math.log(self.sigma_min) + t * math.log(self.sigma_max))
+
+    def noise_rate(self, t):
+        return self.total_noise(t) * math.log(self.sigma_max / self.sigma_min)
+
+
+class LogLinearSchedule(AbstractNoiseSchedule):
+    """SEDD's log-linear noise, the schedule of its absorbing graph (Lou et al. 2024,
+    their noise_lib): total noise sigma_bar(tau) = -log(1 - (1 - eps) tau), so
+    alpha = 1 - (1 - eps) tau falls linearly from 1 to eps. At tau = 0 alpha is 1 and the
+    score r = alpha / (1 - alpha) is infinite, so SEDD trains on tau in [t_min, 1] (their
+    ``sampling_eps``); ddiff's time runs over that interval, tau = t_min + (1 - t_min) t,
+    which leaves alpha_0 = 1 - (1 - eps) t_min < 1 and a finite reconstruction term.
+    The noise rate is sigma(t) = (1 - t_min)(1 - eps) / (1 - (1 - eps) tau).
+
+    Attributes:
+        eps: alpha at t = 1 (SEDD's 1e-3).
+        t_min: SEDD's smallest training time, where ddiff's t = 0 lies (SEDD's 1e-3).
+    """
+
+    provides = frozenset({caps.SCALAR})
+    eps: float = eqx.field(static=True, default=1e-3)
+    t_min: float = eqx.field(static=True, default=1e-3)
+
+    def __check_init__(self):
+        _check_unit_interval(self.eps, "eps")
+        _check_unit_interval(self.t_min, "t_min")
+
+    def _tau(self, t):
+        return self.t_min + (1.0 - self.t_min) * t
+
+    def alpha(self, t):
+        # 1 - (1 - eps) tau, written without the cancellation near tau = 1.
+        return self.eps + (1.0 - self.eps) * (1.0 - self.t_min) * (1.0 - t)
+
+    def alpha_derivative(self, t):
+        return -(1.0 - self.eps) * (1.0 - self.t_min) * jnp.ones_like(t)
+
+    def total_noise(self, t):
+        return -jnp.log1p(-(1.0 - self.eps) * self._tau(t))
+
+    def noise_rate(self, t):
+        return (1.0 - self.t_min) * (1.0 - self.eps) / self.alpha(t)
+
+
+# --------------------------------------------------------------------------- parameterization
 
 
 class ScoreParameterization(ddiff.AbstractScoreParameterization):
@@ -43,8 +163,8 @@ class ScoreParameterization(ddiff.AbstractScoreParameterization):
     def log_score(self, output, x_t, t, process):
         log_score = output
         if self.absorbing_scale and caps.MASKED in process.capabilities():
-            total_noise = jnp.broadcast_to(process.schedule.total_noise(t), (process.vocab_size,))
-            shift = -jnp.log(jnp.expm1(total_noise)) - jnp.log(process.vocab_size)
+            noise = jnp.broadcast_to(total_noise(process.schedule, t), (process.vocab_size,))
+            shift = -jnp.log(jnp.expm1(noise)) - jnp.log(process.vocab_size)
             padding = jnp.zeros((process.num_states - process.vocab_size,))
             log_score = log_score + jnp.concatenate([shift, padding])[None, :]
         current = jax.nn.one_hot(x_t, process.num_states, dtype=bool)
@@ -93,7 +213,8 @@ class ScoreEntropy(ddiff.AbstractObjective):
     where alpha_0 < 1, removed by a data-free decoder), so with the exact score the bound
     is tight up to the prior mismatch and with any score it is at least H(p). Generic over
     processes with forward rates: absorbing (``masked``) and uniform graphs alike. For the
-    masked process with s = r_t mu each position's term equals the MD4 integrand (DESIGN.md).
+    masked process with s = r_t mu each position's term equals the MD4 integrand, sample by
+    sample (docs/sedd.md).
     Reported in nats per sequence (the trainer divides by D log 2 for bits per token).
     """
 
@@ -153,43 +274,34 @@ class AbstractScoreSampler(ddiff.AbstractSampler):
         """Unnormalised probabilities of each position's state at time s < t, given the
         state x at t and its log scores (one example)."""
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         process = model.process
-        prior_key, loop_key, final_key = jax.random.split(key, 3)
-        x = ddiff.initial_tokens(
-            process, key=prior_key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
-        )
+        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
 
         def step(carry, inputs):
             x, evals = carry
-            t, s, step_key = inputs
+            t, s, index = inputs
             log_score, calls = ddiff.batched_log_score(model, x, t, conditioning)
             probs = jax.vmap(lambda x, log_score: self.step_probs(process, x, log_score, s, t))(
                 x, log_score
             )
             stuck = jnp.sum(probs, axis=-1, keepdims=True) <= 0
             probs = jnp.where(stuck, jax.nn.one_hot(x, process.num_states), probs)
-            x = ddiff.apply_fixed(conditioning, ddiff.categorical_from_probs(step_key, probs))
+            drawn = jax.vmap(ddiff.categorical_from_probs)(ddiff.step_keys(start.loop_keys, index), probs)
+            x = ddiff.apply_fixed(conditioning, drawn)
             return (x, evals + calls), None
 
         times = ddiff.time_grid(self.grid, self.steps)
         (x, evals), _ = jax.lax.scan(
-            step,
-            (x, jnp.int32(0)),
-            (times[:-1], times[1:], jax.random.split(loop_key, self.steps)),
+            step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
         )
         end = times[-1]
         log_score, calls = ddiff.batched_log_score(model, x, end, conditioning)
         log_mean = jax.vmap(lambda log_score, x: process.log_mean_from_score(log_score, x, end))(
             log_score, x
         )
-        x = ddiff.apply_fixed(conditioning, ddiff.categorical(final_key, log_mean))
+        x = ddiff.apply_fixed(conditioning, jax.vmap(ddiff.categorical)(start.final_keys, log_mean))
         return ddiff.SampleOutput(tokens=x, num_function_evals=evals + calls)
-
-
-def _require_steps(steps: int) -> None:
-    if steps < 1:
-        raise ddiff.RecipeError(f"steps must be >= 1, got {steps}", path="sampler.steps")
 
 
 class EulerSampler(AbstractScoreSampler):
@@ -211,7 +323,7 @@ class EulerSampler(AbstractScoreSampler):
     grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        _require_steps(self.steps)
+        ddiff.check_at_least("steps", self.steps)
 
     @property
     def step_rule(self):
@@ -250,7 +362,7 @@ class AnalyticSampler(AbstractScoreSampler):
     grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
 
     def __check_init__(self):
-        _require_steps(self.steps)
+        ddiff.check_at_least("steps", self.steps)
 
     @property
     def step_rule(self):
@@ -263,6 +375,8 @@ class AnalyticSampler(AbstractScoreSampler):
 
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
+    registry.register("schedule", "geometric", GeometricSchedule)
+    registry.register("schedule", "loglinear", LogLinearSchedule)
     registry.register("parameterization", "score", ScoreParameterization)
     registry.register("objective", "score_entropy", ScoreEntropy)
     registry.register("sampler", "euler", EulerSampler)

@@ -21,6 +21,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import pytest  # noqa: E402
 
 import ddiff  # noqa: E402
+import ddiff.runner  # noqa: E402
 
 TINY_OVERRIDES = (
     "data.num_symbols=5",
@@ -57,21 +58,21 @@ def registry() -> ddiff.Registry:
 
 
 @pytest.fixture(scope="session")
-def tiny_recipe() -> ddiff.Recipe:
+def tiny_recipe() -> ddiff.runner.Recipe:
     """The quickstart recipe shrunk to seconds: V=5, D=8, a 1-block width-16 network."""
-    return ddiff.load_recipe("recipes/quickstart.yaml", TINY_OVERRIDES)
+    return ddiff.runner.load_recipe("recipes/quickstart.yaml", TINY_OVERRIDES)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_recipe):
     import jax
 
-    return ddiff.build_model(tiny_recipe, jax.random.PRNGKey(0))
+    return ddiff.runner.build_model(tiny_recipe, jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, tiny_recipe):
     """The tiny recipe trained uninterrupted for its 6 steps: (workdir, final state)."""
     workdir = tmp_path_factory.mktemp("full")
-    state = ddiff.Trainer(tiny_recipe, workdir, show_progress=False).run()
+    state = ddiff.runner.Trainer(tiny_recipe, workdir, show_progress=False).run()
     return workdir, state

@@ -18,6 +18,7 @@ import pytest
 from ddiff_plugins import campbell
 
 import ddiff
+import ddiff.runner
 import ddiff.testing as kit
 
 V, D = 3, 4
@@ -177,7 +178,8 @@ def test_corrector_calls_and_given_positions(toys):
     fixed = jnp.tile(jnp.array([[2, 0, 0, 1]]), (16, 1))
     mask = jnp.tile(jnp.array([[True, False, False, True]]), (16, 1))
     conditioning = ddiff.Conditioning(labels=jnp.zeros(16, jnp.int32), fixed_tokens=fixed, fixed_mask=mask, guidance=1.0)
-    output = sampler.sample(model, key=jax.random.PRNGKey(0), num_samples=16, seq_len=D, conditioning=conditioning)
+    keys = ddiff.sample_keys(jax.random.PRNGKey(0), 0, 16)
+    output = sampler.sample(model, keys=keys, seq_len=D, conditioning=conditioning)
     assert int(output.num_function_evals) == 2 * (8 + 8 + 1)
     tokens = np.asarray(output.tokens)
     assert np.all(tokens[:, [0, 3]] == [2, 1]) and tokens.min() >= 0 and tokens.max() < V
@@ -187,8 +189,8 @@ def test_corrector_calls_and_given_positions(toys):
     ("slot", "spec", "message"),
     [
         ("objective", {"kind": "campbell_elbo", "nll_weight": -1.0}, "objective.nll_weight: nll_weight must be >= 0"),
-        ("sampler", {"kind": "tau_leaping", "steps": 0}, "sampler.steps: must be positive"),
-        ("sampler", {"kind": "tau_leaping_pc", "corrector_steps": 0}, "sampler.corrector_steps: must be positive"),
+        ("sampler", {"kind": "tau_leaping", "steps": 0}, "sampler.steps: steps must be >= 1"),
+        ("sampler", {"kind": "tau_leaping_pc", "corrector_steps": 0}, "sampler.corrector_steps: corrector_steps must be >= 1"),
         ("sampler", {"kind": "tau_leaping_pc", "corrector_entry_time": 2.0}, "sampler.corrector_entry_time: must be in [0, 1]"),
     ],
 )
@@ -204,7 +206,7 @@ def test_text8_recipe_runs_two_steps(tmp_path, capsys):
     and writes tau-leaping samples of letters and spaces."""
     from data_fixtures import write_text8
 
-    from ddiff._cli import main
+    from ddiff.runner import main
 
     write_text8(tmp_path / "data", characters=4000)
     text = open("recipes/campbell_text8.yaml").read()
@@ -231,4 +233,4 @@ def test_a_per_value_schedule_is_refused_at_load_time(tiny_overrides):
     overflow the reverse rates; the recipe is refused with one line."""
     overrides = (*tiny_overrides, "process.schedule={kind: learnable_poly}", "objective.kind=campbell_elbo", "sampler.kind=tau_leaping")
     with pytest.raises(ddiff.IncompatibleComponentsError, match="needs capability scalar_schedule"):
-        ddiff.load_recipe("recipes/quickstart.yaml", overrides)
+        ddiff.runner.load_recipe("recipes/quickstart.yaml", overrides)

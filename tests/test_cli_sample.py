@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import ddiff
-from ddiff._cli import _conditioning, _given_tokens, main
+import ddiff.runner
+from ddiff.runner.cli import _conditioning, _given_tokens, main
 
 RECIPE = """
 seed: 0
@@ -96,7 +97,7 @@ def test_label_needs_a_class_conditional_model():
         "objective": "md4_elbo",
         "sampler": "ancestral",
     }
-    recipe = ddiff.build_recipe(raw, source="markov.yaml")
+    recipe = ddiff.runner.build_recipe(raw, source="markov.yaml")
     args = types.SimpleNamespace(label=0, guidance=0.0, prefix=None, fixed=None)
     with pytest.raises(ddiff.RecipeError, match="needs a class-conditional model"):
         _conditioning(args, recipe, 4)

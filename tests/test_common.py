@@ -13,9 +13,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import ddiff
+import ddiff.runner
 import ddiff.testing as kit
-from ddiff._checkpoint import checkpoint_manager, finish_saving, restore_latest, save_checkpoint
-from ddiff._mesh import MeshConfig, make_mesh, tree_specs
+from ddiff.runner.checkpoint import (
+    checkpoint_manager,
+    finish_saving,
+    restore_latest,
+    save_checkpoint,
+)
+from ddiff.runner.mesh import MeshConfig, make_mesh, tree_specs
 
 V, D = 3, 4
 
@@ -134,10 +140,10 @@ def test_x0_parameterization_and_mean_needs_a_masked_process(registry):
     log_mean = x0.log_mean(output, jnp.array([0, 1, 2, 0]), jnp.asarray(0.5), process)
     np.testing.assert_allclose(jnp.exp(log_mean).sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(log_mean, jax.nn.log_softmax(output), rtol=1e-6)
-    raw = ddiff.read_recipe_file("recipes/quickstart.yaml")
-    raw = ddiff.apply_overrides(raw, ["process.kind=uniform"], "q")
+    raw = ddiff.runner.read_recipe_file("recipes/quickstart.yaml")
+    raw = ddiff.runner.apply_overrides(raw, ["process.kind=uniform"], "q")
     with pytest.raises(ddiff.IncompatibleComponentsError, match="masked"):
-        ddiff.build_recipe(raw, source="q.yaml", registry=registry)
+        ddiff.runner.build_recipe(raw, source="q.yaml", registry=registry)
 
 
 class _WithTable(eqx.Module):

@@ -18,6 +18,7 @@ import pytest
 from ddiff_plugins import d3pm
 
 import ddiff
+import ddiff.runner
 import ddiff.testing as kit
 
 V, D = 3, 4
@@ -486,7 +487,7 @@ SMALL = (
 
 
 def _load(*overrides):
-    return ddiff.load_recipe("recipes/quickstart.yaml", (*SMALL, *overrides))
+    return ddiff.runner.load_recipe("recipes/quickstart.yaml", (*SMALL, *overrides))
 
 
 def test_step_counts_must_agree_at_load_time():
@@ -552,7 +553,7 @@ def test_hundreds_of_absorbing_steps_stay_finite(tmp_path):
         "trainer.checkpoint_every=300", "trainer.num_samples=0", "trainer.final_eval=false",
         "optimizer.warmup_steps=0", "optimizer.learning_rate=1e-2",
     )  # fmt: skip
-    state = ddiff.Trainer(recipe, tmp_path, show_progress=False).run()
+    state = ddiff.runner.Trainer(recipe, tmp_path, show_progress=False).run()
     assert int(state.step) == 300 and int(state.skipped_steps) == 0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["split"] == "train"]
@@ -581,7 +582,7 @@ def test_sampler_keeps_given_positions_and_counts_evaluations():
     sampler = build("sampler", {"kind": "d3pm_ancestral", "steps": 5})
     output = eqx.filter_jit(
         lambda model, key: sampler.sample(
-            model, key=key, num_samples=16, seq_len=D, conditioning=conditioning
+            model, keys=ddiff.sample_keys(key, 0, 16), seq_len=D, conditioning=conditioning
         )
     )(model, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(

@@ -8,7 +8,7 @@ import pytest
 from data_fixtures import write_cifar10, write_text8
 from test_paper_recipes import RECIPES, SMALL_TRANSFORMER, SMALL_UNET, _eval_json, _run
 
-from ddiff import load_recipe
+from ddiff.runner import load_recipe
 
 PAPER_NUMBERS = {
     "d3pm_absorbing_text8": ("1.45", "L_lambda=0.01"),

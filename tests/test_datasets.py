@@ -19,6 +19,7 @@ from data_fixtures import (
 from ddiff_plugins import datasets
 
 import ddiff
+import ddiff.runner
 
 # --------------------------------------------------------------------------- CIFAR-10
 
@@ -60,14 +61,14 @@ def test_cifar10_missing_offline_names_the_file_and_where_to_put_it(tmp_path):
 
 def test_cifar10_download_checks_the_checksum_and_writes_atomically(tmp_path, monkeypatch):
     archive = write_cifar10(tmp_path / "mirror", per_batch=2, test=2)
-    monkeypatch.setattr(datasets, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(datasets, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(datasets.cifar10, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(datasets.cifar10, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     root = tmp_path / "data"
     source = datasets.CIFAR10Source(root=str(root))
     assert len(source.split("eval")) == 2
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]
 
-    monkeypatch.setattr(datasets, "CIFAR10_MD5", "0" * 32)
+    monkeypatch.setattr(datasets.cifar10, "CIFAR10_MD5", "0" * 32)
     other = tmp_path / "other"
     with pytest.raises(ddiff.DataError, match="has MD5 .* expected 0000"):
         datasets.CIFAR10Source(root=str(other)).split("train")
@@ -75,7 +76,7 @@ def test_cifar10_download_checks_the_checksum_and_writes_atomically(tmp_path, mo
 
 
 def test_cifar10_download_failure_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
+    monkeypatch.setattr(datasets.cifar10, "CIFAR10_URL", (tmp_path / "absent.tar.gz").as_uri())
     with pytest.raises(ddiff.DataError) as error:
         datasets.CIFAR10Source(root=str(tmp_path / "data")).split("train")
     message = str(error.value)
@@ -285,14 +286,14 @@ def test_openwebtext_is_tokenized_once_from_the_datasets_cache(tmp_path, monkeyp
         return _Corpus()
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.setattr(datasets, "_gpt2", lambda: _FakeEncoding())
+    monkeypatch.setattr(datasets.gpt2, "encoding", lambda: _FakeEncoding())
     assert len(datasets.OpenWebTextSource(root=str(tmp_path), length=2).split("train")) == 3
-    eos = datasets.GPT2_EOS
-    stored = np.fromfile(tmp_path / datasets.OPENWEBTEXT_TOKENS, np.uint16)
+    eos = datasets.gpt2.EOS
+    stored = np.fromfile(tmp_path / datasets.openwebtext.OPENWEBTEXT_TOKENS, np.uint16)
     assert stored.tolist() == [97, 98, eos, 99, eos, 100, 101, eos]
     assert len(datasets.OpenWebTextSource(root=str(tmp_path), length=2).split("eval")) == 1
-    assert loaded == [datasets.OPENWEBTEXT_HF]
-    assert [p.name for p in tmp_path.iterdir()] == [datasets.OPENWEBTEXT_TOKENS]
+    assert loaded == [datasets.openwebtext.OPENWEBTEXT_HF]
+    assert [p.name for p in tmp_path.iterdir()] == [datasets.openwebtext.OPENWEBTEXT_TOKENS]
 
 
 def test_openwebtext_unavailable_names_the_token_file(tmp_path, monkeypatch):
@@ -308,11 +309,11 @@ def test_zero_shot_sets_detokenize_join_and_pack(monkeypatch):
     rows = {"text": [" = Title = \n", " a @-@ b , c . \n", ""]}
     fake = types.SimpleNamespace(load_dataset=lambda name, config, split, cache_dir: rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.setattr(datasets, "_gpt2", lambda: _FakeEncoding())
+    monkeypatch.setattr(datasets.gpt2, "encoding", lambda: _FakeEncoding())
     source = datasets.ZeroShotSource(name="wikitext2", length=4)
     stream = source._tokens
     assert bytes(stream[:-1].tolist()).decode() == " = Title = \n a-b, c. \n"
-    assert int(stream[-1]) == datasets.GPT2_EOS
+    assert int(stream[-1]) == datasets.gpt2.EOS
     assert len(source.split("eval")) == len(stream) // 4
     with pytest.raises(ddiff.DataError, match="for evaluation only"):
         source.split("train")
@@ -330,19 +331,19 @@ def test_zero_shot_without_datasets_says_what_to_install(monkeypatch):
 def test_pipeline_over_a_memory_mapped_file_resumes_exactly_and_shards(tmp_path):
     write_tokens(tmp_path / "tokens.bin", 4000, 100)
     source = datasets.TokenFileSource(path=str(tmp_path / "tokens.bin"), vocabulary=100, length=8)
-    iterator = ddiff.train_batches(source, batch_size=4, seed=3)
+    iterator = ddiff.runner.train_batches(source, batch_size=4, seed=3)
     for _ in range(5):
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator)["tokens"] for _ in range(3)]
-    resumed = ddiff.train_batches(source, batch_size=4, seed=3)
+    resumed = ddiff.runner.train_batches(source, batch_size=4, seed=3)
     resumed.set_state(state)
     for batch in expected:
         np.testing.assert_array_equal(next(resumed)["tokens"], batch)
     shards = [
         {tuple(row) for _ in range(30) for row in next(it)["tokens"]}
         for it in (
-            ddiff.train_batches(source, batch_size=4, seed=3, process_index=i, process_count=2)
+            ddiff.runner.train_batches(source, batch_size=4, seed=3, process_index=i, process_count=2)
             for i in range(2)
         )
     ]
@@ -354,6 +355,6 @@ def test_bad_token_inside_the_pipeline_reaches_the_user_unchanged(tmp_path):
     tokens[40] = 999
     tokens.tofile(tmp_path / "tokens.bin")
     source = datasets.TokenFileSource(path=str(tmp_path / "tokens.bin"), vocabulary=10, length=8, eval_fraction=0.1)
-    iterator = ddiff.train_batches(source, batch_size=7, seed=0)
+    iterator = ddiff.runner.train_batches(source, batch_size=7, seed=0)
     with pytest.raises(ddiff.DataError, match="token id 999 at position 40"):
         next(iterator)

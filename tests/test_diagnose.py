@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from ddiff._cli import main
+from ddiff.runner import main
 
 
 def test_diagnose_a_run_compares_objectives_on_the_same_draws(full_run, capsys):

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 import ddiff
-from ddiff import METRICS, image_grid, metric_report, plot_run, png_bytes
-from ddiff._plot import eval_unit
+import ddiff.runner
+from ddiff import METRICS
+from ddiff.runner import image_grid, metric_report, plot_run, png_bytes
+from ddiff.runner.plot import eval_unit
 
 
 def test_metric_report_units():

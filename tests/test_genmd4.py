@@ -14,8 +14,9 @@ import pytest
 from ddiff_plugins import genmd4
 
 import ddiff
+import ddiff.runner
 import ddiff.testing as kit
-from ddiff._train import make_optimizer, parameter_groups
+from ddiff.runner.trainer.optimizer import make_optimizer, parameter_groups
 
 V = 3
 POWERS = [0.7, 1.5, 3.0]
@@ -78,7 +79,7 @@ def test_schedule_closed_forms():
             "alpha": schedule.alpha(t),
             "derivative": schedule.alpha_derivative(t),
             "autodiff": jax.jvp(schedule.alpha, (t,), (jnp.ones_like(t),))[1],
-            "weight": schedule.elbo_weight(t),
+            "weight": genmd4.elbo_weight(schedule, t),
             "log_mask": schedule.log_mask_probability(t),
             "log1p": jnp.log1p(-schedule.alpha(t)),
         }
@@ -136,7 +137,7 @@ def test_integrand_is_the_reverse_kl_rate():
         def both(x0, pattern, output, t):
             x_t = jnp.where(pattern, process.mask_id, x0)
             log_mean = mean.log_mean(output, x_t, t, process)
-            weight = process.schedule.elbo_weight(t)
+            weight = genmd4.elbo_weight(process.schedule, t)
             ours = genmd4.genmd4_integrand(log_mean, x0, pattern, weight)
             return ours, kit.reverse_kl_rate(process, log_mean, x0, x_t, t)
 
@@ -340,10 +341,10 @@ def test_schedule_parameters_get_their_own_optimizer_settings():
     """With optimizer.schedule, the leaves under model.process.schedule follow AdamW with
     the group's settings (here lr 0.05, no weight decay) and every other leaf the
     network's (lr 1e-3, weight decay 0.1); without it, one AdamW for all (unchanged)."""
-    base = ddiff.OptimizerConfig(learning_rate=1e-3, weight_decay=0.1, decay="constant")
-    grouped = ddiff.OptimizerConfig(
+    base = ddiff.runner.OptimizerConfig(learning_rate=1e-3, weight_decay=0.1, decay="constant")
+    grouped = ddiff.runner.OptimizerConfig(
         learning_rate=1e-3, weight_decay=0.1, decay="constant",
-        schedule=ddiff.ParameterGroupConfig(learning_rate=0.05, weight_decay=0.0),
+        schedule=ddiff.runner.ParameterGroupConfig(learning_rate=0.05, weight_decay=0.0),
     )  # fmt: skip
     model = kit.oracle_model(kit.markov_toy(V, 3), masked(schedule_spec()), build("parameterization", "mean"))
     params = ddiff.trainable(model)
@@ -365,7 +366,7 @@ def test_schedule_parameters_get_their_own_optimizer_settings():
     updates = one_step(grouped)
     phi = params.process.schedule.phi
     np.testing.assert_allclose(
-        updates.process.schedule.phi, alone(ddiff.OptimizerConfig(learning_rate=0.05), phi), rtol=1e-5
+        updates.process.schedule.phi, alone(ddiff.runner.OptimizerConfig(learning_rate=0.05), phi), rtol=1e-5
     )
     network_updates = alone(base, params.network)
     for ours, theirs in zip(jax.tree.leaves(updates.network), jax.tree.leaves(network_updates), strict=True):

@@ -11,6 +11,7 @@ import pytest
 from ddiff_plugins import md4
 
 import ddiff
+import ddiff.runner
 import ddiff.testing as kit
 
 V, D = 3, 4
@@ -34,7 +35,8 @@ def models(process):
 
 @eqx.filter_jit
 def run(sampler, model, key, conditioning, num_samples):
-    return sampler.sample(model, key=key, num_samples=num_samples, seq_len=D, conditioning=conditioning)
+    keys = ddiff.sample_keys(key, 0, num_samples)
+    return sampler.sample(model, keys=keys, seq_len=D, conditioning=conditioning)
 
 
 def test_grid_samplers_count_network_evaluations(models):
@@ -71,14 +73,14 @@ def test_cached_sampler_refuses_a_time_conditioned_network(models, process):
         "objective": "md4_elbo",
         "sampler": {"kind": "cached", "steps": 4},
     }
-    recipe = ddiff.build_recipe(raw, source="cached.yaml")
+    recipe = ddiff.runner.build_recipe(raw, source="cached.yaml")
     with pytest.raises(ddiff.IncompatibleComponentsError, match="time_independent") as error:
-        ddiff.build_model(recipe, jax.random.PRNGKey(0))
+        ddiff.runner.build_model(recipe, jax.random.PRNGKey(0))
     assert "sampler 'cached'" in str(error.value) and "\n" not in str(error.value)
-    time_independent = ddiff.build_recipe(
+    time_independent = ddiff.runner.build_recipe(
         {**raw, "network": {**raw["network"], "time_conditioned": False}}, source="cached.yaml"
     )
-    ddiff.build_model(time_independent, jax.random.PRNGKey(0))
+    ddiff.runner.build_model(time_independent, jax.random.PRNGKey(0))
 
     toy = kit.markov_toy(V, D)
     model = ddiff.DiffusionModel(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ddiff_plugins import md4
+from ddiff_plugins import md4, sedd
 
 import ddiff
 from ddiff import capabilities as caps
@@ -82,9 +82,9 @@ def test_elbo_weight_and_total_noise(schedule):
     name, schedule = schedule
     t = jnp.asarray(0.37)
     alpha, derivative = schedule.alpha(t), schedule.alpha_derivative(t)
-    assert float(schedule.elbo_weight(t)) == pytest.approx(float(derivative / (1 - alpha)), rel=1e-5)
-    assert float(schedule.noise_rate(t)) == pytest.approx(float(-derivative / alpha), rel=1e-5)
-    assert float(schedule.total_noise(t)) == pytest.approx(-math.log(float(alpha)), rel=1e-5)
+    assert float(md4.elbo_weight(schedule, t)) == pytest.approx(float(derivative / (1 - alpha)), rel=1e-5)
+    assert float(sedd.noise_rate(schedule, t)) == pytest.approx(float(-derivative / alpha), rel=1e-5)
+    assert float(sedd.total_noise(schedule, t)) == pytest.approx(-math.log(float(alpha)), rel=1e-5)
 
 
 def test_closed_forms_against_the_papers():

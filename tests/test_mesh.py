@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import ddiff
-from ddiff._mesh import MeshConfig, leaf_spec, make_mesh, tree_specs
+import ddiff.runner
+from ddiff.runner.mesh import MeshConfig, leaf_spec, make_mesh, tree_specs
 
 # Different meshes sum gradients in different orders: float32 round-off only. 3 steps of
 # AdamW on a 30k-parameter model keep every parameter within this of the 1-device run.
@@ -23,11 +24,11 @@ RTOL, ATOL = 2e-4, 2e-5
 def mesh_recipe(tiny_overrides):
     overrides = (*tiny_overrides, "network.dim=32", "trainer.batch_size=16", "trainer.steps=3",
                  "trainer.checkpoint_every=1", "trainer.final_eval=false", "trainer.num_samples=0")
-    return ddiff.load_recipe("recipes/quickstart.yaml", overrides)
+    return ddiff.runner.load_recipe("recipes/quickstart.yaml", overrides)
 
 
 def _train(recipe, workdir, mesh, stop=None):
-    trainer = ddiff.Trainer(recipe, workdir, show_progress=False, mesh=mesh)
+    trainer = ddiff.runner.Trainer(recipe, workdir, show_progress=False, mesh=mesh)
     return trainer.run(stop_at_step=stop)
 
 
@@ -75,10 +76,32 @@ def test_mesh_errors_are_recipe_errors(tiny_overrides):
     with pytest.raises(ddiff.RecipeError, match="needs data x fsdp = 3 x -1"):
         make_mesh(MeshConfig(3, -1))
     with pytest.raises(ddiff.RecipeError, match="mesh.data"):
-        ddiff.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=0"])
-    recipe = ddiff.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=-1", "trainer.batch_size=12"])
+        ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=0"])
+    recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=-1", "trainer.batch_size=12"])
     with pytest.raises(ddiff.RecipeError, match="trainer.batch_size: 12 is not divisible"):
-        ddiff.Trainer(recipe, "/nonexistent")
+        ddiff.runner.Trainer(recipe, "/nonexistent")
+
+
+def test_samples_do_not_depend_on_the_mesh_or_the_batch(tiny_recipe, tmp_path):
+    """Sample i is drawn from fold_in(key, i) whatever the mesh and the batch: the first 4
+    of 8 samples drawn on a 2x4 mesh (each device drawing one sample, in a batch of 1) are
+    the 4 samples drawn on 1 device in one batch of 4. The network's parameters are
+    random (not its zero-initialised head), so its predictions depend on the tokens. (The
+    1-device program is the one the tiny run compiles for its final samples.)"""
+    one = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False, mesh=make_mesh(MeshConfig(1, 1)))
+    eight = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False, mesh=make_mesh(MeshConfig(2, 4)))
+    state = one.init_state()
+    params, static = eqx.partition(state.ema, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noisy = [leaf + 0.5 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys, strict=True)]
+    state = eqx.tree_at(lambda s: s.ema, state, eqx.combine(jax.tree.unflatten(treedef, noisy), static))
+    key = jax.random.PRNGKey(3)
+    reference = np.asarray(one.sample(state.ema, key=key, num_samples=4).tokens)
+    assert len({row.tobytes() for row in reference}) > 1
+    sharded = eight.place(state).ema
+    np.testing.assert_array_equal(np.asarray(eight.sample(sharded, key=key, num_samples=8).tokens)[:4], reference)
+    np.testing.assert_array_equal(np.asarray(eight.sample(sharded, key=key, num_samples=4).tokens), reference)
 
 
 def test_fsdp_specs_shard_the_largest_divisible_dimension():
@@ -110,7 +133,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one(mesh_recipe, single, tmp_path):
     recipe_file = tmp_path / "recipe.yaml"
-    recipe = ddiff.load_recipe("recipes/quickstart.yaml", [*_overrides(mesh_recipe), "mesh.data=-1"])
+    recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*_overrides(mesh_recipe), "mesh.data=-1"])
     recipe_file.write_text(recipe.to_yaml())
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
@@ -126,7 +149,7 @@ def test_two_processes_match_one(mesh_recipe, single, tmp_path):
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
     assert "over 2 devices in 2 processes; global batch 16, 8 per device" in outputs[0][0]
-    _, state = ddiff.load_run(tmp_path / "run")
+    _, state = ddiff.runner.load_run(tmp_path / "run")
     assert int(state.step) == 3
     _assert_close(state, single)
 
@@ -151,8 +174,8 @@ def test_fsdp_gathers_stacked_layers_one_at_a_time(mesh_recipe):
     the whole stack outside it, and the forward scan does not keep the gathered layers for
     the backward pass; parameters outside the stack are gathered whole. Checked on the
     step's jaxpr (depth 2, width 32)."""
-    recipe = ddiff.load_recipe("recipes/quickstart.yaml", [*_overrides(mesh_recipe), "network.depth=2"])
-    trainer = ddiff.Trainer(recipe, "/nonexistent", show_progress=False, mesh=make_mesh(MeshConfig(2, 4)))
+    recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*_overrides(mesh_recipe), "network.depth=2"])
+    trainer = ddiff.runner.Trainer(recipe, "/nonexistent", show_progress=False, mesh=make_mesh(MeshConfig(2, 4)))
     state = trainer.init_state()
     tokens = jax.numpy.zeros((16, 8), jax.numpy.int32)
     jaxpr, _, _ = eqx.filter_make_jaxpr(trainer._step_fn)(state, tokens, None)

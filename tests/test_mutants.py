@@ -40,7 +40,7 @@ class SelfTargetELBO(md4.MD4ContinuousELBO):
         log_mean = model.log_mean(x_t, t, label=label, key=network_key if train else None)
         soft = jnp.sum(jnp.where(jnp.isfinite(log_mean), jnp.exp(log_mean) * log_mean, 0.0), -1)
         log_likelihood = jnp.sum(jnp.where(x_t == process.mask_id, soft, 0.0))
-        return ddiff.bound_terms(model, x0, process.schedule.elbo_weight(t) * log_likelihood)
+        return ddiff.bound_terms(model, x0, md4.elbo_weight(process.schedule, t) * log_likelihood)
 
 
 class MaskCountingReconstruction(md4.MD4ContinuousELBO):
@@ -74,7 +74,7 @@ class GenMD4WithoutRateTerms(genmd4.GenMD4ELBO):
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         process = model.process
         time = self.t1 + (1.0 - self.t1) * t
-        weight = jnp.broadcast_to(process.schedule.elbo_weight(time), (process.vocab_size,))
+        weight = jnp.broadcast_to(genmd4.elbo_weight(process.schedule, time), (process.vocab_size,))
 
         def draw(draw_key):
             x_t = process.sample_marginal(x0, time, key=draw_key)
@@ -184,8 +184,9 @@ class JointWeightedUniformProcess(common.UniformProcess):
     by the joint q(x_s, x_t | x_0) instead of averaging the true posterior over mu."""
 
     def log_posterior_from_mean(self, x_t, log_mean, s, t):
-        probs = self.posterior_probs(x_t, jnp.exp(log_mean), s, t)
-        return jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+        # q(x_t | x_s) sum_v mu[v] q(x_s | x_0 = v), normalised: the joint weighting.
+        probs = self.transition_likelihood(x_t, s, t) * self.propagate(jnp.exp(log_mean), jnp.zeros(()), s)
+        return ddiff.log_normalize(ddiff.safe_log(probs))
 
 
 # --------------------------------------------------------------------------- samplers
@@ -205,10 +206,10 @@ class UnnormalisedAncestralSampler(md4.AncestralSampler):
 class GridIgnoringAncestralSampler(md4.AncestralSampler):
     """Ancestral sampling that always steps on the uniform grid, whatever ``grid`` says."""
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         uniform = dataclasses.replace(self, grid="uniform")
         return md4.AncestralSampler.sample(
-            uniform, model, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
+            uniform, model, keys=keys, seq_len=seq_len, conditioning=conditioning
         )
 
 
@@ -265,12 +266,12 @@ class LateRatesTauLeapingSampler(ddiff.AbstractSampler):
     def reverse_chain(self):
         return campbell.TauLeapingSampler(steps=self.steps).reverse_chain()
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         network = model.network
         late = _ShiftedNetwork(network, 1.0 / self.steps, network.time_conditioned, network.num_classes)
         return campbell.TauLeapingSampler(steps=self.steps).sample(
             eqx.tree_at(lambda m: m.network, model, late),
-            key=key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning,
+            keys=keys, seq_len=seq_len, conditioning=conditioning,
         )
 
 
@@ -284,10 +285,10 @@ class LinearTimeFirstHittingSampler(ddiff.AbstractSampler):
     def reverse_chain(self):
         return md4.FirstHittingSampler().reverse_chain()
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         linear = eqx.tree_at(lambda m: m.process.schedule, model, md4.LinearSchedule())
         return md4.FirstHittingSampler().sample(
-            linear, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
+            linear, keys=keys, seq_len=seq_len, conditioning=conditioning
         )
 
 
@@ -301,11 +302,11 @@ class ScalarScheduleGenMD4Sampler(ddiff.AbstractSampler):
     def reverse_chain(self):
         return genmd4.StateDependentAncestralSampler(steps=self.steps).reverse_chain()
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         phi = model.process.schedule.phi
         flat = eqx.tree_at(lambda m: m.process.schedule.phi, model, jnp.full_like(phi, jnp.mean(phi)))
         return genmd4.StateDependentAncestralSampler(steps=self.steps).sample(
-            flat, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
+            flat, keys=keys, seq_len=seq_len, conditioning=conditioning
         )
 
 
@@ -319,10 +320,10 @@ class GuidanceConventionSampler(ddiff.AbstractSampler):
     def reverse_chain(self):
         return md4.AncestralSampler(steps=self.steps).reverse_chain()
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         shifted = dataclasses.replace(conditioning, guidance=conditioning.guidance - 1.0)
         return md4.AncestralSampler(steps=self.steps).sample(
-            model, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=shifted
+            model, keys=keys, seq_len=seq_len, conditioning=shifted
         )
 
 
@@ -336,10 +337,10 @@ class LateInfillSampler(ddiff.AbstractSampler):
     def reverse_chain(self):
         return md4.AncestralSampler(steps=self.steps).reverse_chain()
 
-    def sample(self, model, *, key, num_samples, seq_len, conditioning):
+    def sample(self, model, *, keys, seq_len, conditioning):
         free = ddiff.Conditioning(labels=conditioning.labels, guidance=conditioning.guidance)
         output = md4.AncestralSampler(steps=self.steps).sample(
-            model, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=free
+            model, keys=keys, seq_len=seq_len, conditioning=free
         )
         return ddiff.SampleOutput(
             tokens=ddiff.apply_fixed(conditioning, output.tokens), num_function_evals=output.num_function_evals

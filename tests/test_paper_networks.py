@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ddiff_plugins.networks import MD4Transformer, UNet, rotary
+from ddiff_plugins.networks import MD4Transformer, UNet, attention, rotary
 
 import ddiff
 from ddiff import capabilities as caps
@@ -134,3 +134,41 @@ def test_unet_refuses_an_image_shape_that_is_not_the_data():
         UNet(num_states=257, num_outputs=256, seq_len=3072, key=jax.random.key(0), image_shape=(8, 8, 3))
     with pytest.raises(ddiff.RecipeError, match="not divisible by groups"):
         UNet(num_states=257, num_outputs=256, seq_len=3072, key=jax.random.key(0), channels=12, groups=8)
+
+
+def test_unrolled_and_scanned_blocks_and_both_attentions_agree():
+    """The same parameters give the same outputs and gradients whether the blocks are
+    unrolled or scanned (one LayerStack, two settings: checkpoints move between them),
+    and attention gives the same values through jax.nn.dot_product_attention as through
+    the written-out products, in float32 and (scores and softmax in float32) in
+    bfloat16; float32 rounding only: 1e-5 (bfloat16: 2e-2)."""
+    key = jax.random.key(0)
+    unrolled = _perturb(
+        MD4Transformer(num_states=6, num_outputs=5, seq_len=8, key=key, dim=16, depth=2, heads=2, cond_dim=8),
+        key,
+    )
+    assert not unrolled.blocks.scan
+    stack = unrolled.blocks
+    scanned = eqx.tree_at(
+        lambda n: n.blocks, unrolled, ddiff.LayerStack(layers=stack.layers, count=stack.count, scan=True)
+    )
+    x = jnp.arange(8) % 6
+
+    @eqx.filter_jit
+    def values_and_grads(a, b):
+        def loss(net):
+            return jnp.sum(jnp.sin(net(x, jnp.float32(0.3))))
+
+        return [eqx.filter_value_and_grad(loss)(n) for n in (a, b)]
+
+    first, second = values_and_grads(unrolled, scanned)
+    assert jnp.allclose(first[0], second[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(first[1]), jax.tree.leaves(second[1]), strict=True):
+        assert jnp.allclose(a, b, rtol=1e-4, atol=1e-5)
+    q, k, v = jax.random.normal(jax.random.key(1), (3, 12, 2, 8))
+    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        qd, kd, vd = (a.astype(dtype) for a in (q, k, v))
+        fused = attention(qd, kd, vd, kind="dot_product_attention")
+        written = attention(qd, kd, vd, kind="einsum")
+        assert fused.dtype == written.dtype == dtype
+        assert jnp.allclose(fused.astype(jnp.float32), written.astype(jnp.float32), atol=tolerance)

@@ -9,8 +9,7 @@ import pytest
 from data_fixtures import write_cifar10, write_imagenet64, write_text8, write_tokens
 from PIL import Image
 
-from ddiff import load_recipe
-from ddiff._cli import main
+from ddiff.runner import load_recipe, main
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PAPER_RECIPES = ("md4_cifar10", "md4_imagenet64", "md4_text8", "md4_openwebtext")

@@ -2,11 +2,13 @@
 
 import glob
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 import ddiff
-from ddiff._recipe import parse_yaml
+import ddiff.runner
+from ddiff.runner.recipe import parse_yaml
 
 RECIPES = sorted(glob.glob("recipes/*.yaml"))
 
@@ -17,9 +19,9 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("path", RECIPES)
 def test_every_recipe_loads(path):
-    recipe = ddiff.load_recipe(path)
+    recipe = ddiff.runner.load_recipe(path)
     assert recipe.resolved["objective"]["kind"] == recipe.names["objective"]
-    again = ddiff.build_recipe(parse_yaml(recipe.to_yaml(), path), source=path)
+    again = ddiff.runner.build_recipe(parse_yaml(recipe.to_yaml(), path), source=path)
     assert again.resolved == recipe.resolved
 
 
@@ -48,7 +50,7 @@ def test_resolved_recipe_has_defaults_and_typed_values(tiny_recipe):
 
 def _error(overrides, path="recipes/quickstart.yaml"):
     with pytest.raises(ddiff.RecipeError) as info:
-        ddiff.load_recipe(path, overrides)
+        ddiff.runner.load_recipe(path, overrides)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -72,6 +74,19 @@ def test_wrong_types_are_explained():
     assert "must be >= 1" in _error(["trainer.steps=0"])
 
 
+def test_component_errors_are_relative_to_their_section(tiny_overrides):
+    """A component names only its own key; the builder prefixes where the section lies."""
+    objective = "{kind: md4_discrete_elbo, steps: 0}"
+    assert "recipes/quickstart.yaml: objective.steps: steps must be >= 1, got 0" in _error([f"objective={objective}"])
+    under_eval = _error([f"eval.objectives=[md4_elbo, {objective}]"])
+    assert "recipes/quickstart.yaml: eval.objectives[1].steps: steps must be >= 1, got 0" in under_eval
+    assert "process.schedule.eps: eps must be in [0, 0.5)" in _error(["process.schedule.eps=0.7"])
+    assert "optimizer.schedule.weight_decay: weight_decay must be >= 0" in _error(["optimizer.schedule={weight_decay: -1}"])
+    recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "network.heads=3"])
+    with pytest.raises(ddiff.RecipeError, match=r"^network: dim=16 must be a multiple of heads=3"):
+        ddiff.runner.build_model(recipe, jax.random.PRNGKey(0))
+
+
 def test_context_keys_cannot_be_set():
     assert "set by ddiff" in _error(["process.vocab_size=7"])
     assert "set by ddiff" in _error(["network.num_outputs=7"])
@@ -80,17 +95,17 @@ def test_context_keys_cannot_be_set():
 def test_unknown_section_and_bad_override():
     assert "unknown section" in _error(["trainr.steps=3"])
     with pytest.raises(ddiff.RecipeError, match="key.path=value"):
-        ddiff.load_recipe("recipes/quickstart.yaml", ["trainer.steps"])
+        ddiff.runner.load_recipe("recipes/quickstart.yaml", ["trainer.steps"])
     assert "is a value, not a section" in _error(["seed.x=1"])
 
 
 def test_missing_file_is_one_line(tmp_path):
     with pytest.raises(ddiff.RecipeError, match="no such recipe file"):
-        ddiff.load_recipe(tmp_path / "nope.yaml")
+        ddiff.runner.load_recipe(tmp_path / "nope.yaml")
 
 
 def test_overrides_apply_and_parse_as_yaml():
-    recipe = ddiff.load_recipe(
+    recipe = ddiff.runner.load_recipe(
         "recipes/quickstart.yaml", ["trainer.steps=7", "optimizer.learning_rate=3e-4", "process.schedule=linear"]
     )
     assert recipe.trainer.steps == 7
@@ -118,10 +133,10 @@ class _ScorePlugin:
 def test_incompatible_pairing_is_refused_at_load_time():
     manager = ddiff.make_plugin_manager(plugins=[_ScorePlugin()])
     registry = ddiff.build_registry(manager)
-    raw = ddiff.read_recipe_file("recipes/quickstart.yaml")
-    raw = ddiff.apply_overrides(raw, ["parameterization.kind=score_only"], "q")
+    raw = ddiff.runner.read_recipe_file("recipes/quickstart.yaml")
+    raw = ddiff.runner.apply_overrides(raw, ["parameterization.kind=score_only"], "q")
     with pytest.raises(ddiff.IncompatibleComponentsError) as info:
-        ddiff.build_recipe(raw, source="q.yaml", registry=registry)
+        ddiff.runner.build_recipe(raw, source="q.yaml", registry=registry)
     message = str(info.value)
     assert "'md4_elbo'" in message and "'score_only'" in message and "mean" in message
 

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ddiff
-from ddiff._cli import main
+import ddiff.runner
+from ddiff.runner import main
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
@@ -39,13 +40,13 @@ def _assert_bitwise_equal(a, b):
 def long_recipe(tiny_overrides):
     """The tiny recipe with 40 steps and a checkpoint every 5, so kills land mid-run."""
     overrides = (*tiny_overrides, "trainer.steps=40", "trainer.checkpoint_every=5", "trainer.log_every=5", "trainer.final_eval=false", "trainer.num_samples=0")
-    return ddiff.load_recipe("recipes/quickstart.yaml", overrides)
+    return ddiff.runner.load_recipe("recipes/quickstart.yaml", overrides)
 
 
 @pytest.fixture(scope="module")
 def long_reference(long_recipe, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
-    return ddiff.Trainer(long_recipe, workdir, show_progress=False).run()
+    return ddiff.runner.Trainer(long_recipe, workdir, show_progress=False).run()
 
 
 def _start(recipe_file: Path, workdir: Path) -> subprocess.Popen:
@@ -92,7 +93,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise(long_recipe, long_refe
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err
     assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
-    _, state = ddiff.load_run(workdir)
+    _, state = ddiff.runner.load_run(workdir)
     assert int(state.step) == 40
     _assert_bitwise_equal(state, long_reference)
 
@@ -111,7 +112,7 @@ def test_sigterm_saves_and_resumes(long_recipe, long_reference, tmp_path):
     assert "stopped by SIGTERM at step" in err and "Traceback" not in err
     stopped_at = int(err.split("at step ")[1].split(";")[0])
     assert stopped_at in _complete_steps(workdir), "SIGTERM must leave a checkpoint of the step it stopped at"
-    resumed = ddiff.Trainer(long_recipe, workdir, show_progress=False).run()
+    resumed = ddiff.runner.Trainer(long_recipe, workdir, show_progress=False).run()
     _assert_bitwise_equal(resumed, long_reference)
 
 
@@ -132,7 +133,7 @@ def test_damaged_checkpoint_is_named_and_previous_one_used(full_run, tiny_recipe
         victim.write_bytes(data[: len(data) // 2])
     else:
         victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
-    _, state = ddiff.load_run(workdir)
+    _, state = ddiff.runner.load_run(workdir)
     err = capsys.readouterr().err
     assert f"checkpoint 6 in {workdir / 'checkpoints'} is damaged" in err
     assert str(victim) in err
@@ -147,8 +148,8 @@ def test_no_restorable_checkpoint_stops_with_instruction(full_run, tmp_path):
     shutil.copytree(source, workdir)
     for step in _complete_steps(workdir):
         _step_files(workdir, step)[0].write_bytes(b"")
-    with pytest.raises(ddiff.RunDirectoryError, match="move that directory aside"):
-        ddiff.load_run(workdir)
+    with pytest.raises(ddiff.runner.RunDirectoryError, match="move that directory aside"):
+        ddiff.runner.load_run(workdir)
 
 
 def test_temporary_checkpoint_directories_are_removed_and_never_loaded(full_run, tiny_recipe, tmp_path):
@@ -160,7 +161,7 @@ def test_temporary_checkpoint_directories_are_removed_and_never_loaded(full_run,
     fake = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000000000"
     fake.mkdir()
     (fake / "garbage").write_text("partial")
-    state = ddiff.Trainer(tiny_recipe, workdir, show_progress=False).run()
+    state = ddiff.runner.Trainer(tiny_recipe, workdir, show_progress=False).run()
     assert not fake.exists()
     _assert_bitwise_equal(state, reference)
 
@@ -180,8 +181,8 @@ def _poisoned(trainer):
 
 
 def test_nan_parameter_halts_with_report(tiny_recipe, tmp_path, monkeypatch):
-    trainer = ddiff.Trainer(tiny_recipe, tmp_path, show_progress=False)
-    monkeypatch.setattr(trainer, "init_state", lambda: _poisoned(ddiff.Trainer(tiny_recipe, tmp_path / "x")))
+    trainer = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False)
+    monkeypatch.setattr(trainer, "init_state", lambda: _poisoned(ddiff.runner.Trainer(tiny_recipe, tmp_path / "x")))
     with pytest.raises(ddiff.DdiffError) as info:
         trainer.run()
     message = str(info.value)
@@ -207,8 +208,8 @@ def test_nan_from_a_batch_is_skipped_and_counted(tiny_recipe, tmp_path):
         objective=_FragileObjective(tiny_recipe.objective),
         trainer=dataclasses.replace(tiny_recipe.trainer, on_nonfinite="skip", final_eval=False, num_samples=0),
     )
-    state = ddiff.Trainer(recipe, tmp_path, show_progress=False).run()
-    iterator = ddiff.train_batches(recipe.data, batch_size=recipe.trainer.batch_size, seed=recipe.seed)
+    state = ddiff.runner.Trainer(recipe, tmp_path, show_progress=False).run()
+    iterator = ddiff.runner.train_batches(recipe.data, batch_size=recipe.trainer.batch_size, seed=recipe.seed)
     expected = sum(bool((next(iterator)["tokens"][:, 0] == 0).any()) for _ in range(recipe.trainer.steps))
     assert expected > 0, "the fixture must contain a poisoned batch"
     assert int(state.skipped_steps) == expected
@@ -263,4 +264,4 @@ def test_recipes_cannot_import_code(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("data: {kind: 'os.system'}\n")
     with pytest.raises(ddiff.RecipeError, match="unknown data 'os.system'"):
-        ddiff.load_recipe(path)
+        ddiff.runner.load_recipe(path)

@@ -1,5 +1,5 @@
 """SEDD beyond the conformance kit: the schedules against SEDD's definitions, the
-DESIGN.md per-sample identity with MD4, score entropy against SEDD's own closed forms for
+per-sample identity with MD4 (docs/sedd.md), score entropy against SEDD's own closed forms for
 both graphs, scores and means read into each other, the samplers' steps and bookkeeping,
 refusals at load time, and the SEDD recipes run for 2 steps."""
 
@@ -17,7 +17,8 @@ from data_fixtures import write_text8
 from ddiff_plugins import sedd
 
 import ddiff
-from ddiff._cli import main
+import ddiff.runner
+from ddiff.runner import main
 
 V, D = 3, 4
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -107,14 +108,14 @@ def _both_objectives(model, x0, times, keys):
         theirs = elbo.example_terms(model, x0, t, key=key, train=False)
         x_t = model.process.sample_marginal(x0, t, key=jax.random.split(key)[0])
         schedule = model.process.schedule
-        return ours, theirs, x_t, model.log_mean(x_t, t), schedule.alpha(t), schedule.noise_rate(t)
+        return ours, theirs, x_t, model.log_mean(x_t, t), schedule.alpha(t), sedd.noise_rate(schedule, t)
 
     return jax.vmap(one)(x0, times, keys)
 
 
 @pytest.mark.parametrize("schedule", ["loglinear", "geometric"])
 def test_score_entropy_with_score_r_mu_equals_the_md4_integrand(schedule):
-    """DESIGN.md: on the absorbing graph with s = r mu, r = alpha/(1 - alpha), a masked
+    """docs/sedd.md: on the absorbing graph with s = r mu, r = alpha/(1 - alpha), a masked
     position contributes sigma(t) [sum_y s_y - r log s_x0 + r (log r - 1)] = -alpha'/(1 -
     alpha) (-log mu_x0), MD4's integrand, for the same x_t and t. The mean
     parameterization reads its mean as that score; both objectives draw x_t from the same
@@ -182,7 +183,8 @@ def _integrands(process, key, count):
         log_score = jax.random.normal(keys[3], (D, process.num_states))
         log_score = jnp.where(jax.nn.one_hot(x_t, process.num_states, dtype=bool), 0.0, log_score)
         integrand = sedd.score_entropy(process, log_score, x0, x_t, t)
-        return x0, x_t, log_score, integrand, process.schedule.total_noise(t), process.schedule.noise_rate(t)
+        schedule = process.schedule
+        return x0, x_t, log_score, integrand, sedd.total_noise(schedule, t), sedd.noise_rate(schedule, t)
 
     return jax.vmap(one)(jax.random.split(key, count))
 
@@ -306,7 +308,8 @@ def test_score_parameterization_scales_the_absorbing_graph_only(processes):
 
 @eqx.filter_jit
 def run(sampler, model, key, conditioning, num_samples):
-    return sampler.sample(model, key=key, num_samples=num_samples, seq_len=D, conditioning=conditioning)
+    keys = ddiff.sample_keys(key, 0, num_samples)
+    return sampler.sample(model, keys=keys, seq_len=D, conditioning=conditioning)
 
 
 def test_analytic_step_on_the_absorbing_graph_is_md4s_ancestral_step(processes):
@@ -327,7 +330,7 @@ def test_analytic_step_on_the_absorbing_graph_is_md4s_ancestral_step(processes):
     np.testing.assert_allclose(analytic[masked, V], (1 - alpha_s) / (1 - alpha_t), rtol=1e-5)
     np.testing.assert_allclose(analytic[1], np.eye(V + 1)[1], atol=1e-6)
     euler = np.asarray(build("sampler", "euler").step_probs(process, x_t, log_score, s, t))
-    rate = float(process.schedule.noise_rate(t))
+    rate = float(sedd.noise_rate(process.schedule, t))
     np.testing.assert_allclose(euler[masked, :V], 0.15 * rate * np.exp(log_score)[masked, :V], rtol=1e-5)
     np.testing.assert_allclose(euler.sum(-1), 1.0, rtol=1e-5)
 
@@ -393,7 +396,7 @@ def test_score_objective_and_samplers_refuse_a_parameterization_without_scores(c
     """Refused when the recipe is loaded, naming both pieces and the missing capability;
     on the command line as one line."""
     registry = ddiff.build_registry(ddiff.make_plugin_manager(plugins=[_Plugin()]))
-    raw = ddiff.read_recipe_file(RECIPES / "sedd_text8.yaml")
+    raw = ddiff.runner.read_recipe_file(RECIPES / "sedd_text8.yaml")
     cases = {
         "objective 'score_entropy' cannot be used with parameterization 'mean_only': it needs "
         "capability score which 'mean_only' does not provide": ["parameterization={kind: mean_only}"],
@@ -408,7 +411,7 @@ def test_score_objective_and_samplers_refuse_a_parameterization_without_scores(c
     }
     for message, overrides in cases.items():
         with pytest.raises(ddiff.RecipeError if "twice" in message else ddiff.IncompatibleComponentsError, match=re.escape(message)):
-            ddiff.build_recipe(ddiff.apply_overrides(raw, overrides, "sedd.yaml"), source="sedd.yaml", registry=registry)
+            ddiff.runner.build_recipe(ddiff.runner.apply_overrides(raw, overrides, "sedd.yaml"), source="sedd.yaml", registry=registry)
     assert main(["recipe", "show", str(RECIPES / "sedd_text8.yaml"), "objective.kind=md4_elbo"]) == 2
     err = capsys.readouterr().err
     assert "objective 'md4_elbo' cannot be used with parameterization 'score': it needs capability mean" in err
@@ -432,7 +435,7 @@ def test_sedd_recipe_opens_with_the_paper_result_and_loads(name):
     """The header quotes the paper and SEDD's text8 number; the recipe loads unchanged."""
     text = (RECIPES / f"{name}.yaml").read_text()
     assert "Lou et al., ICML 2024" in text.split("\n\n")[0] and "1.39" in text.split("\n\n")[0]
-    recipe = ddiff.load_recipe(RECIPES / f"{name}.yaml")
+    recipe = ddiff.runner.load_recipe(RECIPES / f"{name}.yaml")
     assert recipe.data.seq_len == 256 and recipe.names["data"] == "text8"
 
 

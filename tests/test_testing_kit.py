@@ -253,10 +253,8 @@ def test_sampler_check_rejects_one_step_sampling_and_lost_infill(toys, process, 
     assert not result.passed and result.numbers["p_value"] < 1e-6, result
 
     class ForgetsGivenTokens(ddiff.AbstractSampler):
-        def sample(self, model, *, key, num_samples, seq_len, conditioning):
-            return one_step.sample(
-                model, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=ddiff.Conditioning()
-            )
+        def sample(self, model, *, keys, seq_len, conditioning):
+            return one_step.sample(model, keys=keys, seq_len=seq_len, conditioning=ddiff.Conditioning())
 
     result = kit.check_sampler(
         ForgetsGivenTokens(), model, toys["markov"], key=jax.random.PRNGKey(5),

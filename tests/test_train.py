@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import ddiff
-from ddiff._cli import main
+import ddiff.runner
+from ddiff.runner import main
 
 
 def _arrays(state):
@@ -39,10 +40,10 @@ def test_run_writes_metrics_eval_samples_and_checkpoints(full_run, tiny_recipe):
 
 def test_stop_and_resume_is_bitwise_identical(full_run, tiny_recipe, tmp_path):
     _, uninterrupted = full_run
-    stopped = ddiff.Trainer(tiny_recipe, tmp_path, show_progress=False).run(stop_at_step=3)
+    stopped = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False).run(stop_at_step=3)
     assert int(stopped.step) == 3
     assert not (tmp_path / "eval.json").exists()
-    resumed = ddiff.Trainer(tiny_recipe, tmp_path, show_progress=False).run()
+    resumed = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False).run()
     assert int(resumed.step) == 6
     for a, b in zip(_arrays(uninterrupted), _arrays(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -53,9 +54,9 @@ def test_stop_and_resume_is_bitwise_identical(full_run, tiny_recipe, tmp_path):
 def test_other_recipe_is_refused_without_touching_checkpoints(full_run, tiny_overrides):
     workdir, _ = full_run
     before = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")}
-    other = ddiff.load_recipe("recipes/quickstart.yaml", (*tiny_overrides, "optimizer.learning_rate=0.5"))
-    with pytest.raises(ddiff.RunDirectoryError, match="optimizer.learning_rate"):
-        ddiff.Trainer(other, workdir, show_progress=False).run()
+    other = ddiff.runner.load_recipe("recipes/quickstart.yaml", (*tiny_overrides, "optimizer.learning_rate=0.5"))
+    with pytest.raises(ddiff.runner.RunDirectoryError, match="optimizer.learning_rate"):
+        ddiff.runner.Trainer(other, workdir, show_progress=False).run()
     after = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")}
     assert before == after
 
@@ -110,7 +111,7 @@ def test_console_entry_point_exit_status(tmp_path):
 
 
 def test_data_location_may_change_on_resume_but_nothing_else():
-    from ddiff._train import recipe_differences
+    from ddiff.runner.trainer.rundir import recipe_differences
 
     saved = {"data": {"kind": "text8", "root": "/a"}, "trainer": {"steps": 5, "log_every": 1}}
     moved = {"data": {"kind": "text8", "root": "/b"}, "trainer": {"steps": 5, "log_every": 2}}

@@ -24,7 +24,7 @@ from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
 from ddiff._objective import AbstractObjective
 from ddiff._process import AbstractForwardProcess
-from ddiff._sampler import AbstractSampler, Conditioning, ReverseChain
+from ddiff._sampler import AbstractSampler, Conditioning, ReverseChain, sample_keys
 from ddiff._schedule import AbstractSchedule
 from ddiff.testing._exact import prior_gap
 from ddiff.testing._reference import (
@@ -467,7 +467,7 @@ def chi_square_test(
 @eqx.filter_jit
 def _sample(sampler, model, key, conditioning, num_samples, seq_len):
     return sampler.sample(
-        model, key=key, num_samples=num_samples, seq_len=seq_len, conditioning=conditioning
+        model, keys=sample_keys(key, 0, num_samples), seq_len=seq_len, conditioning=conditioning
     )
 
 

@@ -26,6 +26,7 @@ from ddiff._capabilities import MASKED, MEAN, SCALAR_SCHEDULE, SCORE
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
 from ddiff._network import AbstractNetwork
+from ddiff._numerics import safe_log
 from ddiff._parameterization import AbstractParameterization
 from ddiff._process import AbstractForwardProcess, AbstractRateProcess
 from ddiff._typing import Key, Label, LogProbs, NetworkOutput, Scalar, StateLogProbs, Time, Tokens
@@ -87,7 +88,7 @@ def exact_log_denoiser(
     """log p(x_0^n = v | x_t) for every position n and clean value v: the exact mean mu."""
     posterior = jnp.exp(exact_log_posterior(distribution, process, x_t, t, label))
     probs = (posterior @ _sequence_features(distribution)).reshape(distribution.seq_len, -1)
-    return jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+    return safe_log(probs)
 
 
 def exact_log_marginal(

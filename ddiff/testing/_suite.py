@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from ddiff._builder import build_component
 from ddiff._capabilities import (
     CONTINUOUS_TIME,
     DISCRETE_TIME,
@@ -21,7 +22,6 @@ from ddiff._capabilities import (
 )
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
-from ddiff._recipe import build_component
 from ddiff._registry import Registry, default_registry
 from ddiff.testing._checks import (
     CheckResult,
@@ -42,7 +42,9 @@ from ddiff.testing._toy import ToyDistribution, class_conditional_toy, toy_distr
 Spec = str | Mapping[str, Any]
 
 DEFAULT_PROCESS: Mapping[str, Any] = {"kind": "masked", "schedule": {"kind": "linear"}}
+"""The process a component is checked with when its requirements allow it."""
 DEFAULT_PARAMETERIZATION: Mapping[str, Any] = {"kind": "mean"}
+"""The parameterization the oracle is read through when the requirements allow it."""
 DEFAULT_NETWORK: Mapping[str, Any] = {"kind": "transformer", "dim": 16, "depth": 1, "heads": 2}
 """A small untrained transformer section, for tests that need a real network."""
 DISCRETE_STEPS = (1, 4, 32)
@@ -63,6 +65,7 @@ is run with the exact denoiser (:func:`check_sampler`). :attr:`Setup.sampler_cas
 chooses which run."""
 
 DEFAULT_SAMPLER_CASES = ("exact[none/markov]", "exact[labels+infill/classes]")
+"""The :data:`SAMPLER_CASES` run unless :attr:`Setup.sampler_cases` says otherwise."""
 
 LAW_CASES = {
     "chain[none]": ("none", "markov", 0.0),

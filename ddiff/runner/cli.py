@@ -121,9 +121,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from ddiff._distributed import initialize
-    from ddiff._recipe import load_recipe
-    from ddiff._train import Trainer
+    from ddiff.runner.distributed import initialize
+    from ddiff.runner.recipe import load_recipe
+    from ddiff.runner.trainer import Trainer
 
     initialize(
         coordinator_address=args.coordinator_address,
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ddiff._train import Trainer, load_run, write_eval
+    from ddiff.runner.trainer import Trainer, load_run, write_eval
 
     overrides = list(args.overrides)
     if args.time_draws is not None:
@@ -152,7 +152,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from ddiff._plot import plot_run
+    from ddiff.runner.plot import plot_run
 
     print(f"wrote {plot_run(args.workdir, args.output)}")
 
@@ -241,7 +241,7 @@ def _conditioning(args: argparse.Namespace, recipe, num: int):
 def _sample(args: argparse.Namespace) -> None:
     import jax
 
-    from ddiff._train import Trainer, load_run
+    from ddiff.runner.trainer import Trainer, load_run
 
     if args.num < 1:
         raise RecipeError("--num must be at least 1", source="command line")
@@ -260,9 +260,10 @@ def _sample(args: argparse.Namespace) -> None:
 def _diagnose(args: argparse.Namespace) -> None:
     import jax
 
-    from ddiff._diagnose import diagnose, format_diagnosis, parse_objective
-    from ddiff._recipe import load_recipe
-    from ddiff._train import _atomic_write_text, build_model, load_run
+    from ddiff.runner.diagnose import diagnose, format_diagnosis, parse_objective
+    from ddiff.runner.files import atomic_write_text
+    from ddiff.runner.recipe import load_recipe
+    from ddiff.runner.trainer import build_model, load_run
 
     target = Path(args.target)
     overrides = list(args.overrides)
@@ -288,7 +289,7 @@ def _diagnose(args: argparse.Namespace) -> None:
         model, recipe, objectives, max_batches=args.batches, repeats=args.repeats, seed=args.seed
     )
     result = {"model": described, **result}
-    _atomic_write_text(output, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(output, json.dumps(result, indent=2) + "\n")
     print(f"{described}\n{format_diagnosis(result)}\nwrote {output}")
 
 
@@ -305,12 +306,14 @@ def _plugins(args: argparse.Namespace) -> None:
 
 
 def _recipe_show(args: argparse.Namespace) -> None:
-    from ddiff._recipe import load_recipe
+    from ddiff.runner.recipe import load_recipe
 
     print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``ddiff`` command: parse ``argv`` (default: the command line), run the command,
+    and return the exit status (2 with one line on stderr for a user's mistake)."""
     args = _parser().parse_args(argv)
     if args.no_typecheck:
         set_typecheck(False)

@@ -16,9 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from ddiff._constant import is_constant
 from ddiff._errors import RecipeError
+from ddiff._sharding import BATCH_AXES, DATA, FSDP, sharded_dim
 
-DATA, FSDP = "data", "fsdp"
-BATCH_AXES = (DATA, FSDP)
 BATCH_SPEC = P(BATCH_AXES)
 MIN_SHARDED_SIZE = 1024
 """Arrays with fewer elements than this stay replicated (sharding them saves nothing)."""
@@ -42,9 +41,9 @@ class MeshConfig:
         for name in ("data", "fsdp"):
             value = getattr(self, name)
             if value != -1 and value < 1:
-                raise RecipeError(f"must be a positive size or -1, got {value}", path=f"mesh.{name}")
+                raise RecipeError(f"{name} must be a positive size or -1, got {value}", path=name)
         if self.data == -1 and self.fsdp == -1:
-            raise RecipeError("at most one of mesh.data and mesh.fsdp may be -1", path="mesh")
+            raise RecipeError("at most one of mesh.data and mesh.fsdp may be -1")
 
 
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
@@ -96,25 +95,6 @@ def tree_specs(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, tree, is_leaf=is_constant)
 
 
-def sharded_dim(spec: P) -> int | None:
-    """The dimension a spec shards over ``fsdp``, if any."""
-    for i, axis in enumerate(spec):
-        if axis == FSDP:
-            return i
-    return None
-
-
-def gather(tree: Any, specs: Any) -> Any:
-    """Inside shard_map: all-gather every fsdp-sharded leaf into the full array. Its
-    transpose under autodiff is a reduce-scatter, so gradients come back sharded."""
-
-    def one(leaf: jax.Array, spec: P) -> jax.Array:
-        dim = sharded_dim(spec)
-        return leaf if dim is None else jax.lax.all_gather(leaf, FSDP, axis=dim, tiled=True)
-
-    return jax.tree.map(one, tree, specs)
-
-
 def reduce_gradients(grads: Any, specs: Any, count: int) -> Any:
     """Inside shard_map: average per-device gradients of per-device mean losses. Sharded
     leaves already hold the sum over their fsdp group (from the reduce-scatter)."""
@@ -148,3 +128,17 @@ def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
         return jax.device_put(local, sharding)
     shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
     return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A global array's full value on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def replicated(tree: Any) -> Any:
+    """A ``PartitionSpec()`` (held whole by every device) for every array leaf of ``tree``."""
+    return jax.tree.map(lambda _: P(), tree)

@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddiff._builder import build_component
 from ddiff._capabilities import check_compatibility
-from ddiff._data import eval_batches, validate_batch
 from ddiff._errors import RecipeError
 from ddiff._model import DiffusionModel
 from ddiff._objective import AbstractObjective
-from ddiff._recipe import Recipe, build_component, parse_yaml
+from ddiff.runner.pipeline import eval_batches, validate_batch
+from ddiff.runner.recipe import Recipe, parse_yaml
 
 
 @dataclasses.dataclass(frozen=True)

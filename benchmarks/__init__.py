@@ -1,0 +1,1 @@
+"""Benchmarks of ddiff: ``python -m benchmarks --help``."""

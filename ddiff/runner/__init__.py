@@ -1,0 +1,67 @@
+"""ddiff.runner: the running layer. Recipe files, the trainer, checkpoints, meshes, the
+command line, diagnostics and plots.
+
+Nothing in the authoring layer (:mod:`ddiff`, :mod:`ddiff.testing`, plugins) imports
+this package; it builds on that layer. Modules: :mod:`~ddiff.runner.recipe` (YAML recipe
+files, overrides, :class:`Recipe`), :mod:`~ddiff.runner.config` (the ``optimizer``,
+``trainer`` and ``eval`` sections), :mod:`~ddiff.runner.mesh` (the ``mesh`` section,
+meshes and placement), :mod:`~ddiff.runner.pipeline` (batching data sources),
+:mod:`~ddiff.runner.trainer` (the trainer package), :mod:`~ddiff.runner.checkpoint`,
+:mod:`~ddiff.runner.distributed`, :mod:`~ddiff.runner.cli`, :mod:`~ddiff.runner.diagnose`,
+:mod:`~ddiff.runner.plot`, :mod:`~ddiff.runner.images` and :mod:`~ddiff.runner.files`
+(atomic writes).
+"""
+
+from ddiff._errors import RunDirectoryError
+from ddiff.runner.cli import main
+from ddiff.runner.config import EvalConfig, OptimizerConfig, ParameterGroupConfig, TrainerConfig
+from ddiff.runner.diagnose import diagnose
+from ddiff.runner.distributed import initialize
+from ddiff.runner.images import image_grid, png_bytes
+from ddiff.runner.mesh import MeshConfig, make_mesh
+from ddiff.runner.pipeline import eval_batches, metric_report, train_batches, validate_batch
+from ddiff.runner.plot import plot_run
+from ddiff.runner.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_recipe_file
+from ddiff.runner.trainer import (
+    NonFiniteError,
+    Stopped,
+    Trainer,
+    TrainState,
+    build_model,
+    load_run,
+    make_optimizer,
+    write_eval,
+)
+
+__all__ = [
+    "EvalConfig",
+    "MeshConfig",
+    "NonFiniteError",
+    "OptimizerConfig",
+    "ParameterGroupConfig",
+    "Recipe",
+    "RunDirectoryError",
+    "Stopped",
+    "TrainState",
+    "Trainer",
+    "TrainerConfig",
+    "apply_overrides",
+    "build_model",
+    "build_recipe",
+    "diagnose",
+    "eval_batches",
+    "image_grid",
+    "initialize",
+    "load_recipe",
+    "load_run",
+    "main",
+    "make_mesh",
+    "make_optimizer",
+    "metric_report",
+    "plot_run",
+    "png_bytes",
+    "read_recipe_file",
+    "train_batches",
+    "validate_batch",
+    "write_eval",
+]

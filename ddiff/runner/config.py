@@ -1,0 +1,147 @@
+"""The trainer's recipe sections: ``optimizer``, ``trainer`` and ``eval`` (``mesh`` is
+:class:`ddiff.runner.MeshConfig`). Each is a frozen dataclass whose fields are the
+section's keys; a bad value raises :class:`~ddiff.RecipeError` with the key's path inside
+its section, to which the recipe builder adds the section's name.
+"""
+
+import dataclasses
+from typing import Literal
+
+from ddiff._errors import RecipeError, check_at_least
+from ddiff._objective import AbstractObjective
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterGroupConfig:
+    """AdamW settings for one group of parameters (the forward process's schedule); each
+    left null takes the network's value. The group follows the same warmup and decay,
+    scaled to its own peak learning rate.
+
+    Attributes:
+        learning_rate: peak learning rate.
+        weight_decay: decoupled weight decay.
+        b1, b2, eps: Adam moments.
+    """
+
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    b1: float | None = None
+    b2: float | None = None
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "must be positive")
+        if self.weight_decay is not None:
+            check_at_least("weight_decay", self.weight_decay, 0)
+
+    def settings(self) -> dict[str, float]:
+        """The settings given (not null), by name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay, global-norm clipping, and an EMA.
+
+    Attributes:
+        learning_rate: peak learning rate.
+        warmup_steps: linear warmup from 0.
+        decay: ``cosine`` (to ``final_lr_fraction`` of the peak at ``trainer.steps``) or
+            ``constant``.
+        final_lr_fraction: learning rate at the end of the cosine decay, over the peak.
+        weight_decay: decoupled weight decay.
+        b1, b2, eps: Adam moments.
+        grad_clip: global gradient norm clip (null disables).
+        ema_decay: decay of the exponential moving average of the parameters.
+        schedule: own settings for the parameters of the forward process's schedule
+            (GenMD4's learnable powers), e.g. ``{weight_decay: 0.0}``; null trains them
+            with the settings above.
+    """
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    decay: Literal["cosine", "constant"] = "cosine"
+    final_lr_fraction: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    schedule: ParameterGroupConfig | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "learning_rate", "must be positive")
+        check_at_least("warmup_steps", self.warmup_steps, 0)
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """How long and how to train.
+
+    Attributes:
+        steps: total optimizer steps.
+        batch_size: global batch size.
+        log_every: steps between metrics.jsonl lines.
+        eval_every: steps between held-out evaluations (0: only at the end).
+        eval_batches: batches per periodic evaluation.
+        checkpoint_every: steps between checkpoints (and always at the end).
+        keep_checkpoints: how many checkpoints to keep.
+        sample_every: steps between sample batches (0: only at the end).
+        num_samples: sequences per sample batch.
+        final_eval: evaluate the whole eval split at the end, writing eval.json.
+        on_nonfinite: a step with a non-finite loss or gradient is never applied; ``halt``
+            stops with a report naming the step, the loss terms and the parameters,
+            ``skip`` goes on and counts the skipped steps in the metrics.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    log_every: int = 50
+    eval_every: int = 0
+    eval_batches: int = 4
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0
+    num_samples: int = 16
+    final_eval: bool = True
+    on_nonfinite: Literal["halt", "skip"] = "halt"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            check_at_least(name, getattr(self, name))
+        for name in ("eval_every", "eval_batches", "sample_every", "num_samples"):
+            check_at_least(name, getattr(self, name), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation of the negative ELBO.
+
+    Attributes:
+        batch_size: sequences per evaluation batch.
+        time_draws: independent time (and noise) draws per sequence.
+        max_examples: evaluate at most this many sequences (null: the whole split).
+        seed: seed of the evaluation's randomness (fixed, so numbers are comparable).
+        objectives: further objectives (sections with ``kind:``) evaluated on the same
+            sequences with the same randomness and reported beside the recipe's own,
+            each under its kind (``score_entropy_bits_per_token``, ...): e.g. a network
+            trained with the MD4 ELBO evaluated under score entropy.
+    """
+
+    batch_size: int = 64
+    time_draws: int = 4
+    max_examples: int | None = None
+    seed: int = 1234
+    objectives: tuple[AbstractObjective, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_at_least("batch_size", self.batch_size)
+        check_at_least("time_draws", self.time_draws)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise RecipeError(f"{key} {message}", path=key)

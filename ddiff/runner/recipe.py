@@ -1,0 +1,259 @@
+"""Recipe files: safe YAML, command-line overrides, and the typed :class:`Recipe` built
+from them (components through :class:`ddiff.SectionBuilder`, the trainer's sections
+through :mod:`ddiff.runner.config`), checked at load time.
+
+Values ddiff derives itself (the vocabulary size from the data, the network's input and
+output sizes) are never written in a recipe. Every error names the file, the dotted key
+path and what is accepted.
+"""
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddiff._builder import NetworkSpec, SectionBuilder
+from ddiff._capabilities import check_compatibility
+from ddiff._data import AbstractDataSource
+from ddiff._errors import RecipeError
+from ddiff._objective import AbstractObjective
+from ddiff._parameterization import AbstractParameterization
+from ddiff._process import AbstractForwardProcess
+from ddiff._registry import Registry, default_registry
+from ddiff._sampler import AbstractSampler
+from ddiff.runner.config import EvalConfig, OptimizerConfig, ParameterGroupConfig, TrainerConfig
+from ddiff.runner.mesh import MeshConfig
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with the YAML 1.2 core schema's numbers and booleans: ``1e-4`` is a
+    float, ``no``/``on`` stay strings, duplicate keys are errors."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely; errors become one-line :class:`RecipeError`."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"invalid YAML at {where}: {problem}", source=source) from None
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into a plain mapping."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError("no such recipe file; check the path", source=source) from None
+    except OSError as error:
+        raise RecipeError(f"cannot read the recipe: {error.strerror}", source=source) from None
+    raw = parse_yaml(text, source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"a recipe is a mapping of sections, got {type(raw).__name__}", source=source
+        )
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
+    """Apply ``dotted.path=value`` overrides (values parsed as YAML) to a copy of ``raw``."""
+    result = _deep_copy(raw)
+    for override in overrides:
+        if "=" not in override:
+            raise RecipeError(
+                f"override {override!r} is not of the form key.path=value", source="command line"
+            )
+        dotted, text = override.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"override {override!r} has an empty key", source="command line")
+        value = parse_yaml(text, "command line") if text.strip() else None
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise RecipeError(
+                    f"cannot set {dotted}: {where} is a value, not a section",
+                    source="command line",
+                    path=dotted,
+                )
+            node = child
+        node[parts[-1]] = value
+    del source
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A loaded, validated recipe: built components, configs and the resolved mapping."""
+
+    data: AbstractDataSource
+    process: AbstractForwardProcess
+    parameterization: AbstractParameterization
+    network: NetworkSpec
+    objective: AbstractObjective
+    sampler: AbstractSampler
+    optimizer: OptimizerConfig
+    trainer: TrainerConfig
+    eval: EvalConfig
+    mesh: MeshConfig
+    seed: int
+    resolved: dict[str, Any]
+    names: dict[str, str]
+    source: str
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (every default filled in) as YAML."""
+        return dump_yaml(self.resolved)
+
+
+def dump_yaml(mapping: Mapping[str, Any]) -> str:
+    """A mapping as block-style YAML, keys in their order."""
+    return yaml.safe_dump(dict(mapping), sort_keys=False, default_flow_style=False)
+
+
+_COMPONENT_SECTIONS = ("data", "process", "parameterization", "network", "objective", "sampler")
+_CONFIG_SECTIONS = {
+    "optimizer": OptimizerConfig,
+    "trainer": TrainerConfig,
+    "eval": EvalConfig,
+    "mesh": MeshConfig,
+}
+_SECTIONS = ("seed", *_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)
+_NESTED_CONFIGS = (ParameterGroupConfig,)
+"""Config dataclasses that a config section may hold as a nested mapping."""
+
+
+def build_recipe(
+    raw: Mapping[str, Any], *, source: str = "<recipe>", registry: Registry | None = None
+) -> Recipe:
+    """Validate a recipe mapping and build its components; refuse incompatible pairings."""
+    registry = registry or default_registry()
+    builder = SectionBuilder(registry, source, nested=_NESTED_CONFIGS)
+    for key in raw:
+        if key not in _SECTIONS:
+            raise builder.error(str(key), f"unknown section (accepted: {', '.join(_SECTIONS)})")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise builder.error("seed", f"expected an integer, got {builder.describe(seed)}")
+    resolved: dict[str, Any] = {"seed": seed}
+    names: dict[str, str] = {}
+    built: dict[str, Any] = {}
+    context: dict[str, Any] = {}
+    for slot in _COMPONENT_SECTIONS:
+        component, shown, name = builder.component(
+            slot, raw.get(slot), slot, context, build=slot != "network"
+        )
+        built[slot], resolved[slot], names[slot] = component, shown, name
+        if slot == "data":
+            context = {
+                "vocab_size": component.vocab_size,
+                "seq_len": component.seq_len,
+                "num_classes": component.num_classes,
+            }
+    for section, cls in _CONFIG_SECTIONS.items():
+        section_raw = raw.get(section) or {}
+        if not isinstance(section_raw, dict):
+            raise builder.error(section, f"expected a mapping, got {builder.describe(section_raw)}")
+        kwargs, shown = builder.arguments(cls, section_raw, section, {}, section)
+        built[section] = builder.construct(cls, kwargs, section)
+        resolved[section] = shown
+    components = {
+        slot: (names[slot], built[slot])
+        for slot in ("process", "parameterization", "objective", "sampler")
+    }
+    schedule_name = resolved["process"].get("schedule", {}).get("kind", "schedule")
+    components["schedule"] = (schedule_name, built["process"].schedule)
+    check_compatibility(components, source=source, deferred=("network",))
+    extra = eval_objectives(built["eval"], resolved["eval"])
+    kinds = [name for name, _ in extra.values()]
+    for path, (name, _) in extra.items():
+        if kinds.count(name) > 1:
+            raise builder.error(path, f"objective {name!r} is listed twice; keep one")
+    check_compatibility({**components, **extra}, source=source, deferred=("network",))
+    return Recipe(
+        seed=seed,
+        resolved=resolved,
+        names=names,
+        source=source,
+        **{key: built[key] for key in (*_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)},
+    )
+
+
+def eval_objectives(config: EvalConfig, resolved: Mapping[str, Any]) -> dict[str, tuple[str, AbstractObjective]]:
+    """The extra evaluation objectives by recipe path (``eval.objectives[i]``), each with
+    its registered name, as :func:`ddiff.capabilities.check_compatibility` takes them."""
+    names = [section["kind"] for section in resolved.get("objectives", [])]
+    return {
+        f"eval.objectives[{index}]": (name, objective)
+        for index, (name, objective) in enumerate(zip(names, config.objectives, strict=True))
+    }
+
+
+def load_recipe(
+    path: str | Path, overrides: Sequence[str] = (), *, registry: Registry | None = None
+) -> Recipe:
+    """Read, override and build a recipe file."""
+    raw = apply_overrides(read_recipe_file(path), overrides, str(path))
+    return build_recipe(raw, source=str(path), registry=registry)

@@ -1,0 +1,356 @@
+"""The Trainer: runs a recipe in a run directory, resuming from its latest checkpoint."""
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
+from ddiff._model import DiffusionModel
+from ddiff._sampler import Conditioning, SampleOutput
+from ddiff.runner.checkpoint import (
+    checkpoint_manager,
+    finish_saving,
+    restore_latest,
+    save_checkpoint,
+)
+from ddiff.runner.mesh import global_batch, make_mesh, to_host
+from ddiff.runner.pipeline import train_batches, validate_batch
+from ddiff.runner.recipe import Recipe, eval_objectives, load_recipe
+from ddiff.runner.trainer.compiled import compiled
+from ddiff.runner.trainer.evaluation import evaluate_split, make_eval
+from ddiff.runner.trainer.optimizer import make_optimizer
+from ddiff.runner.trainer.rundir import (
+    METRICS_FILE,
+    RECIPE_FILE,
+    append_metrics,
+    check_same_shape,
+    prepare_workdir,
+    print_header,
+    truncate_metrics,
+    write_eval,
+)
+from ddiff.runner.trainer.sampling import make_sample, write_samples
+from ddiff.runner.trainer.signals import Stopped, StopSignals
+from ddiff.runner.trainer.state import TrainState, initial_state, parameter_paths, place_state
+from ddiff.runner.trainer.step import make_train_step
+
+
+class NonFiniteError(DdiffError):
+    """A step produced a non-finite loss or gradient under ``on_nonfinite: halt``."""
+
+
+def check_divisible(recipe: Recipe, devices: int) -> None:
+    """Batch sizes must split evenly over the mesh's devices."""
+    for path, value in (
+        ("trainer.batch_size", recipe.trainer.batch_size),
+        ("eval.batch_size", recipe.eval.batch_size),
+    ):
+        if value % devices:
+            raise RecipeError(
+                f"{value} is not divisible by the mesh's {devices} devices; use a multiple of {devices}",
+                source=recipe.source,
+                path=path,
+            )
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    """Runs a recipe in a work directory, resuming from its latest checkpoint.
+
+    Its compiled step, evaluation and sampling functions come from
+    :func:`ddiff.runner.trainer.compiled.compiled`, so Trainers of equal recipes on the
+    same mesh share them.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        workdir: str | Path,
+        *,
+        show_progress: bool | None = None,
+        mesh: Mesh | None = None,
+    ):
+        self.recipe = recipe
+        self.workdir = Path(workdir)
+        self.show_progress = show_progress
+        self.mesh = make_mesh(recipe.mesh) if mesh is None else mesh
+        self.num_devices = self.mesh.size
+        check_divisible(recipe, self.num_devices)
+        self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
+        self._step_fn = compiled(
+            make_train_step,
+            (recipe.objective,),
+            optimizer=recipe.optimizer,
+            total_steps=recipe.trainer.steps,
+            batch_size=recipe.trainer.batch_size,
+            seq_len=recipe.data.seq_len,
+            mesh=self.mesh,
+        )
+        extra = eval_objectives(recipe.eval, recipe.resolved["eval"]).values()
+        self._eval_fns = {
+            prefix: compiled(make_eval, (objective,), batch_size=recipe.eval.batch_size, mesh=self.mesh)
+            for prefix, objective in [("", recipe.objective), *((f"{n}_", o) for n, o in extra)]
+        }
+        self._sample_fn = compiled(
+            make_sample, (recipe.sampler,), seq_len=recipe.data.seq_len, mesh=self.mesh
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(self) -> TrainState:
+        """A fresh state, laid out on the mesh."""
+        return initial_state(self.recipe, self.optimizer, self.mesh)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Lay every array of ``state`` out on the mesh (fsdp-sharded where large)."""
+        return place_state(state, self.mesh)
+
+    # ------------------------------------------------------------------ evaluation and samples
+
+    def evaluate(
+        self, model: DiffusionModel, *, max_batches: int | None = None, max_examples: int | None = None
+    ) -> dict[str, float]:
+        """Negative ELBO over the eval split in bits per token, with its standard error
+        over sequences (each sequence averaged over ``eval.time_draws`` draws), and in the
+        data source's ``metric`` (bits per dim, bits per char or perplexity). Each of
+        ``eval.objectives`` is evaluated with the same sequences and keys and reported
+        with its kind as prefix (``score_entropy_bits_per_token``, ...)."""
+        return evaluate_split(
+            self.recipe,
+            model,
+            self._eval_fns,
+            self._device_batch,
+            max_batches=max_batches,
+            max_examples=max_examples,
+        )
+
+    def sample(
+        self,
+        model: DiffusionModel,
+        *,
+        key: jax.Array,
+        num_samples: int,
+        conditioning: Conditioning | None = None,
+    ) -> SampleOutput:
+        """Draw ``num_samples`` sequences, split over the mesh's devices (padded to a
+        multiple of their number, then trimmed); tokens come back on the host."""
+        conditioning = conditioning or Conditioning()
+        padded = -(-num_samples // self.num_devices) * self.num_devices
+
+        def pad(array):
+            extra = np.repeat(np.asarray(array)[-1:], padded - num_samples, axis=0)
+            return global_batch(np.concatenate([np.asarray(array), extra]), self.mesh)
+
+        arrays, static = eqx.partition(conditioning, eqx.is_array)
+        conditioning = eqx.combine(jax.tree.map(pad, arrays), static)
+        output = self._sample_fn(model, key, padded, conditioning)
+        return SampleOutput(
+            tokens=jnp.asarray(to_host(output.tokens)[:num_samples]),
+            num_function_evals=output.num_function_evals,
+        )
+
+    def write_samples(
+        self, output: SampleOutput, name: str, *, conditioning: dict[str, Any] | None = None
+    ) -> Path:
+        """Write samples as text (one sequence a line), .npy, and a stats .json beside them
+        (unigram entropy, network evaluations, and ``conditioning``: label, guidance, ...);
+        samples of image data also as a PNG grid."""
+        return write_samples(self.workdir, self.recipe, output, name, conditioning=conditioning)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, *, stop_at_step: int | None = None) -> TrainState:
+        """Train to ``trainer.steps`` (or ``stop_at_step``), resuming from the newest intact
+        checkpoint. SIGTERM or SIGINT saves a checkpoint and raises :class:`Stopped`."""
+        config = self.recipe.trainer
+        data = self.recipe.data
+        self.prepare_workdir()
+        state = self.init_state()
+        iterator = train_batches(
+            data,
+            batch_size=config.batch_size // jax.process_count(),
+            seed=self.recipe.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        manager = checkpoint_manager(self.workdir, config.keep_checkpoints)
+        try:
+            restored = restore_latest(manager, state, warn=_warn)
+            latest = None
+            if restored is not None:
+                state, iterator_state, latest = restored
+                iterator.set_state(iterator_state)
+                truncate_metrics(self.workdir / METRICS_FILE, latest)
+            start = int(state.step)
+            end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+            print_header(self.recipe, state, self.mesh, start, end)
+            with StopSignals() as signals:
+                state = self._loop(state, iterator, manager, start, end, signals)
+                if latest is None or int(state.step) > latest:
+                    save_checkpoint(manager, state, iterator.get_state())
+                finish_saving(manager)
+                if signals.received is not None and int(state.step) < end:
+                    raise Stopped(signals.received, int(state.step), self.workdir)
+        finally:
+            manager.close()
+        if int(state.step) >= config.steps:
+            self._finish(state)
+        return state
+
+    def prepare_workdir(self) -> None:
+        """Create the work directory, or check that it was made by the same recipe."""
+        prepare_workdir(self.workdir, self.recipe)
+
+    def _loop(
+        self, state: TrainState, iterator, manager, start: int, end: int, signals: StopSignals
+    ) -> TrainState:
+        config = self.recipe.trainer
+        data = self.recipe.data
+        tokens_per_step = config.batch_size * data.seq_len
+        interactive = sys.stderr.isatty() if self.show_progress is None else self.show_progress
+        bar = tqdm(
+            total=end, initial=start, disable=not interactive, unit="step", dynamic_ncols=True
+        )
+        last_time, last_step = time.perf_counter(), start
+        previous: tuple[int, dict, dict] | None = None
+        for step in range(start, end):
+            if signals.received is not None:
+                break
+            batch = next(iterator)
+            if step == start:
+                validate_batch(batch, data, "train split")
+            tokens, labels = self._device_batch(batch)
+            state, metrics, diagnostics = self._step_fn(state, tokens, labels)
+            done = step + 1
+            if previous is not None:
+                self._check_finite(*previous)
+            previous = (done, metrics, diagnostics)
+            if done % config.log_every == 0 or done == end:
+                now = time.perf_counter()
+                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                record["tokens_per_second"] = tokens_per_step * (done - last_step) / (now - last_time)
+                last_time, last_step = now, done
+                self._log({"step": done, "split": "train", **record})
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    bpt=f"{record['bits_per_token']:.3f}",
+                    tok_s=f"{record['tokens_per_second']:.0f}",
+                )
+                if not interactive:
+                    print(
+                        f"step {done}/{end}  loss {record['loss']:.4f}  "
+                        f"bits/token {record['bits_per_token']:.4f}  "
+                        f"{record['tokens_per_second']:.0f} tokens/s"
+                        + (f"  skipped {int(record['skipped_steps'])}" if record["skipped_steps"] else ""),
+                        flush=True,
+                    )
+            bar.update(1)
+            if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+                result = self.evaluate(state.ema, max_batches=config.eval_batches)
+                self._log({"step": done, "split": "eval", **result})
+            if config.sample_every and done % config.sample_every == 0 and done != config.steps:
+                self._samples(state, done)
+            if done % config.checkpoint_every == 0 and done != end:
+                save_checkpoint(manager, state, iterator.get_state())
+        if previous is not None:
+            self._check_finite(*previous)
+        bar.close()
+        return state
+
+    def _device_batch(self, batch: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array | None]:
+        """This process's rows of a batch, assembled into global arrays on the mesh."""
+        tokens = global_batch(np.asarray(batch["tokens"]), self.mesh)
+        labels = global_batch(np.asarray(batch["label"]), self.mesh) if "label" in batch else None
+        return tokens, labels
+
+    def _check_finite(self, step: int, metrics: dict, diagnostics: dict) -> None:
+        """Under ``on_nonfinite: halt``, stop with a report when step ``step`` had a
+        non-finite loss or gradient (its update was not applied). Checked one step late,
+        so the device is never left idle waiting for the host."""
+        if self.recipe.trainer.on_nonfinite != "halt" or not bool(diagnostics["nonfinite"]):
+            return
+        values = jax.device_get(metrics)
+        terms = [
+            name.split("/", 1)[-1]
+            for name, value in values.items()
+            if (name in ("loss", "nelbo") or name.startswith("terms/")) and not np.isfinite(value)
+        ]
+        paths = parameter_paths(self.recipe)
+
+        def listed(flags: jax.Array) -> str:
+            bad = [path for path, ok in zip(paths, np.asarray(flags), strict=True) if not ok]
+            return ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+
+        bad_params, bad_grads = listed(diagnostics["finite_params"]), listed(diagnostics["finite_leaves"])
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(terms) or 'gradient'}"
+            + (f"; non-finite parameters: {bad_params}" if bad_params else "")
+            + (f"; non-finite gradients in {bad_grads}" if bad_grads else "")
+            + "; the update was not applied and training halted "
+            "(set trainer.on_nonfinite=skip to skip such steps)"
+        )
+
+    def _samples(self, state: TrainState, step: int) -> Path | None:
+        if self.recipe.trainer.num_samples == 0:
+            return None
+        key = jax.random.fold_in(jax.random.PRNGKey(self.recipe.seed + 1), step)
+        output = self.sample(state.ema, key=key, num_samples=self.recipe.trainer.num_samples)
+        return self.write_samples(output, f"step_{step:08d}")
+
+    def _finish(self, state: TrainState) -> None:
+        config = self.recipe.trainer
+        step = int(state.step)
+        self._samples(state, step)
+        if config.final_eval:
+            result = self.evaluate(state.ema)
+            write_eval(self.workdir, self.recipe, result, step)
+            self._log({"step": step, "split": "eval", **result})
+            metric = self.recipe.data.metric
+            in_unit = (
+                f" ({metric} {result[metric]:.4f} ± {result[f'{metric}_stderr']:.4f})"
+                if metric != "bits_per_token"
+                else ""
+            )
+            print(
+                f"eval at step {step}: {result['bits_per_token']:.4f} "
+                f"± {result['bits_per_token_stderr']:.4f} bits/token{in_unit} "
+                f"over {result['num_tokens']} tokens",
+                flush=True,
+            )
+
+    def _log(self, record: dict[str, Any]) -> None:
+        append_metrics(self.workdir, record)
+
+
+def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Recipe, TrainState]:
+    """The recipe of a run directory and its latest checkpointed state."""
+    workdir = Path(workdir)
+    recipe_path = workdir / RECIPE_FILE
+    if not recipe_path.exists():
+        raise RunDirectoryError(
+            f"{workdir} is not a ddiff run directory (no {RECIPE_FILE}); "
+            f"train into it first with: ddiff run RECIPE --workdir {workdir}"
+        )
+    recipe = load_recipe(recipe_path, overrides)
+    if overrides:
+        check_same_shape(load_recipe(recipe_path), recipe)
+    trainer = Trainer(recipe, workdir)
+    manager = checkpoint_manager(workdir, recipe.trainer.keep_checkpoints)
+    try:
+        restored = restore_latest(manager, trainer.init_state(), warn=_warn)
+    finally:
+        manager.close()
+    if restored is None:
+        raise RunDirectoryError(f"{workdir} has no checkpoint yet; train first with ddiff run")
+    return recipe, restored[0]

@@ -1,0 +1,102 @@
+"""Zero-shot perplexity sets for a GPT-2-vocabulary text model, for ``ddiff eval``."""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+from ddiff_plugins.datasets import detokenize, gpt2
+from ddiff_plugins.datasets.optional import optional_import
+from ddiff_plugins.datasets.splits import TokenWindows, nonempty
+
+import ddiff
+
+ZERO_SHOT: dict[str, tuple[str, str | None, str, Callable[[str], str] | None, bool]] = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", detokenize.wikitext, True),
+    "wikitext103": ("wikitext", "wikitext-103-raw-v1", "text", detokenize.wikitext, True),
+    "ptb": ("ptb_text_only", None, "sentence", detokenize.ptb, False),
+    "lambada": ("EleutherAI/lambada_openai", "en", "text", None, False),
+    "lm1b": ("lm1b", None, "text", detokenize.lm1b, False),
+}
+"""name -> (Hugging Face data set, configuration, text field, detokenizer, whether the
+whole split is one document)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotSource(ddiff.AbstractDataSource):
+    """A zero-shot perplexity set for a GPT-2-vocabulary text model (as in the MD4, SEDD and
+    MDLM papers): the test split of WikiText-2, WikiText-103, the Penn Treebank, LAMBADA or
+    One Billion Words, read through Hugging Face ``datasets`` (extra ``text``),
+    detokenized, tokenized with GPT-2, joined with end-of-text and packed into disjoint
+    sequences of ``length``. For evaluation only::
+
+        ddiff eval RUN_DIR 'data={kind: zero_shot, name: wikitext103}' --output eval_wikitext103.json
+
+    Attributes (recipe keys):
+        name: which set.
+        length: tokens per sequence (the trained model's, 1024 for OpenWebText).
+        cache_dir: the ``datasets`` cache to read (null: its default).
+    """
+
+    name: Literal["wikitext2", "wikitext103", "ptb", "lambada", "lm1b"] = "wikitext103"
+    length: int = 1024
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        ddiff.check_at_least("length", self.length)
+
+    @property
+    def vocab_size(self) -> int:
+        return gpt2.VOCAB_SIZE
+
+    @property
+    def seq_len(self) -> int:
+        return self.length
+
+    @property
+    def metric(self) -> str:
+        return "perplexity"
+
+    def decode(self, tokens: np.ndarray) -> str:
+        return gpt2.decode(tokens)
+
+    @functools.cached_property
+    def _tokens(self) -> np.ndarray:
+        hf_name, config, field, detokenize, whole = ZERO_SHOT[self.name]
+        datasets = optional_import("datasets", "text", f"the zero-shot set {self.name}")
+        try:
+            rows = datasets.load_dataset(hf_name, config, split="test", cache_dir=self.cache_dir)
+        except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean "not available"
+            raise ddiff.DataError(
+                f"zero_shot {self.name}: the Hugging Face data set {hf_name} could not be "
+                f"loaded ({type(error).__name__}: {error}); make it available to datasets "
+                f"(online once, or in data.cache_dir)"
+            ) from None
+        texts = list(rows[field])
+        if whole:
+            texts = ["".join(texts)]
+        if detokenize is not None:
+            texts = [detokenize(text) for text in texts]
+        texts = [text for text in texts if text.strip()]
+        documents = list(gpt2.documents([texts]))
+        return np.concatenate(documents) if documents else np.zeros(0, np.uint16)
+
+    def split(self, name: str) -> TokenWindows:
+        if name == "train":
+            raise ddiff.DataError(
+                f"zero_shot {self.name} is for evaluation only; train on openwebtext and "
+                f"evaluate with: ddiff eval RUN_DIR 'data={{kind: zero_shot, name: {self.name}}}'"
+            )
+        windows = TokenWindows(
+            self._tokens,
+            length=self.length,
+            stride=self.length,
+            vocab_size=gpt2.VOCAB_SIZE,
+            where=f"zero_shot {self.name}",
+        )
+        return nonempty(
+            windows,
+            f"zero_shot {self.name}",
+            f"its test split has {len(self._tokens)} tokens, fewer than length={self.length}",
+        )
