@@ -170,6 +170,7 @@ class Transformer(ddiff.AbstractNetwork):
         scan_layers: bool = False,
         attention: AttentionKind = "auto",
     ):
+        ddiff.check_at_least("depth", depth)
         if dim % heads != 0 or (positions == "rotary" and (dim // heads) % 2):
             raise ddiff.RecipeError(
                 f"dim={dim} must be a multiple of heads={heads} with an even head width "
@@ -641,6 +642,7 @@ class MD4Transformer(ddiff.AbstractNetwork):
         attention: AttentionKind = "auto",
     ):
         del seq_len
+        ddiff.check_at_least("depth", depth)
 
         def parts(key: ddiff.Key) -> dict[str, Any]:
             keys = jax.random.split(key, 5)

@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -375,20 +376,27 @@ def memory_of(compiled_program: Any) -> dict[str, int]:
     return out
 
 
-def _gib(count: float) -> str:
-    return f"{count / 2**30:.1f} GiB"
+def _size(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def check_fits(what: str, needed: int, batch: int, flag: str) -> None:
-    """Refuse to run ``what`` when it needs more memory than is available, naming the
-    batch to try instead (memory beyond the fixed state grows about linearly in it)."""
+def check_fits(
+    what: str, needed: int, basis: str, *, batch: int | None = None, flag: str = ""
+) -> None:
+    """Refuse to run ``what`` when it needs (by ``basis``) more memory than is
+    available, in one line naming what to change: the batch ``flag`` when ``batch`` is
+    given (memory beyond the fixed state grows about linearly in it), else the shape."""
     free = available_bytes()
     if free is None or needed <= free:
         return
-    fitting = max(1, int(batch * free / needed))
+    if batch is None:
+        fix = "choose a smaller shape or a machine with more memory"
+    else:
+        fix = f"lower {flag} (about {max(1, int(batch * free / needed))} may fit)"
+        what = f"{what} at batch {batch}"
     raise BenchError(
-        f"{what} at batch {batch} needs about {_gib(needed)} (XLA memory analysis) but "
-        f"{_gib(free)} are available; lower {flag} (about {fitting} may fit)"
+        f"not enough memory for {what}: about {_size(needed)} needed ({basis}), "
+        f"{_size(free)} available; {fix}"
     )
 
 
@@ -423,7 +431,13 @@ def _scans(tree: Any) -> bool:
     return any(stack.scan for stack in stacks)
 
 
-def _inner(program: Any) -> Any:
+def _compile(function: Any, *args: Any) -> Any:
+    """The compiled program of ``function`` (a Bound compiled function) for ``args``; the
+    donation warnings a direct lower gives (the step donates its batch, which no output
+    can reuse, and suppresses them when called) are dropped here too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        program = function.lower(*args).compile()
     return getattr(program, "compiled", program)
 
 
@@ -433,15 +447,13 @@ def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], T
     batch, seq_len = recipe.trainer.batch_size, recipe.data.seq_len
     trainer = Trainer(recipe, "/nonexistent-bench-workdir", show_progress=False)
     check_precision_runs(recipe)
-    shapes = eqx.filter_eval_shape(build_model, recipe, jax.random.key(0))
-    model_bytes = sum(
-        leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trainable(shapes))
-    )
+    shapes = jax.tree.leaves(eqx.filter_eval_shape(build_model, recipe, jax.random.key(0)))
+    floating = [a for a in shapes if jnp.issubdtype(a.dtype, jnp.inexact)]
+    model_bytes = sum(a.size * a.dtype.itemsize for a in floating)
     check_fits(
-        f"the parameters, EMA and optimizer state of shape {recipe.source!r}",
+        f"the parameters, EMA and Adam moments of {recipe.source}",
         4 * model_bytes,
-        batch,
-        "--batch-size",
+        "4 x the float32 parameters",
     )
     state = trainer.init_state()
     tokens = np.asarray(
@@ -452,7 +464,7 @@ def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], T
         {"tokens": tokens, **({} if labels is None else {"label": labels})}
     )
     start = time.perf_counter()
-    program = _inner(trainer._step_fn.lower(state, tokens, labels).compile())
+    program = _compile(trainer._step_fn, state, tokens, labels)
     compile_seconds = time.perf_counter() - start
     memory = memory_of(program)
     if memory:
@@ -461,7 +473,13 @@ def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], T
             - memory["alias_size_in_bytes"]
             + memory["temp_size_in_bytes"]
         )
-        check_fits(f"the train step of {recipe.source!r}", needed, batch, "--batch-size")
+        check_fits(
+            f"the train step of {recipe.source}",
+            needed,
+            "XLA memory analysis",
+            batch=batch,
+            flag="--batch-size",
+        )
     if _scans(state.model):
         unrolled = dataclasses.replace(
             state,
@@ -469,7 +487,7 @@ def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], T
             ema=_unroll(state.ema),
             opt_state=_unroll(state.opt_state),
         )
-        xla_flops = _cost_flops(_inner(trainer._step_fn.lower(unrolled, tokens, labels).compile()))
+        xla_flops = _cost_flops(_compile(trainer._step_fn, unrolled, tokens, labels))
         check_program = "train step, layer stacks unrolled (compiled, not run)"
     else:
         xla_flops = _cost_flops(program)
@@ -537,11 +555,17 @@ def bench_sampler(name: str, shape: Shape, raw: dict[str, Any], *, repeats: int)
     ]
     callbacks, loops = host_callbacks(jaxpr.jaxpr)
     start = time.perf_counter()
-    program = _inner(sample.lower(model, key, count, conditioning).compile())
+    program = _compile(sample, model, key, count, conditioning)
     compile_seconds = time.perf_counter() - start
     memory = memory_of(program)
     if memory:
-        check_fits(f"sampler {name!r}", memory["temp_size_in_bytes"], count, "--sample-batch")
+        check_fits(
+            f"sampler {name!r}",
+            memory["temp_size_in_bytes"],
+            "XLA memory analysis",
+            batch=count,
+            flag="--sample-batch",
+        )
     evaluations = [0]
 
     def run() -> None:
