@@ -39,6 +39,20 @@ class AbstractNetwork(AbstractCheckedModule, Capable):
             key: dropout key; None for deterministic inference.
         """
 
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Model FLOPs of one forward pass per position of a sequence of ``seq_len``
+        positions (2 per multiply-add of the matrix products and convolutions, by a
+        formula the network's docstring states), or None (the default) when the network
+        does not say. A train step counts three times this (the backward pass costs two
+        forward passes); the trainer and ``ddiff bench`` report model FLOPs utilisation
+        (MFU) from it.
+
+        Arguments:
+            seq_len: positions per sequence.
+        """
+        del seq_len
+        return None
+
     def capabilities(self) -> frozenset[str]:
         caps = {TIME_CONDITIONED if self.time_conditioned else TIME_INDEPENDENT}
         if self.num_classes > 0:

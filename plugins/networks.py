@@ -132,6 +132,10 @@ class Transformer(ddiff.AbstractNetwork):
         scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
             unrolled (the default, faster to run); same values either way.
         attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`attention`).
+
+    Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
+    attention projections, MLPs and output head (not the embeddings nor the per-sequence
+    conditioning), L the depth, d the width, T the sequence length.
     """
 
     token_embedding: eqx.nn.Embedding
@@ -166,6 +170,7 @@ class Transformer(ddiff.AbstractNetwork):
         scan_layers: bool = False,
         attention: AttentionKind = "auto",
     ):
+        ddiff.check_at_least("depth", depth)
         if dim % heads != 0 or (positions == "rotary" and (dim // heads) % 2):
             raise ddiff.RecipeError(
                 f"dim={dim} must be a multiple of heads={heads} with an even head width "
@@ -195,6 +200,12 @@ class Transformer(ddiff.AbstractNetwork):
         self.final_norm = eqx.nn.LayerNorm(dim, use_weight=False, use_bias=False)
         self.final_modulation = _zero_linear(dim, 2 * dim, key=keys[4])
         self.head = eqx.nn.Linear(dim, num_outputs, key=keys[5])
+
+    def flops_per_token(self, seq_len):
+        block = self.blocks.layers
+        weights = (block.attention.qkv.weight, block.attention.out.weight, block.mlp_in.weight, block.mlp_out.weight)
+        dim = self.token_embedding.weight.shape[1]
+        return transformer_flops_per_token(_size(*weights, self.head.weight), self.blocks.count, dim, seq_len)
 
     def __call__(self, x_t, t, *, label=None, key=None):
         x = self.token_embedding.weight[x_t]
@@ -540,10 +551,32 @@ def _run_blocks(
     return x
 
 
+def _rotary_flops(blocks: ddiff.LayerStack, seq_len: int) -> float:
+    """Forward FLOPs per position of a :class:`RotaryBlock` stack (2 N + 4 L d T without
+    an output head)."""
+    layer = blocks.layers
+    weights = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3)
+    dim = layer.wq.weight.shape[-1]
+    return transformer_flops_per_token(_size(*(w.weight for w in weights)), blocks.count, dim, seq_len)
+
+
 def _logits(head: eqx.nn.Linear, x: Float[Array, "seq dim"]) -> Float[Array, "seq out"]:
     """The output head with float32 accumulation and result, whatever the compute dtype."""
     y = jnp.matmul(x, head.weight.T, preferred_element_type=jnp.float32)
     return y if head.bias is None else y + head.bias.astype(jnp.float32)
+
+
+def _size(*weights: Any) -> int:
+    """Entries of the given weight arrays (stacked layers included)."""
+    return sum(math.prod(weight.shape) for weight in weights)
+
+
+def transformer_flops_per_token(matmul_parameters: int, depth: int, dim: int, seq_len: int) -> float:
+    """Forward FLOPs per position of a transformer (the PaLM paper's appendix B):
+    2 N + 4 L d T, with N the parameters of the matrix products applied at every position,
+    L blocks of width d and T positions (4 L d T counts the two attention products
+    q k^T and p v)."""
+    return 2.0 * matmul_parameters + 4.0 * depth * dim * seq_len
 
 
 # --------------------------------------------------------------------------- MD4 transformer
@@ -569,6 +602,11 @@ class MD4Transformer(ddiff.AbstractNetwork):
             unrolled (the default: about 1.2x faster train steps on CPU, measured in
             docs/performance.md); same values either way.
         attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`attention`).
+
+    Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
+    blocks' attention and feed-forward products and the output head (not the embedding
+    lookup nor the per-sequence conditioning), L the depth, d the width, T the sequence
+    length. A train step counts 6 N + 12 L d T.
     """
 
     embedding: Float[Array, "states dim"]
@@ -604,6 +642,7 @@ class MD4Transformer(ddiff.AbstractNetwork):
         attention: AttentionKind = "auto",
     ):
         del seq_len
+        ddiff.check_at_least("depth", depth)
 
         def parts(key: ddiff.Key) -> dict[str, Any]:
             keys = jax.random.split(key, 5)
@@ -630,6 +669,9 @@ class MD4Transformer(ddiff.AbstractNetwork):
         self.time_conditioned = time_conditioned
         self.num_classes = num_classes
         self.attention = attention
+
+    def flops_per_token(self, seq_len):
+        return _rotary_flops(self.blocks, seq_len) + 2.0 * _size(self.head.weight)
 
     def __call__(self, x_t, t, *, label=None, key=None):
         k_embed, k_blocks = _split(key, 2)
@@ -804,6 +846,13 @@ class UNet(ddiff.AbstractNetwork):
         transformer_depth: blocks of the middle patch transformer (0: self-attention).
         transformer_dim, transformer_heads, patch_size: its width, heads and patch side.
         time_conditioned: whether the output depends on t.
+
+    Model FLOPs per sub-pixel (:meth:`flops_per_token`): over the H x W pixels, 2 x the
+    weights of every convolution applied at every pixel (the embedding's 3x3 conv, the
+    residual blocks' convs and 1x1 skips, the output conv), plus the middle attention's
+    projections 2 x 4 C^2 and products 4 (H W) C per pixel (or the patch transformer's
+    2 N + 4 L d P per patch of the P patches, with its patch convs); divided by the
+    C_img sub-pixels of a pixel. The per-image conditioning is not counted.
     """
 
     embedding: Float[Array, "states channels"]
@@ -905,6 +954,28 @@ class UNet(ddiff.AbstractNetwork):
         self.num_blocks = num_blocks
         self.time_conditioned = time_conditioned
         self.num_classes = num_classes
+
+    def flops_per_token(self, seq_len):
+        height, width, _ = self.image_shape
+        pixels = height * width
+        blocks = [self.down.layers, self.up.layers, self.middle_in, self.middle_out]
+        convs = [self.conv_in.weight, self.conv_out.weight]
+        for block in blocks:
+            if block is not None:
+                convs += [block.conv1.weight, block.conv2.weight]
+                convs += [] if block.skip is None else [block.skip.weight]
+        flops = 2.0 * pixels * _size(*convs)
+        if self.middle_attention is not None:
+            attention = self.middle_attention.attention
+            projections = (attention.query_proj, attention.key_proj, attention.value_proj, attention.output_proj)
+            channels = self.conv_in.weight.shape[0]
+            flops += 2.0 * pixels * _size(*(p.weight for p in projections)) + 4.0 * pixels**2 * channels
+        if self.middle_transformer is not None:
+            middle = self.middle_transformer
+            patches = pixels // middle.patch**2
+            per_patch = _rotary_flops(middle.blocks, patches) + 2.0 * _size(middle.patch_in.weight, middle.patch_out.weight)
+            flops += patches * per_patch
+        return flops / seq_len
 
     def __call__(self, x_t, t, *, label=None, key=None):
         height, width, colours = self.image_shape

@@ -112,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("plugins", help="list registered components by slot and plugin")
 
+    from ddiff.runner.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(
+        commands.add_parser(
+            "bench", help="time named shapes: tokens/s, model FLOPs, MFU, compile time, memory, samplers"
+        )
+    )
+
     recipe = commands.add_parser("recipe", help="inspect recipes")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
     show = recipe_commands.add_parser("show", help="print the fully resolved recipe")
@@ -311,6 +319,12 @@ def _recipe_show(args: argparse.Namespace) -> None:
     print(load_recipe(args.recipe, args.overrides).to_yaml(), end="")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from ddiff.runner.bench import run_command
+
+    run_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ddiff`` command: parse ``argv`` (default: the command line), run the command,
     and return the exit status (2 with one line on stderr for a user's mistake)."""
@@ -324,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": _plugins,
         "plot": _plot,
         "diagnose": _diagnose,
+        "bench": _bench,
     }
     try:
         if args.command == "recipe":

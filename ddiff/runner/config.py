@@ -1,5 +1,5 @@
-"""The trainer's recipe sections: ``optimizer``, ``trainer`` and ``eval`` (``mesh`` is
-:class:`ddiff.runner.MeshConfig`). Each is a frozen dataclass whose fields are the
+"""The trainer's recipe sections: ``optimizer``, ``trainer``, ``eval`` and ``precision``
+(``mesh`` is :class:`ddiff.runner.MeshConfig`). Each is a frozen dataclass whose fields are the
 section's keys; a bad value raises :class:`~ddiff.RecipeError` with the key's path inside
 its section, to which the recipe builder adds the section's name.
 """
@@ -8,6 +8,7 @@ import dataclasses
 from typing import Literal
 
 from ddiff._errors import RecipeError, check_at_least
+from ddiff._layers import COMPUTE_DTYPES
 from ddiff._objective import AbstractObjective
 
 
@@ -145,3 +146,43 @@ class EvalConfig:
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise RecipeError(f"{key} {message}", path=key)
+
+
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+"""The dtypes a network may compute in (:data:`ddiff.COMPUTE_DTYPES`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+    """Mixed precision: the dtype every network computes in, e.g.
+    ``precision: {params: float32, compute: bfloat16}``.
+
+    Matrix products and activations run in ``compute``; parameters, gradients, optimizer
+    state and the EMA stay float32, and so do the network's output, log-probabilities,
+    every bound's terms, schedules and the samplers' draws
+    (:attr:`ddiff.DiffusionModel.compute_dtype`). A compute dtype the backend cannot run
+    is refused when the model is built.
+
+    Attributes:
+        params: dtype of the parameters (and optimizer state and EMA): ``float32``.
+        compute: dtype of the networks' products and activations: ``float32``,
+            ``bfloat16`` or ``float16``.
+    """
+
+    params: str = "float32"
+    compute: ComputeDtype = "float32"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.params == "float32",
+            "params",
+            f"must be float32 (parameters, optimizer state and EMA stay float32; lower "
+            f"precision.compute instead), got {self.params!r}",
+        )
+        _require(self.compute in COMPUTE_DTYPES, "compute", f"must be one of {', '.join(COMPUTE_DTYPES)}")
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The :attr:`ddiff.DiffusionModel.compute_dtype`: None when computing in float32
+        (the parameters' dtype), else the name."""
+        return None if self.compute == "float32" else self.compute

@@ -24,7 +24,13 @@ from ddiff._parameterization import AbstractParameterization
 from ddiff._process import AbstractForwardProcess
 from ddiff._registry import Registry, default_registry
 from ddiff._sampler import AbstractSampler
-from ddiff.runner.config import EvalConfig, OptimizerConfig, ParameterGroupConfig, TrainerConfig
+from ddiff.runner.config import (
+    EvalConfig,
+    OptimizerConfig,
+    ParameterGroupConfig,
+    PrecisionConfig,
+    TrainerConfig,
+)
 from ddiff.runner.mesh import MeshConfig
 
 # --------------------------------------------------------------------------- YAML
@@ -158,6 +164,7 @@ class Recipe:
     trainer: TrainerConfig
     eval: EvalConfig
     mesh: MeshConfig
+    precision: PrecisionConfig
     seed: int
     resolved: dict[str, Any]
     names: dict[str, str]
@@ -179,6 +186,7 @@ _CONFIG_SECTIONS = {
     "trainer": TrainerConfig,
     "eval": EvalConfig,
     "mesh": MeshConfig,
+    "precision": PrecisionConfig,
 }
 _SECTIONS = ("seed", *_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)
 _NESTED_CONFIGS = (ParameterGroupConfig,)

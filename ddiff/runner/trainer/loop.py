@@ -24,6 +24,7 @@ from ddiff.runner.checkpoint import (
 from ddiff.runner.mesh import global_batch, make_mesh, to_host
 from ddiff.runner.pipeline import train_batches, validate_batch
 from ddiff.runner.recipe import Recipe, eval_objectives, load_recipe
+from ddiff.runner.throughput import mfu, total_peak_flops, train_flops_per_token
 from ddiff.runner.trainer.compiled import compiled
 from ddiff.runner.trainer.evaluation import evaluate_split, make_eval
 from ddiff.runner.trainer.optimizer import make_optimizer
@@ -218,6 +219,8 @@ class Trainer:
         config = self.recipe.trainer
         data = self.recipe.data
         tokens_per_step = config.batch_size * data.seq_len
+        flops_per_token = train_flops_per_token(state.model, data.seq_len)
+        peak = total_peak_flops(self.recipe.precision.compute) if flops_per_token else None
         interactive = sys.stderr.isatty() if self.show_progress is None else self.show_progress
         bar = tqdm(
             total=end, initial=start, disable=not interactive, unit="step", dynamic_ncols=True
@@ -240,18 +243,23 @@ class Trainer:
                 now = time.perf_counter()
                 record = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 record["tokens_per_second"] = tokens_per_step * (done - last_step) / (now - last_time)
+                utilisation = mfu(record["tokens_per_second"], flops_per_token, peak)
+                if utilisation is not None:
+                    record["mfu"] = utilisation
                 last_time, last_step = now, done
                 self._log({"step": done, "split": "train", **record})
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}",
                     bpt=f"{record['bits_per_token']:.3f}",
                     tok_s=f"{record['tokens_per_second']:.0f}",
+                    **({"mfu": f"{utilisation:.1%}"} if utilisation is not None else {}),
                 )
                 if not interactive:
                     print(
                         f"step {done}/{end}  loss {record['loss']:.4f}  "
                         f"bits/token {record['bits_per_token']:.4f}  "
                         f"{record['tokens_per_second']:.0f} tokens/s"
+                        + (f"  MFU {utilisation:.1%}" if utilisation is not None else "")
                         + (f"  skipped {int(record['skipped_steps'])}" if record["skipped_steps"] else ""),
                         flush=True,
                     )

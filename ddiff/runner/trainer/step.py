@@ -27,11 +27,26 @@ def bits_per_token(nats: jax.Array, seq_len: int) -> jax.Array:
     return nats / (seq_len * math.log(2.0))
 
 
+def _nonfinite_per_leaf(tree: Any) -> jax.Array:
+    """One int per leaf of this device's shard: 1 where the leaf has a non-finite entry."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)] or [jnp.bool_(True)]
+    return (~jnp.stack(flags)).astype(jnp.int32)
+
+
 def _all_finite_per_leaf(tree: Any) -> jax.Array:
     """Inside shard_map: one flag per leaf, true where the leaf is finite on every device."""
-    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)] or [jnp.bool_(True)]
-    bad = jax.lax.psum((~jnp.stack(flags)).astype(jnp.int32), BATCH_AXES)
-    return bad == 0
+    return jax.lax.psum(_nonfinite_per_leaf(tree), BATCH_AXES) == 0
+
+
+def _finite_params_when(finite: jax.Array, params: Any) -> jax.Array:
+    """Inside shard_map: :func:`_all_finite_per_leaf` of ``params``, computed only for a
+    non-finite step (the only one whose report reads it; a finite step passes every
+    flag as true without reading the parameters)."""
+    count = max(len(jax.tree.leaves(params)), 1)
+    local = jax.lax.cond(
+        finite, lambda: jnp.zeros((count,), jnp.int32), lambda: _nonfinite_per_leaf(params)
+    )
+    return jax.lax.psum(local, BATCH_AXES) == 0
 
 
 def make_train_step(
@@ -84,8 +99,8 @@ def make_train_step(
         decay = ema_decay_at(state.step, optimizer.ema_decay)
         new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, new_params)
         finite_grads = _all_finite_per_leaf(grads)
-        finite_params = _all_finite_per_leaf(params)
         finite = jnp.all(finite_grads) & jnp.isfinite(terms.loss)
+        finite_params = _finite_params_when(finite, params)
 
         def guard(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
