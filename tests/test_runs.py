@@ -165,6 +165,11 @@ def test_resume_with_safe_changes_batched_samples_eval_lines_and_summary(full_ru
     key = jax.random.fold_in(jax.random.PRNGKey(changed.seed + 1), 6)
     whole = trainer.sample(state.ema, key=key, num_samples=5)
     np.testing.assert_array_equal(np.load(workdir / "samples" / "step_00000006.npy"), np.asarray(whole.tokens))
+    # Run once more: nothing to train, and the results of the end are not redone.
+    written = {p: p.stat().st_mtime_ns for p in (workdir / "eval.json", workdir / "samples" / "step_00000006.npy")}
+    trainer.run()
+    assert "steps 6 -> 6 of 6" in capsys.readouterr().out
+    assert written == {p: p.stat().st_mtime_ns for p in written}
 
 
 def test_fresh_moves_the_old_run_aside(tiny_recipe, tmp_path, capsys):
@@ -256,14 +261,22 @@ def test_ema_warm_up_values():
     assert float(ema_decay_at(jnp.asarray(8990), 0.999)) == pytest.approx(0.999, abs=1e-7)
 
 
-def test_the_train_step_uses_the_warm_up(tiny_recipe, tmp_path):
+def test_the_train_step_uses_the_warm_up(tiny_recipe, tiny_overrides, tmp_path, capsys):
     """The tiny recipe warms its learning rate up from 0, so step k = 0 leaves the
     parameters p0 as they are and the EMA e1 = 0.1 p0 + 0.9 p0; step k = 1 (decay 2/11)
     gives e2 = 2/11 e1 + 9/11 p2, computed here in float32 as the step does. A plain
-    decay of 0.999 would leave e2 within 0.1% of p0."""
+    decay of 0.999 would leave e2 within 0.1% of p0.
+
+    The directory holds a first attempt with another recipe that died before its first
+    checkpoint: the run starts afresh, and that attempt's metrics lines are dropped."""
+    prepare_workdir(tmp_path, _recipe(tiny_overrides, "network.dim=8")).release()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "split": "train", "loss": 99.0}\n')
     trainer = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False)
     initial = trainer.init_state()
     state = trainer.run(stop_at_step=2)
+    assert "never reached a checkpoint; starting it afresh with this recipe (it changed network.dim)" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 2 and record["loss"] != 99.0
     arrays = lambda model: jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))  # noqa: E731
     first, second = (jnp.float32(1.0 + k) / jnp.float32(10.0 + k) for k in (0, 1))
     moved = 0.0

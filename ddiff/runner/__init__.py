@@ -4,7 +4,7 @@ command line, diagnostics and plots.
 Nothing in the authoring layer (:mod:`ddiff`, :mod:`ddiff.testing`, plugins) imports
 this package; it builds on that layer. Modules: :mod:`~ddiff.runner.recipe` (YAML recipe
 files, overrides, :class:`Recipe`), :mod:`~ddiff.runner.config` (the ``optimizer``,
-``trainer`` and ``eval`` sections), :mod:`~ddiff.runner.mesh` (the ``mesh`` section,
+``trainer``, ``eval`` and ``logging`` sections), :mod:`~ddiff.runner.mesh` (the ``mesh`` section,
 meshes and placement), :mod:`~ddiff.runner.pipeline` (batching data sources),
 :mod:`~ddiff.runner.trainer` (the trainer package), :mod:`~ddiff.runner.checkpoint`,
 :mod:`~ddiff.runner.distributed`, :mod:`~ddiff.runner.cli`, :mod:`~ddiff.runner.diagnose`,
@@ -14,7 +14,13 @@ meshes and placement), :mod:`~ddiff.runner.pipeline` (batching data sources),
 
 from ddiff._errors import RunDirectoryError
 from ddiff.runner.cli import main
-from ddiff.runner.config import EvalConfig, OptimizerConfig, ParameterGroupConfig, TrainerConfig
+from ddiff.runner.config import (
+    EvalConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ParameterGroupConfig,
+    TrainerConfig,
+)
 from ddiff.runner.diagnose import diagnose
 from ddiff.runner.distributed import initialize
 from ddiff.runner.images import image_grid, png_bytes
@@ -35,6 +41,7 @@ from ddiff.runner.trainer import (
 
 __all__ = [
     "EvalConfig",
+    "LoggingConfig",
     "MeshConfig",
     "NonFiniteError",
     "OptimizerConfig",

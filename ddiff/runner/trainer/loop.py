@@ -1,5 +1,6 @@
 """The Trainer: runs a recipe in a run directory, resuming from its latest checkpoint."""
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -261,7 +262,7 @@ class Trainer:
                     raise Stopped(signals.received, int(state.step), self.workdir)
             finished = int(state.step) >= config.steps
             if finished:
-                self._finish(state)
+                self._finish(state, again=start >= config.steps)
             self._summary(state, manager, writers, finished)
             failed = False
         finally:
@@ -405,11 +406,16 @@ class Trainer:
             f"bits/token{in_unit} over {result['num_tokens']} tokens"
         )
 
-    def _finish(self, state: TrainState) -> None:
+    def _finish(self, state: TrainState, *, again: bool = False) -> None:
+        """Samples, the final evaluation (eval.json) and the plot at the end of training.
+        ``again``: the run had already ended (run once more); only what is missing, after
+        a crash at the very end, is done."""
         config = self.recipe.trainer
         step = int(state.step)
-        self._samples(state, step)
-        if config.final_eval:
+        samples = self.workdir / SAMPLES_DIR / f"step_{step:08d}.txt"
+        if not (again and samples.exists()):
+            self._samples(state, step)
+        if config.final_eval and not (again and self._evaluated(step)):
             result = self.evaluate(state.ema)
             write_eval(self.workdir, self.recipe, result, step)
             self._log({"step": step, "split": "eval", **result})
@@ -418,6 +424,13 @@ class Trainer:
             from ddiff.runner.plot import plot_run
 
             plot_run(self.workdir)
+
+    def _evaluated(self, step: int) -> bool:
+        """Whether eval.json holds the evaluation of ``step``."""
+        try:
+            return json.loads((self.workdir / EVAL_FILE).read_text()).get("step") == step
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _summary(self, state: TrainState, manager, writers: MetricWriters, finished: bool) -> None:
         """Where the run's results are, one line each."""
