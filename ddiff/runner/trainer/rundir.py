@@ -153,12 +153,14 @@ def prepare_workdir(
     except OSError as error:
         raise RunDirectoryError(f"cannot create the run directory {workdir}: {error.strerror}") from None
     lock = RunLock(workdir).acquire()
+    if fresh and jax.process_index() != 0:
+        return lock  # process 0 moves the old run aside; the trainer waits for it
     try:
-        if fresh and jax.process_index() == 0 and any(p.name != LOCK_FILE for p in workdir.iterdir()):
+        if fresh and any(p.name != LOCK_FILE for p in workdir.iterdir()):
             aside = _moved_aside(workdir)
             os.replace(workdir, aside)
             note(f"ddiff: moved the earlier run in {workdir} aside to {aside}")
-            workdir.mkdir()
+            workdir.mkdir(exist_ok=True)
             lock.release()
             lock = RunLock(workdir).acquire()
         _check_recipe(workdir, recipe, note)
