@@ -99,7 +99,8 @@ class SectionBuilder:
             cls = self.registry.get(slot, name)
         except DdiffError:
             raise self.error(
-                f"{path}.kind", unknown_name_message(slot, name, self.registry.names(slot))
+                f"{path}.kind",
+                unknown_name_message(slot, name, self.registry.names(slot), self.registry.broken),
             ) from None
         arguments = {k: v for k, v in raw.items() if k != "kind"}
         kwargs, resolved = self.arguments(cls, arguments, path, context, f"{slot} {name!r}")

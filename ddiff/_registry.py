@@ -2,8 +2,10 @@
 
 import dataclasses
 import difflib
+import importlib.metadata
 import inspect
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 
 import pluggy
@@ -44,12 +46,39 @@ class Entry:
     plugin: str
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin of the ``ddiff`` entry-point group whose module failed to import; the
+    other plugins work without it.
+
+    Attributes:
+        name: the entry point's name (the plugin's name).
+        entry_point: ``name = module`` as the package declares it.
+        error: the exception, ``ImportError: No module named 'torch'``.
+    """
+
+    name: str
+    entry_point: str
+    error: str
+
+    def __str__(self) -> str:
+        return (
+            f"plugin {self.name!r} (entry point {self.entry_point}) failed to import: "
+            f"{self.error}; its components are unavailable"
+        )
+
+
 class Registry:
-    """Components by slot and name. Refuses duplicates, wrong bases and abstract classes."""
+    """Components by slot and name. Refuses duplicates, wrong bases and abstract classes.
+
+    Attributes:
+        broken: the plugins whose module failed to import (:class:`BrokenPlugin`).
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {slot: {} for slot in SLOTS}
         self._current_plugin = "<direct>"
+        self.broken: tuple[BrokenPlugin, ...] = ()
 
     def register(self, slot: str, name: str, cls: type) -> None:
         """Register ``cls`` under ``name`` in ``slot``.
@@ -94,7 +123,7 @@ class Registry:
             raise RegistryError(f"unknown slot {slot!r}; slots are: {', '.join(SLOTS)}")
         entries = self._entries[slot]
         if name not in entries:
-            raise RegistryError(unknown_name_message(slot, name, entries))
+            raise RegistryError(unknown_name_message(slot, name, entries, self.broken))
         return entries[name]
 
     def name_of(self, slot: str, cls: type) -> str:
@@ -116,12 +145,16 @@ class Registry:
         return self
 
 
-def unknown_name_message(slot: str, name: object, names: Iterable[str]) -> str:
+def unknown_name_message(
+    slot: str, name: object, names: Iterable[str], broken: Iterable[BrokenPlugin] = ()
+) -> str:
     names = sorted(names)
     close = difflib.get_close_matches(str(name), names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     available = ", ".join(names) or "none registered"
-    return f"unknown {slot} {name!r}{hint} (available: {available})"
+    failed = ", ".join(repr(plugin.name) for plugin in broken)
+    failed = f"; plugins that failed to import, which may provide it: {failed}" if failed else ""
+    return f"unknown {slot} {name!r}{hint} (available: {available}){failed}"
 
 
 def make_plugin_manager(
@@ -135,16 +168,48 @@ def make_plugin_manager(
     if load_entry_points is None:
         load_entry_points = not os.environ.get(DISABLE_AUTOLOAD_ENV)
     if load_entry_points:
-        manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _BROKEN[manager] = _load_entry_points(manager)
     for plugin in plugins:
         manager.register(plugin)
     manager.check_pending()
     return manager
 
 
+_BROKEN: "weakref.WeakKeyDictionary[pluggy.PluginManager, tuple[BrokenPlugin, ...]]" = (
+    weakref.WeakKeyDictionary()
+)
+"""The plugins each manager failed to import (read by :func:`build_registry`)."""
+
+
+def _load_entry_points(manager: pluggy.PluginManager) -> tuple[BrokenPlugin, ...]:
+    """Register the module of every entry point of the ``ddiff`` group; a module that
+    fails to import is skipped and returned, so one broken package cannot stop the
+    others (pluggy's own loader raises on the first)."""
+    broken: dict[str, BrokenPlugin] = {}
+    for distribution in importlib.metadata.distributions():
+        for entry_point in distribution.entry_points:
+            name = entry_point.name
+            if entry_point.group != ENTRY_POINT_GROUP or name in broken:
+                continue
+            if manager.has_plugin(name) or manager.is_blocked(name):
+                continue
+            try:
+                plugin = entry_point.load()
+            except Exception as error:  # noqa: BLE001 - any failure to import is reported
+                message = str(error).splitlines()[0] if str(error) else ""
+                broken[name] = BrokenPlugin(
+                    name, f"{name} = {entry_point.value}", f"{type(error).__name__}: {message}"
+                )
+                continue
+            manager.register(plugin, name=name)
+    return tuple(broken.values())
+
+
 def build_registry(manager: pluggy.PluginManager) -> Registry:
-    """Call every plugin's ``ddiff_register_components`` hook into a fresh registry."""
+    """Call every plugin's ``ddiff_register_components`` hook into a fresh registry
+    (which lists in ``broken`` the plugins that failed to import)."""
     registry = Registry()
+    registry.broken = _BROKEN.get(manager, ())
     for impl in manager.hook.ddiff_register_components.get_hookimpls():
         impl.function(registry=registry._from_plugin(impl.plugin_name))
     registry._current_plugin = "<direct>"

@@ -47,6 +47,7 @@ TINY_OVERRIDES = (
     "eval.time_draws=2",
     "optimizer.warmup_steps=2",
     "mesh.data=1",
+    "logging.plot=false",
 )
 
 

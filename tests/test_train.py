@@ -64,7 +64,9 @@ def test_other_recipe_is_refused_without_touching_checkpoints(full_run, tiny_ove
 def test_eval_and_sample_commands(full_run, capsys):
     workdir, _ = full_run
     assert main(["eval", str(workdir)]) == 0
-    result = json.loads((workdir / "eval.json").read_text())
+    written = capsys.readouterr().err.split("wrote ")[1].strip()
+    result = json.loads(open(written).read())
+    assert written.startswith(str(workdir / "eval_step00000006"))
     assert result["step"] == 6 and result["bits_per_token_stderr"] > 0
     assert main(["sample", str(workdir), "--num", "3", "--steps", "2", "--name", "cli"]) == 0
     assert len((workdir / "samples" / "cli.txt").read_text().splitlines()) == 3
@@ -110,11 +112,11 @@ def test_console_entry_point_exit_status(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_data_location_may_change_on_resume_but_nothing_else():
+def test_data_location_and_length_may_change_on_resume_but_not_the_data():
     from ddiff.runner.trainer.rundir import recipe_differences
 
     saved = {"data": {"kind": "text8", "root": "/a"}, "trainer": {"steps": 5, "log_every": 1}}
-    moved = {"data": {"kind": "text8", "root": "/b"}, "trainer": {"steps": 5, "log_every": 2}}
+    moved = {"data": {"kind": "text8", "root": "/b"}, "trainer": {"steps": 6, "log_every": 2}}
     assert recipe_differences(saved, moved) == []
-    other = {"data": {"kind": "text8", "root": "/b"}, "trainer": {"steps": 6, "log_every": 1}}
-    assert recipe_differences(saved, other) == ["trainer.steps"]
+    other = {"data": {"kind": "text8", "root": "/b", "length": 9}, "trainer": {"steps": 6, "log_every": 1}}
+    assert recipe_differences(saved, other) == ["data.length"]

@@ -4,7 +4,7 @@ command line, diagnostics and plots.
 Nothing in the authoring layer (:mod:`ddiff`, :mod:`ddiff.testing`, plugins) imports
 this package; it builds on that layer. Modules: :mod:`~ddiff.runner.recipe` (YAML recipe
 files, overrides, :class:`Recipe`), :mod:`~ddiff.runner.config` (the ``optimizer``,
-``trainer``, ``eval`` and ``precision`` sections), :mod:`~ddiff.runner.mesh` (the ``mesh`` section,
+``trainer``, ``eval``, ``precision`` and ``logging`` sections), :mod:`~ddiff.runner.mesh` (the ``mesh`` section,
 meshes and placement), :mod:`~ddiff.runner.pipeline` (batching data sources),
 :mod:`~ddiff.runner.trainer` (the trainer package), :mod:`~ddiff.runner.checkpoint`,
 :mod:`~ddiff.runner.distributed`, :mod:`~ddiff.runner.cli`, :mod:`~ddiff.runner.diagnose`,
@@ -18,6 +18,7 @@ from ddiff.runner.config import (
     EvalConfig,
     OptimizerConfig,
     ParameterGroupConfig,
+    LoggingConfig,
     PrecisionConfig,
     TrainerConfig,
 )
@@ -41,6 +42,7 @@ from ddiff.runner.trainer import (
 
 __all__ = [
     "EvalConfig",
+    "LoggingConfig",
     "MeshConfig",
     "NonFiniteError",
     "OptimizerConfig",

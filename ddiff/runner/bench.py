@@ -549,13 +549,14 @@ def bench_sampler(name: str, shape: Shape, raw: dict[str, Any], *, repeats: int)
     sample = compiled(make_sample, (recipe.sampler,), seq_len=seq_len, mesh=mesh)
     conditioning = Conditioning()
     key = jax.random.key(1)
+    first = jnp.asarray(0, jnp.int32)
     count = shape.sample_batch
-    jaxpr = eqx.filter_make_jaxpr(sample.function)(sample.arrays, model, key, count, conditioning)[
-        0
-    ]
+    jaxpr = eqx.filter_make_jaxpr(sample.function)(
+        sample.arrays, model, key, first, count, conditioning
+    )[0]
     callbacks, loops = host_callbacks(jaxpr.jaxpr)
     start = time.perf_counter()
-    program = _compile(sample, model, key, count, conditioning)
+    program = _compile(sample, model, key, first, count, conditioning)
     compile_seconds = time.perf_counter() - start
     memory = memory_of(program)
     if memory:
@@ -569,7 +570,7 @@ def bench_sampler(name: str, shape: Shape, raw: dict[str, Any], *, repeats: int)
     evaluations = [0]
 
     def run() -> None:
-        output = sample(model, key, count, conditioning)
+        output = sample(model, key, first, count, conditioning)
         jax.block_until_ready(output)
         evaluations[0] = int(output.num_function_evals)
 

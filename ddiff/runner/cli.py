@@ -1,19 +1,112 @@
-"""The ``ddiff`` command line."""
+"""The ``ddiff`` command line.
+
+Every mistake a user can make ends in one ``ddiff: error:`` line and exit status 2: an
+argument of the wrong type or range is refused by the parser before anything is loaded
+or compiled, and recipe, run-directory and data errors are :class:`ddiff.DdiffError`.
+Recipe overrides (``key.path=value``) may stand before or after the options.
+"""
 
 import argparse
+import difflib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ddiff._config import set_typecheck
-from ddiff._errors import DdiffError, RecipeError
+from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
+
+OVERRIDES_HELP = (
+    "recipe overrides key.path=value, before or after the options; section=NAME or "
+    "section='{kind: NAME, key: value}' replaces a whole section"
+)
+
+
+class UsageError(DdiffError):
+    """A command line the parser refuses (unknown option, wrong type or range)."""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help that states every option's default (``(default: 16)``; ``(default: off)``
+    for a flag) unless its text already says what happens by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.nargs == argparse.ZERO_OR_MORE:
+            return f"{text} (default: none)"
+        if action.option_strings or action.nargs == argparse.OPTIONAL:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose refusals are one line (:class:`UsageError`), not a
+    usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _integer(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{upper}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite real number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+_SEED = _integer(0, 2**32 - 1)
+_MAX_SAMPLES = 2**31 - 1
+"""Sample indices fold into 32-bit keys (:func:`ddiff.sample_keys`)."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ddiff")
+    except PackageNotFoundError:
+        from ddiff import __version__
+
+        return __version__
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ddiff", description="Discrete diffusion models: train, evaluate, sample."
+    parser = _Parser(
+        prog="ddiff",
+        description="Discrete diffusion models: train, evaluate, sample.",
+        epilog="Run 'ddiff COMMAND --help' for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"ddiff {_version()}")
     parser.add_argument(
         "--no-typecheck",
         action="store_true",
@@ -21,68 +114,133 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="train a recipe into a run directory (resumes)")
-    run.add_argument("recipe", help="recipe YAML file")
-    run.add_argument("overrides", nargs="*", help="overrides such as trainer.steps=100")
-    run.add_argument("--workdir", help="run directory (default: runs/<recipe name>)")
-    run.add_argument(
-        "--stop-at-step", type=int, default=None, help="stop (with a checkpoint) at this step"
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description or help)
+
+    run = command(
+        "run",
+        "train a recipe into a run directory (run again to resume)",
+        "Train a recipe into a run directory; the same command resumes from its latest "
+        "checkpoint. Steps, cadences, eval, sampler and logging settings and the data's "
+        "location may change on resume; other changes are refused. A run that never "
+        "reached a checkpoint restarts with the new recipe.",
     )
-    run.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
-    run.add_argument("--num-processes", type=int, help="number of processes")
-    run.add_argument("--process-id", type=int, help="this process's index")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    run.add_argument("--workdir", help="run directory (default: runs/<recipe file name>)")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="move an earlier run in the directory aside to DIR.old-N and start anew",
+    )
+    run.add_argument(
+        "--stop-at-step",
+        type=_integer(0),
+        default=None,
+        help="stop with a checkpoint at this step (default: trainer.steps)",
+    )
+    run.add_argument(
+        "--coordinator-address",
+        help="host:port of process 0 of a multi-process run (default: single process)",
+    )
+    run.add_argument(
+        "--num-processes", type=_integer(1), help="number of processes (default: single process)"
+    )
+    run.add_argument(
+        "--process-id", type=_integer(0), help="this process's index (default: single process)"
+    )
     run.add_argument(
         "--distributed",
         action="store_true",
         help="join a multi-process run detected from the cluster (TPU pod, SLURM, MPI)",
     )
 
-    evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
-    evaluate.add_argument("workdir")
+    evaluate = command(
+        "eval",
+        "evaluate a run's latest checkpoint",
+        "Evaluate the EMA parameters of a run's latest checkpoint over the eval split and "
+        "write DIR/eval_step<k>.json (a numbered name when it exists: nothing is "
+        "overwritten unless --overwrite).",
+    )
+    evaluate.add_argument("workdir", help="run directory")
     evaluate.add_argument(
         "overrides",
         nargs="*",
-        help="recipe overrides such as data.root=/data or data.eval_split=test, or "
+        help="overrides such as data.root=/data or data.eval_split=test, or "
         "'data={kind: zero_shot, name: wikitext103}' for another data set",
     )
-    evaluate.add_argument("--time-draws", type=int, default=None)
-    evaluate.add_argument("--max-examples", type=int, default=None)
-    evaluate.add_argument("--output", default=None, help="file name in DIR (default eval.json)")
+    evaluate.add_argument(
+        "--time-draws", type=_integer(1), default=None, help="draws per sequence (default: eval.time_draws)"
+    )
+    evaluate.add_argument(
+        "--max-examples",
+        type=_integer(1),
+        default=None,
+        help="evaluate at most this many sequences (default: eval.max_examples, null: all)",
+    )
+    evaluate.add_argument(
+        "--output", default=None, help="JSON file, in DIR unless a path (default: eval_step<k>.json)"
+    )
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
-    plot = commands.add_parser("plot", help="draw a run's loss and eval curves as a PNG")
-    plot.add_argument("workdir")
-    plot.add_argument("--output", default=None, help="PNG path (default DIR/curves.png)")
+    plot = command("plot", "draw a run's loss and eval curves as a PNG")
+    plot.add_argument("workdir", help="run directory")
+    plot.add_argument("--output", default=None, help="PNG path (default: DIR/curves.png, redrawn)")
 
-    sample = commands.add_parser("sample", help="draw samples from a run's latest checkpoint")
-    sample.add_argument("workdir")
-    sample.add_argument("--num", type=int, default=16, help="number of samples")
-    sample.add_argument("--steps", type=int, default=None, help="sampler steps")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--name", default=None, help="file name stem under DIR/samples")
+    sample = command(
+        "sample",
+        "draw samples from a run's latest checkpoint",
+        "Draw samples from the EMA parameters of a run's latest checkpoint, in batches, "
+        "into DIR/samples/NAME.txt, .npy and .json (.png for images). Sample i is drawn "
+        "from the i-th key of --seed, so the batch size never changes the samples.",
+    )
+    sample.add_argument("workdir", help="run directory")
+    sample.add_argument("--num", type=_integer(1, _MAX_SAMPLES), default=16, help="number of samples")
     sample.add_argument(
-        "--label", type=int, default=None, help="class label (class-conditional models)"
+        "--batch-size",
+        type=_integer(1),
+        default=None,
+        help="samples drawn at once (default: trainer.sample_batch_size)",
+    )
+    sample.add_argument(
+        "--steps", type=_integer(1), default=None, help="sampler steps (default: sampler.steps)"
+    )
+    sample.add_argument("--seed", type=_SEED, default=0, help="seed of the samples' keys")
+    sample.add_argument(
+        "--name",
+        default=None,
+        help="file name stem under DIR/samples (default: sample_step<k>_seed<s>, numbered "
+        "when it exists)",
+    )
+    sample.add_argument("--overwrite", action="store_true", help="replace existing --name files")
+    sample.add_argument(
+        "--label",
+        type=_integer(0),
+        default=None,
+        help="class label of class-conditional models (default: unconditional)",
     )
     sample.add_argument(
         "--guidance",
-        type=float,
+        type=_finite,
         default=0.0,
         help="classifier-free guidance weight w (needs --label): (1+w) cond - w uncond",
     )
     given = sample.add_mutually_exclusive_group()
     given.add_argument(
-        "--prefix", default=None, help='infilling: token ids that start every sample, e.g. "3 4 5"'
+        "--prefix",
+        default=None,
+        help='infilling: token ids that start every sample, e.g. "3 4 5" (default: none)',
     )
     given.add_argument(
         "--fixed",
         default=None,
         metavar="FILE.npy",
         help="infilling: integer array of shape (seq,) or (num, seq); entries >= 0 are kept "
-        "fixed throughout sampling, -1 marks positions to generate",
+        "fixed throughout sampling, -1 marks positions to generate (default: none)",
     )
 
-    diagnose = commands.add_parser(
-        "diagnose",
-        help="evaluate several objectives on the same network and data: means and spreads",
+    diagnose = command(
+        "diagnose", "evaluate several objectives on the same network and data: means and spreads"
     )
     diagnose.add_argument(
         "target", help="a run directory (its trained model) or a recipe YAML (its untrained model)"
@@ -93,39 +251,86 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="SPEC",
-        help="a registered objective, NAME or '{kind: NAME, key: value}'; give it once per objective",
+        help="a registered objective, NAME or '{kind: NAME, key: value}'; give it once per "
+        "objective (required, no default)",
     )
-    diagnose.add_argument("--batches", type=int, default=8, help="eval batches to use (default 8)")
+    diagnose.add_argument("--batches", type=_integer(1), default=8, help="eval batches to use")
     diagnose.add_argument(
-        "--batch-size", type=int, default=None, help="sequences per batch (default eval.batch_size)"
+        "--batch-size",
+        type=_integer(1),
+        default=None,
+        help="sequences per batch (default: eval.batch_size)",
     )
     diagnose.add_argument(
-        "--repeats", type=int, default=1, help="independent draws per batch (2+ gives the estimator std)"
+        "--repeats", type=_integer(1), default=1, help="independent draws per batch (2+ gives the estimator std)"
     )
-    diagnose.add_argument("--seed", type=int, default=0)
+    diagnose.add_argument("--seed", type=_SEED, default=0, help="seed of the draws")
     diagnose.add_argument(
         "--no-ema", action="store_true", help="a run's trained parameters rather than their EMA"
     )
     diagnose.add_argument(
-        "--output", default=None, help="JSON file (default DIR/diagnose.json, or diagnose.json here)"
+        "--output",
+        default=None,
+        help="JSON file (default: DIR/diagnose.json, or ./diagnose.json for a recipe; "
+        "numbered when it exists)",
     )
+    diagnose.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
-    commands.add_parser("plugins", help="list registered components by slot and plugin")
+    plugins = command(
+        "plugins",
+        "list registered components, or describe one",
+        "Without arguments, list every registered component by slot with its plugin, and "
+        "the plugins that failed to import. With SLOT, list that slot. With SLOT NAME, "
+        "print the component's documentation, its recipe keys with types and defaults, "
+        "and the capabilities it provides and requires.",
+    )
+    plugins.add_argument("slot", nargs="?", default=None, help="a slot: data, process, schedule, ...")
+    plugins.add_argument("name", nargs="?", default=None, help="a registered name in the slot")
 
     from ddiff.runner.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(
-        commands.add_parser(
-            "bench", help="time named shapes: tokens/s, model FLOPs, MFU, compile time, memory, samplers"
-        )
+        command("bench", "time named shapes: tokens/s, model FLOPs, MFU, compile time, memory, samplers")
     )
 
-    recipe = commands.add_parser("recipe", help="inspect recipes")
-    recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
-    show = recipe_commands.add_parser("show", help="print the fully resolved recipe")
-    show.add_argument("recipe")
-    show.add_argument("overrides", nargs="*")
+    recipe = command("recipe", "inspect recipes")
+    recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True, metavar="COMMAND")
+    show = recipe_commands.add_parser(
+        "show", help="print the fully resolved recipe", description="print the fully resolved recipe"
+    )
+    show.add_argument("recipe", help="recipe YAML file")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     return parser
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _output_path(path: Path, option: str, overwrite: bool) -> Path:
+    """Refuse an output path whose folder is missing, or an existing file unless
+    ``overwrite``."""
+    if not path.parent.is_dir():
+        raise RecipeError(
+            f"{option} {path}: folder {path.parent} does not exist; create it first",
+            source="command line",
+        )
+    if path.is_dir():
+        raise RecipeError(f"{option} {path} is a directory; give a file name", source="command line")
+    if path.exists() and not overwrite:
+        raise RecipeError(
+            f"{option} {path} exists; choose another name or add --overwrite", source="command line"
+        )
+    return path
+
+
+def _run_directory(workdir: str) -> Path:
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"{path} is a file, not a run directory")
+    return path
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -141,32 +346,44 @@ def _run(args: argparse.Namespace) -> None:
     )
     recipe = load_recipe(args.recipe, args.overrides)
     workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.recipe).stem
-    Trainer(recipe, workdir).run(stop_at_step=args.stop_at_step)
+    Trainer(recipe, workdir).run(stop_at_step=args.stop_at_step, fresh=args.fresh)
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from ddiff.runner.files import unused_path
     from ddiff.runner.trainer import Trainer, load_run, write_eval
 
+    workdir = _run_directory(args.workdir)
+    if args.output is not None:
+        _output_path(workdir / args.output, "--output", args.overwrite)
     overrides = list(args.overrides)
     if args.time_draws is not None:
         overrides.append(f"eval.time_draws={args.time_draws}")
     if args.max_examples is not None:
         overrides.append(f"eval.max_examples={args.max_examples}")
-    recipe, state = load_run(args.workdir, tuple(overrides))
-    trainer = Trainer(recipe, args.workdir)
+    recipe, state = load_run(workdir, tuple(overrides))
+    step = int(state.step)
+    output = args.output or unused_path(workdir / f"eval_step{step:08d}.json").name
+    trainer = Trainer(recipe, workdir)
     result = trainer.evaluate(state.ema)
-    path = write_eval(Path(args.workdir), recipe, result, int(state.step), name=args.output)
+    path = write_eval(workdir, recipe, result, step, name=output)
     print(json.dumps(json.loads(path.read_text()), indent=2))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _plot(args: argparse.Namespace) -> None:
     from ddiff.runner.plot import plot_run
 
-    print(f"wrote {plot_run(args.workdir, args.output)}")
+    workdir = _run_directory(args.workdir)
+    output = None
+    if args.output is not None:
+        output = _output_path(Path(args.output), "--output", overwrite=True)
+    print(f"wrote {plot_run(workdir, output)}")
 
 
 def _given_tokens(args: argparse.Namespace, num: int, seq_len: int, vocab_size: int):
-    """The (tokens, mask) of --prefix or --fixed, each of shape (num, seq_len), or None."""
+    """The (tokens, mask) of --prefix or --fixed, each of shape (1, seq_len) (the same for
+    every sample) or (num, seq_len), or None."""
     import numpy as np
 
     def refuse(message: str) -> RecipeError:
@@ -179,8 +396,8 @@ def _given_tokens(args: argparse.Namespace, num: int, seq_len: int, vocab_size: 
             raise refuse(f"--prefix {args.prefix!r} is not a list of token ids") from None
         if not prefix or len(prefix) > seq_len:
             raise refuse(f"--prefix needs 1 to {seq_len} token ids, got {len(prefix)}")
-        given = np.full((seq_len,), -1, np.int64)
-        given[: len(prefix)] = prefix
+        given = np.full((1, seq_len), -1, np.int64)
+        given[0, : len(prefix)] = prefix
     elif args.fixed is not None:
         try:
             given = np.load(args.fixed, allow_pickle=False)
@@ -193,6 +410,7 @@ def _given_tokens(args: argparse.Namespace, num: int, seq_len: int, vocab_size: 
                 f"--fixed {args.fixed}: shape {given.shape}, expected ({seq_len},) or "
                 f"({num}, {seq_len}) (--num {num}, sequence length {seq_len})"
             )
+        given = given.reshape(-1, seq_len)
     else:
         return None
     if given.min() < -1 or given.max() >= vocab_size:
@@ -200,12 +418,12 @@ def _given_tokens(args: argparse.Namespace, num: int, seq_len: int, vocab_size: 
             f"given token ids must be in 0..{vocab_size - 1} (or -1 for a free position), "
             f"got {int(given.min())}..{int(given.max())}"
         )
-    given = np.broadcast_to(given, (num, seq_len))
     return np.maximum(given, 0).astype(np.int32), given >= 0
 
 
 def _conditioning(args: argparse.Namespace, recipe, num: int):
-    """Conditioning from --label, --guidance, --prefix and --fixed, and its description."""
+    """Conditioning from --label, --guidance, --prefix and --fixed (arrays with one row
+    for every sample, or one row per sample), and its description."""
     import jax.numpy as jnp
 
     from ddiff._sampler import Conditioning
@@ -225,7 +443,7 @@ def _conditioning(args: argparse.Namespace, recipe, num: int):
                 f"--label must be in 0..{data.num_classes - 1}, got {args.label}",
                 source="command line",
             )
-        labels = jnp.full((num,), args.label, jnp.int32)
+        labels = jnp.full((1,), args.label, jnp.int32)
         info["label"] = args.label
     if args.guidance != 0.0:
         if labels is None:
@@ -239,7 +457,8 @@ def _conditioning(args: argparse.Namespace, recipe, num: int):
     fixed_tokens = fixed_mask = None
     if given is not None:
         fixed_tokens, fixed_mask = jnp.asarray(given[0]), jnp.asarray(given[1])
-        info["num_fixed_positions"] = int(given[1].sum())
+        per_sample = int(given[1].sum()) * (num if len(given[1]) == 1 else 1)
+        info["num_fixed_positions"] = per_sample
     conditioning = Conditioning(
         labels=labels, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, guidance=args.guidance
     )
@@ -248,28 +467,64 @@ def _conditioning(args: argparse.Namespace, recipe, num: int):
 
 def _sample(args: argparse.Namespace) -> None:
     import jax
+    from tqdm import tqdm
 
+    from ddiff.runner.files import unused_path
     from ddiff.runner.trainer import Trainer, load_run
+    from ddiff.runner.trainer.sampling import SAMPLES_DIR, SampleWriter
 
-    if args.num < 1:
-        raise RecipeError("--num must be at least 1", source="command line")
+    workdir = _run_directory(args.workdir)
+    directory = workdir / SAMPLES_DIR
+    suffixes = (".txt", ".npy", ".json", ".png")
+    if args.name is not None:
+        if not args.name or Path(args.name).name != args.name:
+            raise RecipeError(f"--name {args.name!r} must be a plain file name", source="command line")
+        taken = [directory / f"{args.name}{suffix}" for suffix in suffixes]
+        if not args.overwrite and any(path.exists() for path in taken):
+            raise RecipeError(
+                f"--name {args.name}: samples of that name exist in {directory}; choose another "
+                f"name or add --overwrite",
+                source="command line",
+            )
     overrides = () if args.steps is None else (f"sampler.steps={args.steps}",)
-    recipe, state = load_run(args.workdir, overrides)
+    recipe, state = load_run(workdir, overrides)
     conditioning, info = _conditioning(args, recipe, args.num)
-    trainer = Trainer(recipe, args.workdir)
-    output = trainer.sample(
-        state.ema, key=jax.random.PRNGKey(args.seed), num_samples=args.num, conditioning=conditioning
+    trainer = Trainer(recipe, workdir)
+    step = int(state.step)
+    name = args.name or unused_path(directory / f"sample_step{step:08d}_seed{args.seed}", suffixes).name
+    batch_size = args.batch_size or recipe.trainer.sample_batch_size
+    size = trainer.sample_batch(args.num, batch_size)
+    writer = SampleWriter(workdir, recipe, name, args.num, conditioning=info)
+    bar = tqdm(
+        total=args.num, unit="sample", disable=not sys.stderr.isatty() or size >= args.num, dynamic_ncols=True
     )
-    name = args.name or f"sample_step{int(state.step):08d}_seed{args.seed}"
-    path = trainer.write_samples(output, name, conditioning=info)
-    print(f"wrote {args.num} samples ({int(output.num_function_evals)} network evaluations) to {path}")
+    try:
+        for tokens, evals in trainer.sample_batches(
+            state.ema,
+            key=jax.random.PRNGKey(args.seed),
+            num_samples=args.num,
+            conditioning=conditioning,
+            batch_size=batch_size,
+        ):
+            writer.add(tokens, evals)
+            bar.update(len(tokens))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    path = writer.close()
+    print(
+        f"wrote {args.num} samples in {writer.num_batches} batch(es) of {size} "
+        f"({writer.num_function_evals} network evaluations per batch at most) to {path}"
+    )
 
 
 def _diagnose(args: argparse.Namespace) -> None:
     import jax
 
     from ddiff.runner.diagnose import diagnose, format_diagnosis, parse_objective
-    from ddiff.runner.files import atomic_write_text
+    from ddiff.runner.files import atomic_write_text, unused_path
     from ddiff.runner.recipe import load_recipe
     from ddiff.runner.trainer import build_model, load_run
 
@@ -279,15 +534,17 @@ def _diagnose(args: argparse.Namespace) -> None:
         overrides.append(f"eval.batch_size={args.batch_size}")
     if not target.exists():
         raise RecipeError("no such run directory or recipe file", source=str(target))
+    if args.output is not None:
+        output = _output_path(Path(args.output), "--output", args.overwrite)
+    else:
+        output = unused_path((target if target.is_dir() else Path(".")) / "diagnose.json")
     if target.is_dir():
         recipe, state = load_run(target, tuple(overrides))
         model = state.model if args.no_ema else state.ema
-        output = Path(args.output) if args.output else target / "diagnose.json"
         described = f"{target} at step {int(state.step)} ({'trained' if args.no_ema else 'EMA'} parameters)"
     else:
         recipe = load_recipe(target, overrides)
         model = build_model(recipe, jax.random.split(jax.random.PRNGKey(recipe.seed))[0])
-        output = Path(args.output) if args.output else Path("diagnose.json")
         described = f"{target}, untrained (the initialisation of seed {recipe.seed})"
     objectives = [parse_objective(text, recipe) for text in args.objective]
     labels = [named.label for named in objectives]
@@ -301,16 +558,103 @@ def _diagnose(args: argparse.Namespace) -> None:
     print(f"{described}\n{format_diagnosis(result)}\nwrote {output}")
 
 
+# --------------------------------------------------------------------------- plugins
+
+
+def _type_name(hint: Any) -> str:
+    """How ``ddiff plugins SLOT NAME`` shows a recipe key's type."""
+    import types
+    import typing
+
+    from ddiff._registry import SLOTS
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        shown = " | ".join(_type_name(o) for o in options)
+        return f"{shown} | null" if len(options) < len(typing.get_args(hint)) else shown
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if isinstance(hint, type):
+        for slot, base in SLOTS.items():
+            if issubclass(hint, base):
+                return f"{slot} section"
+        return hint.__name__
+    if origin is tuple:
+        arguments = typing.get_args(hint)
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return f"list of {_type_name(arguments[0])}"
+    return str(hint).replace("typing.", "")
+
+
+def recipe_keys(cls: type) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The recipe keys of a component class as (name, type, default) with ``required``
+    for a key without default, and the constructor arguments ddiff sets itself."""
+    import inspect
+
+    from ddiff._builder import _hints
+    from ddiff._network import NETWORK_CONTEXT
+
+    derived = {*NETWORK_CONTEXT, "vocab_size", "seq_len", "num_classes"}
+    hints = _hints(cls)
+    keys, set_by_ddiff = [], []
+    for name, parameter in inspect.signature(cls).parameters.items():
+        if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+            continue
+        if name in derived:
+            set_by_ddiff.append(name)
+            continue
+        default = "required" if parameter.default is inspect.Parameter.empty else repr(parameter.default)
+        keys.append((name, _type_name(hints.get(name, Any)), default))
+    return keys, set_by_ddiff
+
+
+def _describe_component(registry, slot: str, name: str) -> None:
+    import inspect
+
+    entry = registry.entry(slot, name)
+    cls = entry.cls
+    print(f"{slot} {name}: {cls.__module__}.{cls.__qualname__}  [plugin: {entry.plugin}]\n")
+    print(inspect.cleandoc(cls.__doc__ or "(no documentation)"))
+    keys, derived = recipe_keys(cls)
+    print("\nrecipe keys:" if keys else "\nrecipe keys: none")
+    width = max((len(key) for key, _, _ in keys), default=0)
+    for key, type_name, default in keys:
+        print(f"  {key:<{width}}  {type_name} = {default}")
+    if derived:
+        print(f"set by ddiff: {', '.join(derived)}")
+    from ddiff._capabilities import Capable
+
+    provides = ", ".join(sorted(cls.provides)) or "nothing"
+    if cls.capabilities is not Capable.capabilities:
+        provides = f"worked out from its settings by {cls.__qualname__}.capabilities()"
+    print(f"provides: {provides}")
+    requires = "; ".join(f"{other}: {', '.join(sorted(needed))}" for other, needed in cls.requires.items())
+    print(f"requires: {requires or 'nothing'}")
+    print(f"recipe: {slot}: {{kind: {name}{''.join(f', {k}: ...' for k, _, d in keys if d == 'required')}}}")
+
+
 def _plugins(args: argparse.Namespace) -> None:
     from ddiff._registry import SLOTS, default_registry
 
     registry = default_registry()
+    if args.slot is not None and args.slot not in SLOTS:
+        close = difflib.get_close_matches(args.slot, SLOTS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"unknown slot {args.slot!r}{hint} (slots: {', '.join(SLOTS)})", source="command line")
+    if args.name is not None:
+        _describe_component(registry, args.slot, args.name)
+        return
     entries = list(registry)
-    for slot in SLOTS:
+    for slot in SLOTS if args.slot is None else (args.slot,):
         print(f"{slot}:")
         for entry in (e for e in entries if e.slot == slot):
             cls = entry.cls
             print(f"  {entry.name:<22} {cls.__module__}.{cls.__qualname__}  [plugin: {entry.plugin}]")
+    if registry.broken and args.slot is None:
+        print("broken plugins (their components are unavailable):")
+        for plugin in registry.broken:
+            print(f"  {plugin.name:<22} entry point {plugin.entry_point}: {plugin.error}")
 
 
 def _recipe_show(args: argparse.Namespace) -> None:
@@ -325,12 +669,50 @@ def _bench(args: argparse.Namespace) -> None:
     run_command(args)
 
 
+_TAKES_OVERRIDES = ("run", "eval", "diagnose", "recipe")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; arguments the parser leaves over that are overrides
+    (``key.path=value``) join the command's overrides wherever they stood."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if args.command not in _TAKES_OVERRIDES:
+        unknown = list(extra)
+    if unknown:
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        options = [
+            option
+            for action in _command_parser(parser, args)._actions
+            for option in action.option_strings
+        ]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], options, n=1)
+        if close:
+            message += f"; did you mean {close[0]}?"
+        prog = f"ddiff {args.command}"
+        raise UsageError(f"{prog}: {message} (see {prog} --help)")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[args.command]
+    return parser
+
+
+def _warn_broken_plugins() -> None:
+    from ddiff._registry import default_registry
+
+    for plugin in default_registry().broken:
+        print(f"ddiff: warning: {plugin}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ddiff`` command: parse ``argv`` (default: the command line), run the command,
     and return the exit status (2 with one line on stderr for a user's mistake)."""
-    args = _parser().parse_args(argv)
-    if args.no_typecheck:
-        set_typecheck(False)
     handlers = {
         "run": _run,
         "eval": _eval,
@@ -339,12 +721,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": _plot,
         "diagnose": _diagnose,
         "bench": _bench,
+        "recipe": _recipe_show,
     }
     try:
-        if args.command == "recipe":
-            _recipe_show(args)
-        else:
-            handlers[args.command](args)
+        try:
+            args = _parse(_parser(), argv)
+        except SystemExit as exit:  # --help, --version
+            return exit.code if isinstance(exit.code, int) else 0
+        if args.no_typecheck:
+            set_typecheck(False)
+        if args.command not in ("plot", "plugins"):
+            _warn_broken_plugins()
+        handlers[args.command](args)
     except DdiffError as error:
         status = getattr(error, "exit_status", 2)
         prefix = "ddiff: " if status != 2 else "ddiff: error: "

@@ -1,10 +1,12 @@
-"""The trainer's recipe sections: ``optimizer``, ``trainer``, ``eval`` and ``precision``
+"""The trainer's recipe sections: ``optimizer``, ``trainer``, ``eval``, ``precision`` and ``logging``
 (``mesh`` is :class:`ddiff.runner.MeshConfig`). Each is a frozen dataclass whose fields are the
 section's keys; a bad value raises :class:`~ddiff.RecipeError` with the key's path inside
 its section, to which the recipe builder adds the section's name.
 """
 
 import dataclasses
+import importlib.util
+import sys
 from typing import Literal
 
 from ddiff._errors import RecipeError, check_at_least
@@ -53,7 +55,11 @@ class OptimizerConfig:
         weight_decay: decoupled weight decay.
         b1, b2, eps: Adam moments.
         grad_clip: global gradient norm clip (null disables).
-        ema_decay: decay of the exponential moving average of the parameters.
+        ema_decay: decay d of the exponential moving average of the parameters, warmed
+            up: step k (counted from 0) uses min(d, (1 + k) / (10 + k)), so the average
+            forgets its initialisation within tens of steps and a short run evaluates
+            sensibly (0.1 at the first step, 0.5 at step 8, 0.9 at step 80, 0.99 at
+            step 890; d itself from k = (10d - 1)/(1 - d) on).
         schedule: own settings for the parameters of the forward process's schedule
             (GenMD4's learnable powers), e.g. ``{weight_decay: 0.0}``; null trains them
             with the settings above.
@@ -90,8 +96,10 @@ class TrainerConfig:
         eval_batches: batches per periodic evaluation.
         checkpoint_every: steps between checkpoints (and always at the end).
         keep_checkpoints: how many checkpoints to keep.
-        sample_every: steps between sample batches (0: only at the end).
-        num_samples: sequences per sample batch.
+        sample_every: steps between samples (0: only at the end).
+        num_samples: sequences sampled each time (0: none).
+        sample_batch_size: sequences drawn at once (on all devices together); more
+            samples are drawn in several batches, with the same result.
         final_eval: evaluate the whole eval split at the end, writing eval.json.
         on_nonfinite: a step with a non-finite loss or gradient is never applied; ``halt``
             stops with a report naming the step, the loss terms and the parameters,
@@ -107,11 +115,12 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     sample_every: int = 0
     num_samples: int = 16
+    sample_batch_size: int = 64
     final_eval: bool = True
     on_nonfinite: Literal["halt", "skip"] = "halt"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "sample_batch_size"):
             check_at_least(name, getattr(self, name))
         for name in ("eval_every", "eval_batches", "sample_every", "num_samples"):
             check_at_least(name, getattr(self, name), 0)
@@ -141,6 +150,54 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_at_least("batch_size", self.batch_size)
         check_at_least("time_draws", self.time_draws)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Where training metrics go besides ``metrics.jsonl``, which is always written:
+    TensorBoard event files and Weights & Biases, each with the same records (train
+    lines every ``trainer.log_every`` steps, eval results), on process 0.
+
+    Attributes:
+        tensorboard: write TensorBoard event files under ``DIR/tensorboard`` (needs
+            tensorboardX: ``pip install 'ddiff[tensorboard]'``). A resumed run discards
+            the events after its checkpoint, as it does in metrics.jsonl.
+        wandb: log to Weights & Biases (needs wandb: ``pip install 'ddiff[wandb]'``),
+            with the resolved recipe as the run's config; the W&B run's id is kept in
+            ``DIR/wandb_id``, so a resumed run continues the same W&B run.
+        wandb_project: the W&B project.
+        wandb_entity: the W&B team or user (null: wandb's default).
+        wandb_name: the W&B run's display name (null: the run directory's name).
+        wandb_mode: ``online``, ``offline`` (files under ``DIR/wandb``, uploaded later
+            with ``wandb sync``) or ``disabled``; null follows the ``WANDB_MODE``
+            environment variable, else online.
+        plot: draw the loss and eval curves into ``DIR/curves.png`` at the end of
+            training (as ``ddiff plot DIR`` does at any time).
+    """
+
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "ddiff"
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    plot: bool = False
+
+    def __post_init__(self) -> None:
+        for key, module, extra in (("tensorboard", "tensorboardX", "tensorboard"), ("wandb", "wandb", "wandb")):
+            _require(
+                not getattr(self, key) or _installed(module),
+                key,
+                f"needs the {module} package: pip install 'ddiff[{extra}]' (or set logging.{key}=false)",
+            )
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` is imported or can be (``sys.modules[module] = None`` blocks it,
+    as it blocks ``import``)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def _require(condition: bool, key: str, message: str) -> None:

@@ -29,3 +29,21 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def numbered(path: Path, number: int) -> Path:
+    """``name.ext`` with ``-number`` before its extension (``eval.json`` -> ``eval-2.json``);
+    number 1 is ``path`` itself."""
+    path = Path(path)
+    return path if number == 1 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+
+
+def unused_path(path: Path, suffixes: tuple[str, ...] = ("",)) -> Path:
+    """The first of ``path``, ``path-2``, ``path-3``, ... (the number before the
+    extension) for which no file ``path + suffix`` exists for any of ``suffixes``: a
+    result is never written over an earlier one. ``suffixes`` serves results written as
+    several files (``.txt``, ``.npy``, ``.json`` of one stem)."""
+    number = 1
+    while any(Path(f"{numbered(path, number)}{suffix}").exists() for suffix in suffixes):
+        number += 1
+    return numbered(path, number)

@@ -8,6 +8,7 @@ path and what is accepted.
 """
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,12 +23,13 @@ from ddiff._errors import RecipeError
 from ddiff._objective import AbstractObjective
 from ddiff._parameterization import AbstractParameterization
 from ddiff._process import AbstractForwardProcess
-from ddiff._registry import Registry, default_registry
+from ddiff._registry import SLOTS, Registry, default_registry
 from ddiff._sampler import AbstractSampler
 from ddiff.runner.config import (
     EvalConfig,
     OptimizerConfig,
     ParameterGroupConfig,
+    LoggingConfig,
     PrecisionConfig,
     TrainerConfig,
 )
@@ -93,9 +95,16 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError("no such recipe file; check the path", source=source) from None
+    except IsADirectoryError:
+        raise RecipeError("is a directory; give a recipe YAML file", source=source) from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"not UTF-8 text (byte {error.start} cannot be decoded); a recipe is a YAML text file",
+            source=source,
+        ) from None
     except OSError as error:
         raise RecipeError(f"cannot read the recipe: {error.strerror}", source=source) from None
     raw = parse_yaml(text, source)
@@ -108,35 +117,88 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> dict[str, Any]:
-    """Apply ``dotted.path=value`` overrides (values parsed as YAML) to a copy of ``raw``."""
+def apply_overrides(
+    raw: dict[str, Any], overrides: Sequence[str], source: str, *, registry: Registry | None = None
+) -> dict[str, Any]:
+    """Apply ``dotted.path=value`` overrides (values parsed as YAML) to a copy of ``raw``.
+
+    ``section=NAME`` or ``section={kind: NAME, key: value}`` replaces a whole section
+    (``sampler=d3pm_ancestral``). ``section.kind=NAME`` naming another registered kind
+    than the section has keeps the section's keys that NAME's class accepts and drops
+    the others (the old kind's own settings); keys the command line sets in that section
+    are always kept, whether they come before or after. A section written as a bare name
+    (``schedule: cosine``) is read as ``{kind: cosine}`` when an override sets a key
+    inside it. ``registry`` (default: the installed plugins) tells which keys a kind
+    accepts."""
     result = _deep_copy(raw)
-    for override in overrides:
-        if "=" not in override:
-            raise RecipeError(
-                f"override {override!r} is not of the form key.path=value", source="command line"
-            )
-        dotted, text = override.split("=", 1)
-        parts = dotted.strip().split(".")
-        if not all(parts):
-            raise RecipeError(f"override {override!r} has an empty key", source="command line")
-        value = parse_yaml(text, "command line") if text.strip() else None
-        node = result
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise RecipeError(
-                    f"cannot set {dotted}: {where} is a value, not a section",
-                    source="command line",
-                    path=dotted,
-                )
-            node = child
+    parsed = [_parse_override(override) for override in overrides]
+    for index, (parts, value) in enumerate(parsed):
+        node = _parent(result, parts)
+        if parts[-1] == "kind" and len(parts) > 1 and node.get("kind") != value:
+            accepted = _accepted_keys(registry or default_registry(), parts[-2], value)
+            if accepted is not None:
+                for key in [key for key in node if key != "kind" and key not in accepted]:
+                    del node[key]
+                section = parts[:-1]
+                for other, other_value in parsed[:index]:
+                    if other[: len(section)] == section and len(other) > len(section):
+                        _parent(result, other)[other[-1]] = other_value
         node[parts[-1]] = value
     del source
     return result
+
+
+def _accepted_keys(registry: Registry, section: str, kind: Any) -> set[str] | None:
+    """The constructor arguments of the component registered as ``kind`` (in the slot
+    named like ``section`` when several slots have that name), or None when unknown."""
+    if not isinstance(kind, str):
+        return None
+    slots = [slot for slot in SLOTS if kind in registry.names(slot)]
+    if len(slots) > 1:
+        slots = [slot for slot in slots if slot == section]
+    if len(slots) != 1:
+        return None
+    parameters = inspect.signature(registry.get(slots[0], kind)).parameters.values()
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _parse_override(override: str) -> tuple[list[str], Any]:
+    if "=" not in override:
+        raise RecipeError(
+            f"override {override!r} is not of the form key.path=value", source="command line"
+        )
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override {override!r} has an empty key", source="command line")
+    value = parse_yaml(text, "command line") if text.strip() else None
+    return parts, value
+
+
+def _parent(root: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """The mapping that holds ``parts[-1]``, creating sections on the way; a bare name
+    on the way is a component section's short form and becomes ``{kind: name}``."""
+    node = root
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str) and _is_component_name(child):
+            child = node[part] = {"kind": child}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise RecipeError(
+                f"cannot set {'.'.join(parts)}: {where} is a value, not a section",
+                source="command line",
+                path=".".join(parts),
+            )
+        node = child
+    return node
+
+
+def _is_component_name(name: str) -> bool:
+    registry = default_registry()
+    return any(name in registry.names(slot) for slot in SLOTS)
 
 
 def _deep_copy(value: Any) -> Any:
@@ -165,6 +227,7 @@ class Recipe:
     eval: EvalConfig
     mesh: MeshConfig
     precision: PrecisionConfig
+    logging: LoggingConfig
     seed: int
     resolved: dict[str, Any]
     names: dict[str, str]
@@ -187,6 +250,7 @@ _CONFIG_SECTIONS = {
     "eval": EvalConfig,
     "mesh": MeshConfig,
     "precision": PrecisionConfig,
+    "logging": LoggingConfig,
 }
 _SECTIONS = ("seed", *_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)
 _NESTED_CONFIGS = (ParameterGroupConfig,)
@@ -263,5 +327,5 @@ def load_recipe(
     path: str | Path, overrides: Sequence[str] = (), *, registry: Registry | None = None
 ) -> Recipe:
     """Read, override and build a recipe file."""
-    raw = apply_overrides(read_recipe_file(path), overrides, str(path))
+    raw = apply_overrides(read_recipe_file(path), overrides, str(path), registry=registry)
     return build_recipe(raw, source=str(path), registry=registry)

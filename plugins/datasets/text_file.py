@@ -50,6 +50,10 @@ class TextFileSource(ddiff.AbstractDataSource):
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ddiff.DataError(f"text_file: {path} is missing") from None
+        except IsADirectoryError:
+            raise ddiff.DataError(f"text_file: {path} is a directory; give data.path a text file") from None
+        except OSError as error:
+            raise ddiff.DataError(f"text_file: cannot read {path}: {error.strerror}") from None
         except UnicodeDecodeError as error:
             raise ddiff.DataError(
                 f"text_file: {path} is not UTF-8 text (byte {error.start} cannot be decoded)"

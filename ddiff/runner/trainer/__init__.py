@@ -7,7 +7,8 @@ decay), :mod:`~ddiff.runner.trainer.step` (the compiled step),
 :mod:`~ddiff.runner.trainer.evaluation` (held-out evaluation),
 :mod:`~ddiff.runner.trainer.sampling` (sampling over the mesh and sample files),
 :mod:`~ddiff.runner.trainer.compiled` (compiled functions shared between Trainers),
-:mod:`~ddiff.runner.trainer.rundir` (the run directory),
+:mod:`~ddiff.runner.trainer.rundir` (the run directory, its lock and resume rules),
+:mod:`~ddiff.runner.trainer.writers` (metrics.jsonl, TensorBoard, Weights & Biases),
 :mod:`~ddiff.runner.trainer.signals` (stopping on SIGTERM/SIGINT) and
 :mod:`~ddiff.runner.trainer.loop` (the :class:`Trainer`).
 """

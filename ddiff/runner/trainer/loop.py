@@ -1,7 +1,9 @@
 """The Trainer: runs a recipe in a run directory, resuming from its latest checkpoint."""
 
+import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +31,21 @@ from ddiff.runner.trainer.compiled import compiled
 from ddiff.runner.trainer.evaluation import evaluate_split, make_eval
 from ddiff.runner.trainer.optimizer import make_optimizer
 from ddiff.runner.trainer.rundir import (
+    EVAL_FILE,
     METRICS_FILE,
     RECIPE_FILE,
-    append_metrics,
+    RunLock,
     check_same_shape,
     prepare_workdir,
     print_header,
     truncate_metrics,
     write_eval,
 )
-from ddiff.runner.trainer.sampling import make_sample, write_samples
+from ddiff.runner.trainer.sampling import SAMPLES_DIR, SampleWriter, make_sample, write_samples
 from ddiff.runner.trainer.signals import Stopped, StopSignals
 from ddiff.runner.trainer.state import TrainState, initial_state, parameter_paths, place_state
 from ddiff.runner.trainer.step import make_train_step
+from ddiff.runner.trainer.writers import MetricWriters
 
 
 class NonFiniteError(DdiffError):
@@ -66,6 +70,11 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _note(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 class Trainer:
     """Runs a recipe in a work directory, resuming from its latest checkpoint.
 
@@ -87,6 +96,7 @@ class Trainer:
         self.show_progress = show_progress
         self.mesh = make_mesh(recipe.mesh) if mesh is None else mesh
         self.num_devices = self.mesh.size
+        self._writers: MetricWriters | None = None
         check_divisible(recipe, self.num_devices)
         self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
         self._step_fn = compiled(
@@ -143,23 +153,56 @@ class Trainer:
         key: jax.Array,
         num_samples: int,
         conditioning: Conditioning | None = None,
+        batch_size: int | None = None,
     ) -> SampleOutput:
-        """Draw ``num_samples`` sequences, split over the mesh's devices (padded to a
-        multiple of their number, then trimmed); tokens come back on the host."""
-        conditioning = conditioning or Conditioning()
-        padded = -(-num_samples // self.num_devices) * self.num_devices
-
-        def pad(array):
-            extra = np.repeat(np.asarray(array)[-1:], padded - num_samples, axis=0)
-            return global_batch(np.concatenate([np.asarray(array), extra]), self.mesh)
-
-        arrays, static = eqx.partition(conditioning, eqx.is_array)
-        conditioning = eqx.combine(jax.tree.map(pad, arrays), static)
-        output = self._sample_fn(model, key, padded, conditioning)
+        """Draw ``num_samples`` sequences, ``batch_size`` at a time (default: all at once),
+        each batch split over the mesh's devices; tokens come back on the host. The
+        samples do not depend on ``batch_size`` (sample i is drawn from
+        ``fold_in(key, i)``); ``num_function_evals`` is that of the costliest batch."""
+        parts, evals = [], 0
+        for tokens, batch_evals in self.sample_batches(
+            model, key=key, num_samples=num_samples, conditioning=conditioning, batch_size=batch_size
+        ):
+            parts.append(tokens)
+            evals = max(evals, batch_evals)
         return SampleOutput(
-            tokens=jnp.asarray(to_host(output.tokens)[:num_samples]),
-            num_function_evals=output.num_function_evals,
+            tokens=jnp.asarray(np.concatenate(parts)), num_function_evals=jnp.asarray(evals, jnp.int32)
         )
+
+    def sample_batch(self, num_samples: int, batch_size: int | None = None) -> int:
+        """The size of the batches :meth:`sample_batches` draws: ``batch_size`` (default
+        all), at most ``num_samples``, rounded up to a multiple of the devices."""
+        size = min(batch_size or num_samples, num_samples)
+        return -(-size // self.num_devices) * self.num_devices
+
+    def sample_batches(
+        self,
+        model: DiffusionModel,
+        *,
+        key: jax.Array,
+        num_samples: int,
+        conditioning: Conditioning | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """Samples 0 .. ``num_samples`` - 1 in batches (:meth:`sample_batch`), as (host
+        tokens of the batch, network evaluations). Every batch runs one compiled program
+        (the last is padded and trimmed); each array of ``conditioning`` has one row per
+        sample, cut with the batches, or one row for every sample."""
+        conditioning = conditioning or Conditioning()
+        size = self.sample_batch(num_samples, batch_size)
+        arrays, static = eqx.partition(conditioning, eqx.is_array)
+        arrays = jax.tree.map(np.asarray, arrays)
+        for first in range(0, num_samples, size):
+            count = min(size, num_samples - first)
+            # Rows first .. first + count - 1, the last repeated to fill the batch.
+            rows = np.minimum(np.arange(first, first + size), num_samples - 1)
+
+            def cut(array, rows=rows):
+                return global_batch(array[rows if len(array) > 1 else np.zeros_like(rows)], self.mesh)
+
+            batch_conditioning = eqx.combine(jax.tree.map(cut, arrays), static)
+            output = self._sample_fn(model, key, jnp.asarray(first, jnp.int32), size, batch_conditioning)
+            yield to_host(output.tokens)[:count], int(output.num_function_evals)
 
     def write_samples(
         self, output: SampleOutput, name: str, *, conditioning: dict[str, Any] | None = None
@@ -171,12 +214,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, *, stop_at_step: int | None = None) -> TrainState:
+    def run(self, *, stop_at_step: int | None = None, fresh: bool = False) -> TrainState:
         """Train to ``trainer.steps`` (or ``stop_at_step``), resuming from the newest intact
-        checkpoint. SIGTERM or SIGINT saves a checkpoint and raises :class:`Stopped`."""
+        checkpoint; with ``fresh``, an earlier run in the directory is moved aside first.
+        The directory is locked for the run (:class:`~ddiff.runner.trainer.rundir.RunLock`).
+        SIGTERM or SIGINT saves a checkpoint and raises :class:`Stopped`. Ends with a
+        summary of where the results are."""
+        lock = self.prepare_workdir(fresh=fresh)
+        try:
+            state = self._run(stop_at_step)
+        finally:
+            lock.release()
+        return state
+
+    def _run(self, stop_at_step: int | None) -> TrainState:
         config = self.recipe.trainer
         data = self.recipe.data
-        self.prepare_workdir()
         state = self.init_state()
         iterator = train_batches(
             data,
@@ -186,16 +239,21 @@ class Trainer:
             process_count=jax.process_count(),
         )
         manager = checkpoint_manager(self.workdir, config.keep_checkpoints)
+        writers = None
+        failed = True
         try:
             restored = restore_latest(manager, state, warn=_warn)
             latest = None
             if restored is not None:
                 state, iterator_state, latest = restored
                 iterator.set_state(iterator_state)
-                truncate_metrics(self.workdir / METRICS_FILE, latest)
+            if jax.process_index() == 0:
+                truncate_metrics(self.workdir / METRICS_FILE, latest or 0)
             start = int(state.step)
             end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
             print_header(self.recipe, state, self.mesh, start, end)
+            writers = MetricWriters(self.workdir, self.recipe, start)
+            self._writers = writers
             with StopSignals() as signals:
                 state = self._loop(state, iterator, manager, start, end, signals)
                 if latest is None or int(state.step) > latest:
@@ -203,15 +261,28 @@ class Trainer:
                 finish_saving(manager)
                 if signals.received is not None and int(state.step) < end:
                     raise Stopped(signals.received, int(state.step), self.workdir)
+            finished = int(state.step) >= config.steps
+            if finished:
+                self._finish(state, again=start >= config.steps)
+            self._summary(state, manager, writers, finished)
+            failed = False
         finally:
+            if writers is not None:
+                writers.close(failed=failed)
+            self._writers = None
             manager.close()
-        if int(state.step) >= config.steps:
-            self._finish(state)
         return state
 
-    def prepare_workdir(self) -> None:
-        """Create the work directory, or check that it was made by the same recipe."""
-        prepare_workdir(self.workdir, self.recipe)
+    def prepare_workdir(self, *, fresh: bool = False) -> RunLock:
+        """Lock the work directory (creating it) and check that it was made by the same
+        recipe up to the changes a resume allows (moving an earlier run aside with
+        ``fresh``); returns the held lock."""
+        lock = prepare_workdir(self.workdir, self.recipe, fresh=fresh, note=_note)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("ddiff: run directory prepared")
+        return lock
 
     def _loop(
         self, state: TrainState, iterator, manager, start: int, end: int, signals: StopSignals
@@ -267,6 +338,11 @@ class Trainer:
             if config.eval_every and done % config.eval_every == 0 and done != config.steps:
                 result = self.evaluate(state.ema, max_batches=config.eval_batches)
                 self._log({"step": done, "split": "eval", **result})
+                line = f"eval at step {done}: {self._eval_line(result)}"
+                if interactive:
+                    bar.write(line)
+                else:
+                    print(line, flush=True)
             if config.sample_every and done % config.sample_every == 0 and done != config.steps:
                 self._samples(state, done)
             if done % config.checkpoint_every == 0 and done != end:
@@ -310,35 +386,87 @@ class Trainer:
         )
 
     def _samples(self, state: TrainState, step: int) -> Path | None:
-        if self.recipe.trainer.num_samples == 0:
+        config = self.recipe.trainer
+        if config.num_samples == 0:
             return None
         key = jax.random.fold_in(jax.random.PRNGKey(self.recipe.seed + 1), step)
-        output = self.sample(state.ema, key=key, num_samples=self.recipe.trainer.num_samples)
-        return self.write_samples(output, f"step_{step:08d}")
+        writer = SampleWriter(self.workdir, self.recipe, f"step_{step:08d}", config.num_samples)
+        try:
+            for tokens, evals in self.sample_batches(
+                state.ema, key=key, num_samples=config.num_samples, batch_size=config.sample_batch_size
+            ):
+                writer.add(tokens, evals)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
 
-    def _finish(self, state: TrainState) -> None:
+    def _eval_line(self, result: dict[str, float]) -> str:
+        """An evaluation result on one line: bits per token and the data's metric."""
+        metric = self.recipe.data.metric
+        in_unit = (
+            f" ({metric} {result[metric]:.4f} ± {result[f'{metric}_stderr']:.4f})"
+            if metric != "bits_per_token"
+            else ""
+        )
+        return (
+            f"{result['bits_per_token']:.4f} ± {result['bits_per_token_stderr']:.4f} "
+            f"bits/token{in_unit} over {result['num_tokens']} tokens"
+        )
+
+    def _finish(self, state: TrainState, *, again: bool = False) -> None:
+        """Samples, the final evaluation (eval.json) and the plot at the end of training.
+        ``again``: the run had already ended (run once more); only what is missing, after
+        a crash at the very end, is done."""
         config = self.recipe.trainer
         step = int(state.step)
-        self._samples(state, step)
-        if config.final_eval:
+        samples = self.workdir / SAMPLES_DIR / f"step_{step:08d}.txt"
+        if not (again and samples.exists()):
+            self._samples(state, step)
+        if config.final_eval and not (again and self._evaluated(step)):
             result = self.evaluate(state.ema)
             write_eval(self.workdir, self.recipe, result, step)
             self._log({"step": step, "split": "eval", **result})
-            metric = self.recipe.data.metric
-            in_unit = (
-                f" ({metric} {result[metric]:.4f} ± {result[f'{metric}_stderr']:.4f})"
-                if metric != "bits_per_token"
-                else ""
-            )
-            print(
-                f"eval at step {step}: {result['bits_per_token']:.4f} "
-                f"± {result['bits_per_token_stderr']:.4f} bits/token{in_unit} "
-                f"over {result['num_tokens']} tokens",
-                flush=True,
-            )
+            print(f"eval at step {step}: {self._eval_line(result)}", flush=True)
+        if self.recipe.logging.plot and jax.process_index() == 0:
+            from ddiff.runner.plot import plot_run
+
+            plot_run(self.workdir)
+
+    def _evaluated(self, step: int) -> bool:
+        """Whether eval.json holds the evaluation of ``step``."""
+        try:
+            return json.loads((self.workdir / EVAL_FILE).read_text()).get("step") == step
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _summary(self, state: TrainState, manager, writers: MetricWriters, finished: bool) -> None:
+        """Where the run's results are, one line each."""
+        if jax.process_index() != 0:
+            return
+        from ddiff.runner.plot import PLOT_FILE
+
+        step = int(state.step)
+        places = [("checkpoints", f"{manager.directory} (latest step {manager.latest_step()})")]
+        places.append(("metrics", str(self.workdir / METRICS_FILE)))
+        places += writers.locations()
+        if finished and self.recipe.trainer.final_eval:
+            places.append(("eval", str(self.workdir / EVAL_FILE)))
+        samples = self.workdir / SAMPLES_DIR / f"step_{step:08d}.txt"
+        if finished and samples.exists():
+            places.append(("samples", f"{samples} (.npy, .json{', .png' if self.recipe.data.image_shape else ''})"))
+        if finished and self.recipe.logging.plot:
+            places.append(("plots", str(self.workdir / PLOT_FILE)))
+        else:
+            places.append(("plots", f"ddiff plot {self.workdir} draws {self.workdir / PLOT_FILE}"))
+        status = "done" if finished else f"stopped at step {step} of {self.recipe.trainer.steps}; run the same command to go on"
+        width = max(len(what) for what, _ in places)
+        lines = [f"ddiff: {status}; run directory {self.workdir}"]
+        lines += [f"  {what:<{width}}  {where}" for what, where in places]
+        print("\n".join(lines), flush=True)
 
     def _log(self, record: dict[str, Any]) -> None:
-        append_metrics(self.workdir, record)
+        self._writers.write(record)
 
 
 def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Recipe, TrainState]:

@@ -1,7 +1,13 @@
 """The run directory: the recipe that made it, metrics, evaluation results, and the
 checks that keep a run from mixing with another."""
 
+import dataclasses
+import fcntl
 import json
+import os
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,53 +18,237 @@ from jax.sharding import Mesh
 from ddiff._constant import trainable
 from ddiff._errors import RunDirectoryError
 from ddiff.runner.checkpoint import CHECKPOINT_DIR
-from ddiff.runner.files import atomic_write_text
+from ddiff.runner.files import atomic_write_text, unused_path
 from ddiff.runner.recipe import Recipe, parse_yaml
 from ddiff.runner.trainer.state import TrainState
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+LOCK_FILE = ".ddiff.lock"
 
-RESUME_MAY_DIFFER = frozenset({"trainer.log_every", "data.root", "data.path", "data.download"})
-"""Resolved-recipe keys that may change between a run and its resumption (logging, and
-where the data lie: a run may resume on another machine)."""
+RESUMABLE = (
+    "trainer.steps",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.eval_batches",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.sample_every",
+    "trainer.num_samples",
+    "trainer.sample_batch_size",
+    "trainer.final_eval",
+    "trainer.on_nonfinite",
+    "eval",
+    "sampler",
+    "logging",
+    "mesh",
+    "data.root",
+    "data.path",
+    "data.download",
+)
+"""Recipe keys (and whole sections) that may change when a run resumes from a
+checkpoint: how long to train, the cadences of logs, evaluations, samples and
+checkpoints, what to do with a non-finite step, evaluation and sampling settings,
+logging, the mesh, and where the data lie (a run may resume on another machine; the
+checkpoint is laid out on the new mesh, and no draw depends on the mesh). Nothing here
+changes the train state a step computes from its predecessor, up to float round-off
+between meshes; ``trainer.steps`` also stretches the learning rate's decay."""
 
 
-def prepare_workdir(workdir: Path, recipe: Recipe) -> None:
-    """Create the work directory with the resolved recipe, or check that it was made by
-    the same recipe."""
-    recipe_path = workdir / RECIPE_FILE
-    if recipe_path.exists():
-        saved = parse_yaml(recipe_path.read_text(), str(recipe_path)) or {}
-        differences = recipe_differences(saved, recipe.resolved)
-        if differences:
-            shown = ", ".join(differences[:5])
+def resumable(path: str) -> bool:
+    """Whether the dotted recipe key ``path`` may change on resume (:data:`RESUMABLE`)."""
+    return any(path == key or path.startswith((f"{key}.", f"{key}[")) for key in RESUMABLE)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by one process at a time.
+
+    The lock is ``flock`` on ``DIR/.ddiff.lock``: the operating system releases it when
+    the process ends however it ends (exit, crash, SIGKILL), so a crashed run never
+    leaves its directory stuck. The file records who holds it, for the message of the
+    process that is refused. In a multi-process run only process 0 takes it.
+    """
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self._handle: Any = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or refuse naming the process that holds it.
+
+        Raises:
+            RunDirectoryError: another process holds the lock.
+        """
+        if jax.process_index() != 0:
+            return self
+        path = self.workdir / LOCK_FILE
+        handle = open(path, "a+")  # noqa: SIM115 - held open while the lock is held
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
             raise RunDirectoryError(
-                f"{workdir} was made by a different recipe (differs at: {shown}); "
-                f"use another --workdir, or the recipe in {recipe_path}"
+                f"{self.workdir} is in use by {holder or 'another process'}; wait for it "
+                f"to end, or use another --workdir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"ddiff process {os.getpid()} on {socket.gethostname()} since {started}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        """Let the lock go (closing the file releases it)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether the run directory holds a checkpoint (complete or not)."""
+    directory = Path(workdir) / CHECKPOINT_DIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _moved_aside(workdir: Path) -> Path:
+    """The first ``DIR.old-N`` that does not exist."""
+    number = 1
+    while (aside := workdir.with_name(f"{workdir.name}.old-{number}")).exists():
+        number += 1
+    return aside
+
+
+def prepare_workdir(
+    workdir: Path, recipe: Recipe, *, fresh: bool = False, note: Callable[[str], None] = print
+) -> RunLock:
+    """Lock the run directory (creating it) and check the recipe against the one that
+    made it, then write the recipe there. Returns the held lock.
+
+    - A directory whose run has a checkpoint resumes only with changes at the keys of
+      :data:`RESUMABLE` (each is ``note``-d); any other change is refused, naming every
+      differing key with its old and new value.
+    - A directory whose run never reached a checkpoint starts afresh with the new recipe.
+    - With ``fresh``, an existing run is first moved aside to ``DIR.old-N`` (never deleted).
+
+    Raises:
+        RunDirectoryError: DIR is a file, is locked by another process, was made by a
+            different recipe, or holds checkpoints without a recipe.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise RunDirectoryError(f"--workdir {workdir} is a file, not a directory; choose another path")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirectoryError(f"cannot create the run directory {workdir}: {error.strerror}") from None
+    lock = RunLock(workdir).acquire()
+    if fresh and jax.process_index() != 0:
+        return lock  # process 0 moves the old run aside; the trainer waits for it
+    try:
+        if fresh and any(p.name != LOCK_FILE for p in workdir.iterdir()):
+            aside = _moved_aside(workdir)
+            os.replace(workdir, aside)
+            note(f"ddiff: moved the earlier run in {workdir} aside to {aside}")
+            workdir.mkdir(exist_ok=True)
+            lock.release()
+            lock = RunLock(workdir).acquire()
+        _check_recipe(workdir, recipe, note)
+    except BaseException:
+        lock.release()
+        raise
+    if jax.process_index() == 0:
+        atomic_write_text(workdir / RECIPE_FILE, recipe.to_yaml())
+    return lock
+
+
+def _check_recipe(workdir: Path, recipe: Recipe, note: Callable[[str], None]) -> None:
+    recipe_path = workdir / RECIPE_FILE
+    checkpointed = has_checkpoint(workdir)
+    if not recipe_path.exists():
+        if checkpointed:
+            raise RunDirectoryError(
+                f"{workdir} has checkpoints but no {RECIPE_FILE}; use another --workdir"
             )
         return
-    if workdir.exists() and (workdir / CHECKPOINT_DIR).exists():
-        raise RunDirectoryError(
-            f"{workdir} has checkpoints but no {RECIPE_FILE}; use another --workdir"
+    try:
+        saved = parse_yaml(recipe_path.read_text(encoding="utf-8"), str(recipe_path)) or {}
+    except UnicodeDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        if checkpointed:
+            raise RunDirectoryError(f"{recipe_path} is damaged; use another --workdir")
+        return
+    changes = recipe_changes(saved, recipe.resolved)
+    if not changes:
+        return
+    if not checkpointed:
+        note(
+            f"ddiff: {workdir} never reached a checkpoint; starting it afresh with this recipe "
+            f"(it changed {', '.join(change.path for change in changes)})"
         )
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        atomic_write_text(recipe_path, recipe.to_yaml())
+        return
+    refused = [change for change in changes if not resumable(change.path)]
+    if refused:
+        raise RunDirectoryError(
+            f"{workdir} was trained with another recipe; on resume only steps, cadences, "
+            f"eval, sampler, logging and mesh settings and the data's location may change, but "
+            f"this recipe changes {'; '.join(map(str, refused))}. Use another --workdir, "
+            f"add --fresh to move the old run aside, or use the recipe in {recipe_path}"
+        )
+    note(f"ddiff: resuming with changed {', '.join(map(str, changes))}")
 
 
-def recipe_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys at which two resolved recipes differ (ignoring RESUME_MAY_DIFFER)."""
-    differences = []
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One key at which two resolved recipes differ."""
+
+    path: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.path} ({_shown(self.old)} -> {_shown(self.new)})"
+
+
+def _shown(value: Any) -> str:
+    if value is _ABSENT:
+        return "absent"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_ABSENT = object()
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[Change]:
+    """Every key at which two resolved recipes differ, in key order, with both values
+    (a key one of them lacks is ``absent`` there)."""
+    changes = []
     for key in sorted(set(saved) | set(current), key=str):
         path = f"{prefix}{key}"
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        a, b = saved.get(key, _ABSENT), current.get(key, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += recipe_differences(a, b, f"{path}.")
-        elif a != b and path not in RESUME_MAY_DIFFER:
-            differences.append(path)
-    return differences
+            changes += recipe_changes(a, b, f"{path}.")
+        elif a != b:
+            changes.append(Change(path, a, b))
+    return changes
+
+
+def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys at which two resolved recipes differ and which may not change on
+    resume (:func:`resumable`)."""
+    return [change.path for change in recipe_changes(saved, current) if not resumable(change.path)]
 
 
 def check_same_shape(trained: Recipe, asked: Recipe) -> None:
@@ -91,13 +281,23 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def write_eval(
-    workdir: Path, recipe: Recipe, result: dict[str, Any], step: int, *, name: str | None = None
+    workdir: Path, recipe: Recipe, result: dict[str, Any], step: int, *, name: str | Path | None = None
 ) -> Path:
     """Write an evaluation result, with the step and the data's reference numbers, as
-    ``workdir/eval.json`` (or ``name``); returns its path."""
+    ``workdir/name`` (default ``eval.json``); returns its path. An ``eval.json`` of
+    another step (a run extended beyond its first end) is kept as ``eval_step<k>.json``,
+    never overwritten."""
     payload = {"step": step, **result, **recipe.data.reference_stats()}
     path = Path(workdir) / (name or EVAL_FILE)
     if jax.process_index() == 0:
+        if name is None and path.exists():
+            try:
+                previous = json.loads(path.read_text()).get("step")
+            except (OSError, ValueError, AttributeError):
+                previous = None
+            if previous != step:
+                stem = f"eval_step{previous:08d}" if isinstance(previous, int) else "eval_previous"
+                os.replace(path, unused_path(path.with_name(f"{stem}.json")))
         atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
 

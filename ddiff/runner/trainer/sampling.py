@@ -1,6 +1,7 @@
 """Sampling from a model over the mesh, and the sample files of a run directory."""
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Int
 
 from ddiff._layers import gather_for_forward
 from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput, sample_keys
 from ddiff._sharding import BATCH_AXES
-from ddiff.runner.files import atomic_write_bytes, atomic_write_text, npy_bytes
+from ddiff.runner.files import atomic_write_bytes, atomic_write_text
 from ddiff.runner.images import image_grid, png_bytes
 from ddiff.runner.mesh import BATCH_SPEC, replicated, tree_specs
 from ddiff.runner.recipe import Recipe
@@ -23,14 +25,17 @@ SAMPLES_DIR = "samples"
 
 
 def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callable:
-    """``(arrays, model, key, num_samples, conditioning) -> SampleOutput`` for the static
-    parts of ``sampler`` (its arrays come in ``arrays``): ``num_samples`` sequences split
-    over the mesh's devices. Sample i is drawn from ``fold_in(key, i)``
-    (:func:`ddiff.sample_keys`), each device passing the keys of its slice of the global
-    batch, so the samples do not depend on the mesh or on ``num_samples``."""
+    """``(arrays, model, key, first, num_samples, conditioning) -> SampleOutput`` for the
+    static parts of ``sampler`` (its arrays come in ``arrays``): samples ``first`` ..
+    ``first + num_samples - 1`` of a sampling run, split over the mesh's devices. Sample
+    i is drawn from ``fold_in(key, i)`` (:func:`ddiff.sample_keys`), each device passing
+    the keys of its slice, so the samples depend neither on the mesh nor on how a run is
+    cut into batches. ``first`` is traced: every batch of a run reuses one program."""
 
     @eqx.filter_jit
-    def sample(arrays, model, key, num_samples: int, conditioning: Conditioning) -> SampleOutput:
+    def sample(
+        arrays, model, key, first: Int[Array, ""], num_samples: int, conditioning: Conditioning
+    ) -> SampleOutput:
         (sampler_arrays,) = arrays
         params, static = eqx.partition(model, eqx.is_array)
         specs = tree_specs(params, mesh)
@@ -39,10 +44,10 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
         def local(sampler_arrays, params, conditioning):
             local_sampler = eqx.combine(sampler_arrays, sampler)
             full = eqx.combine(static, gather_for_forward(params, specs))
-            first = jax.lax.axis_index(BATCH_AXES) * local_samples
+            start = first + jax.lax.axis_index(BATCH_AXES) * local_samples
             output = local_sampler.sample(
                 full,
-                keys=sample_keys(key, first, local_samples),
+                keys=sample_keys(key, start, local_samples),
                 seq_len=seq_len,
                 conditioning=conditioning,
             )
@@ -61,16 +66,147 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
     return sample
 
 
+GRID_IMAGES = 256
+"""Samples of image data drawn into the PNG grid (the first ones)."""
+
+
+def _row_hashes(tokens: np.ndarray) -> np.ndarray:
+    """A 64-bit FNV-1a hash of each row's token ids (distinct rows of the same sampling
+    run collide with probability about N^2 / 2^65)."""
+    hashes = np.full(tokens.shape[0], 0xCBF29CE484222325, np.uint64)
+    with np.errstate(over="ignore"):
+        for column in np.asarray(tokens, np.int64).T.astype(np.uint64):
+            hashes = (hashes ^ column) * np.uint64(0x100000001B3)
+    return hashes
+
+
+class SampleStatistics:
+    """Unigram entropy of sampled tokens (bits) and the fraction of distinct sequences,
+    accumulated batch by batch (:meth:`add`) in memory independent of the sequences'
+    length: token counts, and one 64-bit hash per sequence."""
+
+    def __init__(self, vocab_size: int):
+        self.counts = np.zeros(vocab_size + 1, np.int64)
+        self.hashes: list[np.ndarray] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        self.counts += np.bincount(tokens.reshape(-1), minlength=len(self.counts))[: len(self.counts)]
+        self.hashes.append(_row_hashes(tokens))
+
+    def result(self) -> dict[str, float]:
+        probs = self.counts / max(self.counts.sum(), 1)
+        nonzero = probs[probs > 0]
+        hashes = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.uint64)
+        return {
+            "unigram_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()),
+            "distinct_fraction": len(np.unique(hashes)) / max(len(hashes), 1),
+        }
+
+
 def sample_statistics(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
     """Unigram entropy of the sampled tokens (bits), and the fraction of distinct sequences."""
-    counts = np.bincount(tokens.reshape(-1), minlength=vocab_size + 1).astype(np.float64)
-    probs = counts / counts.sum()
-    nonzero = probs[probs > 0]
-    unique = len({row.tobytes() for row in tokens})
-    return {
-        "unigram_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()),
-        "distinct_fraction": unique / max(len(tokens), 1),
-    }
+    statistics = SampleStatistics(vocab_size)
+    statistics.add(tokens)
+    return statistics.result()
+
+
+class SampleWriter:
+    """Writes samples under ``workdir/samples`` batch by batch (:meth:`add`), so that a
+    sampling run of any size needs memory for one batch: ``name.txt`` (one sequence a
+    line), ``name.npy`` (shape (N, D)) and ``name.json`` (unigram entropy, distinct
+    fraction, network evaluations of the costliest batch, and ``conditioning``: label,
+    guidance, ...); samples of image data also as a PNG grid of the first
+    :data:`GRID_IMAGES`. Every file is written beside its place and renamed into it when
+    complete (:meth:`close`): an interrupted run leaves no half-written file. Process 0
+    writes; the others only count."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        recipe: Recipe,
+        name: str,
+        num_samples: int,
+        *,
+        conditioning: dict[str, Any] | None = None,
+    ):
+        self.directory = Path(workdir) / SAMPLES_DIR
+        self.recipe = recipe
+        self.name = name
+        self.num_samples = num_samples
+        self.conditioning = conditioning
+        self.written = 0
+        self.num_function_evals = 0
+        self.num_batches = 0
+        self.statistics = SampleStatistics(recipe.data.vocab_size)
+        self.grid: list[np.ndarray] = []
+        self.writing = jax.process_index() == 0
+        if not self.writing:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp-{os.getpid()}"
+        self.temporary = {ext: self.directory / f".{name}{ext}{tag}" for ext in (".txt", ".npy")}
+        self.text = open(self.temporary[".txt"], "w", encoding="utf-8")  # noqa: SIM115
+        self.array = np.lib.format.open_memmap(
+            self.temporary[".npy"], mode="w+", dtype=np.int32, shape=(num_samples, recipe.data.seq_len)
+        )
+
+    @property
+    def path(self) -> Path:
+        """The text file's path (on every process)."""
+        return self.directory / f"{self.name}.txt"
+
+    def add(self, tokens: np.ndarray, num_function_evals: int) -> None:
+        """Append a batch of sampled sequences (host array of shape (n, D))."""
+        tokens = np.asarray(tokens)
+        self.num_batches += 1
+        self.num_function_evals = max(self.num_function_evals, int(num_function_evals))
+        if not self.writing:
+            self.written += len(tokens)
+            return
+        self.statistics.add(tokens)
+        self.array[self.written : self.written + len(tokens)] = tokens
+        self.text.write("".join(self.recipe.data.decode(row) + "\n" for row in tokens))
+        if self.recipe.data.image_shape is not None and self.written < GRID_IMAGES:
+            self.grid.append(tokens[: GRID_IMAGES - self.written])
+        self.written += len(tokens)
+
+    def close(self) -> Path:
+        """Check that every sample came, move the files into place, and write the stats.
+        Returns the text file's path."""
+        if self.written != self.num_samples:
+            self.abort()
+            raise RuntimeError(f"{self.written} samples written, {self.num_samples} expected")
+        if not self.writing:
+            return self.path
+        self.text.flush()
+        os.fsync(self.text.fileno())
+        self.text.close()
+        self.array.flush()
+        del self.array
+        stats: dict[str, Any] = dict(self.statistics.result())
+        stats["num_function_evals"] = self.num_function_evals
+        stats["num_samples"] = self.num_samples
+        stats["num_batches"] = self.num_batches
+        stats["sampler"] = self.recipe.names["sampler"]
+        if self.conditioning:
+            stats["conditioning"] = self.conditioning
+        for ext, temporary in self.temporary.items():
+            os.replace(temporary, self.directory / f"{self.name}{ext}")
+        atomic_write_text(self.directory / f"{self.name}.json", json.dumps(stats, indent=2) + "\n")
+        if self.grid:
+            grid = image_grid(np.concatenate(self.grid), self.recipe.data.image_shape)
+            atomic_write_bytes(self.directory / f"{self.name}.png", png_bytes(grid))
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary files (the earlier results stay as they were)."""
+        if not self.writing:
+            return
+        self.text.close()
+        self.array = None
+        for temporary in self.temporary.values():
+            temporary.unlink(missing_ok=True)
 
 
 def write_samples(
@@ -85,22 +221,7 @@ def write_samples(
     stats .json beside them (unigram entropy, network evaluations, and ``conditioning``:
     label, guidance, ...); samples of image data also as a PNG grid. Returns the text
     file's path (on every process; process 0 writes)."""
-    directory = Path(workdir) / SAMPLES_DIR
-    if jax.process_index() != 0:
-        return directory / f"{name}.txt"
-    directory.mkdir(parents=True, exist_ok=True)
     tokens = np.asarray(output.tokens)
-    text = "\n".join(recipe.data.decode(row) for row in tokens) + "\n"
-    stats: dict[str, Any] = dict(sample_statistics(tokens, recipe.data.vocab_size))
-    stats["num_function_evals"] = int(output.num_function_evals)
-    stats["num_samples"] = int(tokens.shape[0])
-    stats["sampler"] = recipe.names["sampler"]
-    if conditioning:
-        stats["conditioning"] = conditioning
-    atomic_write_text(directory / f"{name}.txt", text)
-    atomic_write_bytes(directory / f"{name}.npy", npy_bytes(tokens))
-    atomic_write_text(directory / f"{name}.json", json.dumps(stats, indent=2) + "\n")
-    if recipe.data.image_shape is not None:
-        grid = image_grid(tokens, recipe.data.image_shape)
-        atomic_write_bytes(directory / f"{name}.png", png_bytes(grid))
-    return directory / f"{name}.txt"
+    writer = SampleWriter(workdir, recipe, name, len(tokens), conditioning=conditioning)
+    writer.add(tokens, int(output.num_function_evals))
+    return writer.close()
