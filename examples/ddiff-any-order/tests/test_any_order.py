@@ -29,13 +29,11 @@ def quadrature_weight(alpha_0: float, alpha_1: float, k: int, seq_len: int) -> f
     return math.comb(seq_len, k) * integral
 
 
-@pytest.mark.parametrize(
-    "schedule", [{"kind": "linear"}, {"kind": "linear", "eps": 0.05}, {"kind": "cosine"}]
-)
-def test_weights_match_quadrature(schedule):
+@pytest.mark.parametrize("eps", [1e-4, 0.05])
+def test_weights_match_quadrature(eps):
     seq_len = 16
     built = ddiff.build_component(
-        "schedule", schedule, vocab_size=3, seq_len=seq_len, num_classes=0
+        "schedule", {"kind": "linear", "eps": eps}, vocab_size=3, seq_len=seq_len, num_classes=0
     )
     alpha_0, alpha_1 = float(built.alpha(jnp.zeros(()))), float(built.alpha(jnp.ones(())))
     ks = jnp.arange(1, seq_len + 1)
