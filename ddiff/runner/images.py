@@ -12,7 +12,7 @@ def image_grid(
     """Tile sequences of pixel values into one uint8 image.
 
     Arguments:
-        tokens: shape (N, H*W*C), each row an image flattened in (height, width,
+        tokens: shape (N, H * W * C), each row an image flattened in (height, width,
             channels) order with values 0..255 (larger values, e.g. a mask state, are
             clipped to 255).
         shape: (H, W, C) with C = 1 (grey) or 3 (RGB).
@@ -20,7 +20,7 @@ def image_grid(
         padding: pixels of black between images.
 
     Returns:
-        An array of shape (rows*(H+p)+p, columns*(W+p)+p, C), dtype uint8.
+        An array of shape (rows * (H + p) + p, columns * (W + p) + p, C), dtype uint8.
     """
     height, width, channels = shape
     count = tokens.shape[0]

@@ -285,7 +285,8 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
 
     def terms() -> CheckResult:
         built = built_for_bounds()
-        model = setup.table()
+        needs_constant = TIME_INDEPENDENT in built.requires.get("network", frozenset())
+        model = setup.table(time_conditioned=not needs_constant)
         _check_pairing(setup, "objective", name, built, model)
         form = built.bound_form()
         x0s = setup.bound_x0s()
@@ -296,7 +297,8 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
         return check_bound_terms(
             built, model, x0s, key=setup.key("terms"), num_examples=setup.num_examples,
             z=setup.z, exact=exact,
-            subject=f"objective {name!r} ({form}) with a time-dependent table model",
+            subject=f"objective {name!r} ({form}) with a "
+            f"{'time-independent' if needs_constant else 'time-dependent'} table model",
         )
 
     def invariance() -> CheckResult:
