@@ -32,6 +32,21 @@ from ddiff._process import AbstractForwardProcess, AbstractRateProcess
 from ddiff._typing import Key, Label, LogProbs, NetworkOutput, Scalar, StateLogProbs, Time, Tokens
 from ddiff.testing._toy import ToyDistribution
 
+
+def time_quadrature(t_start: float, t_end: float, panels: int, nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of composite Gauss-Legendre quadrature on [t_start, t_end]:
+    ``panels`` panels (geometrically spaced when t_start > 0, to resolve the integrand's
+    growth near a clipped start) of ``nodes`` nodes each."""
+    if t_start > 0:
+        edges = np.geomspace(t_start, t_end, panels + 1)
+    else:
+        edges = np.linspace(t_start, t_end, panels + 1)
+    points, weights = np.polynomial.legendre.leggauss(nodes)
+    half = 0.5 * np.diff(edges)[:, None]
+    times = (edges[:-1, None] + half * (points[None, :] + 1.0)).ravel()
+    return times, (half * weights[None, :]).ravel()
+
+
 MAX_STATES = 65536
 """The largest S^D that :func:`prior_gap` enumerates."""
 
@@ -248,14 +263,7 @@ def exact_diffusion_nelbo(
             f"exact_diffusion_nelbo enumerates S^D = {count} noisy states, more than "
             f"{MAX_STATES}; use a smaller toy"
         )
-    if t_start > 0:
-        edges = np.geomspace(t_start, t_end, panels + 1)
-    else:
-        edges = np.linspace(t_start, t_end, panels + 1)
-    points, weights = np.polynomial.legendre.leggauss(nodes)
-    half = 0.5 * np.diff(edges)[:, None]
-    times = (edges[:-1, None] + half * (points[None, :] + 1.0)).ravel()
-    time_weights = (half * weights[None, :]).ravel()
+    times, time_weights = time_quadrature(t_start, t_end, panels, nodes)
     states = jnp.asarray(list(itertools.product(range(model.process.num_states), repeat=seq_len)))
     clean = distribution.sequences()
     data_probs = jnp.exp(distribution.sequence_log_probs())

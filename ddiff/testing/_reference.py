@@ -31,6 +31,7 @@ from ddiff._model import DiffusionModel
 from ddiff._objective import BoundForm
 from ddiff._process import AbstractForwardProcess
 from ddiff._sampler import ReverseChain
+from ddiff.testing._exact import time_quadrature
 from ddiff.testing._toy import ToyDistribution
 
 _CHUNK = 16
@@ -733,17 +734,6 @@ class _ChainRunner:
 # --------------------------------------------------------------------------- bounds per x_0
 
 
-def _quadrature(t_start: float, t_end: float, panels: int, nodes: int):
-    if t_start > 0:
-        edges = np.geomspace(t_start, t_end, panels + 1)
-    else:
-        edges = np.linspace(t_start, t_end, panels + 1)
-    points, weights = np.polynomial.legendre.leggauss(nodes)
-    half = 0.5 * np.diff(edges)[:, None]
-    times = (edges[:-1, None] + half * (points[None, :] + 1.0)).ravel()
-    return times, (half * weights[None, :]).ravel()
-
-
 def _likelihood(marginal: np.ndarray, x0s: np.ndarray, states: np.ndarray) -> np.ndarray:
     """q_t(x | x_0) for every x_0 (K, D) and noisy sequence (N, D): shape (K, N)."""
     return np.prod(marginal[x0s[:, None, :], states[None, :, :]], axis=-1)
@@ -844,7 +834,7 @@ def _data_free_reconstruction(marginal: np.ndarray, x0s: np.ndarray) -> np.ndarr
 
 
 def _continuous_terms(form, tables, predictions, states, x0s, panels, nodes):
-    times, weights = _quadrature(form.t_start, 1.0, panels, nodes)
+    times, weights = time_quadrature(form.t_start, 1.0, panels, nodes)
     marginals = tables.marginals(times)
     rates = tables.rates(times)
     scores = np.exp(predictions.log_score(tables, states, times))[:, 0]
