@@ -25,7 +25,13 @@ from ddiff._errors import (
 from ddiff._hookspecs import hookimpl, hookspec
 from ddiff._layers import COMPUTE_DTYPES, LayerStack, cast_floating, stack_layers
 from ddiff._model import DiffusionModel
-from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
+from ddiff._network import (
+    NETWORK_CONTEXT,
+    AbstractBlockCausalNetwork,
+    AbstractNetwork,
+    BlockPrefix,
+    append_to_window,
+)
 from ddiff._numerics import log_normalize, log_sum_exp, safe_log
 from ddiff._objective import (
     AbstractDiscreteTimeObjective,
@@ -53,6 +59,7 @@ from ddiff._registry import (
     make_plugin_manager,
 )
 from ddiff._sampler import (
+    PAD_TOKEN,
     AbstractSampler,
     Conditioning,
     SampleOutput,
@@ -92,6 +99,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # protocols
+    "AbstractBlockCausalNetwork",
     "AbstractCheckedModule",
     "AbstractDataSource",
     "AbstractDiscreteTimeObjective",
@@ -107,6 +115,7 @@ __all__ = [
     "AbstractTransitionProcess",
     # what components receive, return and hold
     "ArraySplit",
+    "BlockPrefix",
     "Conditioning",
     "Constant",
     "DiffusionModel",
@@ -160,6 +169,8 @@ __all__ = [
     # shared numerics and sampling helpers
     "COMPUTE_DTYPES",
     "METRICS",
+    "PAD_TOKEN",
+    "append_to_window",
     "apply_fixed",
     "batched_log_mean",
     "batched_log_score",

@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=16, help="number of samples")
     sample.add_argument("--steps", type=int, default=None, help="sampler steps")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per sample, beyond the training length if wanted, for a sampler that "
+        "stops at an end token (bd3lm); samples may end sooner",
+    )
     sample.add_argument("--name", default=None, help="file name stem under DIR/samples")
     sample.add_argument(
         "--label", type=int, default=None, help="class label (class-conditional models)"
@@ -196,8 +203,9 @@ def _given_tokens(args: argparse.Namespace, num: int, seq_len: int, vocab_size: 
     return np.maximum(given, 0).astype(np.int32), given >= 0
 
 
-def _conditioning(args: argparse.Namespace, recipe, num: int):
-    """Conditioning from --label, --guidance, --prefix and --fixed, and its description."""
+def _conditioning(args: argparse.Namespace, recipe, num: int, seq_len: int | None = None):
+    """Conditioning from --label, --guidance, --prefix and --fixed (samples of ``seq_len``
+    positions, by default the data's), and its description."""
     import jax.numpy as jnp
 
     from ddiff._sampler import Conditioning
@@ -227,7 +235,7 @@ def _conditioning(args: argparse.Namespace, recipe, num: int):
                 source="command line",
             )
         info["guidance"] = args.guidance
-    given = _given_tokens(args, num, data.seq_len, data.vocab_size)
+    given = _given_tokens(args, num, seq_len or data.seq_len, data.vocab_size)
     fixed_tokens = fixed_mask = None
     if given is not None:
         fixed_tokens, fixed_mask = jnp.asarray(given[0]), jnp.asarray(given[1])
@@ -245,16 +253,56 @@ def _sample(args: argparse.Namespace) -> None:
 
     if args.num < 1:
         raise RecipeError("--num must be at least 1", source="command line")
-    overrides = () if args.steps is None else (f"sampler.steps={args.steps}",)
+    overrides = () if args.steps is None else (f"{_steps_key(Path(args.workdir))}={args.steps}",)
     recipe, state = load_run(args.workdir, overrides)
-    conditioning, info = _conditioning(args, recipe, args.num)
+    seq_len = _sample_length(args, recipe)
+    conditioning, info = _conditioning(args, recipe, args.num, seq_len)
     trainer = Trainer(recipe, args.workdir)
     output = trainer.sample(
-        state.ema, key=jax.random.PRNGKey(args.seed), num_samples=args.num, conditioning=conditioning
+        state.ema,
+        key=jax.random.PRNGKey(args.seed),
+        num_samples=args.num,
+        conditioning=conditioning,
+        seq_len=seq_len,
     )
     name = args.name or f"sample_step{int(state.step):08d}_seed{args.seed}"
     path = trainer.write_samples(output, name, conditioning=info)
-    print(f"wrote {args.num} samples ({int(output.num_function_evals)} network evaluations) to {path}")
+    lengths = [int(length) for length in output.lengths]
+    shown = f", lengths {min(lengths)}..{max(lengths)}" if min(lengths) < seq_len else ""
+    print(
+        f"wrote {args.num} samples ({int(output.num_function_evals)} network evaluations"
+        f"{shown}) to {path}"
+    )
+
+
+def _steps_key(workdir: Path) -> str:
+    """What --steps sets: ``sampler.steps``, or ``sampler.inner.steps`` for a sampler that
+    runs another one (bd3lm's sampler within each block)."""
+    from ddiff.runner.recipe import read_recipe_file
+    from ddiff.runner.trainer.rundir import RECIPE_FILE
+
+    path = workdir / RECIPE_FILE
+    section = read_recipe_file(path).get("sampler") if path.exists() else None
+    nested = isinstance(section, dict) and isinstance(section.get("inner"), dict)
+    return "sampler.inner.steps" if nested else "sampler.steps"
+
+
+def _sample_length(args: argparse.Namespace, recipe) -> int:
+    """The positions to sample: the data's, or --max-length for a variable-length sampler."""
+    from ddiff._capabilities import VARIABLE_LENGTH
+
+    if args.max_length is None:
+        return recipe.data.seq_len
+    if VARIABLE_LENGTH not in recipe.sampler.capabilities():
+        raise RecipeError(
+            f"--max-length needs a sampler that stops at an end token (capability "
+            f"{VARIABLE_LENGTH}, e.g. bd3lm); sampler {recipe.names['sampler']!r} draws "
+            f"{recipe.data.seq_len} tokens",
+            source="command line",
+        )
+    if args.max_length < 1:
+        raise RecipeError(f"--max-length must be positive, got {args.max_length}", source="command line")
+    return args.max_length
 
 
 def _diagnose(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ One line in a pytest module runs every applicable check on a registered componen
     test_ancestral = ddiff.testing.sampler_conformance("ancestral", steps=256)
 """
 
+from ddiff.testing._block import exact_block_log_denoiser
 from ddiff.testing._checks import (
     CheckResult,
     ConformanceError,
@@ -100,6 +101,7 @@ __all__ = [
     "chi_square_test",
     "class_conditional_toy",
     "dense_toy",
+    "exact_block_log_denoiser",
     "exact_diffusion_nelbo",
     "exact_log_denoiser",
     "exact_log_marginal",

@@ -142,9 +142,11 @@ class Trainer:
         key: jax.Array,
         num_samples: int,
         conditioning: Conditioning | None = None,
+        seq_len: int | None = None,
     ) -> SampleOutput:
-        """Draw ``num_samples`` sequences, split over the mesh's devices (padded to a
-        multiple of their number, then trimmed); tokens come back on the host."""
+        """Draw ``num_samples`` sequences of ``seq_len`` positions (default: the data's;
+        at most, for a variable-length sampler), split over the mesh's devices (padded to a
+        multiple of their number, then trimmed); tokens and lengths come back on the host."""
         conditioning = conditioning or Conditioning()
         padded = -(-num_samples // self.num_devices) * self.num_devices
 
@@ -154,10 +156,14 @@ class Trainer:
 
         arrays, static = eqx.partition(conditioning, eqx.is_array)
         conditioning = eqx.combine(jax.tree.map(pad, arrays), static)
-        output = self._sample_fn(model, key, padded, conditioning)
+        function = self._sample_fn
+        if seq_len is not None and seq_len != self.recipe.data.seq_len:
+            function = compiled(make_sample, (self.recipe.sampler,), seq_len=seq_len, mesh=self.mesh)
+        output = function(model, key, padded, conditioning)
         return SampleOutput(
             tokens=jnp.asarray(to_host(output.tokens)[:num_samples]),
             num_function_evals=output.num_function_evals,
+            lengths=jnp.asarray(to_host(output.lengths)[:num_samples]),
         )
 
     def write_samples(
