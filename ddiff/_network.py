@@ -155,7 +155,8 @@ class AbstractBlockCausalNetwork(AbstractNetwork):
     @abc.abstractmethod
     def extend_cache(self, cache: Any, block: Tokens, *, label: Label | None = None) -> Any:
         """``cache`` with the clean block ``block`` (shape (block,)) appended after the
-        positions it holds (the oldest block dropped when it is full)."""
+        positions it holds (the oldest block dropped when it is full; to read a window
+        that has slid exactly, build a new cache of the window's blocks)."""
 
     @abc.abstractmethod
     def cached_output(self, x_t: Tokens, cache: Any, *, label: Label | None = None) -> NetworkOutput:

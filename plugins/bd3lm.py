@@ -124,7 +124,11 @@ class BD3LMSampler(ddiff.AbstractSampler):
 
     Generation stops at the end of a block containing ``stop_token`` or after ``seq_len``
     positions (the length asked for, which may exceed the training length D: a block then
-    sees the last D - L' positions before it, as in training); positions after a sample's
+    sees a window of the last D - L' positions before it, at positions 0..D-L'-1 as in
+    training). Once the window slides, the keys and values of every block in it change
+    (they were computed with the blocks that have left it), so the cache is rebuilt from
+    the window's tokens for each new block ((D - L') / L' calls of L' tokens, about one
+    pass over D tokens): exact, the same tokens as ``kv_cache: false``. Positions after a sample's
     first stop token hold ``ddiff.PAD_TOKEN`` and ``SampleOutput.lengths`` counts the
     tokens up to and including it. Each sample's blocks are drawn from its own key (block
     b from ``fold_in(key, b)``), so a sample does not depend on the batch or on when the
@@ -206,8 +210,30 @@ class BD3LMSampler(ddiff.AbstractSampler):
         def extend(context, block):
             return jax.vmap(lambda c, b, label: model.extend_context(c, b, label=label))(context, block, labels)
 
+        def rebuild(window):
+            """A cache of the window's blocks, extended block by block from empty."""
+
+            def add(index, context):
+                return extend(context, jax.lax.dynamic_slice_in_dim(window, index * size, size, axis=1))
+
+            return jax.lax.fori_loop(0, capacity // size, add, jax.vmap(empty)(keys))
+
+        def advance(index, context, window, block):
+            """The context and token window after ``block`` (block ``index``), and the
+            network calls it took: the cache extended while the window has room, rebuilt
+            once the window slides; a token prefix simply extended."""
+            filled = jnp.minimum(index * size, capacity)
+            window = jax.vmap(lambda w, b: ddiff.append_to_window(w, filled, b)[0])(
+                window, block.astype(window.dtype)
+            )
+            if not self.kv_cache:
+                return extend(context, block), window, jnp.int32(0)
+            slides = filled + size > capacity
+            context = jax.lax.cond(slides, lambda c: rebuild(window), lambda c: extend(c, block), context)
+            return context, window, jnp.where(slides, capacity // size, 1).astype(jnp.int32)
+
         def body(state):
-            index, tokens, context, done, lengths, evals = state
+            index, tokens, context, window, done, lengths, evals = state
             start = index * size
             given_tokens = given_mask = None
             if fixed:
@@ -234,21 +260,27 @@ class BD3LMSampler(ddiff.AbstractSampler):
                 lengths = jnp.where(ends, start + first + 1, lengths)
             kept = jnp.where(done[:, None], ddiff.PAD_TOKEN, kept)
             tokens = jax.lax.dynamic_update_slice_in_dim(tokens, kept.astype(tokens.dtype), start, axis=1)
-            more = index + 1 < num_blocks
-            context = jax.lax.cond(more, extend, lambda c, b: c, context, block)
-            used = output.num_function_evals + jnp.logical_and(more, self.kv_cache).astype(jnp.int32)
-            return index + 1, tokens, context, done | ends, lengths, evals + used
+            context, window, calls = jax.lax.cond(
+                index + 1 < num_blocks,
+                lambda c, w: advance(index, c, w, block),
+                lambda c, w: (c, w, jnp.int32(0)),
+                context,
+                window,
+            )
+            used = output.num_function_evals + calls
+            return index + 1, tokens, context, window, done | ends, lengths, evals + used
 
         state = (
             jnp.int32(0),
             jnp.full((batch, seq_len), ddiff.PAD_TOKEN, jnp.int32),
             jax.vmap(empty)(keys),
+            jnp.zeros((batch, capacity), jnp.int32),
             jnp.zeros((batch,), bool),
             jnp.full((batch,), seq_len, jnp.int32),
             jnp.int32(0),
         )
-        _, tokens, _, _, lengths, evals = jax.lax.while_loop(
-            lambda state: (state[0] < num_blocks) & ~jnp.all(state[3]), body, state
+        _, tokens, _, _, _, lengths, evals = jax.lax.while_loop(
+            lambda state: (state[0] < num_blocks) & ~jnp.all(state[4]), body, state
         )
         return ddiff.SampleOutput(
             tokens=tokens, num_function_evals=evals, lengths=None if self.stop_token is None else lengths

@@ -595,7 +595,10 @@ def block_causal_mask(seq_len: int, block_size: int) -> np.ndarray:
 class KVCache(eqx.Module):
     """The clean blocks an :class:`MD4Transformer` has read, for block-by-block sampling:
     every layer's (rotated) keys and values of the last ``length`` clean positions (a
-    sliding window of ``capacity``), and the absolute position of the next block.
+    sliding window of ``capacity``), and the absolute position of the next block. When the
+    window is full the oldest block's entries are dropped as they are, not recomputed
+    without it, which differs from a :class:`ddiff.BlockPrefix` of the same tokens beyond
+    one layer; the bd3lm sampler rebuilds the cache from the window instead.
 
     Attributes:
         keys, values: shape (depth, capacity, heads, head_dim), in the compute dtype.

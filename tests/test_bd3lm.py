@@ -37,11 +37,11 @@ SEQUENCES = np.array(list(itertools.product(range(V), repeat=D)), np.int32)
 REGISTRY = ddiff.default_registry()
 
 
-def _network(attention: str = "auto") -> MD4Transformer:
+def _network(attention: str = "auto", depth: int = 1) -> MD4Transformer:
     """A tiny time-independent MD4 transformer with every parameter perturbed (the
     zero-initialised head and modulations would make every output uniform)."""
     network = MD4Transformer(
-        num_states=V + 1, num_outputs=V, seq_len=D, key=jax.random.key(0), dim=16, depth=1,
+        num_states=V + 1, num_outputs=V, seq_len=D, key=jax.random.key(0), dim=16, depth=depth,
         heads=2, cond_dim=8, time_conditioned=False, attention=attention,
     )  # fmt: skip
     params, static = eqx.partition(network, eqx.is_inexact_array)
@@ -290,16 +290,18 @@ def _sample(sampler, model, keys, seq_len):
     return sampler.sample(model, keys=keys, seq_len=seq_len, conditioning=ddiff.Conditioning())
 
 
-def test_cached_sampling_equals_uncached_and_stops_at_the_end_token(model):
+def test_cached_sampling_equals_uncached_and_stops_at_the_end_token():
     """Sampling three times the training length (past D a block sees the last D - L'
-    positions before it) with a stop token: the key-value cache gives bit for bit the
-    tokens of the recomputed prefix; every sample ends at its first stop token (or at the
-    length asked for) and holds PAD_TOKEN after it; and a sample is the same whatever the
-    other samples of its batch are."""
+    positions before it, and the cache is rebuilt from them) with a stop token, with a
+    network of two layers (the second layer's cached keys depend on the context): the
+    key-value cache gives bit for bit the tokens of the recomputed prefix; every sample
+    ends at its first stop token (or at the length asked for) and holds PAD_TOKEN after
+    it; and a sample is the same whatever the other samples of its batch are."""
+    model = _model(_network(depth=2))
     inner = {"kind": "ancestral", "steps": 4}
     keys = ddiff.sample_keys(jax.random.key(5), 0, 32)
-    cached = _sample(_sampler(inner=inner, stop_token=0), model, keys, 3 * D)
-    uncached = _sample(_sampler(inner=inner, stop_token=0, kv_cache=False), model, keys, 3 * D)
+    cached = _sample(_sampler(inner=inner, stop_token=1), model, keys, 3 * D)
+    uncached = _sample(_sampler(inner=inner, stop_token=1, kv_cache=False), model, keys, 3 * D)
     tokens, lengths = np.asarray(cached.tokens), np.asarray(cached.lengths)
     np.testing.assert_array_equal(tokens, np.asarray(uncached.tokens))
     np.testing.assert_array_equal(lengths, np.asarray(uncached.lengths))
@@ -307,10 +309,10 @@ def test_cached_sampling_equals_uncached_and_stops_at_the_end_token(model):
     assert len(set(lengths.tolist())) > 2 and max(lengths) > D, lengths
     for row, length in zip(tokens, lengths, strict=True):
         assert np.all(row[length:] == ddiff.PAD_TOKEN) and np.all(row[:length] >= 0)
-        stops = np.flatnonzero(row[:length] == 0)
+        stops = np.flatnonzero(row[:length] == 1)
         assert (length == 3 * D and len(stops) == 0) or list(stops) == [length - 1]
     others = keys.at[5:].set(ddiff.sample_keys(jax.random.key(6), 5, 27))
-    again = np.asarray(_sample(_sampler(inner=inner, stop_token=0), model, others, 3 * D).tokens)
+    again = np.asarray(_sample(_sampler(inner=inner, stop_token=1), model, others, 3 * D).tokens)
     np.testing.assert_array_equal(again[:5], tokens[:5])
     assert (again[5:] != tokens[5:]).any()
 
