@@ -212,6 +212,8 @@ class BD3LMSampler(ddiff.AbstractSampler):
 
         def rebuild(window):
             """A cache of the window's blocks, extended block by block from empty."""
+            if capacity == 0:
+                return jax.vmap(empty)(keys)
 
             def add(index, context):
                 return extend(context, jax.lax.dynamic_slice_in_dim(window, index * size, size, axis=1))

@@ -296,7 +296,8 @@ def test_cached_sampling_equals_uncached_and_stops_at_the_end_token():
     network of two layers (the second layer's cached keys depend on the context): the
     key-value cache gives bit for bit the tokens of the recomputed prefix; every sample
     ends at its first stop token (or at the length asked for) and holds PAD_TOKEN after
-    it; and a sample is the same whatever the other samples of its batch are."""
+    it; and a sample is the same whatever the other samples of its batch are. With L' = D
+    (a window of no clean positions past D) the two agree too."""
     model = _model(_network(depth=2))
     inner = {"kind": "ancestral", "steps": 4}
     keys = ddiff.sample_keys(jax.random.key(5), 0, 32)
@@ -311,6 +312,8 @@ def test_cached_sampling_equals_uncached_and_stops_at_the_end_token():
         assert np.all(row[length:] == ddiff.PAD_TOKEN) and np.all(row[:length] >= 0)
         stops = np.flatnonzero(row[:length] == 1)
         assert (length == 3 * D and len(stops) == 0) or list(stops) == [length - 1]
+    whole = [_sample(_sampler(block_size=D, inner=inner, kv_cache=cached), model, keys[:8], 2 * D) for cached in (True, False)]
+    np.testing.assert_array_equal(np.asarray(whole[0].tokens), np.asarray(whole[1].tokens))
     others = keys.at[5:].set(ddiff.sample_keys(jax.random.key(6), 5, 27))
     again = np.asarray(_sample(_sampler(inner=inner, stop_token=1), model, others, 3 * D).tokens)
     np.testing.assert_array_equal(again[:5], tokens[:5])
