@@ -25,7 +25,13 @@ from ddiff._errors import (
 from ddiff._hookspecs import hookimpl, hookspec
 from ddiff._layers import COMPUTE_DTYPES, LayerStack, cast_floating, stack_layers
 from ddiff._model import DiffusionModel
-from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
+from ddiff._network import (
+    NETWORK_CONTEXT,
+    AbstractBlockCausalNetwork,
+    AbstractNetwork,
+    BlockPrefix,
+    append_to_window,
+)
 from ddiff._numerics import log_normalize, log_sum_exp, safe_log
 from ddiff._objective import (
     AbstractDiscreteTimeObjective,
@@ -54,6 +60,7 @@ from ddiff._registry import (
     make_plugin_manager,
 )
 from ddiff._sampler import (
+    PAD_TOKEN,
     AbstractSampler,
     Conditioning,
     ReverseChain,
@@ -95,6 +102,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # protocols
+    "AbstractBlockCausalNetwork",
     "AbstractCheckedModule",
     "AbstractDataSource",
     "AbstractDiscreteTimeObjective",
@@ -111,6 +119,7 @@ __all__ = [
     # what components receive, return, hold and declare
     "ArraySplit",
     "BoundForm",
+    "BlockPrefix",
     "Conditioning",
     "Constant",
     "DiffusionModel",
@@ -165,6 +174,8 @@ __all__ = [
     # shared numerics and sampling helpers
     "COMPUTE_DTYPES",
     "METRICS",
+    "PAD_TOKEN",
+    "append_to_window",
     "apply_fixed",
     "batched_log_mean",
     "batched_log_score",

@@ -43,6 +43,13 @@ TIME_INDEPENDENT = "time_independent"
 """A network whose output does not depend on t (caching and first-hitting samplers)."""
 CLASS_CONDITIONAL = "class_conditional"
 """A network that takes a class label (and the null class, for guidance)."""
+BLOCK_CAUSAL = "block_causal"
+"""A network that reads noisy blocks conditioned on clean earlier blocks: the vectorised
+block-causal pass and a cache of clean blocks (:class:`ddiff.AbstractBlockCausalNetwork`;
+block diffusion). Provided only by a network that ignores t."""
+VARIABLE_LENGTH = "variable_length"
+"""A sampler that generates up to any length and may stop early at an end token, reporting
+each sample's length (``ddiff sample --max-length``)."""
 CONTINUOUS_TIME = "continuous_time"
 """An objective that estimates a continuous-time bound (an integral over t in [0, 1])."""
 DISCRETE_TIME = "discrete_time"

@@ -1,11 +1,14 @@
 """The model: a network, a parameterization and a forward process, trained together."""
 
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
 
-from ddiff._errors import RecipeError
+from ddiff._capabilities import BLOCK_CAUSAL
+from ddiff._errors import IncompatibleComponentsError, RecipeError
 from ddiff._layers import COMPUTE_DTYPES, cast_floating
-from ddiff._network import AbstractNetwork
+from ddiff._network import AbstractBlockCausalNetwork, AbstractNetwork
 from ddiff._parameterization import (
     AbstractMeanParameterization,
     AbstractParameterization,
@@ -49,34 +52,104 @@ class DiffusionModel(eqx.Module):
                 path="precision.compute",
             )
 
-    def _network_call(
-        self, x_t: Tokens, t: Time, label: Label | None, key: Key | None
-    ) -> NetworkOutput:
+    def _computing_network(self) -> AbstractNetwork:
+        """The network with its parameters in the compute dtype (itself without one)."""
         if self.compute_dtype is None:
-            return self.network(x_t, t, label=label, key=key)
-        network = cast_floating(self.network, COMPUTE_DTYPES[self.compute_dtype])
-        return network(x_t, t, label=label, key=key).astype(jnp.float32)
+            return self.network
+        return cast_floating(self.network, COMPUTE_DTYPES[self.compute_dtype])
+
+    def _block_network(self) -> AbstractBlockCausalNetwork:
+        network = self._computing_network()
+        if not isinstance(network, AbstractBlockCausalNetwork) or BLOCK_CAUSAL not in network.capabilities():
+            raise IncompatibleComponentsError(
+                f"network {type(self.network).__name__} has no block-causal pass (capability "
+                f"{BLOCK_CAUSAL}: a network that ignores t and conditions blocks on clean earlier "
+                f"blocks, e.g. md4_transformer with time_conditioned: false)",
+                path="network",
+            )
+        return network
+
+    def _float32(self, output: NetworkOutput) -> NetworkOutput:
+        return output if self.compute_dtype is None else output.astype(jnp.float32)
+
+    def _network_call(
+        self, x_t: Tokens, t: Time, label: Label | None, key: Key | None, context: Any = None
+    ) -> NetworkOutput:
+        if context is None:
+            return self._float32(self._computing_network()(x_t, t, label=label, key=key))
+        return self._float32(self._block_network().context_output(x_t, context, label=label))
 
     def network_output(
-        self, x_t: Tokens, t: Time, *, label: Label | None = None, key: Key | None = None
+        self,
+        x_t: Tokens,
+        t: Time,
+        *,
+        label: Label | None = None,
+        key: Key | None = None,
+        context: Any = None,
     ) -> NetworkOutput:
-        """The raw network output for one example (float32 under mixed precision)."""
-        return self._network_call(x_t, t, label, key)
+        """The raw network output for one example (float32 under mixed precision); with a
+        ``context`` of clean blocks (:meth:`init_context`), ``x_t`` is the noisy block
+        that follows them (:meth:`ddiff.AbstractBlockCausalNetwork.context_output`)."""
+        return self._network_call(x_t, t, label, key, context)
 
     def log_mean(
-        self, x_t: Tokens, t: Time, *, label: Label | None = None, key: Key | None = None
+        self,
+        x_t: Tokens,
+        t: Time,
+        *,
+        label: Label | None = None,
+        key: Key | None = None,
+        context: Any = None,
     ) -> LogProbs:
-        """log p_theta(x_0 | x_t) per position; needs a mean parameterization."""
+        """log p_theta(x_0 | x_t) per position; needs a mean parameterization. With a
+        ``context``, of the block ``x_t`` after its clean blocks."""
         parameterization = self.parameterization
         assert isinstance(parameterization, AbstractMeanParameterization)
-        output = self._network_call(x_t, t, label, key)
+        output = self._network_call(x_t, t, label, key, context)
         return parameterization.log_mean(output, x_t, t, self.process)
 
     def log_score(
-        self, x_t: Tokens, t: Time, *, label: Label | None = None, key: Key | None = None
+        self,
+        x_t: Tokens,
+        t: Time,
+        *,
+        label: Label | None = None,
+        key: Key | None = None,
+        context: Any = None,
     ) -> StateLogProbs:
-        """log concentration ratios per position and state; needs a score parameterization."""
+        """log concentration ratios per position and state; needs a score parameterization.
+        With a ``context``, of the block ``x_t`` after its clean blocks."""
         parameterization = self.parameterization
         assert isinstance(parameterization, AbstractScoreParameterization)
-        output = self._network_call(x_t, t, label, key)
+        output = self._network_call(x_t, t, label, key, context)
         return parameterization.log_score(output, x_t, t, self.process)
+
+    def block_causal_log_mean(
+        self,
+        x_t: Tokens,
+        x0: Tokens,
+        *,
+        block_size: int,
+        label: Label | None = None,
+        key: Key | None = None,
+    ) -> LogProbs:
+        """log p_theta(x_0^n | x_t^b, x_0^{<b}) at every position n of every block b, in
+        one pass (:meth:`ddiff.AbstractBlockCausalNetwork.block_causal_output`); needs a
+        mean parameterization and a block-causal network (which ignores t: the
+        parameterization reads the output at t = 0)."""
+        parameterization = self.parameterization
+        assert isinstance(parameterization, AbstractMeanParameterization)
+        output = self._block_network().block_causal_output(x_t, x0, block_size=block_size, label=label, key=key)
+        return parameterization.log_mean(self._float32(output), x_t, jnp.zeros(()), self.process)
+
+    def init_context(self, capacity: int, *, block_size: int, cached: bool = True) -> Any:
+        """An empty context of clean blocks for one example, for up to ``capacity``
+        positions (:meth:`ddiff.AbstractBlockCausalNetwork.init_context`; its arrays in
+        the compute dtype)."""
+        return self._block_network().init_context(capacity, block_size=block_size, cached=cached)
+
+    def extend_context(self, context: Any, block: Tokens, *, label: Label | None = None) -> Any:
+        """``context`` with the clean block ``block`` appended (one network call for a
+        cache, none for a :class:`ddiff.BlockPrefix`)."""
+        return self._block_network().extend_context(context, block, label=label)

@@ -4,7 +4,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -26,19 +26,38 @@ class Conditioning(eqx.Module):
         fixed_mask: which positions are given (infilling), shape (batch, seq).
         guidance: classifier-free guidance weight w; the guided logits are
             (1 + w) * conditional - w * unconditional. 0 disables guidance.
+        context: the clean blocks a block-causal network conditions the sequence on
+            (:meth:`DiffusionModel.init_context`), one per sample (leading batch axis on
+            every leaf), or None. :func:`batched_log_mean` and :func:`batched_log_score`
+            pass it to the model, so any sampler run on a block of L' positions with a
+            context samples that block given the blocks before it (block diffusion).
     """
 
     labels: Labels | None = None
     fixed_tokens: TokenBatch | None = None
     fixed_mask: Bool[Array, "batch seq"] | None = None
     guidance: float = eqx.field(static=True, default=0.0)
+    context: Any = None
+
+
+PAD_TOKEN = -1
+"""What a variable-length sample holds after its end (:attr:`SampleOutput.lengths`)."""
 
 
 class SampleOutput(eqx.Module):
-    """Samples and the number of network evaluations spent (one per batched call)."""
+    """Samples and the number of network evaluations spent (one per batched call).
+
+    Attributes:
+        tokens: the samples, shape (batch, seq).
+        num_function_evals: batched network calls made.
+        lengths: each sample's length for a sampler that stops at an end token
+            (capability ``variable_length``): ``tokens[i, lengths[i]:]`` hold
+            :data:`PAD_TOKEN`; None when every sample fills its ``seq`` positions.
+    """
 
     tokens: TokenBatch
     num_function_evals: Int[Array, ""]
+    lengths: Int[Array, " batch"] | None = None
 
 
 TimeGrid = Literal["uniform", "cosine"]
@@ -236,13 +255,17 @@ def _guided_prediction(
     """``predict(x, t, label=...)`` vmapped over a batch; under classifier-free guidance also
     with the null class, the two combined by ``guide(conditional, unconditional, w)``.
     Returns the prediction and the network calls it took."""
-    labels = conditioning.labels
+    labels, context = conditioning.labels, conditioning.context
+
+    def one(x, time, label, context):
+        return predict(x, time, label=label, context=context)
+
     times = jnp.broadcast_to(t, x_t.shape[:1])
-    conditional = jax.vmap(lambda x, time, label: predict(x, time, label=label))(x_t, times, labels)
+    conditional = jax.vmap(one)(x_t, times, labels, context)
     if calls_per_prediction(conditioning) == 1:
         return conditional, 1
     null = jnp.full_like(labels, model.network.num_classes)
-    unconditional = jax.vmap(lambda x, time, label: predict(x, time, label=label))(x_t, times, null)
+    unconditional = jax.vmap(one)(x_t, times, null, context)
     return guide(conditional, unconditional, conditioning.guidance), 2
 
 

@@ -1,6 +1,7 @@
 """Capability names (public): what components provide and require. See ``docs/architecture.md``."""
 
 from ddiff._capabilities import (
+    BLOCK_CAUSAL,
     CLASS_CONDITIONAL,
     CONTINUOUS_TIME,
     DISCRETE_TIME,
@@ -16,11 +17,13 @@ from ddiff._capabilities import (
     TIME_CONDITIONED,
     TIME_INDEPENDENT,
     TRANSITIONS,
+    VARIABLE_LENGTH,
     Capable,
     check_compatibility,
 )
 
 __all__ = [
+    "BLOCK_CAUSAL",
     "CLASS_CONDITIONAL",
     "CONTINUOUS_TIME",
     "DISCRETE_TIME",
@@ -36,6 +39,7 @@ __all__ = [
     "TIME_CONDITIONED",
     "TIME_INDEPENDENT",
     "TRANSITIONS",
+    "VARIABLE_LENGTH",
     "Capable",
     "check_compatibility",
 ]

@@ -9,7 +9,8 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
 
 import ddiff
 
@@ -299,13 +300,14 @@ def _scan_keys(key: ddiff.Key | None, count: int) -> Any:
 
 
 def rotary_tables(
-    seq_len: int, head_dim: int, theta: float = 10_000.0
+    seq_len: int, head_dim: int, theta: float = 10_000.0, start: int | Int[Array, ""] = 0
 ) -> tuple[Float[Array, "seq 1 half"], Float[Array, "seq 1 half"]]:
-    """cos and sin of the rotary angles n / theta^(2i / head_dim), position n and pair i,
-    shaped to broadcast over heads. Computed once per forward pass and shared by every
-    layer (:func:`apply_rotary`)."""
+    """cos and sin of the rotary angles n / theta^(2i / head_dim), position n (from
+    ``start``) and pair i, shaped to broadcast over heads. Computed once per forward pass
+    and shared by every layer (:func:`apply_rotary`)."""
     frequencies = 1.0 / theta ** (jnp.arange(0, head_dim, 2) / head_dim)
-    angles = jnp.arange(seq_len)[:, None, None] * frequencies[None, None, :]
+    positions = start + jnp.arange(seq_len)
+    angles = positions[:, None, None] * frequencies[None, None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -340,15 +342,18 @@ def dense(linear: eqx.nn.Linear, x: Float[Array, "seq in"]) -> Float[Array, "seq
 
 def attention(
     q: Float[Array, "seq heads head_dim"],
-    k: Float[Array, "seq heads head_dim"],
-    v: Float[Array, "seq heads head_dim"],
+    k: Float[Array, "keys heads head_dim"],
+    v: Float[Array, "keys heads head_dim"],
     *,
     kind: AttentionKind = "auto",
     dropout: float = 0.0,
     key: ddiff.Key | None = None,
+    mask: Bool[Array, "seq keys"] | None = None,
 ) -> Float[Array, "seq heads head_dim"]:
-    """Bidirectional softmax(q k^T / sqrt(head_dim)) v per head, with the scores and the
-    softmax in float32 whatever the dtype of q, k, v.
+    """softmax(q k^T / sqrt(head_dim)) v per head, with the scores and the softmax in
+    float32 whatever the dtype of q, k, v: bidirectional, or with a ``mask`` only over the
+    keys it allows for each query (each query must allow at least one: block-causal
+    attention, :func:`block_causal_mask`).
 
     ``dot_product_attention`` goes through ``jax.nn.dot_product_attention`` (a GPU's fused
     kernel where available); ``einsum`` writes the two products out, heads first (on CPU,
@@ -362,11 +367,13 @@ def attention(
     if kind == "auto":
         kind = "einsum" if jax.default_backend() == "cpu" else "dot_product_attention"
     if kind == "dot_product_attention" and not dropping:
-        return jax.nn.dot_product_attention(q, k, v)
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None])
     # Heads first, as the products want them (jnp.einsum would order the second
     # product's operands as v^T p^T, which runs at half the speed on CPU).
     q, k, v = (jnp.swapaxes(a, 0, 1) for a in (q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype), k, v))
     scores = jnp.matmul(q, jnp.swapaxes(k, 1, 2), preferred_element_type=jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask[None], scores, -jnp.inf)
     probs = _dropout(jax.nn.softmax(scores, axis=-1), dropout, key).astype(v.dtype)
     return jnp.swapaxes(jnp.matmul(probs, v), 0, 1)
 
@@ -464,7 +471,12 @@ class RotaryBlock(eqx.Module):
         kind: AttentionKind,
         *,
         key: ddiff.Key | None,
-    ) -> Float[Array, "seq dim"]:
+        mask: Bool[Array, "seq keys"] | None = None,
+        past: "PastKeys | None" = None,
+    ) -> tuple[Float[Array, "seq dim"], tuple[Array, Array]]:
+        """Attention of ``x`` (to itself, as ``mask`` allows, and to the ``past`` keys
+        and values of earlier positions where they are valid); returns the output and the
+        rotated keys and the values of ``x``'s own positions."""
         seq, dim = x.shape
         head_dim = dim // self.heads
         k_probs, k_out = _split(key, 2)
@@ -472,9 +484,15 @@ class RotaryBlock(eqx.Module):
         def heads(linear):
             return dense(linear, x).reshape(seq, self.heads, head_dim)
 
-        q, k = apply_rotary(heads(self.wq), *tables), apply_rotary(heads(self.wk), *tables)
-        out = attention(q, k, heads(self.wv), kind=kind, dropout=self.dropout, key=k_probs)
-        return _dropout(dense(self.wo, out.reshape(seq, dim)), self.dropout, k_out)
+        q, k, v = apply_rotary(heads(self.wq), *tables), apply_rotary(heads(self.wk), *tables), heads(self.wv)
+        keys, values = k, v
+        if past is not None:
+            keys = jnp.concatenate([past.keys.astype(k.dtype), k])
+            values = jnp.concatenate([past.values.astype(v.dtype), v])
+            own = jnp.ones((seq, seq), bool) if mask is None else mask
+            mask = jnp.concatenate([jnp.broadcast_to(past.valid, (seq, past.valid.shape[0])), own], axis=1)
+        out = attention(q, keys, values, kind=kind, dropout=self.dropout, key=k_probs, mask=mask)
+        return _dropout(dense(self.wo, out.reshape(seq, dim)), self.dropout, k_out), (k, v)
 
     def feed_forward(
         self, x: Float[Array, "seq dim"], *, key: ddiff.Key | None
@@ -490,15 +508,33 @@ class RotaryBlock(eqx.Module):
         kind: AttentionKind = "auto",
         *,
         key: ddiff.Key | None,
+        mask: Bool[Array, "seq keys"] | None = None,
     ) -> Float[Array, "seq dim"]:
         """One block on ``x``, conditioned on ``cond``, with the rotary ``tables`` of
-        :func:`rotary_tables` and the attention ``kind`` of :func:`attention`."""
+        :func:`rotary_tables`, the attention ``kind`` of :func:`attention` and its
+        ``mask`` (None: bidirectional)."""
+        return self.with_keys(x, cond, tables, kind, key=key, mask=mask)[0]
+
+    def with_keys(
+        self,
+        x: Float[Array, "seq dim"],
+        cond: Float[Array, " cond"],
+        tables: tuple[Array, Array],
+        kind: AttentionKind = "auto",
+        *,
+        key: ddiff.Key | None,
+        mask: Bool[Array, "seq keys"] | None = None,
+        past: "PastKeys | None" = None,
+    ) -> tuple[Float[Array, "seq dim"], tuple[Array, Array]]:
+        """:meth:`__call__`, attending also to the ``past`` keys and values of earlier
+        positions; returns the output and this block's keys and values of ``x``."""
         k_attention, k_ffn = _split(key, 2)
         modulation = self.modulation(GLU_ACTIVATIONS[self.mlp](cond))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(modulation, 6)
         h = _modulate(_layer_norm(x), shift1, scale1)
-        x = x + gate1 * self.attention(h, tables, kind, key=k_attention)
-        return x + gate2 * self.feed_forward(_modulate(_layer_norm(x), shift2, scale2), key=k_ffn)
+        attended, own = self.attention(h, tables, kind, key=k_attention, mask=mask, past=past)
+        x = x + gate1 * attended
+        return x + gate2 * self.feed_forward(_modulate(_layer_norm(x), shift2, scale2), key=k_ffn), own
 
 
 def _glu_hidden(dim: int, multiple_of: int) -> int:
@@ -535,18 +571,79 @@ def _rotary_blocks(
     )
 
 
+class PastKeys(eqx.Module):
+    """Keys (rotated) and values of earlier positions that one attention layer's queries
+    may also attend to, where ``valid`` (a cache of clean blocks, :class:`KVCache`).
+
+    Attributes:
+        keys, values: shape (positions, heads, head_dim).
+        valid: which positions hold entries, shape (positions,).
+    """
+
+    keys: Float[Array, "positions heads head_dim"]
+    values: Float[Array, "positions heads head_dim"]
+    valid: Bool[Array, " positions"]
+
+
+def block_causal_mask(seq_len: int, block_size: int) -> np.ndarray:
+    """The attention mask of the vectorised block-diffusion pass (Arriola et al. 2025,
+    sec. 3.2) over the concatenation [x_t, x_0] of 2 ``seq_len`` positions, true where
+    query (row) may attend to key (column), with b(n) = (n mod seq_len) // ``block_size``:
+
+    - block diagonal: noisy n to noisy m when b(n) = b(m) (a noisy block sees itself);
+    - offset block causal: noisy n to clean m when b(m) < b(n) (and the clean blocks before);
+    - block causal: clean n to clean m when b(m) <= b(n) (the clean sequence, block by block).
+
+    A clean position never attends to a noisy one, so the keys and values of clean block b
+    are those that a cache built block by block holds (:class:`KVCache`)."""
+    block = np.arange(seq_len) // block_size
+    query, key = block[:, None], block[None, :]
+    noisy = np.concatenate([query == key, key < query], axis=1)
+    clean = np.concatenate([np.zeros((seq_len, seq_len), bool), key <= query], axis=1)
+    return np.concatenate([noisy, clean], axis=0)
+
+
+class KVCache(eqx.Module):
+    """The clean blocks an :class:`MD4Transformer` has read, for block-by-block sampling:
+    every layer's (rotated) keys and values of the last ``length`` clean positions (a
+    sliding window of ``capacity``), and the absolute position of the next block. When the
+    window is full the oldest block's entries are dropped as they are, not recomputed
+    without it, which differs from a :class:`ddiff.BlockPrefix` of the same tokens beyond
+    one layer; the bd3lm sampler rebuilds the cache from the window instead.
+
+    Attributes:
+        keys, values: shape (depth, capacity, heads, head_dim), in the compute dtype.
+        length: positions held.
+        position: absolute position of the next block (its rotary angles).
+        block_size: the block length L'.
+    """
+
+    keys: Float[Array, "depth capacity heads head_dim"]
+    values: Float[Array, "depth capacity heads head_dim"]
+    length: Int[Array, ""]
+    position: Int[Array, ""]
+    block_size: int = eqx.field(static=True)
+
+
 def _run_blocks(
     blocks: ddiff.LayerStack,
     x: Float[Array, "seq dim"],
     cond: Array,
     key: ddiff.Key | None,
     kind: AttentionKind = "auto",
+    *,
+    tables: tuple[Array, Array] | None = None,
+    mask: Bool[Array, "seq seq"] | None = None,
 ) -> Float[Array, "seq dim"]:
-    """The :class:`RotaryBlock` stack on ``x``, with the rotary tables computed once."""
+    """The :class:`RotaryBlock` stack on ``x``, with the rotary tables computed once (of
+    positions 0..seq-1 unless given) and the attention ``mask`` (None: bidirectional)."""
     seq, dim = x.shape
-    tables = rotary_tables(seq, dim // blocks.layers.heads)
+    if tables is None:
+        tables = rotary_tables(seq, dim // blocks.layers.heads)
     x, _ = blocks(
-        x, lambda block, h, k: (block(h, cond, tables, kind, key=k), None), _scan_keys(key, blocks.count)
+        x,
+        lambda block, h, k: (block(h, cond, tables, kind, key=k, mask=mask), None),
+        _scan_keys(key, blocks.count),
     )
     return x
 
@@ -582,13 +679,18 @@ def transformer_flops_per_token(matmul_parameters: int, depth: int, dim: int, se
 # --------------------------------------------------------------------------- MD4 transformer
 
 
-class MD4Transformer(ddiff.AbstractNetwork):
+class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
     """The MD4 paper's transformer denoiser (a bidirectional LLaMA-style network):
     token embedding, ``depth`` :class:`RotaryBlock` blocks (rotary position embeddings,
     adaLN-zero conditioning on time and class, gated feed-forward of width 8/3 ``dim``
     rounded up to ``multiple_of``), a final adaLN-zero layer norm and a zero-initialised
     linear head. Depth-scaled initialisation draws the feed-forward weights with
     variance 2 / (depth * fan_in). MD4-S (text8, OpenWebText): dim 768, depth 12, 12 heads.
+
+    Block diffusion (capability ``block_causal`` when ``time_conditioned: false``): the
+    vectorised pass reads [x_t, x_0] (both at positions 0..D-1) under
+    :func:`block_causal_mask`, and a :class:`KVCache` holds the clean blocks' keys and
+    values for sampling block by block (:class:`ddiff.AbstractBlockCausalNetwork`).
 
     Attributes (recipe keys):
         dim: width. depth: number of blocks. heads: attention heads.
@@ -678,8 +780,72 @@ class MD4Transformer(ddiff.AbstractNetwork):
         cond = self.condition(t, label)
         x = _dropout(self.embedding[x_t], self.dropout, k_embed)
         x = _run_blocks(self.blocks, x, cond, k_blocks, self.attention)
+        return self._output(x, cond)
+
+    def _output(self, x: Float[Array, "seq dim"], cond: Array) -> Float[Array, "seq out"]:
         shift, scale = jnp.split(self.final_modulation(GLU_ACTIVATIONS[self.mlp](cond)), 2)
         return _logits(self.head, _modulate(_layer_norm(x), shift, scale))
+
+    @property
+    def _head_dim(self) -> int:
+        return self.embedding.shape[1] // self.blocks.layers.heads
+
+    def block_causal_output(self, x_t, x0, *, block_size, label=None, key=None):
+        k_embed, k_blocks = _split(key, 2)
+        seq = x_t.shape[0]
+        cond = self.condition(jnp.zeros(()), label)
+        x = _dropout(self.embedding[jnp.concatenate([x_t, x0])], self.dropout, k_embed)
+        tables = tuple(jnp.concatenate([a, a]) for a in rotary_tables(seq, self._head_dim))
+        mask = jnp.asarray(block_causal_mask(seq, block_size))
+        x = _run_blocks(self.blocks, x, cond, k_blocks, self.attention, tables=tables, mask=mask)
+        return self._output(x[:seq], cond)
+
+    def init_cache(self, capacity, *, block_size):
+        if block_size < 1 or capacity < 0 or capacity % block_size:
+            raise ddiff.DdiffError(
+                f"a cache of clean blocks needs a capacity that is a multiple of the block "
+                f"size {block_size}, got {capacity}"
+            )
+        shape = (self.depth, capacity, self.blocks.layers.heads, self._head_dim)
+        zeros = jnp.zeros(shape, self.embedding.dtype)
+        start = jnp.zeros((), jnp.int32)
+        return KVCache(keys=zeros, values=zeros, length=start, position=start, block_size=block_size)
+
+    def _after_cache(self, tokens: ddiff.Tokens, cache: KVCache, label: ddiff.Label | None):
+        """The blocks on ``tokens`` at the positions after the cache, attending to the
+        cached positions and to themselves: the output and every layer's keys and values."""
+        cond = self.condition(jnp.zeros(()), label)
+        tables = rotary_tables(tokens.shape[0], self._head_dim, start=cache.position)
+        valid = jnp.arange(cache.keys.shape[1]) < cache.length
+
+        def step(block, h, past):
+            keys, values = past
+            past = PastKeys(keys=keys, values=values, valid=valid)
+            return block.with_keys(h, cond, tables, self.attention, key=None, past=past)
+
+        x, (keys, values) = self.blocks(self.embedding[tokens], step, (cache.keys, cache.values))
+        return x, cond, keys, values
+
+    def extend_cache(self, cache, block, *, label=None):
+        _, _, keys, values = self._after_cache(block, cache, label)
+
+        def append(buffer, new):
+            return jax.vmap(lambda b, n: ddiff.append_to_window(b, cache.length, n.astype(b.dtype))[0])(
+                buffer, new
+            )
+
+        _, length = ddiff.append_to_window(cache.keys[0], cache.length, keys[0])
+        return KVCache(
+            keys=append(cache.keys, keys),
+            values=append(cache.values, values),
+            length=length,
+            position=cache.position + block.shape[0],
+            block_size=cache.block_size,
+        )
+
+    def cached_output(self, x_t, cache, *, label=None):
+        x, cond, _, _ = self._after_cache(x_t, cache, label)
+        return self._output(x, cond)
 
 
 # --------------------------------------------------------------------------- UNet

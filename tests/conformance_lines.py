@@ -43,3 +43,8 @@ GENMD4 = Setup(
     **LIGHT,
     process={"kind": "masked", "schedule": {"kind": "learnable_poly", "initial_powers": [0.7, 1.5, 3.0]}},
 )
+
+BD3LM = Setup(**LIGHT, sampler_cases=("exact[none/markov]", "exact[labels/classes]"))
+"""Block diffusion on D = 4 in blocks of L' = 2: a block is conditioned on the given
+positions before and within it, not on later ones (exact for a prefix, not for
+infilling), so the sampler is checked with labels alone."""

@@ -197,6 +197,13 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("workdir", help="run directory")
     sample.add_argument("--num", type=_integer(1, _MAX_SAMPLES), default=16, help="number of samples")
     sample.add_argument(
+        "--max-length",
+        type=_integer(1),
+        default=None,
+        help="tokens per sample, beyond the training length if wanted, for a sampler that "
+        "stops at an end token (bd3lm); samples may end sooner (default: the data's length)",
+    )
+    sample.add_argument(
         "--batch-size",
         type=_integer(1),
         default=None,
@@ -421,9 +428,9 @@ def _given_tokens(args: argparse.Namespace, num: int, seq_len: int, vocab_size: 
     return np.maximum(given, 0).astype(np.int32), given >= 0
 
 
-def _conditioning(args: argparse.Namespace, recipe, num: int):
-    """Conditioning from --label, --guidance, --prefix and --fixed (arrays with one row
-    for every sample, or one row per sample), and its description."""
+def _conditioning(args: argparse.Namespace, recipe, num: int, seq_len: int | None = None):
+    """Conditioning from --label, --guidance, --prefix and --fixed (samples of ``seq_len``
+    positions, by default the data's), and its description."""
     import jax.numpy as jnp
 
     from ddiff._sampler import Conditioning
@@ -453,7 +460,7 @@ def _conditioning(args: argparse.Namespace, recipe, num: int):
                 source="command line",
             )
         info["guidance"] = args.guidance
-    given = _given_tokens(args, num, data.seq_len, data.vocab_size)
+    given = _given_tokens(args, num, seq_len or data.seq_len, data.vocab_size)
     fixed_tokens = fixed_mask = None
     if given is not None:
         fixed_tokens, fixed_mask = jnp.asarray(given[0]), jnp.asarray(given[1])
@@ -486,27 +493,32 @@ def _sample(args: argparse.Namespace) -> None:
                 f"name or add --overwrite",
                 source="command line",
             )
-    overrides = () if args.steps is None else (f"sampler.steps={args.steps}",)
+    overrides = () if args.steps is None else (f"{_steps_key(workdir)}={args.steps}",)
     recipe, state = load_run(workdir, overrides)
-    conditioning, info = _conditioning(args, recipe, args.num)
+    seq_len = _sample_length(args, recipe)
+    conditioning, info = _conditioning(args, recipe, args.num, seq_len)
     trainer = Trainer(recipe, workdir)
     step = int(state.step)
     name = args.name or unused_path(directory / f"sample_step{step:08d}_seed{args.seed}", suffixes).name
     batch_size = args.batch_size or recipe.trainer.sample_batch_size
     size = trainer.sample_batch(args.num, batch_size)
-    writer = SampleWriter(workdir, recipe, name, args.num, conditioning=info)
+    writer = SampleWriter(workdir, recipe, name, args.num, conditioning=info, seq_len=seq_len)
     bar = tqdm(
         total=args.num, unit="sample", disable=not sys.stderr.isatty() or size >= args.num, dynamic_ncols=True
     )
+    shortest, longest = seq_len, 0
     try:
-        for tokens, evals in trainer.sample_batches(
+        for tokens, evals, lengths in trainer.sample_batches(
             state.ema,
             key=jax.random.PRNGKey(args.seed),
             num_samples=args.num,
             conditioning=conditioning,
             batch_size=batch_size,
+            seq_len=seq_len,
         ):
-            writer.add(tokens, evals)
+            writer.add(tokens, evals, lengths)
+            shortest = min(shortest, int(lengths.min()))
+            longest = max(longest, int(lengths.max()))
             bar.update(len(tokens))
     except BaseException:
         writer.abort()
@@ -514,10 +526,39 @@ def _sample(args: argparse.Namespace) -> None:
     finally:
         bar.close()
     path = writer.close()
+    shown = f", lengths {shortest}..{longest}" if shortest < seq_len else ""
     print(
         f"wrote {args.num} samples in {writer.num_batches} batch(es) of {size} "
-        f"({writer.num_function_evals} network evaluations per batch at most) to {path}"
+        f"({writer.num_function_evals} network evaluations per batch at most{shown}) to {path}"
     )
+
+
+def _steps_key(workdir: Path) -> str:
+    """What --steps sets: ``sampler.steps``, or ``sampler.inner.steps`` for a sampler that
+    runs another one (bd3lm's sampler within each block)."""
+    from ddiff.runner.recipe import read_recipe_file
+    from ddiff.runner.trainer.rundir import RECIPE_FILE
+
+    path = workdir / RECIPE_FILE
+    section = read_recipe_file(path).get("sampler") if path.exists() else None
+    nested = isinstance(section, dict) and isinstance(section.get("inner"), dict)
+    return "sampler.inner.steps" if nested else "sampler.steps"
+
+
+def _sample_length(args: argparse.Namespace, recipe) -> int:
+    """The positions to sample: the data's, or --max-length for a variable-length sampler."""
+    from ddiff._capabilities import VARIABLE_LENGTH
+
+    if args.max_length is None:
+        return recipe.data.seq_len
+    if VARIABLE_LENGTH not in recipe.sampler.capabilities():
+        raise RecipeError(
+            f"--max-length needs a sampler that stops at an end token (capability "
+            f"{VARIABLE_LENGTH}, e.g. bd3lm); sampler {recipe.names['sampler']!r} draws "
+            f"{recipe.data.seq_len} tokens",
+            source="command line",
+        )
+    return args.max_length
 
 
 def _diagnose(args: argparse.Namespace) -> None:

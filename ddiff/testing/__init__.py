@@ -34,6 +34,7 @@ One line in a pytest module runs every applicable check on a registered componen
     test_ancestral = ddiff.testing.sampler_conformance("ancestral", steps=256)
 """
 
+from ddiff.testing._block import exact_block_log_denoiser
 from ddiff.testing._checks import (
     BOUND_TERMS,
     CheckResult,
@@ -138,6 +139,7 @@ __all__ = [
     "conditioning_patterns",
     "dense_toy",
     "exact_bound_terms",
+    "exact_block_log_denoiser",
     "exact_diffusion_nelbo",
     "exact_log_denoiser",
     "exact_log_marginal",

@@ -25,11 +25,12 @@ from jaxtyping import Array, Float
 from ddiff._capabilities import MASKED, MEAN, SCALAR_SCHEDULE, SCORE
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
-from ddiff._network import AbstractNetwork
+from ddiff._network import AbstractBlockCausalNetwork, BlockPrefix
 from ddiff._numerics import safe_log
 from ddiff._parameterization import AbstractParameterization
 from ddiff._process import AbstractForwardProcess, AbstractRateProcess
 from ddiff._typing import Key, Label, LogProbs, NetworkOutput, Scalar, StateLogProbs, Time, Tokens
+from ddiff.testing._block import exact_block_log_denoiser
 from ddiff.testing._toy import ToyDistribution
 
 
@@ -288,7 +289,7 @@ def _exact_diffusion_nelbo(model, states, clean, data_probs, times, time_weights
     return jnp.sum(time_weights * jax.vmap(at_time)(times))
 
 
-class OracleNetwork(AbstractNetwork):
+class OracleNetwork(AbstractBlockCausalNetwork):
     """A "network" whose output is exact: log p(x_0^n = v | x_t) (``output="log_mean"``,
     shape (seq, V)) or the exact log score (``output="log_score"``, shape (seq, S)),
     computed by enumerating a toy distribution. Paired with a parameterization that reads
@@ -311,6 +312,10 @@ class OracleNetwork(AbstractNetwork):
             the output is then the exact log score minus that offset,
             ``reader.log_score(0, x_t, t, process)``, so that the model's score is exact.
             None: the output is the exact log score.
+
+    When time independent it is also a block-causal network (block diffusion): its
+    vectorised pass gives the exact block conditionals (:func:`exact_block_log_denoiser`)
+    and its cache of clean blocks is their tokens (a :class:`ddiff.BlockPrefix`).
     """
 
     distribution: ToyDistribution
@@ -338,6 +343,22 @@ class OracleNetwork(AbstractNetwork):
             return log_score
         offset = self.reader.log_score(jnp.zeros_like(log_score), x_t, t, self.process)
         return log_score - jnp.where(jnp.isfinite(offset), offset, 0.0)
+
+    def block_causal_output(self, x_t, x0, *, block_size, label=None, key=None):
+        del key
+        if self.output != "log_mean":
+            raise DdiffError("oracle: the block-causal pass gives the exact mean only (output='log_mean')")
+        # Time independent: the posterior is the same at every interior time.
+        return exact_block_log_denoiser(self.distribution, self.process, x_t, x0, block_size, jnp.full((), 0.5), label)
+
+    def init_cache(self, capacity, *, block_size):
+        return BlockPrefix.empty(capacity, block_size)
+
+    def extend_cache(self, cache, block, *, label=None):
+        return cache.extend(block)
+
+    def cached_output(self, x_t, cache, *, label=None):
+        return self.context_output(x_t, cache, label=label)
 
 
 def oracle_network(

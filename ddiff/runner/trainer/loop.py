@@ -154,19 +154,29 @@ class Trainer:
         num_samples: int,
         conditioning: Conditioning | None = None,
         batch_size: int | None = None,
+        seq_len: int | None = None,
     ) -> SampleOutput:
-        """Draw ``num_samples`` sequences, ``batch_size`` at a time (default: all at once),
-        each batch split over the mesh's devices; tokens come back on the host. The
-        samples do not depend on ``batch_size`` (sample i is drawn from
+        """Draw ``num_samples`` sequences of ``seq_len`` positions (default: the data's; at
+        most, for a variable-length sampler), ``batch_size`` at a time (default: all at
+        once), each batch split over the mesh's devices; tokens and lengths come back on
+        the host. The samples do not depend on ``batch_size`` (sample i is drawn from
         ``fold_in(key, i)``); ``num_function_evals`` is that of the costliest batch."""
-        parts, evals = [], 0
-        for tokens, batch_evals in self.sample_batches(
-            model, key=key, num_samples=num_samples, conditioning=conditioning, batch_size=batch_size
+        parts, lengths, evals = [], [], 0
+        for tokens, batch_evals, batch_lengths in self.sample_batches(
+            model,
+            key=key,
+            num_samples=num_samples,
+            conditioning=conditioning,
+            batch_size=batch_size,
+            seq_len=seq_len,
         ):
             parts.append(tokens)
+            lengths.append(batch_lengths)
             evals = max(evals, batch_evals)
         return SampleOutput(
-            tokens=jnp.asarray(np.concatenate(parts)), num_function_evals=jnp.asarray(evals, jnp.int32)
+            tokens=jnp.asarray(np.concatenate(parts)),
+            num_function_evals=jnp.asarray(evals, jnp.int32),
+            lengths=jnp.asarray(np.concatenate(lengths)),
         )
 
     def sample_batch(self, num_samples: int, batch_size: int | None = None) -> int:
@@ -183,12 +193,17 @@ class Trainer:
         num_samples: int,
         conditioning: Conditioning | None = None,
         batch_size: int | None = None,
-    ) -> Iterator[tuple[np.ndarray, int]]:
-        """Samples 0 .. ``num_samples`` - 1 in batches (:meth:`sample_batch`), as (host
-        tokens of the batch, network evaluations). Every batch runs one compiled program
+        seq_len: int | None = None,
+    ) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+        """Samples 0 .. ``num_samples`` - 1 of ``seq_len`` positions (default: the data's)
+        in batches (:meth:`sample_batch`), as (host tokens of the batch, network
+        evaluations, host lengths of the samples). Every batch runs one compiled program
         (the last is padded and trimmed); each array of ``conditioning`` has one row per
         sample, cut with the batches, or one row for every sample."""
         conditioning = conditioning or Conditioning()
+        function = self._sample_fn
+        if seq_len is not None and seq_len != self.recipe.data.seq_len:
+            function = compiled(make_sample, (self.recipe.sampler,), seq_len=seq_len, mesh=self.mesh)
         size = self.sample_batch(num_samples, batch_size)
         arrays, static = eqx.partition(conditioning, eqx.is_array)
         arrays = jax.tree.map(np.asarray, arrays)
@@ -201,8 +216,12 @@ class Trainer:
                 return global_batch(array[rows if len(array) > 1 else np.zeros_like(rows)], self.mesh)
 
             batch_conditioning = eqx.combine(jax.tree.map(cut, arrays), static)
-            output = self._sample_fn(model, key, jnp.asarray(first, jnp.int32), size, batch_conditioning)
-            yield to_host(output.tokens)[:count], int(output.num_function_evals)
+            output = function(model, key, jnp.asarray(first, jnp.int32), size, batch_conditioning)
+            yield (
+                to_host(output.tokens)[:count],
+                int(output.num_function_evals),
+                to_host(output.lengths)[:count],
+            )
 
     def write_samples(
         self, output: SampleOutput, name: str, *, conditioning: dict[str, Any] | None = None
@@ -392,10 +411,10 @@ class Trainer:
         key = jax.random.fold_in(jax.random.PRNGKey(self.recipe.seed + 1), step)
         writer = SampleWriter(self.workdir, self.recipe, f"step_{step:08d}", config.num_samples)
         try:
-            for tokens, evals in self.sample_batches(
+            for tokens, evals, lengths in self.sample_batches(
                 state.ema, key=key, num_samples=config.num_samples, batch_size=config.sample_batch_size
             ):
-                writer.add(tokens, evals)
+                writer.add(tokens, evals, lengths)
         except BaseException:
             writer.abort()
             raise

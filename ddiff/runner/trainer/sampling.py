@@ -8,6 +8,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -27,7 +28,9 @@ SAMPLES_DIR = "samples"
 def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callable:
     """``(arrays, model, key, first, num_samples, conditioning) -> SampleOutput`` for the
     static parts of ``sampler`` (its arrays come in ``arrays``): samples ``first`` ..
-    ``first + num_samples - 1`` of a sampling run, split over the mesh's devices. Sample
+    ``first + num_samples - 1`` of a sampling run, of ``seq_len`` positions (at most, for
+    a variable-length sampler), split over the mesh's devices, with every sample's length
+    (``seq_len`` unless the sampler stopped it). Sample
     i is drawn from ``fold_in(key, i)`` (:func:`ddiff.sample_keys`), each device passing
     the keys of its slice, so the samples depend neither on the mesh nor on how a run is
     cut into batches. ``first`` is traced: every batch of a run reuses one program."""
@@ -52,14 +55,17 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
                 conditioning=conditioning,
             )
             evals = jax.lax.pmax(output.num_function_evals, BATCH_AXES)
-            return SampleOutput(tokens=output.tokens, num_function_evals=evals)
+            lengths = output.lengths
+            if lengths is None:
+                lengths = jnp.full((local_samples,), output.tokens.shape[1], jnp.int32)
+            return SampleOutput(tokens=output.tokens, num_function_evals=evals, lengths=lengths)
 
         condition_specs = jax.tree.map(lambda _: BATCH_SPEC, conditioning)
         return jax.shard_map(
             local,
             mesh=mesh,
             in_specs=(replicated(sampler_arrays), specs, condition_specs),
-            out_specs=SampleOutput(tokens=BATCH_SPEC, num_function_evals=P()),
+            out_specs=SampleOutput(tokens=BATCH_SPEC, num_function_evals=P(), lengths=BATCH_SPEC),
             check_vma=False,
         )(sampler_arrays, params, conditioning)
 
@@ -80,34 +86,58 @@ def _row_hashes(tokens: np.ndarray) -> np.ndarray:
     return hashes
 
 
+def _full_lengths(tokens: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    return np.full(len(tokens), tokens.shape[1]) if lengths is None else np.asarray(lengths)
+
+
 class SampleStatistics:
     """Unigram entropy of sampled tokens (bits) and the fraction of distinct sequences,
     accumulated batch by batch (:meth:`add`) in memory independent of the sequences'
-    length: token counts, and one 64-bit hash per sequence."""
+    length: token counts, and one 64-bit hash per sequence. Samples of a variable-length
+    sampler count their first ``lengths[i]`` tokens (the rest is ``ddiff.PAD_TOKEN``),
+    and their mean, least and greatest length are reported when some are shorter."""
 
     def __init__(self, vocab_size: int):
         self.counts = np.zeros(vocab_size + 1, np.int64)
         self.hashes: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.width = 0
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> None:
         tokens = np.asarray(tokens)
-        self.counts += np.bincount(tokens.reshape(-1), minlength=len(self.counts))[: len(self.counts)]
+        lengths = _full_lengths(tokens, lengths)
+        kept = tokens[np.arange(tokens.shape[1])[None, :] < lengths[:, None]]
+        self.counts += np.bincount(kept, minlength=len(self.counts))[: len(self.counts)]
         self.hashes.append(_row_hashes(tokens))
+        self.lengths.append(lengths)
+        self.width = max(self.width, tokens.shape[1])
 
     def result(self) -> dict[str, float]:
         probs = self.counts / max(self.counts.sum(), 1)
         nonzero = probs[probs > 0]
         hashes = np.concatenate(self.hashes) if self.hashes else np.zeros(0, np.uint64)
-        return {
+        stats = {
             "unigram_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()),
             "distinct_fraction": len(np.unique(hashes)) / max(len(hashes), 1),
         }
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        if len(lengths) and (lengths < self.width).any():
+            stats.update(
+                mean_length=float(np.mean(lengths)),
+                min_length=int(np.min(lengths)),
+                max_length=int(np.max(lengths)),
+            )
+        return stats
 
 
-def sample_statistics(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
-    """Unigram entropy of the sampled tokens (bits), and the fraction of distinct sequences."""
+def sample_statistics(
+    tokens: np.ndarray, vocab_size: int, lengths: np.ndarray | None = None
+) -> dict[str, float]:
+    """Unigram entropy of the sampled tokens (bits), and the fraction of distinct sequences;
+    with ``lengths`` (variable-length samples), over each sample's first ``lengths[i]``
+    tokens, with their mean, least and greatest length."""
     statistics = SampleStatistics(vocab_size)
-    statistics.add(tokens)
+    statistics.add(tokens, lengths)
     return statistics.result()
 
 
@@ -117,7 +147,9 @@ class SampleWriter:
     line), ``name.npy`` (shape (N, D)) and ``name.json`` (unigram entropy, distinct
     fraction, network evaluations of the costliest batch, and ``conditioning``: label,
     guidance, ...); samples of image data also as a PNG grid of the first
-    :data:`GRID_IMAGES`. Every file is written beside its place and renamed into it when
+    :data:`GRID_IMAGES`. Samples of a variable-length sampler (``seq_len``: their most
+    positions) are written up to their length in the text, hold ``ddiff.PAD_TOKEN`` (-1)
+    after it in the .npy, and list their ``lengths`` in the .json when some are shorter. Every file is written beside its place and renamed into it when
     complete (:meth:`close`): an interrupted run leaves no half-written file. Process 0
     writes; the others only count."""
 
@@ -129,6 +161,7 @@ class SampleWriter:
         num_samples: int,
         *,
         conditioning: dict[str, Any] | None = None,
+        seq_len: int | None = None,
     ):
         self.directory = Path(workdir) / SAMPLES_DIR
         self.recipe = recipe
@@ -139,6 +172,8 @@ class SampleWriter:
         self.num_function_evals = 0
         self.num_batches = 0
         self.statistics = SampleStatistics(recipe.data.vocab_size)
+        self.seq_len = recipe.data.seq_len if seq_len is None else seq_len
+        self.lengths: list[np.ndarray] = []
         self.grid: list[np.ndarray] = []
         self.writing = jax.process_index() == 0
         if not self.writing:
@@ -148,7 +183,7 @@ class SampleWriter:
         self.temporary = {ext: self.directory / f".{name}{ext}{tag}" for ext in (".txt", ".npy")}
         self.text = open(self.temporary[".txt"], "w", encoding="utf-8")  # noqa: SIM115
         self.array = np.lib.format.open_memmap(
-            self.temporary[".npy"], mode="w+", dtype=np.int32, shape=(num_samples, recipe.data.seq_len)
+            self.temporary[".npy"], mode="w+", dtype=np.int32, shape=(num_samples, self.seq_len)
         )
 
     @property
@@ -156,17 +191,22 @@ class SampleWriter:
         """The text file's path (on every process)."""
         return self.directory / f"{self.name}.txt"
 
-    def add(self, tokens: np.ndarray, num_function_evals: int) -> None:
-        """Append a batch of sampled sequences (host array of shape (n, D))."""
+    def add(self, tokens: np.ndarray, num_function_evals: int, lengths: np.ndarray | None = None) -> None:
+        """Append a batch of sampled sequences (host array of shape (n, D)) and, for a
+        variable-length sampler, their lengths."""
         tokens = np.asarray(tokens)
+        lengths = _full_lengths(tokens, lengths)
         self.num_batches += 1
         self.num_function_evals = max(self.num_function_evals, int(num_function_evals))
         if not self.writing:
             self.written += len(tokens)
             return
-        self.statistics.add(tokens)
+        self.statistics.add(tokens, lengths)
+        self.lengths.append(lengths)
         self.array[self.written : self.written + len(tokens)] = tokens
-        self.text.write("".join(self.recipe.data.decode(row) + "\n" for row in tokens))
+        self.text.write(
+            "".join(self.recipe.data.decode(row[:length]) + "\n" for row, length in zip(tokens, lengths, strict=True))
+        )
         if self.recipe.data.image_shape is not None and self.written < GRID_IMAGES:
             self.grid.append(tokens[: GRID_IMAGES - self.written])
         self.written += len(tokens)
@@ -189,6 +229,9 @@ class SampleWriter:
         stats["num_samples"] = self.num_samples
         stats["num_batches"] = self.num_batches
         stats["sampler"] = self.recipe.names["sampler"]
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        if (lengths < self.seq_len).any():
+            stats["lengths"] = [int(length) for length in lengths]
         if self.conditioning:
             stats["conditioning"] = self.conditioning
         for ext, temporary in self.temporary.items():
@@ -219,9 +262,13 @@ def write_samples(
 ) -> Path:
     """Write samples under ``workdir/samples`` as text (one sequence a line), .npy, and a
     stats .json beside them (unigram entropy, network evaluations, and ``conditioning``:
-    label, guidance, ...); samples of image data also as a PNG grid. Returns the text
-    file's path (on every process; process 0 writes)."""
+    label, guidance, ...); samples of image data also as a PNG grid; variable-length
+    samples as :class:`SampleWriter` writes them. Returns the text file's path (on every
+    process; process 0 writes)."""
     tokens = np.asarray(output.tokens)
-    writer = SampleWriter(workdir, recipe, name, len(tokens), conditioning=conditioning)
-    writer.add(tokens, int(output.num_function_evals))
+    lengths = None if output.lengths is None else np.asarray(output.lengths)
+    writer = SampleWriter(
+        workdir, recipe, name, len(tokens), conditioning=conditioning, seq_len=tokens.shape[1]
+    )
+    writer.add(tokens, int(output.num_function_evals), lengths)
     return writer.close()
