@@ -76,9 +76,10 @@ from ddiff._sampler import (
     sample_keys,
     start_sampling,
     step_keys,
+    still_masked,
     time_grid,
 )
-from ddiff._schedule import AbstractSchedule
+from ddiff._schedule import AbstractSchedule, time_of_alpha
 from ddiff._typing import (
     AbstractCheckedModule,
     Key,
@@ -195,7 +196,9 @@ __all__ = [
     "standard_exponential",
     "start_sampling",
     "step_keys",
+    "still_masked",
     "time_grid",
+    "time_of_alpha",
     # trace-time type checks
     "set_typecheck",
     "typecheck",

@@ -51,6 +51,14 @@ class AbstractDataSource(abc.ABC, Capable):
         """Exact reference numbers for evaluation (e.g. ``entropy_bits_per_token``)."""
         return {}
 
+    def log_prob(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray | None:
+        """Exact log p(x) in nats of every sequence of ``tokens`` (shape (N, D)), given its
+        label where ``labels`` (shape (N,)) is given, for a source that knows its
+        distribution (the synthetic ones); None for a source that does not. It scores
+        samples exactly (their log-likelihood under the true source, beside its
+        entropy)."""
+        return None
+
     def decode(self, tokens: np.ndarray) -> str:
         """Human-readable rendering of one sequence."""
         return " ".join(str(int(token)) for token in tokens)

@@ -66,7 +66,9 @@ class AbstractForwardProcess(AbstractCheckedModule, Capable):
 
     @abc.abstractmethod
     def prior_probs(self) -> Float[Array, " states"]:
-        """The prior p(x_1) of one position, which the reverse process starts from."""
+        """The prior p(x_1) of one position: the bound's prior term, and where samplers
+        start (a masked process's samplers start from all-mask instead,
+        :func:`ddiff.initial_tokens`)."""
 
     def sample_marginal(self, x0: Tokens, t: Time, *, key: Key) -> Tokens:
         """Draw x_t ~ q(x_t | x_0)."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from ddiff._capabilities import Capable
+from ddiff._capabilities import MASKED, Capable
 from ddiff._model import DiffusionModel
 from ddiff._process import AbstractForwardProcess
 from ddiff._typing import AbstractCheckedModule, Key, KeyBatch, Labels, TokenBatch
@@ -31,6 +31,9 @@ class Conditioning(eqx.Module):
             every leaf), or None. :func:`batched_log_mean` and :func:`batched_log_score`
             pass it to the model, so any sampler run on a block of L' positions with a
             context samples that block given the blocks before it (block diffusion).
+        start_from_prior: draw the starting x_1 of a masked process from its prior
+            (the mask with probability 1 - alpha_1, otherwise a uniform token) instead
+            of starting from all-mask (:func:`initial_tokens`).
     """
 
     labels: Labels | None = None
@@ -38,6 +41,7 @@ class Conditioning(eqx.Module):
     fixed_mask: Bool[Array, "batch seq"] | None = None
     guidance: float = eqx.field(static=True, default=0.0)
     context: Any = None
+    start_from_prior: bool = eqx.field(static=True, default=False)
 
 
 PAD_TOKEN = -1
@@ -217,8 +221,8 @@ def start_sampling(
     model: DiffusionModel, *, keys: KeyBatch, seq_len: int, conditioning: Conditioning
 ) -> SamplingStart:
     """The opening every reverse-process sampler shares: each sample's key split into a
-    prior key (x_1 from the process prior, :func:`initial_tokens`), a loop key and a final
-    key, and the network calls one prediction takes under ``conditioning``."""
+    start key (x_1, :func:`initial_tokens`: all-mask for a masked process), a loop key and
+    a final key, and the network calls one prediction takes under ``conditioning``."""
     split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
     tokens = initial_tokens(
         model.process, keys=split[:, 0], seq_len=seq_len, conditioning=conditioning
@@ -276,10 +280,33 @@ def initial_tokens(
     seq_len: int,
     conditioning: Conditioning,
 ) -> Int[Array, "batch seq"]:
-    """Where every reverse process starts: one draw of x_1 from the process prior per key,
-    with the given positions (infilling) set."""
-    x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(keys)
+    """Where every reverse process starts, with the given positions (infilling) set.
+
+    A masked process (capability ``masked``, mask state V) starts from all-mask, as the
+    reference implementations do. Its prior p(x_1), which the bound's prior term uses,
+    keeps a uniformly random token at each position with probability alpha_1, and an
+    absorbing sampler never revises such a token: on 1024 positions that is at least one
+    random token in 1 - (1 - alpha_1)^1024 of the samples (10% for MD4's eps = 1e-4,
+    64% for SEDD's log-linear alpha_1 = 1e-3). ``conditioning.start_from_prior`` keeps
+    the prior draw (one per key); every other process always draws from its prior.
+    """
+    if MASKED in process.capabilities() and not conditioning.start_from_prior:
+        x = jnp.full((keys.shape[0], seq_len), process.vocab_size, jnp.int32)
+    else:
+        x = jax.vmap(lambda k: process.sample_prior(seq_len, key=k))(keys)
     return apply_fixed(conditioning, x)
+
+
+def still_masked(
+    conditioning: Conditioning, tokens: Int[Array, "batch seq"], mask_id: int
+) -> Bool[Array, "batch seq"]:
+    """The positions a sampler still has to decode: those holding the mask that are not
+    given. A given position may hold the mask itself (semi-autoregressive decoding keeps
+    the blocks after the current one masked that way), and a sampler leaves it alone."""
+    masked = tokens == mask_id
+    if conditioning.fixed_mask is None:
+        return masked
+    return masked & ~conditioning.fixed_mask
 
 
 def batched_log_mean(

@@ -56,3 +56,24 @@ class AbstractSchedule(AbstractCheckedModule, Capable):
     def noise_rate(self, t: Time) -> ScheduleValue:
         """SEDD's noise rate sigma(t) = d sigma_bar / dt = -alpha'(t) / alpha(t)."""
         return -self.alpha_derivative(t) / self.alpha(t)
+
+
+def time_of_alpha(schedule: AbstractSchedule, alpha: jax.Array) -> jax.Array:
+    """The time t in [0, 1] at which ``schedule`` reaches survival probability ``alpha``,
+    elementwise, by 40 bisection steps (alpha is decreasing in t); values outside
+    [alpha(1), alpha(0)] map to the end points. A per-value schedule is read through its
+    mean over values, mean_v alpha_t[v] (the expected fraction of clean tokens under
+    uniformly distributed values)."""
+
+    def bisect(target: jax.Array) -> jax.Array:
+        def body(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            low, high = bounds
+            middle = 0.5 * (low + high)
+            right = jnp.mean(schedule.alpha(middle)) > target
+            return jnp.where(right, middle, low), jnp.where(right, high, middle)
+
+        low, high = jax.lax.fori_loop(0, 40, body, (jnp.zeros(()), jnp.ones(())))
+        return 0.5 * (low + high)
+
+    flat = jnp.ravel(alpha)
+    return jax.vmap(bisect)(flat).reshape(jnp.shape(alpha))

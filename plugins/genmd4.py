@@ -311,7 +311,9 @@ class StateDependentAncestralSampler(ddiff.AbstractSampler):
             drawn = jax.vmap(ddiff.categorical)(start.final_keys, log_mean)
             return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), jnp.int32(calls)
 
-        x, used = jax.lax.cond(jnp.any(x == mask_id), decode, lambda x: (x, jnp.int32(0)), x)
+        x, used = jax.lax.cond(
+            jnp.any(ddiff.still_masked(conditioning, x, mask_id)), decode, lambda x: (x, jnp.int32(0)), x
+        )
         return ddiff.SampleOutput(tokens=x, num_function_evals=evals + used)
 
 

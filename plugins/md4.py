@@ -390,8 +390,8 @@ class AbstractGridSampler(ddiff.AbstractSampler):
     """Reverse sampling of the masked process on a time grid 1 = t_0 > ... > t_T = 0
     (``uniform`` or ``cosine``, :func:`ddiff.time_grid`), one batched prediction
     mu_theta(x_t, t) per step, jitted as one ``lax.scan``. The reverse process starts from
-    the process prior; positions still masked after the last step are drawn from
-    mu_theta(x_0, 0). Given positions (infilling) are set at the start and after every
+    all-mask (:func:`ddiff.initial_tokens`); positions still masked after the last step are
+    drawn from mu_theta(x_0, 0). Given positions (infilling) are set at the start and after every
     step; labels and classifier-free guidance go through :func:`ddiff.batched_log_mean`.
 
     Concrete samplers choose the draw (``draw``), a filter of mu (``filter_mean``) and
@@ -480,7 +480,11 @@ class AbstractGridSampler(ddiff.AbstractSampler):
             return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), used
 
         x, used = jax.lax.cond(
-            jnp.any(x == mask_id), decode, lambda x, cache: (x, jnp.int32(0)), x, cache
+            jnp.any(ddiff.still_masked(conditioning, x, mask_id)),
+            decode,
+            lambda x, cache: (x, jnp.int32(0)),
+            x,
+            cache,
         )
         return ddiff.SampleOutput(tokens=x, num_function_evals=evals + used)
 
@@ -586,24 +590,6 @@ class CachedSampler(AbstractGridSampler):
 
 
 
-def time_of_alpha(schedule: ddiff.AbstractSchedule, alpha: jax.Array) -> jax.Array:
-    """The time t in [0, 1] with schedule.alpha(t) = alpha, elementwise, by bisection
-    (alpha is decreasing); values outside [alpha(1), alpha(0)] map to the end points."""
-
-    def bisect(target):
-        def body(_, bounds):
-            low, high = bounds
-            middle = 0.5 * (low + high)
-            right = schedule.alpha(middle) > target
-            return jnp.where(right, middle, low), jnp.where(right, high, middle)
-
-        low, high = jax.lax.fori_loop(0, 40, body, (jnp.zeros(()), jnp.ones(())))
-        return 0.5 * (low + high)
-
-    flat = jnp.ravel(alpha)
-    return jax.vmap(bisect)(flat).reshape(jnp.shape(alpha))
-
-
 class FirstHittingSampler(ddiff.AbstractSampler):
     """First-hitting sampling (Zheng et al. 2024): instead of stepping on a grid, draw the
     time of the next unmasking directly. With m masked positions at time t, the next one
@@ -654,7 +640,7 @@ class FirstHittingSampler(ddiff.AbstractSampler):
                 ddiff.step_keys(start.loop_keys, index)
             )
             time_keys, position_keys, value_keys = draw_keys[:, 0], draw_keys[:, 1], draw_keys[:, 2]
-            masked = x == mask_id
+            masked = ddiff.still_masked(conditioning, x, mask_id)
             count = jnp.sum(masked, axis=-1)
             # log (1 - alpha) drops by E_j / (m - j) at the j-th next hitting time.
             remaining = count[:, None] - jnp.arange(k)[None, :]
@@ -668,7 +654,7 @@ class FirstHittingSampler(ddiff.AbstractSampler):
                 decrements, axis=-1
             )
             hit_alpha = jnp.clip(-jnp.expm1(log_survivors), alpha_1, alpha_0)
-            hit_times = time_of_alpha(schedule, hit_alpha)
+            hit_times = ddiff.time_of_alpha(schedule, hit_alpha)
             log_mean, _ = ddiff.batched_log_mean(model, x, hit_times[:, 0], conditioning)
             noise = jax.vmap(lambda key: ddiff.gumbel(key, (seq_len,)))(position_keys)
             priorities = jnp.where(masked, noise, -jnp.inf)
@@ -682,7 +668,7 @@ class FirstHittingSampler(ddiff.AbstractSampler):
             return x, t, evals + calls, index + 1
 
         x, _, evals, _ = jax.lax.while_loop(
-            lambda state: jnp.any(state[0] == mask_id),
+            lambda state: jnp.any(ddiff.still_masked(conditioning, state[0], mask_id)),
             body,
             (x, jnp.ones((num_samples,)), jnp.int32(0), jnp.int32(0)),
         )

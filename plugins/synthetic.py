@@ -84,9 +84,11 @@ class MarkovChainSource(ddiff.AbstractDataSource):
         entropy = (unigram + (self.length - 1) * rate) / self.length
         return {"entropy_bits_per_token": entropy, "unigram_bits_per_token": unigram}
 
-    def log_prob(self, tokens: np.ndarray) -> np.ndarray:
-        """Exact log p(x) in nats of sequences of shape (..., D)."""
+    def log_prob(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """Exact log p(x) in nats of sequences of shape (..., D) (the chain has no labels)."""
+        del labels
         transition, stationary = self.chain
+        tokens = np.asarray(tokens)
         logp = np.log(stationary[tokens[..., 0]])
         logp = logp + np.log(transition[tokens[..., :-1], tokens[..., 1:]]).sum(-1)
         return logp
@@ -179,6 +181,19 @@ class ToySource(ddiff.AbstractDataSource):
     def reference_stats(self) -> dict[str, float]:
         bits = self.distribution.conditional_entropy() / (self.length * math.log(2.0))
         return {"entropy_bits_per_token": bits}
+
+    def log_prob(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """Exact log p(x | label) in nats of sequences of shape (N, D) (the marginal over
+        classes without labels); -inf for a sequence of probability 0."""
+        tokens = np.asarray(tokens, np.int64)
+        index = tokens @ (self.num_symbols ** np.arange(self.length - 1, -1, -1))
+        if labels is None or self.num_classes == 0:
+            table = np.asarray(self.distribution.sequence_log_probs(None), np.float64)
+            return table[index]
+        tables = np.stack(
+            [np.asarray(self.distribution.sequence_log_probs(c), np.float64) for c in range(self.num_classes)]
+        )
+        return tables[np.asarray(labels), index]
 
     @functools.cached_property
     def _splits(self) -> dict[str, ddiff.ArraySplit]:

@@ -48,3 +48,15 @@ BD3LM = Setup(**LIGHT, sampler_cases=("exact[none/markov]", "exact[labels/classe
 """Block diffusion on D = 4 in blocks of L' = 2: a block is conditioned on the given
 positions before and within it, not on later ones (exact for a prefix, not for
 infilling), so the sampler is checked with labels alone."""
+
+DECODING = Setup(**LIGHT, sampler_cases=("exact[labels+infill/classes]",))
+"""The decoding samplers, each in the setting where it draws the model's distribution."""
+
+AUTOREGRESSIVE = Setup(
+    **LIGHT,
+    process="left_to_right",
+    parameterization="next_token",
+    sampler_cases=("exact[labels/classes]",),
+)
+"""The autoregressive family; its sampler cannot condition on positions given after a
+free one, so it is checked with labels only."""

@@ -16,16 +16,16 @@ step count. The chains' discretisation errors, computed exactly on the markov to
 uniform-process lines, whose error is about twice as large, 128 or 256).
 """
 
-import ddiff
-from ddiff.testing import objective_conformance, sampler_conformance
 from conformance_lines import (
     ABSORBING,
     ABSORBING_COSINE,
     ABSORBING_SCALED,
+    AUTOREGRESSIVE,
     BD3LM,
     CAMPBELL,
     D3PM_ABSORBING,
     D3PM_UNIFORM,
+    DECODING,
     GENMD4,
     MD4,
     MD4_COSINE,
@@ -33,6 +33,9 @@ from conformance_lines import (
     UNIFORM_LINEAR,
     UNIFORM_SCORE,
 )
+
+import ddiff
+from ddiff.testing import objective_conformance, sampler_conformance
 
 test_md4_elbo = objective_conformance("md4_elbo", MD4)
 test_md4_discrete_elbo = objective_conformance("md4_discrete_elbo", MD4)
@@ -108,6 +111,28 @@ test_genmd4_ancestral = sampler_conformance("genmd4_ancestral", GENMD4, steps=12
 # (its bound_form is None); tests/test_bd3lm.py checks it by enumeration.
 test_bd3lm_elbo = objective_conformance("bd3lm_elbo", BD3LM, block_size=2)
 test_bd3lm = sampler_conformance("bd3lm", BD3LM, block_size=2, inner={"kind": "first_hitting"})
+
+
+# Decoding samplers (docs/sampling.md), each in the setting where it draws the model's
+# distribution, on the case that covers labels, given positions and the output law at once
+# (2^12 samples, false alarm 1e-3); their heuristic settings are tested for their defining
+# properties in test_decoding_samplers.py. Confidence and threshold decoding unmask one
+# position per step there (4 linear steps for D = 4; a threshold no probability exceeds);
+# block decoding runs first-hitting in blocks of 2; ReMDM with eta = 0 is ancestral; P2
+# with random scores and eta = 0 is ancestral in a random order.
+test_confidence = sampler_conformance("confidence", DECODING, steps=4, schedule="linear")
+test_threshold = sampler_conformance("threshold", DECODING, threshold=1.0)
+test_semi_ar = sampler_conformance("semi_ar", DECODING, block_length=2, inner={"kind": "first_hitting"})
+test_remdm = sampler_conformance("remdm", DECODING, steps=128, strategy="cap", eta=0.0)
+test_p2 = sampler_conformance("p2", DECODING, steps=4, score="random", eta=0.0)
+
+# The autoregressive family: the oracle is the exact denoiser of the left-to-right process,
+# whose first masked position is p(x_n | x_<n), so it drives the objective (its D-call path)
+# and the sampler; test_autoregressive.py checks the one-call path of a causal transformer. The
+# sampler cannot condition on positions given after a free one, so it is checked with
+# labels only; test_autoregressive.py checks the likelihood by enumeration.
+test_next_token_nll = objective_conformance("next_token_nll", AUTOREGRESSIVE)
+test_left_to_right = sampler_conformance("left_to_right", AUTOREGRESSIVE)
 
 
 def test_every_built_in_objective_and_sampler_is_checked():

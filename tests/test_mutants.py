@@ -14,16 +14,15 @@ are printed with ``pytest -rA``; docs/conformance.md lists them.
 import dataclasses
 import math
 
+import conformance_lines as lines
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import conformance_lines as lines
 import pytest
 from ddiff_plugins import campbell, common, d3pm, genmd4, md4, sedd
 
 import ddiff
 from ddiff.testing import objective_checks, sampler_checks
-
 
 # --------------------------------------------------------------------------- objectives
 

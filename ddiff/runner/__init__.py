@@ -16,9 +16,9 @@ from ddiff._errors import RunDirectoryError
 from ddiff.runner.cli import main
 from ddiff.runner.config import (
     EvalConfig,
+    LoggingConfig,
     OptimizerConfig,
     ParameterGroupConfig,
-    LoggingConfig,
     PrecisionConfig,
     TrainerConfig,
 )

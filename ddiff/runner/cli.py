@@ -182,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default=None, help="JSON file, in DIR unless a path (default: eval_step<k>.json)"
     )
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_sample_quality_options(evaluate)
 
     plot = command("plot", "draw a run's loss and eval curves as a PNG")
     plot.add_argument("workdir", help="run directory")
@@ -225,6 +226,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_integer(0),
         default=None,
         help="class label of class-conditional models (default: unconditional)",
+    )
+    sample.add_argument(
+        "--start-from-prior",
+        action="store_true",
+        help="start a masked process from its prior draw instead of all-mask",
     )
     sample.add_argument(
         "--guidance",
@@ -300,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
         command("bench", "time named shapes: tokens/s, model FLOPs, MFU, compile time, memory, samplers")
     )
 
+    _add_quality_command(command)
+
     recipe = command("recipe", "inspect recipes")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True, metavar="COMMAND")
     show = recipe_commands.add_parser(
@@ -368,14 +376,142 @@ def _eval(args: argparse.Namespace) -> None:
         overrides.append(f"eval.time_draws={args.time_draws}")
     if args.max_examples is not None:
         overrides.append(f"eval.max_examples={args.max_examples}")
+    if args.samples is not None:
+        overrides.append(f"eval.samples={args.samples}")
     recipe, state = load_run(workdir, tuple(overrides))
+    judge = _judge(args, recipe)
     step = int(state.step)
     output = args.output or unused_path(workdir / f"eval_step{step:08d}.json").name
     trainer = Trainer(recipe, workdir)
     result = trainer.evaluate(state.ema)
+    if recipe.eval.samples:
+        result["samples"] = trainer.sample_quality(state.ema, recipe.eval.samples, judge=judge)
     path = write_eval(workdir, recipe, result, step, name=output)
     print(json.dumps(json.loads(path.read_text()), indent=2))
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _add_sample_quality_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--samples",
+        type=_integer(1, _MAX_SAMPLES),
+        default=None,
+        metavar="N",
+        help="also draw N samples with the run's sampler and report their quality under "
+        "'samples' (sets eval.samples)",
+    )
+    parser.add_argument(
+        "--judge",
+        default=None,
+        metavar="JUDGE_RUN",
+        help="a run trained on the same data (an autoregressive one: recipes/ar_quickstart.yaml) "
+        "whose likelihood scores the samples: their generative perplexity (default: none)",
+    )
+
+
+def _judge(args: argparse.Namespace, recipe):
+    """The judge of --judge, loaded; refused without samples to score."""
+    if args.judge is None:
+        return None
+    from ddiff.runner.quality import load_judge
+
+    if not recipe.eval.samples:
+        raise RecipeError("--judge needs samples to score: add --samples N", source="command line")
+    return load_judge(args.judge, recipe)
+
+
+def _add_quality_command(command) -> None:
+    quality = command(
+        "quality",
+        "sample quality against network evaluations and wall time for several samplers",
+        "Draw --num samples from a run's latest checkpoint with each --sampler (at each of "
+        "--steps), and write their quality (exact likelihood under a synthetic source, unigram "
+        "entropy, n-gram distances, perplexity under --judge) against network evaluations and "
+        "wall time: a JSON table and a plot beside it (numbered names when they exist).",
+    )
+    quality.add_argument("workdir", help="run directory")
+    quality.add_argument("overrides", nargs="*", help="recipe overrides such as data.eval_split=test")
+    quality.add_argument(
+        "--sampler",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="a registered sampler, NAME or '{kind: NAME, key: value}'; give it once per sampler",
+    )
+    quality.add_argument(
+        "--steps",
+        default=None,
+        metavar="LIST",
+        help="step counts such as 16,32,64 for every sampler with a 'steps' argument not set "
+        "in its SPEC (default: each sampler's own)",
+    )
+    quality.add_argument(
+        "--num", type=_integer(2, _MAX_SAMPLES), default=256, help="samples per sampler"
+    )
+    quality.add_argument("--seed", type=_SEED, default=0, help="seed of the samples' keys")
+    quality.add_argument(
+        "--judge",
+        default=None,
+        metavar="JUDGE_RUN",
+        help="a run on the same data that scores the samples (default: none)",
+    )
+    quality.add_argument(
+        "--start-from-prior",
+        action="store_true",
+        help="start a masked process from its prior draw instead of all-mask",
+    )
+    quality.add_argument(
+        "--output",
+        default=None,
+        help="JSON file (default: DIR/quality.json, numbered when it exists); the plot beside it as .png",
+    )
+    quality.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def _quality(args: argparse.Namespace) -> None:
+    from ddiff.runner import quality
+    from ddiff.runner.files import unused_path
+    from ddiff.runner.trainer import load_run
+
+    workdir = _run_directory(args.workdir)
+    specs = [quality.parse_sampler(text) for text in args.sampler]
+    steps = quality.parse_steps(args.steps)
+    if args.output is not None:
+        output = _output_path(Path(args.output), "--output", args.overwrite)
+    else:
+        stem = unused_path(workdir / Path(quality.QUALITY_FILE).stem, (".json", ".png"))
+        output = stem.with_name(f"{stem.name}.json")
+    recipe, state = load_run(workdir, tuple(args.overrides))
+    judge = quality.load_judge(args.judge, recipe) if args.judge else None
+    about = {
+        "run": str(args.workdir),
+        "step": int(state.step),
+        "num_samples": args.num,
+        "seed": args.seed,
+        "start_from_prior": args.start_from_prior,
+    }
+
+    def report(row) -> None:
+        print(f"{row['sampler']}: {row['num_function_evals']} network evaluations, {row['wall_seconds']:.3f} s", flush=True)
+
+    rows = quality.quality_sweep(
+        recipe,
+        state.ema,
+        workdir,
+        specs,
+        steps,
+        num_samples=args.num,
+        seed=args.seed,
+        judge=judge,
+        start_from_prior=args.start_from_prior,
+        report=report,
+    )
+    quality.write_quality(output, rows, about)
+    plot = quality.plot_quality(
+        rows, output.with_suffix(".png"), f"{args.workdir} at step {int(state.step)}, {args.num} samples each"
+    )
+    print(quality.format_table(rows))
+    print(f"wrote {output} and {plot}")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -466,8 +602,14 @@ def _conditioning(args: argparse.Namespace, recipe, num: int, seq_len: int | Non
         fixed_tokens, fixed_mask = jnp.asarray(given[0]), jnp.asarray(given[1])
         per_sample = int(given[1].sum()) * (num if len(given[1]) == 1 else 1)
         info["num_fixed_positions"] = per_sample
+    if args.start_from_prior:
+        info["start_from_prior"] = True
     conditioning = Conditioning(
-        labels=labels, fixed_tokens=fixed_tokens, fixed_mask=fixed_mask, guidance=args.guidance
+        labels=labels,
+        fixed_tokens=fixed_tokens,
+        fixed_mask=fixed_mask,
+        guidance=args.guidance,
+        start_from_prior=args.start_from_prior,
     )
     return conditioning, info
 
@@ -763,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "diagnose": _diagnose,
         "bench": _bench,
         "recipe": _recipe_show,
+        "quality": _quality,
     }
     try:
         try:

@@ -139,6 +139,10 @@ class EvalConfig:
             sequences with the same randomness and reported beside the recipe's own,
             each under its kind (``score_entropy_bits_per_token``, ...): e.g. a network
             trained with the MD4 ELBO evaluated under score entropy.
+        samples: draw this many samples with the recipe's sampler at the final
+            evaluation and report their quality under ``samples`` in eval.json (exact
+            likelihood under a synthetic source, unigram entropy and n-gram distance
+            against the data; ``ddiff eval DIR --samples N`` does it for a trained run).
     """
 
     batch_size: int = 64
@@ -146,10 +150,12 @@ class EvalConfig:
     max_examples: int | None = None
     seed: int = 1234
     objectives: tuple[AbstractObjective, ...] = ()
+    samples: int = 0
 
     def __post_init__(self) -> None:
         check_at_least("batch_size", self.batch_size)
         check_at_least("time_draws", self.time_draws)
+        check_at_least("samples", self.samples, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,9 @@ from ddiff._registry import SLOTS, Registry, default_registry
 from ddiff._sampler import AbstractSampler
 from ddiff.runner.config import (
     EvalConfig,
+    LoggingConfig,
     OptimizerConfig,
     ParameterGroupConfig,
-    LoggingConfig,
     PrecisionConfig,
     TrainerConfig,
 )

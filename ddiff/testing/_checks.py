@@ -29,13 +29,13 @@ from ddiff._schedule import AbstractSchedule
 from ddiff.testing._exact import prior_gap
 from ddiff.testing._reference import (
     Combos,
-    tweedie_problem,
     _float64,
     chain_law,
     exact_bound_terms,
     exact_predictions,
     exact_target,
     model_predictions,
+    tweedie_problem,
 )
 from ddiff.testing._toy import ToyDistribution
 

@@ -555,7 +555,12 @@ class _ChainRunner:
     # ---- steps
 
     def _start(self) -> np.ndarray:
+        """Where the chain starts, as :func:`ddiff.initial_tokens` does: all-mask for a
+        masked process, else the prior at every position."""
         prior = self.tables.prior()
+        if MASKED in self.tables.process.capabilities():
+            prior = np.zeros_like(prior)
+            prior[self.tables.process.vocab_size] = 1.0
         start = np.prod(prior[self.states], axis=1)
         return _project(np.broadcast_to(start, (self.combos.count, len(start))).copy(), self.projection)
 

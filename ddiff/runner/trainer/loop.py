@@ -223,6 +223,18 @@ class Trainer:
                 to_host(output.lengths)[:count],
             )
 
+    def sample_quality(
+        self, model: DiffusionModel, num_samples: int, *, judge: Any = None
+    ) -> dict[str, Any]:
+        """Draw ``num_samples`` samples with the recipe's sampler (keyed by ``eval.seed``)
+        and measure their quality (:func:`ddiff.runner.quality.score_samples`), scored by
+        ``judge`` (a :class:`ddiff.runner.quality.Judge`) too when given."""
+        from ddiff.runner.quality import sample_key, score_samples
+
+        seed = self.recipe.eval.seed
+        output = self.sample(model, key=sample_key(seed), num_samples=num_samples)
+        return score_samples(output, self.recipe, judge=judge, seed=seed)
+
     def write_samples(
         self, output: SampleOutput, name: str, *, conditioning: dict[str, Any] | None = None
     ) -> Path:
@@ -444,6 +456,8 @@ class Trainer:
             self._samples(state, step)
         if config.final_eval and not (again and self._evaluated(step)):
             result = self.evaluate(state.ema)
+            if self.recipe.eval.samples:
+                result["samples"] = self.sample_quality(state.ema, self.recipe.eval.samples)
             write_eval(self.workdir, self.recipe, result, step)
             self._log({"step": step, "split": "eval", **result})
             print(f"eval at step {step}: {self._eval_line(result)}", flush=True)
