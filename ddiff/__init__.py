@@ -87,6 +87,7 @@ from ddiff._typing import (
     TokenBatch,
     Tokens,
 )
+from ddiff._weighting import AbstractWeighting, weighted_terms
 
 __version__ = "0.1.0"
 
@@ -105,6 +106,7 @@ __all__ = [
     "AbstractSchedule",
     "AbstractScoreParameterization",
     "AbstractTransitionProcess",
+    "AbstractWeighting",
     # what components receive, return and hold
     "ArraySplit",
     "Conditioning",
@@ -177,6 +179,7 @@ __all__ = [
     "start_sampling",
     "step_keys",
     "time_grid",
+    "weighted_terms",
     # trace-time type checks
     "set_typecheck",
     "typecheck",

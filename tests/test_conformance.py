@@ -88,6 +88,7 @@ UNIFORM_LINEAR = Setup(
 )
 test_campbell_elbo = objective_conformance("campbell_elbo", Setup(**LIGHT))
 test_campbell_elbo_uniform = objective_conformance("campbell_elbo", UNIFORM_LINEAR)
+test_campbell_elbo_single_jump = objective_conformance("campbell_elbo_single_jump", Setup(**LIGHT))
 test_tau_leaping = sampler_conformance("tau_leaping", Setup(**LIGHT), steps=128)
 test_tau_leaping_uniform = sampler_conformance("tau_leaping", UNIFORM_LINEAR, steps=256)
 test_tau_leaping_pc = sampler_conformance(
