@@ -159,3 +159,19 @@ def test_recipes_choose_a_weighting_and_bad_ones_are_one_line(tiny_overrides):
             "recipes/quickstart.yaml",
             (*uniform, "objective={kind: score_entropy, weighting: {kind: bound, cross_entropy: 0.1}}"),
         )
+
+
+def test_every_recipe_header_states_its_weighting():
+    """Every shipped recipe says in its opening comment which weighting it trains with; the
+    Campbell recipe uses tauLDR's nll_weight 0.001 per position over its 256 characters."""
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        header = path.read_text().split("\n\n")[0]
+        opening = [line for line in header.split("\n") if line.startswith("#")]
+        assert any(line.startswith("# Weighting: ") for line in opening), path.name
+    campbell = ddiff.runner.read_recipe_file("recipes/campbell_text8.yaml")
+    assert campbell["objective"]["weighting"] == {"kind": "bound", "cross_entropy": 0.001 / 256}
+    assert campbell["data"]["length"] == 256
