@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 MASKED = ("process={kind: masked, schedule: {kind: cosine}}", "parameterization={kind: mean}")
-GENMD4 = ("process={kind: masked, schedule: {kind: learnable_poly}}", "parameterization={kind: mean}")
+GENMD4 = (
+    "process={kind: masked, schedule: {kind: learnable_poly}}",
+    "parameterization={kind: mean}",
+)
 SCORE = ("process={kind: masked, schedule: {kind: cosine}}", "parameterization={kind: score}")
 UNIFORM = ("process={kind: uniform, schedule: {kind: geometric}}", "parameterization={kind: x0}")
 CAMPBELL = ("process={kind: masked, schedule: {kind: linear}}", "parameterization={kind: mean}")
@@ -28,6 +31,7 @@ D3PM = ("process={kind: masked, schedule: {kind: jsd}}", "parameterization={kind
 
 FAMILIES = {
     "md4_elbo": (*MASKED, "sampler={kind: ancestral, steps: 8}"),
+    "md4_elbo[linear]": (*CAMPBELL, "sampler={kind: ancestral, steps: 8}"),
     "campbell_elbo": (*CAMPBELL, "sampler={kind: tau_leaping, steps: 8}"),
     "campbell_elbo_single_jump": (*CAMPBELL, "sampler={kind: tau_leaping, steps: 8}"),
     "genmd4_elbo": (*GENMD4, "sampler={kind: genmd4_ancestral, steps: 8}"),
@@ -46,7 +50,10 @@ def configurations(cross_entropy: float) -> dict[str, tuple[str, ...]]:
         runs[f"{family} + CE"] = (*overrides, f"objective={{kind: {kind}, weighting: {weighting}}}")
     runs["d3pm_vb"] = (*D3PM_FAMILY, "objective={kind: d3pm_vb, steps: 1000}")
     hybrid = cross_entropy / 1000
-    runs["d3pm_vb + CE"] = (*D3PM_FAMILY, f"objective={{kind: d3pm_vb, steps: 1000, hybrid_weight: {hybrid}}}")
+    runs["d3pm_vb + CE"] = (
+        *D3PM_FAMILY,
+        f"objective={{kind: d3pm_vb, steps: 1000, hybrid_weight: {hybrid}}}",
+    )
     return runs
 
 
@@ -55,7 +62,15 @@ def run_one(name: str, overrides: tuple[str, ...], steps: int, workdir: Path) ->
         f"trainer.steps={steps}", "trainer.log_every=1", f"trainer.eval_every={steps}",
         f"trainer.checkpoint_every={steps}", "trainer.num_samples=0", "optimizer.warmup_steps=20",
     )  # fmt: skip
-    command = [sys.executable, "-m", "ddiff", "run", "recipes/quickstart.yaml", *overrides, *settings]
+    command = [
+        sys.executable,
+        "-m",
+        "ddiff",
+        "run",
+        "recipes/quickstart.yaml",
+        *overrides,
+        *settings,
+    ]
     start = time.perf_counter()
     done = subprocess.run([*command, "--workdir", str(workdir)], capture_output=True, text=True)
     wall = time.perf_counter() - start

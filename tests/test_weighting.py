@@ -22,7 +22,13 @@ WEIGHTINGS = (
 )
 CASES = {
     "md4_elbo": ({"kind": "masked", "schedule": "cosine"}, "mean"),
-    "genmd4_elbo": ({"kind": "masked", "schedule": {"kind": "learnable_poly", "initial_powers": [0.7, 1.5, 3.0]}}, "mean"),
+    "genmd4_elbo": (
+        {
+            "kind": "masked",
+            "schedule": {"kind": "learnable_poly", "initial_powers": [0.7, 1.5, 3.0]},
+        },
+        "mean",
+    ),
     "score_entropy": ({"kind": "masked", "schedule": "loglinear"}, "score"),
     "score_entropy[uniform]": ({"kind": "uniform", "schedule": "geometric"}, "x0"),
     "campbell_elbo": ({"kind": "masked", "schedule": "linear"}, "mean"),
@@ -50,7 +56,9 @@ def lookup_model(process_spec, parameterization):
     parameterization = build("parameterization", parameterization)
     channels = parameterization.output_channels(process)
     table = jax.random.normal(jax.random.PRNGKey(0), (process.num_states, D, channels))
-    return ddiff.DiffusionModel(network=_Lookup(table), parameterization=parameterization, process=process)
+    return ddiff.DiffusionModel(
+        network=_Lookup(table), parameterization=parameterization, process=process
+    )
 
 
 @eqx.filter_jit
@@ -76,14 +84,19 @@ def test_nelbo_is_unchanged_and_the_loss_is_as_documented(case):
     name = case.split("[")[0]
     process_spec, parameterization = CASES[case]
     model = lookup_model(process_spec, parameterization)
-    objectives = [build("objective", name if w is None else {"kind": name, "weighting": w}) for w in WEIGHTINGS]
+    objectives = [
+        build("objective", name if w is None else {"kind": name, "weighting": w})
+        for w in WEIGHTINGS
+    ]
     x0, _ = kit.markov_toy(V, D).sample(jax.random.PRNGKey(1), 32)
     plain, hybrid, flat = _all_terms(objectives, model, x0, jax.random.PRNGKey(2))
     for terms in (hybrid, flat):
         np.testing.assert_array_equal(terms.nelbo, plain.nelbo)
     cross_entropy = np.asarray(hybrid.metrics["cross_entropy"])
     assert np.all(np.isfinite(cross_entropy)) and np.all(cross_entropy >= 0)
-    np.testing.assert_allclose(hybrid.loss, plain.loss + CROSS_ENTROPY * cross_entropy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        hybrid.loss, plain.loss + CROSS_ENTROPY * cross_entropy, rtol=1e-5, atol=1e-5
+    )
 
     time_key = jax.random.split(jax.random.PRNGKey(2))[0]
     t = objectives[0].sample_times(time_key, len(x0))
@@ -95,7 +108,9 @@ def test_nelbo_is_unchanged_and_the_loss_is_as_documented(case):
     np.testing.assert_allclose(flat.loss, expected, rtol=1e-4, atol=1e-4)
     if name == "md4_elbo":
         ends = plain.metrics["reconstruction"] + plain.metrics["prior"]
-        np.testing.assert_allclose(flat.loss, (1 + CROSS_ENTROPY) * cross_entropy + ends, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            flat.loss, (1 + CROSS_ENTROPY) * cross_entropy + ends, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_the_bound_without_cross_entropy_is_the_objective_s_own_loss():
@@ -109,7 +124,11 @@ def test_the_bound_without_cross_entropy_is_the_objective_s_own_loss():
     arguments = {"process": process, "t": jnp.float32(0.4), "cross_entropy": jnp.float32(2.0)}
     assert ddiff.weighted_terms(None, terms, **arguments) is terms
     same = ddiff.weighted_terms(build("weighting", "bound"), terms, **arguments)
-    assert same.loss.item() == 1.25 and same.nelbo.item() == 1.0 and same.metrics["cross_entropy"].item() == 2.0
+    assert (
+        same.loss.item() == 1.25
+        and same.nelbo.item() == 1.0
+        and same.metrics["cross_entropy"].item() == 2.0
+    )
 
 
 def test_the_genmd4_schedule_keeps_the_bound_gradient():
@@ -121,7 +140,10 @@ def test_the_genmd4_schedule_keeps_the_bound_gradient():
     model = lookup_model(process_spec, parameterization)
     x0, _ = kit.markov_toy(V, D).sample(jax.random.PRNGKey(1), 32)
     plain = build("objective", "genmd4_elbo")
-    weighted = build("objective", {"kind": "genmd4_elbo", "weighting": {"kind": "unweighted", "cross_entropy": 1.0}})
+    weighted = build(
+        "objective",
+        {"kind": "genmd4_elbo", "weighting": {"kind": "unweighted", "cross_entropy": 1.0}},
+    )
 
     @eqx.filter_jit
     def gradients(objective, model):
@@ -131,9 +153,16 @@ def test_the_genmd4_schedule_keeps_the_bound_gradient():
         return eqx.filter_grad(loss)(model)
 
     before, after = gradients(plain, model), gradients(weighted, model)
-    np.testing.assert_allclose(after.process.schedule.phi, before.process.schedule.phi, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        after.process.schedule.phi, before.process.schedule.phi, rtol=1e-5, atol=1e-7
+    )
     assert float(jnp.max(jnp.abs(before.process.schedule.phi))) > 0
-    network = [np.asarray(a) - np.asarray(b) for a, b in zip(jax.tree.leaves(after.network), jax.tree.leaves(before.network), strict=True)]
+    network = [
+        np.asarray(a) - np.asarray(b)
+        for a, b in zip(
+            jax.tree.leaves(after.network), jax.tree.leaves(before.network), strict=True
+        )
+    ]
     assert max(float(np.max(np.abs(d))) for d in network) > 1e-3
 
 
@@ -143,21 +172,37 @@ def test_recipes_choose_a_weighting_and_bad_ones_are_one_line(tiny_overrides):
     posterior for a cross-entropy, which is refused at load time."""
     recipe = ddiff.runner.load_recipe(
         "recipes/quickstart.yaml",
-        (*tiny_overrides, "objective={kind: md4_elbo, weighting: {kind: unweighted, cross_entropy: 0.5}}"),
+        (
+            *tiny_overrides,
+            "objective={kind: md4_elbo, weighting: {kind: unweighted, cross_entropy: 0.5}}",
+        ),
     )
     assert recipe.objective.weighting.cross_entropy == 0.5
     assert ddiff.default_registry().names("weighting") == ["bound", "unweighted"]
-    with pytest.raises(ddiff.RecipeError, match=r"objective\.weighting\.kind: unknown weighting 'bond'.*did you mean 'bound'"):
-        ddiff.runner.load_recipe("recipes/quickstart.yaml", (*tiny_overrides, "objective.weighting={kind: bond}"))
+    with pytest.raises(
+        ddiff.RecipeError,
+        match=r"objective\.weighting\.kind: unknown weighting 'bond'.*did you mean 'bound'",
+    ):
+        ddiff.runner.load_recipe(
+            "recipes/quickstart.yaml", (*tiny_overrides, "objective.weighting={kind: bond}")
+        )
     uniform = (
         *tiny_overrides, "process={kind: uniform, schedule: {kind: geometric}}", "parameterization={kind: score}",
         "sampler={kind: euler}",
     )  # fmt: skip
-    ddiff.runner.load_recipe("recipes/quickstart.yaml", (*uniform, "objective={kind: score_entropy, weighting: {kind: unweighted}}"))
-    with pytest.raises(ddiff.IncompatibleComponentsError, match="needs the model's clean-token posterior"):
+    ddiff.runner.load_recipe(
+        "recipes/quickstart.yaml",
+        (*uniform, "objective={kind: score_entropy, weighting: {kind: unweighted}}"),
+    )
+    with pytest.raises(
+        ddiff.IncompatibleComponentsError, match="needs the model's clean-token posterior"
+    ):
         ddiff.runner.load_recipe(
             "recipes/quickstart.yaml",
-            (*uniform, "objective={kind: score_entropy, weighting: {kind: bound, cross_entropy: 0.1}}"),
+            (
+                *uniform,
+                "objective={kind: score_entropy, weighting: {kind: bound, cross_entropy: 0.1}}",
+            ),
         )
 
 
