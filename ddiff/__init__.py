@@ -98,6 +98,7 @@ from ddiff._typing import (
     TokenBatch,
     Tokens,
 )
+from ddiff._weighting import AbstractWeighting, weighted_terms
 
 __version__ = "0.1.0"
 
@@ -117,6 +118,7 @@ __all__ = [
     "AbstractSchedule",
     "AbstractScoreParameterization",
     "AbstractTransitionProcess",
+    "AbstractWeighting",
     # what components receive, return, hold and declare
     "ArraySplit",
     "BoundForm",
@@ -199,6 +201,7 @@ __all__ = [
     "still_masked",
     "time_grid",
     "time_of_alpha",
+    "weighted_terms",
     # trace-time type checks
     "set_typecheck",
     "typecheck",

@@ -24,6 +24,6 @@ def ddiff_register_components(registry: "Registry") -> None:  # noqa: F821
     """Register components into ``registry`` with ``registry.register(slot, name, cls)``.
 
     Slots: ``data``, ``process``, ``schedule``, ``parameterization``, ``network``,
-    ``objective``, ``sampler``. Each class must be final (not abstract) and subclass the
-    slot's protocol; names must be unique within a slot.
+    ``objective``, ``sampler``, ``weighting``. Each class must be final (not abstract)
+    and subclass the slot's protocol; names must be unique within a slot.
     """

@@ -306,4 +306,10 @@ class AbstractRateProcess(AbstractForwardProcess):
         rates = self.forward_rates(x, t)
         return -jnp.take_along_axis(rates, x[:, None], axis=-1)[:, 0]
 
-
+    def state_exit_rates(self, t: Time) -> Float[Array, " states"]:
+        """Total rate of leaving each state, -R_t(y -> y) for every state y (the exit
+        rates of every neighbour of a sequence: Campbell et al.'s estimator weighs the
+        states a jump could have come from). The default reads the diagonal of the rates
+        out of every state (O(S^2)); processes override it with a closed form."""
+        states = jnp.arange(self.num_states)
+        return -jax.vmap(lambda y: self.forward_rates(y[None], t)[0, y])(states)

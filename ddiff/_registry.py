@@ -19,6 +19,7 @@ from ddiff._parameterization import AbstractParameterization
 from ddiff._process import AbstractForwardProcess
 from ddiff._sampler import AbstractSampler
 from ddiff._schedule import AbstractSchedule
+from ddiff._weighting import AbstractWeighting
 
 SLOTS: dict[str, type] = {
     "data": AbstractDataSource,
@@ -28,6 +29,7 @@ SLOTS: dict[str, type] = {
     "network": AbstractNetwork,
     "objective": AbstractObjective,
     "sampler": AbstractSampler,
+    "weighting": AbstractWeighting,
 }
 """Registry slot -> the protocol its classes must implement."""
 

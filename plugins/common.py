@@ -86,6 +86,11 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         beta = self._beta(t)
         return beta * (1.0 / self.vocab_size - jax.nn.one_hot(x, self.vocab_size))
 
+    def state_exit_rates(self, t):
+        """Every value is resampled at rate beta_t and leaves with (V - 1)/V of it."""
+        rate = self._beta(t) * (self.vocab_size - 1) / self.vocab_size
+        return jnp.full((self.vocab_size,), rate)
+
     def incoming_rates(self, x, t):
         # R_t is symmetric: the rates into x^n equal the rates out of it.
         return self.forward_rates(x, t)

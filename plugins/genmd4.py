@@ -183,8 +183,14 @@ class GenMD4ELBO(ddiff.AbstractObjective):
     The reference code omits the factor (1 - t1); with it the estimate is unbiased for
     the integral over [t1, 1].
 
+    A ``weighting`` (:class:`ddiff.AbstractWeighting`) changes what the network trains
+    on; its cross-entropy is averaged over the two draws, and its re-weighting of the
+    integrand reaches the network only (the integrand with the schedule's gradient
+    stopped), so the schedule keeps the bound's gradient.
+
     Attributes:
         t1: the start of the integral (the reference's 1e-3).
+        weighting: the training weighting (None: the bound, the reference's loss).
     """
 
     provides = frozenset({caps.CONTINUOUS_TIME})
@@ -193,6 +199,7 @@ class GenMD4ELBO(ddiff.AbstractObjective):
         "process": frozenset({caps.MASKED, caps.STATE_DEPENDENT}),
     }
     t1: float = eqx.field(static=True, default=T1)
+    weighting: ddiff.AbstractWeighting | None = None
 
     def __check_init__(self):
         if not 0.0 < self.t1 < 1.0:
@@ -216,9 +223,11 @@ class GenMD4ELBO(ddiff.AbstractObjective):
             log_mean = model.log_mean(x_t, time, label=label, key=network_key if train else None)
             masked = x_t == process.mask_id
             integrand = span * genmd4_integrand(log_mean, x0, masked, weight)
-            return integrand, _log_pattern_probability(masked, log_mask)
+            for_network = span * genmd4_integrand(log_mean, x0, masked, jax.lax.stop_gradient(weight))
+            cross_entropy = -jnp.sum(jnp.take_along_axis(log_mean, x0[:, None], axis=-1))
+            return integrand, for_network, cross_entropy, _log_pattern_probability(masked, log_mask)
 
-        integrands, log_q = jax.vmap(draw)(jax.random.split(key))
+        integrands, for_network, cross_entropy, log_q = jax.vmap(draw)(jax.random.split(key))
         diffusion = jnp.mean(integrands)
         reinforce = 0.5 * jax.lax.stop_gradient(integrands[0] - integrands[1]) * (log_q[0] - log_q[1])
         recon = reconstruction(schedule, x0, jnp.asarray(self.t1))
@@ -230,7 +239,11 @@ class GenMD4ELBO(ddiff.AbstractObjective):
             metrics.update(
                 power_min=jnp.min(powers), power_mean=jnp.mean(powers), power_max=jnp.max(powers)
             )
-        return ddiff.ObjectiveTerms(loss=nelbo + reinforce, nelbo=nelbo, metrics=metrics)
+        terms = ddiff.ObjectiveTerms(loss=nelbo + reinforce, nelbo=nelbo, metrics=metrics)
+        return ddiff.weighted_terms(
+            self.weighting, terms, process=process, t=time,
+            cross_entropy=jnp.mean(cross_entropy), network_diffusion=jnp.mean(for_network),
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- sampler

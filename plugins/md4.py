@@ -184,6 +184,10 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         rates = -hazard[:, None] * jax.nn.one_hot(x, self.num_states)
         return rates.at[:, self.mask_id].add(hazard)
 
+    def state_exit_rates(self, t):
+        """A clean value v leaves at its masking rate -alpha'_t[v]/alpha_t[v]; the mask never leaves."""
+        return jnp.concatenate([self._value_hazards(t), jnp.zeros((1,))])
+
     def incoming_rates(self, x, t):
         """Into the mask: R_t(v -> m) = -alpha'_t[v]/alpha_t[v] from every clean v (the mask
         never leaves, R_t(m -> m) = 0). Into a clean v: only its own diagonal, -hazard[v]."""
@@ -284,18 +288,15 @@ class MeanParameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractSco
         return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)
 
 
-def _masked_log_likelihood(log_mean: jax.Array, x0: ddiff.Tokens, masked: jax.Array) -> jax.Array:
-    picked = jnp.take_along_axis(log_mean, x0[:, None], axis=-1)[:, 0]
-    return jnp.sum(jnp.where(masked, picked, 0.0))
-
-
-def _masked_terms(model, x0, t, key, label, train):
-    """Draw x_t ~ q(x_t | x_0) and return sum over masked n of log mu_theta(x_t, t)[n, x_0^n]."""
+def _masked_terms(model, x0, t, key, label, train) -> tuple[jax.Array, jax.Array]:
+    """Draw x_t ~ q(x_t | x_0) and return sum over masked n of log mu_theta(x_t, t)[n, x_0^n]
+    and the same sum over every position (minus the cross-entropy of a weighting)."""
     process = model.process
     noise_key, network_key = jax.random.split(key)
     x_t = process.sample_marginal(x0, t, key=noise_key)
     log_mean = model.log_mean(x_t, t, label=label, key=network_key if train else None)
-    return _masked_log_likelihood(log_mean, x0, x_t == process.mask_id)
+    picked = jnp.take_along_axis(log_mean, x0[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(x_t == process.mask_id, picked, 0.0)), jnp.sum(picked)
 
 
 _MD4_REQUIRES = {
@@ -319,15 +320,23 @@ class MD4ContinuousELBO(ddiff.AbstractObjective):
     estimated with one antithetic time per example. Reported in nats per sequence (the
     trainer divides by D log 2 for bits per token, which is bits per dimension for
     images). The reconstruction term is D (1 - alpha_0) log V; the prior term is the
-    exact KL(q(x_1 | x_0) || p(x_1)).
+    exact KL(q(x_1 | x_0) || p(x_1)). ``loss`` is the bound (MD4's training loss) unless
+    a ``weighting`` says otherwise (:class:`ddiff.AbstractWeighting`).
+
+    Attributes:
+        weighting: the training weighting (None: the bound).
     """
 
     provides = frozenset({caps.CONTINUOUS_TIME})
     requires = _MD4_REQUIRES
+    weighting: ddiff.AbstractWeighting | None = None
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
-        log_likelihood = _masked_terms(model, x0, t, key, label, train)
-        return ddiff.bound_terms(model, x0, elbo_weight(model.process.schedule, t) * log_likelihood)
+        masked, every = _masked_terms(model, x0, t, key, label, train)
+        terms = ddiff.bound_terms(model, x0, elbo_weight(model.process.schedule, t) * masked)
+        return ddiff.weighted_terms(
+            self.weighting, terms, process=model.process, t=t, cross_entropy=-every
+        )
 
 
 class MD4DiscreteELBO(ddiff.AbstractDiscreteTimeObjective):
@@ -355,7 +364,7 @@ class MD4DiscreteELBO(ddiff.AbstractDiscreteTimeObjective):
         s = jnp.maximum(t - 1.0 / self.steps, 0.0)
         alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
         weight = self.steps * (alpha_s - alpha_t) / (1.0 - alpha_t)
-        log_likelihood = _masked_terms(model, x0, t, key, label, train)
+        log_likelihood, _ = _masked_terms(model, x0, t, key, label, train)
         return ddiff.bound_terms(model, x0, -weight * log_likelihood)
 
 

@@ -216,6 +216,12 @@ class ScoreEntropy(ddiff.AbstractObjective):
     masked process with s = r_t mu each position's term equals the MD4 integrand, sample by
     sample (docs/sedd.md).
     Reported in nats per sequence (the trainer divides by D log 2 for bits per token).
+    ``loss`` is the bound (SEDD's training loss) unless a ``weighting`` says otherwise
+    (:class:`ddiff.AbstractWeighting`); its cross-entropy reads the clean-value marginals
+    from the scores by Tweedie's formula (``process.log_mean_from_score``).
+
+    Attributes:
+        weighting: the training weighting (None: the bound).
     """
 
     provides = frozenset({caps.CONTINUOUS_TIME})
@@ -223,13 +229,44 @@ class ScoreEntropy(ddiff.AbstractObjective):
         "parameterization": frozenset({caps.SCORE}),
         "process": frozenset({caps.RATES, caps.FACTORIZED}),
     }
+    weighting: ddiff.AbstractWeighting | None = None
+
+    def pairing_problem(self, components):
+        if self.weighting is None or not self.weighting.cross_entropy:
+            return None
+        if _has_posterior(components["process"][1], components["parameterization"][1]):
+            return None
+        return (
+            "its weighting's cross_entropy needs the model's clean-token posterior, which a "
+            "score network gives (by Tweedie's formula) only on the masked process; use the "
+            "x0 parameterization or cross_entropy: 0"
+        )
 
     def example_terms(self, model, x0, t, *, key, label=None, train=True):
         process = model.process
+        parameterization = model.parameterization
         noise_key, network_key = jax.random.split(key)
         x_t = process.sample_marginal(x0, t, key=noise_key)
-        log_score = model.log_score(x_t, t, label=label, key=network_key if train else None)
-        return ddiff.bound_terms(model, x0, score_entropy(process, log_score, x0, x_t, t))
+        output = model.network_output(x_t, t, label=label, key=network_key if train else None)
+        log_score = parameterization.log_score(output, x_t, t, process)
+        terms = ddiff.bound_terms(model, x0, score_entropy(process, log_score, x0, x_t, t))
+        cross_entropy = None
+        if _has_posterior(process, parameterization):
+            if caps.MEAN in parameterization.capabilities():
+                log_mean = parameterization.log_mean(output, x_t, t, process)
+            else:
+                log_mean = process.log_mean_from_score(log_score, x_t, t)
+            cross_entropy = -jnp.sum(jnp.take_along_axis(log_mean, x0[:, None], axis=-1))
+        return ddiff.weighted_terms(
+            self.weighting, terms, process=process, t=t, cross_entropy=cross_entropy
+        )
+
+
+def _has_posterior(process: ddiff.AbstractForwardProcess, parameterization: ddiff.AbstractParameterization) -> bool:
+    """Whether the model gives a clean-token posterior with mass on every value: a mean
+    parameterization, or scores on the masked process (whose Tweedie mean is a softmax; on
+    other processes it clips negative values and can give x_0 no mass)."""
+    return caps.MEAN in parameterization.capabilities() or caps.MASKED in process.capabilities()
 
 
 # --------------------------------------------------------------------------- samplers

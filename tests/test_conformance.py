@@ -86,6 +86,7 @@ test_euler_uniform = sampler_conformance("euler", UNIFORM, steps=128)
 # check labels without infilling against the data (TV 0.55 with it).
 test_campbell_elbo = objective_conformance("campbell_elbo", CAMPBELL)
 test_campbell_elbo_uniform = objective_conformance("campbell_elbo", UNIFORM_LINEAR)
+test_campbell_elbo_single_jump = objective_conformance("campbell_elbo_single_jump", CAMPBELL)
 test_tau_leaping = sampler_conformance("tau_leaping", CAMPBELL, steps=128)
 test_tau_leaping_uniform = sampler_conformance("tau_leaping", UNIFORM_LINEAR, steps=256)
 test_tau_leaping_pc = sampler_conformance(

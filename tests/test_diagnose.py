@@ -49,7 +49,7 @@ def test_diagnose_refuses_in_one_line(tiny_overrides, tmp_path, capsys):
         ([*uniform, "--objective", "md4_elbo"], "objective 'md4_elbo' cannot be used with process 'uniform': it needs capability masked"),
         ([*tiny_overrides, "--objective", "md4_elbbo"], "did you mean 'md4_elbo'"),
         ([*tiny_overrides, "--objective", "[1, 2]"], "is neither an objective name nor a mapping with a 'kind'"),
-        ([*tiny_overrides, "--objective", "{kind: campbell_elbo, nll_weight: -1}"], "nll_weight must be >= 0"),
+        ([*tiny_overrides, "--objective", "{kind: campbell_elbo, weighting: {kind: bound, cross_entropy: -1}}"], "objective.weighting.cross_entropy: cross_entropy must be >= 0"),
     ]
     for extra, message in cases:
         assert main(["diagnose", "recipes/quickstart.yaml", *extra]) == 2
