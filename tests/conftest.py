@@ -6,9 +6,13 @@ import tempfile
 # Eight simulated CPU devices for the mesh tests (single-device tests use mesh.data=1).
 # The tests compile many small programs and run each a few times: LLVM optimisation
 # level 1 compiles about three times faster than the default with the same results and,
-# for the tiny shapes here, the same run time (level 0 makes sampling 3x slower).
+# for the tiny shapes here, the same run time (level 0 makes sampling 3x slower). LLVM's
+# expensive passes off: about 10% less compile time again (two recipe tests, cold cache:
+# 37.2 s against 33.0 s), the same programs' results.
 os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1"
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1 "
+    "--xla_llvm_disable_expensive_passes=true",
 )
 # XLA:CPU compiles the partitionable threefry PRNG 10-20x more slowly (seconds per random
 # call site); the suite never shards random generation, so it uses the classic lowering.

@@ -210,15 +210,28 @@ def test_a_compute_dtype_the_backend_cannot_run_is_one_line(bfloat16_recipe, mon
 # --------------------------------------------------------------------------- float32 beyond the network
 
 
-class _Lookup(ddiff.AbstractNetwork):
+class _Lookup(ddiff.AbstractBlockCausalNetwork):
     """A network that reads its output from a table (no arithmetic): under bfloat16
-    compute its only bfloat16 operations are the casts and the lookup."""
+    compute its only bfloat16 operations are the casts and the lookup. Read block by
+    block it ignores the clean context, so block-diffusion components run on it too."""
 
     table: jax.Array
     time_conditioned: bool = eqx.field(static=True, default=False)
     num_classes: int = eqx.field(static=True, default=0)
 
     def __call__(self, x_t, t, *, label=None, key=None):
+        return self.table[x_t]
+
+    def block_causal_output(self, x_t, x0, *, block_size, label=None, key=None):
+        return self.table[x_t]
+
+    def init_cache(self, capacity, *, block_size):
+        return ddiff.BlockPrefix.empty(capacity, block_size)
+
+    def extend_cache(self, cache, block, *, label=None):
+        return cache.extend(block)
+
+    def cached_output(self, x_t, cache, *, label=None):
         return self.table[x_t]
 
 

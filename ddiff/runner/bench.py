@@ -190,6 +190,14 @@ SHAPES: dict[str, Shape] = {
 }
 """The named shapes."""
 
+REQUIRED_SETTINGS: dict[str, dict[str, Any]] = {
+    "bd3lm_elbo": {"block_size": 4},
+    "bd3lm": {"block_size": 4, "inner": {"kind": "first_hitting"}},
+    "semi_ar": {"block_length": 4, "inner": {"kind": "first_hitting"}},
+}
+"""Settings the bench gives components that have required keys (every shape's length is
+a multiple of 4)."""
+
 FAMILIES: dict[str, dict[str, Any]] = {
     "md4": {
         "process": {"kind": "masked", "schedule": {"kind": "linear"}},
@@ -227,6 +235,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "objective": {"kind": "score_entropy"},
         "sampler": {"kind": "analytic"},
     },
+    "bd3lm": {
+        "process": {"kind": "masked", "schedule": {"kind": "linear"}},
+        "parameterization": {"kind": "mean"},
+        "objective": {"kind": "bd3lm_elbo", "block_size": 4},
+        "sampler": {"kind": "bd3lm", "block_size": 4, "inner": {"kind": "first_hitting"}},
+    },
+    "autoregressive": {
+        "process": {"kind": "left_to_right"},
+        "parameterization": {"kind": "next_token"},
+        "objective": {"kind": "next_token_nll"},
+        "sampler": {"kind": "left_to_right"},
+        "network": {"kind": "causal_transformer"},
+    },
 }
 """Process, parameterization, objective and sampler sections that pair with each other;
 a sampler or objective is tried in place of its family's, in order (after the shape's own
@@ -262,7 +283,15 @@ def _variant(
     section: dict[str, Any],
     network: dict[str, Any],
 ) -> dict[str, Any]:
-    return {**raw, **family, slot: section, "network": {**raw["network"], **network}}
+    """The recipe ``raw`` with a family's components (and its network kind, whose width,
+    depth and heads are the shape's), the ``slot`` component ``section`` and ``network``
+    settings."""
+    base = raw["network"]
+    if "network" in family and family["network"]["kind"] != base["kind"]:
+        sizes = {key: base[key] for key in ("dim", "depth", "heads") if key in base}
+        base = {**family["network"], **sizes}
+    components = {key: value for key, value in family.items() if key != "network"}
+    return {**raw, **components, slot: section, "network": {**base, **network}}
 
 
 def component_recipe(raw: dict[str, Any], slot: str, section: dict[str, Any]) -> tuple[str, Recipe]:
@@ -271,6 +300,7 @@ def component_recipe(raw: dict[str, Any], slot: str, section: dict[str, Any]) ->
     (``{"kind": ...}``) builds and pairs with every other component, as ``(family name,
     recipe)``; :class:`BenchError` listing the families tried when none does."""
     own = {key: raw[key] for key in ("process", "parameterization", "objective", "sampler")}
+    section = {**REQUIRED_SETTINGS.get(section["kind"], {}), **section}
     tried = []
     for family_name, family in [("recipe", own), *FAMILIES.items()]:
         for network in ({}, {"time_conditioned": False}):
