@@ -136,7 +136,9 @@ def test_two_processes_match_one(mesh_recipe, single, tmp_path):
     recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*_overrides(mesh_recipe), "mesh.data=-1"])
     recipe_file.write_text(recipe.to_yaml())
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    # One device per process, compiled with the suite's other XLA settings (conftest.py).
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "ddiff", "run", str(recipe_file), "--workdir", str(tmp_path / "run"),
