@@ -47,8 +47,8 @@ def test_d3pm_text8_recipe(tmp_path, capsys):
 def test_d3pm_cifar10_recipe(tmp_path, capsys):
     """The Gaussian family with the logistic on CIFAR-10, tables for 8 steps, one test
     image, batches of one. No samples: the exact reverse step costs V^2 exponentials per
-    sub-pixel on a CPU; d3pm_ancestral on the Gaussian process is tested on small V in
-    test_d3pm.py and the CIFAR-10 sample grid in test_paper_recipes.py."""
+    sub-pixel on a CPU; the Gaussian reverse step d3pm_ancestral takes is checked exactly
+    on V = 16 in test_d3pm.py, and the CIFAR-10 sample grid in test_paper_recipes.py."""
     write_cifar10(tmp_path / "data", per_batch=2, test=1)
     out = _run(
         capsys, "d3pm_gaussian_cifar10", tmp_path / "run", f"data.root={tmp_path / 'data'}", "data.download=false",

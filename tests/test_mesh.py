@@ -50,15 +50,15 @@ def test_eight_devices_exist():
     assert len(jax.devices()) == 8
 
 
-@pytest.mark.parametrize("data, fsdp", [(8, 1), (2, 4)])
-def test_data_parallel_and_fsdp_match_one_device(mesh_recipe, single, tmp_path, data, fsdp):
-    mesh = make_mesh(MeshConfig(data, fsdp))
+def test_data_parallel_and_fsdp_match_one_device(mesh_recipe, single, tmp_path):
+    """A 2 x 4 mesh (data parallel over 2, FSDP over 4) trains as one device does; pure
+    data parallelism over 8 devices is checked by the resume test below."""
+    mesh = make_mesh(MeshConfig(2, 4))
     state = _train(mesh_recipe, tmp_path, mesh)
     _assert_close(state, single)
-    if fsdp > 1:
-        params = eqx.filter(state.model, eqx.is_inexact_array)
-        sharded = [a for a in jax.tree.leaves(params) if len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated]
-        assert sharded, "FSDP must shard the large parameters"
+    params = eqx.filter(state.model, eqx.is_inexact_array)
+    sharded = [a for a in jax.tree.leaves(params) if len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated]
+    assert sharded, "FSDP must shard the large parameters"
     import json
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
