@@ -319,14 +319,7 @@ class StateDependentAncestralSampler(ddiff.AbstractSampler):
             step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
         )
 
-        def decode(x):
-            log_mean, _ = ddiff.batched_log_mean(model, x, jnp.zeros(()), conditioning)
-            drawn = jax.vmap(ddiff.categorical)(start.final_keys, log_mean)
-            return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), jnp.int32(calls)
-
-        x, used = jax.lax.cond(
-            jnp.any(ddiff.still_masked(conditioning, x, mask_id)), decode, lambda x: (x, jnp.int32(0)), x
-        )
+        x, used = ddiff.finish_masked(model, x, start=start, conditioning=conditioning)
         return ddiff.SampleOutput(tokens=x, num_function_evals=evals + used)
 
 
