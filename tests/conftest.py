@@ -8,13 +8,11 @@ import tempfile
 # level 1 compiles about three times faster than the default with the same results and,
 # for the tiny shapes here, the same run time (level 0 makes sampling 3x slower). LLVM's
 # expensive passes off: about 10% less compile time again (two recipe tests, cold cache:
-# 37.2 s against 33.0 s), the same programs' results. Each xdist worker runs its programs
-# on one thread (the two workers fill the two cores): test_sedd.py and test_d3pm.py took
-# 78 s instead of 84 s.
+# 37.2 s against 33.0 s), the same programs' results.
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1 "
-    "--xla_llvm_disable_expensive_passes=true --xla_cpu_multi_thread_eigen=false",
+    "--xla_llvm_disable_expensive_passes=true",
 )
 # XLA:CPU compiles the partitionable threefry PRNG 10-20x more slowly (seconds per random
 # call site); the suite never shards random generation, so it uses the classic lowering.
