@@ -44,6 +44,13 @@ class Conditioning(eqx.Module):
     context: Any = None
     start_from_prior: bool = eqx.field(static=True, default=False)
 
+    def given(self, batch: int, seq_len: int) -> tuple[Bool[Array, "batch seq"], TokenBatch]:
+        """Which positions are given and their tokens, shape (batch, seq) each: none (and
+        zeros) when there is no infilling."""
+        mask = jnp.zeros((batch, seq_len), bool) if self.fixed_mask is None else self.fixed_mask
+        tokens = jnp.zeros((batch, seq_len), jnp.int32) if self.fixed_tokens is None else self.fixed_tokens
+        return mask, tokens
+
 
 PAD_TOKEN = -1
 """What a variable-length sample holds after its end (:attr:`SampleOutput.lengths`)."""

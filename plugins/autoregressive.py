@@ -287,14 +287,7 @@ class LeftToRightSampler(ddiff.AbstractSampler):
         process = model.process
         start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
         batch = keys.shape[0]
-        given = (
-            jnp.zeros((batch, seq_len), bool) if conditioning.fixed_mask is None else conditioning.fixed_mask
-        )
-        given_tokens = (
-            jnp.zeros((batch, seq_len), jnp.int32)
-            if conditioning.fixed_tokens is None
-            else conditioning.fixed_tokens
-        )
+        given, given_tokens = conditioning.given(batch, seq_len)
 
         def step(carry, n):
             x, evals = carry

@@ -273,14 +273,7 @@ class SemiAutoregressiveSampler(ddiff.AbstractSampler):
         mask_id = model.process.mask_id
         positions = jnp.arange(seq_len)
         batch = keys.shape[0]
-        given = (
-            jnp.zeros((batch, seq_len), bool) if conditioning.fixed_mask is None else conditioning.fixed_mask
-        )
-        given_tokens = (
-            jnp.zeros((batch, seq_len), jnp.int32)
-            if conditioning.fixed_tokens is None
-            else conditioning.fixed_tokens
-        )
+        given, given_tokens = conditioning.given(batch, seq_len)
         x = ddiff.initial_tokens(model.process, keys=keys, seq_len=seq_len, conditioning=conditioning)
 
         def block(carry, index):
