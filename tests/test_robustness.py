@@ -74,45 +74,35 @@ def _wait_for_new_checkpoint(process, workdir: Path, before: set[int], timeout: 
         time.sleep(0.05)
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise(long_recipe, long_reference, tmp_path):
-    recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(long_recipe.to_yaml())
-    workdir = tmp_path / "run"
-    rng = random.Random(0)
-    kills = 0
-    for _ in range(2):
-        process = _start(recipe_file, workdir)
-        _wait_for_new_checkpoint(process, workdir, _complete_steps(workdir))
-        time.sleep(rng.uniform(0.0, 0.3))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.communicate()
-    assert kills >= 1, "the run finished before any kill; the test did not exercise a crash"
-    final = _start(recipe_file, workdir)
-    out, err = final.communicate(timeout=300)
-    assert final.returncode == 0, err
-    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
-    _, state = ddiff.runner.load_run(workdir)
-    assert int(state.step) == 40
-    _assert_bitwise_equal(state, long_reference)
-
-
-def test_sigterm_saves_and_resumes(long_recipe, long_reference, tmp_path):
+def test_sigkill_at_a_random_moment_then_sigterm_then_resume_is_bitwise(long_recipe, long_reference, tmp_path):
+    """One run killed (SIGKILL) at a random moment after its first checkpoint; restarted,
+    it resumes and is stopped by SIGTERM, which saves the step it stopped at and exits
+    128 + 15 with one line; resumed again (in this process) it ends bit for bit where the
+    uninterrupted run ends, with no temporary checkpoint left behind."""
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(long_recipe.to_yaml())
     workdir = tmp_path / "run"
     process = _start(recipe_file, workdir)
     _wait_for_new_checkpoint(process, workdir, set())
+    time.sleep(random.Random(0).uniform(0.0, 0.3))
+    assert process.poll() is None, "the run finished before the kill; the test did not exercise a crash"
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+    process = _start(recipe_file, workdir)
+    _wait_for_new_checkpoint(process, workdir, _complete_steps(workdir))
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     if process.returncode == 0:
-        pytest.skip("the run finished before SIGTERM arrived")
+        pytest.skip("the resumed run finished before SIGTERM arrived")
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM at step" in err and "Traceback" not in err
     stopped_at = int(err.split("at step ")[1].split(";")[0])
     assert stopped_at in _complete_steps(workdir), "SIGTERM must leave a checkpoint of the step it stopped at"
+
     resumed = ddiff.runner.Trainer(long_recipe, workdir, show_progress=False).run()
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+    assert int(resumed.step) == 40
     _assert_bitwise_equal(resumed, long_reference)
 
 
