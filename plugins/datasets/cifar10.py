@@ -5,9 +5,11 @@ import functools
 import io
 import tarfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from ddiff_plugins.datasets.download import download
+from ddiff_plugins.datasets.images import AbstractImageSource
 from ddiff_plugins.datasets.splits import ImageRows, nonempty
 from ddiff_plugins.datasets.unpickling import ArrayUnpickler
 
@@ -50,7 +52,7 @@ def _cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True)
-class CIFAR10Source(ddiff.AbstractDataSource):
+class CIFAR10Source(AbstractImageSource):
     """CIFAR-10 from the standard python-pickle tarball: 50,000 training and 10,000 test
     images (the test set is the eval split), each D = 32x32x3 = 3072 tokens of 256 values,
     flattened in (height, width, channel) order.
@@ -68,26 +70,8 @@ class CIFAR10Source(ddiff.AbstractDataSource):
     root: str = "data/cifar10"
     download: bool = True
     class_conditional: bool = False
-
-    @property
-    def vocab_size(self) -> int:
-        return 256
-
-    @property
-    def seq_len(self) -> int:
-        return 32 * 32 * 3
-
-    @property
-    def num_classes(self) -> int:
-        return 10 if self.class_conditional else 0
-
-    @property
-    def metric(self) -> str:
-        return "bits_per_dim"
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (32, 32, 3)
+    side: ClassVar[int] = 32
+    num_labels: ClassVar[int] = 10
 
     def _members(self) -> dict[str, tuple[bytes, str]]:
         root = Path(self.root).expanduser().absolute()

@@ -5,8 +5,10 @@ import functools
 import re
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from ddiff_plugins.datasets.images import AbstractImageSource
 from ddiff_plugins.datasets.splits import ImageRows, nonempty
 
 import ddiff
@@ -77,7 +79,7 @@ def _imagenet_file(path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageNet64Source(ddiff.AbstractDataSource):
+class ImageNet64Source(AbstractImageSource):
     """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017) from its standard npz files:
     ``train_data_batch_1.npz`` .. ``train_data_batch_10.npz`` and ``val_data.npz``, each
     with ``data`` (N, 12288) uint8 in channel-planar order and ``labels`` 1..1000. The
@@ -91,26 +93,8 @@ class ImageNet64Source(ddiff.AbstractDataSource):
 
     root: str = "data/imagenet64"
     class_conditional: bool = False
-
-    @property
-    def vocab_size(self) -> int:
-        return 256
-
-    @property
-    def seq_len(self) -> int:
-        return 64 * 64 * 3
-
-    @property
-    def num_classes(self) -> int:
-        return 1000 if self.class_conditional else 0
-
-    @property
-    def metric(self) -> str:
-        return "bits_per_dim"
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (64, 64, 3)
+    side: ClassVar[int] = 64
+    num_labels: ClassVar[int] = 1000
 
     def _files(self, name: str) -> list[Path]:
         root = Path(self.root).expanduser().absolute()
