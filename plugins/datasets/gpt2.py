@@ -44,3 +44,28 @@ def documents(batches: Iterable[Sequence[str]]) -> Iterator[np.ndarray]:
     for batch in batches:
         for ids in tables.encode_ordinary_batch(list(batch)):
             yield np.asarray([*ids, EOS], np.uint16)
+
+
+class AbstractGPT2Source(ddiff.AbstractDataSource):
+    """Text as GPT-2 token ids in sequences of ``length`` (a dataclass field of each final
+    subclass, at least 1), scored in perplexity, decoded back to text for samples."""
+
+    length: int
+
+    def __post_init__(self) -> None:
+        ddiff.check_at_least("length", self.length)
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
+
+    @property
+    def seq_len(self) -> int:
+        return self.length
+
+    @property
+    def metric(self) -> str:
+        return "perplexity"
+
+    def decode(self, tokens: np.ndarray) -> str:
+        return decode(tokens)

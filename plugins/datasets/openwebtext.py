@@ -48,7 +48,7 @@ def _tokenize_openwebtext(destination: Path) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class OpenWebTextSource(ddiff.AbstractDataSource):
+class OpenWebTextSource(gpt2.AbstractGPT2Source):
     """OpenWebText tokenized with GPT-2 (V = 50257), documents joined by end-of-text and
     packed into disjoint sequences of ``length`` tokens; the last 2% of the sequences are
     held out for evaluation, as in the paper.
@@ -64,24 +64,6 @@ class OpenWebTextSource(ddiff.AbstractDataSource):
 
     root: str = "data/openwebtext"
     length: int = 1024
-
-    def __post_init__(self) -> None:
-        ddiff.check_at_least("length", self.length)
-
-    @property
-    def vocab_size(self) -> int:
-        return gpt2.VOCAB_SIZE
-
-    @property
-    def seq_len(self) -> int:
-        return self.length
-
-    @property
-    def metric(self) -> str:
-        return "perplexity"
-
-    def decode(self, tokens: np.ndarray) -> str:
-        return gpt2.decode(tokens)
 
     @functools.cached_property
     def _tokens(self) -> tuple[np.ndarray, Path]:

@@ -24,7 +24,7 @@ whole split is one document)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class ZeroShotSource(ddiff.AbstractDataSource):
+class ZeroShotSource(gpt2.AbstractGPT2Source):
     """A zero-shot perplexity set for a GPT-2-vocabulary text model (as in the MD4, SEDD and
     MDLM papers): the test split of WikiText-2, WikiText-103, the Penn Treebank, LAMBADA or
     One Billion Words, read through Hugging Face ``datasets`` (extra ``text``),
@@ -42,24 +42,6 @@ class ZeroShotSource(ddiff.AbstractDataSource):
     name: Literal["wikitext2", "wikitext103", "ptb", "lambada", "lm1b"] = "wikitext103"
     length: int = 1024
     cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        ddiff.check_at_least("length", self.length)
-
-    @property
-    def vocab_size(self) -> int:
-        return gpt2.VOCAB_SIZE
-
-    @property
-    def seq_len(self) -> int:
-        return self.length
-
-    @property
-    def metric(self) -> str:
-        return "perplexity"
-
-    def decode(self, tokens: np.ndarray) -> str:
-        return gpt2.decode(tokens)
 
     @functools.cached_property
     def _tokens(self) -> np.ndarray:
