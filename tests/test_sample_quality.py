@@ -7,30 +7,19 @@ import math
 
 import numpy as np
 import pytest
+from conftest import TINY_OVERRIDES
 from ddiff_plugins.synthetic import MarkovChainSource, ToySource
 
 from ddiff.runner import main, quality
 
 AR_TINY = (
-    "data.num_symbols=5",
-    "data.length=8",
-    "data.concentration=0.2",
-    "data.num_train=256",
-    "data.num_eval=32",
-    "network.dim=16",
-    "network.depth=1",
-    "network.heads=2",
-    "network.mlp_ratio=2",
+    *(o for o in TINY_OVERRIDES if not o.startswith(("sampler.", "eval.time_draws", "trainer.num_samples"))),
     "trainer.steps=2",
-    "trainer.batch_size=8",
     "trainer.log_every=1",
-    "trainer.eval_every=0",
-    "trainer.checkpoint_every=2",
     "trainer.num_samples=0",
     "trainer.final_eval=false",
-    "eval.batch_size=16",
-    "mesh.data=1",
 )
+"""The tests' tiny recipe for recipes/ar_quickstart.yaml (its sampler has no steps), 2 steps."""
 
 
 def test_entropy_and_ngram_distance_closed_forms():
