@@ -33,6 +33,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+import yaml
+
 MASKED = ("process={kind: masked, schedule: {kind: cosine}}", "parameterization={kind: mean}")
 GENMD4 = (
     "process={kind: masked, schedule: {kind: learnable_poly}}",
@@ -55,8 +57,6 @@ FAMILIES = {
 D3PM_FAMILY = (*D3PM, "sampler={kind: d3pm_ancestral, steps: 8}")
 
 
-TOKENS_PER_STEP = 2048
-"""Tokens per training step on either corpus: 64 x 32 (markov), 32 x 64 (stdlib)."""
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 """The stdlib corpus's tokens, in text8's order: a..z are 0..25, space is 26."""
 SKIPPED_PACKAGES = frozenset({"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages"})
@@ -109,7 +109,9 @@ def corpus_base(corpus: str, out: Path) -> tuple[str, ...]:
     path = out / "stdlib_corpus.txt"
     if not path.exists():
         text = stdlib_corpus()
-        path.write_text(text, encoding="utf-8")
+        partial = path.with_suffix(".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
         print(f"wrote {path}: {len(text):,} characters", flush=True)
     return (
         f"data={{kind: text_file, path: '{path.absolute()}', alphabet: '{ALPHABET}', length: 64}}",
@@ -163,6 +165,8 @@ def run_one(name: str, overrides: tuple[str, ...], steps: int, workdir: Path, ba
             if record.get("tokens_per_second"):
                 throughput.append(record["tokens_per_second"])
     result = json.loads((workdir / "eval.json").read_text())
+    recipe = yaml.safe_load((workdir / "recipe.yaml").read_text())
+    tokens_per_step = recipe["trainer"]["batch_size"] * recipe["data"]["length"]
     tail, bound_tail = losses[len(losses) // 2 :], bounds[len(bounds) // 2 :]
     return {
         "name": name,
@@ -172,7 +176,7 @@ def run_one(name: str, overrides: tuple[str, ...], steps: int, workdir: Path, ba
         "unigram": result.get("unigram_bits_per_token"),
         "loss_std": statistics.pstdev(tail) if len(tail) > 1 else float("nan"),
         "nelbo_std": statistics.pstdev(bound_tail) if len(bound_tail) > 1 else float("nan"),
-        "ms_per_step": 1e3 * TOKENS_PER_STEP / statistics.median(throughput) if throughput else None,
+        "ms_per_step": 1e3 * tokens_per_step / statistics.median(throughput) if throughput else None,
         "wall_s": wall,
     }
 
