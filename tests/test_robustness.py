@@ -94,7 +94,10 @@ def test_sigkill_at_a_random_moment_then_sigterm_then_resume_is_bitwise(long_rec
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     if process.returncode == 0:
-        pytest.skip("the resumed run finished before SIGTERM arrived")
+        _, state = ddiff.runner.load_run(workdir)
+        assert int(state.step) == 40
+        _assert_bitwise_equal(state, long_reference)
+        pytest.skip("the resumed run finished before SIGTERM arrived (the SIGKILL resume was checked)")
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM at step" in err and "Traceback" not in err
     stopped_at = int(err.split("at step ")[1].split(";")[0])
