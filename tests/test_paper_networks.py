@@ -32,7 +32,6 @@ def _perturb(module, key):
 
 
 @eqx.filter_jit
-@eqx.filter_jit
 def _outputs(network, x, times, labels, key):
     """Outputs at several (time, label) pairs without dropout, and the first with
     dropout: one compilation per network."""
