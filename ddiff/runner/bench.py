@@ -238,8 +238,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "bd3lm": {
         "process": {"kind": "masked", "schedule": {"kind": "linear"}},
         "parameterization": {"kind": "mean"},
-        "objective": {"kind": "bd3lm_elbo", "block_size": 4},
-        "sampler": {"kind": "bd3lm", "block_size": 4, "inner": {"kind": "first_hitting"}},
+        "objective": {"kind": "bd3lm_elbo", **REQUIRED_SETTINGS["bd3lm_elbo"]},
+        "sampler": {"kind": "bd3lm", **REQUIRED_SETTINGS["bd3lm"]},
     },
     "autoregressive": {
         "process": {"kind": "left_to_right"},
