@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ddiff_plugins import campbell
+from ddiff_plugins.campbell._rates import _draw_jump
+from ddiff_plugins.campbell._samplers import _leap
 
 import ddiff
 import ddiff.runner
@@ -208,7 +210,7 @@ def test_masked_estimator_is_the_averaged_cross_entropy(toys):
             time_key, noise_key, jump_key = jax.random.split(key, 3)
             t = jax.random.uniform(time_key, minval=0.02, maxval=0.98)
             x_t = process.sample_marginal(x0, t, key=noise_key)
-            jump = campbell._draw_jump(process, x_t, t, jump_key)
+            jump = _draw_jump(process, x_t, t, jump_key)
             x_tilde = jnp.where(jump[2] > 0, x_t.at[jump[0]].set(jump[1]), x_t)
             log_mean, log_mean_tilde = model.log_mean(x_t, t), model.log_mean(x_tilde, t)
             value = objective.diffusion(process, x0, x_t, x_tilde, jump, log_mean, log_mean_tilde, t)
@@ -271,7 +273,7 @@ def test_one_leap_follows_the_exact_rule():
     lambda e^-lambda r_y / sum r) is within 5 binomial standard errors."""
     rates = jnp.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.1, 0.2, 0.0], [1.0, 0.0, 0.0, 0.5], [10.0, 10.0, 20.0, 0.0]])
     x = jnp.array([0, 0, 1, 3])
-    draws = jax.vmap(lambda k: campbell._leap(k, x, rates, jnp.asarray(1.0)))(jax.random.split(jax.random.PRNGKey(0), 2**15))
+    draws = jax.vmap(lambda k: _leap(k, x, rates, jnp.asarray(1.0)))(jax.random.split(jax.random.PRNGKey(0), 2**15))
     draws = np.asarray(draws)
     total = np.asarray(rates).sum(-1)
     for n in range(4):

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ddiff_plugins import md4, sedd
+from ddiff_plugins import masked, md4, sedd
 
 import ddiff
 from ddiff import capabilities as caps
 
-EPS = md4.EPS
+EPS = masked.EPS
 SPECS = {
     "linear": {"kind": "linear"},
     "cosine": {"kind": "cosine"},

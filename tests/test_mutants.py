@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from ddiff_plugins import campbell, common, d3pm, genmd4, md4, sedd
+from ddiff_plugins import campbell, d3pm, genmd4, masked, md4, sedd, uniform
 
 import ddiff
 from ddiff.testing import objective_checks, sampler_checks
@@ -137,14 +137,14 @@ class ScoreEntropyWithoutConstant(sedd.ScoreEntropy):
 # --------------------------------------------------------------------------- schedules
 
 
-class CosineWithoutHalfPi(md4.CosineSchedule):
+class CosineWithoutHalfPi(masked.CosineSchedule):
     """The cosine schedule whose derivative misses the chain rule's pi/2."""
 
     def shape_derivative(self, t):
         return -jnp.sin(0.5 * math.pi * (1.0 - t))
 
 
-class PolyWithWrongExponent(md4.PolySchedule):
+class PolyWithWrongExponent(masked.PolySchedule):
     """The polynomial schedule 1 - t^k with derivative -k t^k instead of -k t^(k-1)."""
 
     def shape_derivative(self, t):
@@ -154,19 +154,19 @@ class PolyWithWrongExponent(md4.PolySchedule):
 # --------------------------------------------------------------------------- processes
 
 
-class InvertedRatioMaskedProcess(md4.MaskedProcess):
+class InvertedRatioMaskedProcess(masked.MaskedProcess):
     """The masked process reading a mean as scores with r = (1 - alpha)/alpha instead of
     alpha/(1 - alpha)."""
 
     def log_score_from_mean(self, log_mean, x_t, t):
-        score = md4.MaskedProcess.log_score_from_mean(self, log_mean, x_t, t)
+        score = masked.MaskedProcess.log_score_from_mean(self, log_mean, x_t, t)
         alpha = self.schedule.alpha(t)
         log_ratio = jnp.log(alpha) - jnp.log1p(-alpha)
         masked = (x_t == self.mask_id)[:, None] & (jnp.arange(self.num_states) < self.vocab_size)[None, :]
         return jnp.where(masked, score - 2.0 * log_ratio, score)
 
 
-class UncorrectedTweedieUniformProcess(common.UniformProcess):
+class UncorrectedTweedieUniformProcess(uniform.UniformProcess):
     """The uniform process whose Tweedie denoiser forgets the b sum(s) correction:
     w = s / alpha instead of (s - b sum(s)) / alpha."""
 
@@ -178,7 +178,7 @@ class UncorrectedTweedieUniformProcess(common.UniformProcess):
         return jnp.where(mean > 0, jnp.log(jnp.where(mean > 0, mean, 1.0)), -jnp.inf)
 
 
-class JointWeightedUniformProcess(common.UniformProcess):
+class JointWeightedUniformProcess(uniform.UniformProcess):
     """The uniform process whose reverse step from a mean is D3PM's code's: x_0 weighted
     by the joint q(x_s, x_t | x_0) instead of averaging the true posterior over mu."""
 
@@ -285,7 +285,7 @@ class LinearTimeFirstHittingSampler(ddiff.AbstractSampler):
         return md4.FirstHittingSampler().reverse_chain()
 
     def sample(self, model, *, keys, seq_len, conditioning):
-        linear = eqx.tree_at(lambda m: m.process.schedule, model, md4.LinearSchedule())
+        linear = eqx.tree_at(lambda m: m.process.schedule, model, masked.LinearSchedule())
         return md4.FirstHittingSampler().sample(
             linear, keys=keys, seq_len=seq_len, conditioning=conditioning
         )

@@ -21,8 +21,10 @@ class _Other(ddiff.AbstractSchedule):
 
 def test_builtins_register_through_entry_points(registry):
     entries = {(e.slot, e.name): e.plugin for e in registry}
-    assert entries[("process", "masked")] == "md4"
+    assert entries[("process", "masked")] == "masked"
     assert entries[("network", "transformer")] == "networks"
+    assert entries[("process", "uniform")] == "uniform"
+    assert entries[("objective", "md4_elbo")] == "md4"
     assert entries[("data", "markov")] == "synthetic"
     manager = ddiff.make_plugin_manager()
     names = {manager.get_name(p) for p in manager.get_plugins()}

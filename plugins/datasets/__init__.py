@@ -14,6 +14,7 @@ file and the problem. Batching, shuffling, checkpointable iteration and sharding
 process are ddiff's grain pipeline (``ddiff.runner.train_batches``).
 """
 
+import ddiff
 from ddiff_plugins.datasets.cifar10 import CIFAR10Source
 from ddiff_plugins.datasets.imagenet64 import ImageNet64Source
 from ddiff_plugins.datasets.openwebtext import OpenWebTextSource
@@ -21,8 +22,6 @@ from ddiff_plugins.datasets.text8 import Text8Source
 from ddiff_plugins.datasets.text_file import TextFileSource
 from ddiff_plugins.datasets.token_file import TokenFileSource
 from ddiff_plugins.datasets.zero_shot import ZeroShotSource
-
-import ddiff
 
 
 @ddiff.hookimpl

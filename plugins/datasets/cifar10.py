@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+
+import ddiff
 from ddiff_plugins.datasets.download import download
 from ddiff_plugins.datasets.images import AbstractImageSource
 from ddiff_plugins.datasets.splits import ImageRows, nonempty
 from ddiff_plugins.datasets.unpickling import ArrayUnpickler
-
-import ddiff
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -5,9 +5,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from ddiff_plugins.datasets.optional import optional_import
 
 import ddiff
+from ddiff_plugins.datasets.optional import optional_import
 
 VOCAB_SIZE = 50257
 """GPT-2's vocabulary size."""

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from ddiff_plugins.datasets.images import AbstractImageSource
-from ddiff_plugins.datasets.splits import ImageRows, nonempty
 
 import ddiff
+from ddiff_plugins.datasets.images import AbstractImageSource
+from ddiff_plugins.datasets.splits import ImageRows, nonempty
 
 
 def _npz_array(path: Path, name: str) -> np.ndarray:

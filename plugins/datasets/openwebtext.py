@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-from ddiff_plugins.datasets import gpt2
-from ddiff_plugins.datasets.optional import optional_import
-from ddiff_plugins.datasets.splits import TokenWindows, tail_split, token_memmap
 from tqdm import tqdm
 
 import ddiff
+from ddiff_plugins.datasets import gpt2
+from ddiff_plugins.datasets.optional import optional_import
+from ddiff_plugins.datasets.splits import TokenWindows, tail_split, token_memmap
 
 OPENWEBTEXT_HF = "Skylion007/openwebtext"
 OPENWEBTEXT_TOKENS = "openwebtext_gpt2.bin"

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from ddiff_plugins.datasets.splits import TokenWindows, nonempty
 
 import ddiff
+from ddiff_plugins.datasets.splits import TokenWindows, nonempty
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_ALPHABET = "abcdefghijklmnopqrstuvwxyz "

@@ -5,9 +5,9 @@ import functools
 from pathlib import Path
 
 import numpy as np
-from ddiff_plugins.datasets.splits import TokenWindows, check_fraction, tail_cut, tail_split
 
 import ddiff
+from ddiff_plugins.datasets.splits import TokenWindows, check_fraction, tail_cut, tail_split
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+import ddiff
 from ddiff_plugins.datasets.splits import (
     TokenWindows,
     check_fraction,
@@ -13,8 +15,6 @@ from ddiff_plugins.datasets.splits import (
     tail_split,
     token_memmap,
 )
-
-import ddiff
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
+
+import ddiff
 from ddiff_plugins.datasets import detokenize, gpt2
 from ddiff_plugins.datasets.optional import optional_import
 from ddiff_plugins.datasets.splits import TokenWindows, nonempty
-
-import ddiff
 
 ZERO_SHOT: dict[str, tuple[str, str | None, str, Callable[[str], str] | None, bool]] = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", detokenize.wikitext, True),

@@ -1,9 +1,4 @@
-"""Components shared by several families: the uniform process (SEDD's uniform graph,
-D3PM's uniform transitions, Campbell et al.'s uniform CTMC) and the plain x0
-parameterization (D3PM).
-
-Notation: V token values, alpha_t the probability that a token has not been resampled.
-"""
+"""The uniform forward process, q(x_t | x_0) = alpha_t onehot(x_0) + (1 - alpha_t)/V."""
 
 import equinox as eqx
 import jax
@@ -152,31 +147,3 @@ class UniformProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess)
         b = (1.0 - a) / self.vocab_size
         noise = jnp.where(b > 0, b * jnp.log(jnp.where(b > 0, b, 1.0)), 0.0)
         return -x0.shape[0] * ((a + b) * jnp.log(a + b) + (self.vocab_size - 1) * noise)
-
-
-class X0Parameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractScoreParameterization):
-    """mu_theta(x_t, t) = softmax of the network's V logits at every position (D3PM's
-    x0-parameterization, Austin et al. 2021 sec. 3.3). Unlike MD4's ``mean`` (SUBS),
-    it assumes nothing of the process: a clean-looking token may still be noise.
-
-    The mean also reads as a score through the process's
-    :meth:`ddiff.AbstractForwardProcess.log_score_from_mean` (Lou et al. 2024), so the
-    same network can be trained or evaluated under score entropy.
-    """
-
-    provides = frozenset({caps.MEAN, caps.SCORE})
-
-    def output_channels(self, process):
-        return process.vocab_size
-
-    def log_mean(self, output, x_t, t, process):
-        return jax.nn.log_softmax(output, axis=-1)
-
-    def log_score(self, output, x_t, t, process):
-        return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)
-
-
-@ddiff.hookimpl
-def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("process", "uniform", UniformProcess)
-    registry.register("parameterization", "x0", X0Parameterization)

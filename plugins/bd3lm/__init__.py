@@ -1,0 +1,22 @@
+"""Block diffusion (BD3-LM; Arriola et al., ICLR 2025): autoregressive over blocks of L'
+tokens, masked diffusion within a block given the clean blocks before it.
+
+    log p(x) = sum_b log p(x^b | x^{<b}),   -log p(x^b | x^{<b}) <= L_MD4(x^b; x^{<b}),
+
+each block's bound being the MD4 continuous-time ELBO of a masked diffusion over its L'
+positions, read by a network that sees the block's noisy tokens and the earlier blocks'
+clean ones (``ddiff.AbstractBlockCausalNetwork``). L' = 1 is an autoregressive model,
+L' = D is MD4. See docs/bd3lm.md.
+"""
+
+import ddiff
+from ddiff_plugins.bd3lm._objective import BD3LMELBO
+from ddiff_plugins.bd3lm._sampler import BD3LMSampler
+
+__all__ = ["BD3LMELBO", "BD3LMSampler"]
+
+
+@ddiff.hookimpl
+def ddiff_register_components(registry: ddiff.Registry) -> None:
+    registry.register("objective", "bd3lm_elbo", BD3LMELBO)
+    registry.register("sampler", "bd3lm", BD3LMSampler)

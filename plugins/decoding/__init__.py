@@ -1,0 +1,64 @@
+"""Decoding samplers for masked diffusion models with a mean parameterization: the
+samplers the field uses beside ancestral sampling.
+
+- ``confidence``: unmask the k most confident positions per step, k from a cosine
+  (MaskGIT, Chang et al. 2022) or linear (LLaDA, Nie et al. 2025) schedule;
+- ``threshold``: unmask every position whose confidence exceeds a threshold, at least one
+  per step (Fast-dLLM's parallel decoding, Wu et al. 2025);
+- ``semi_ar``: the sequence in blocks, left to right, any inner sampler within the current
+  block (LLaDA's semi-autoregressive decoding);
+- ``remdm``: ancestral sampling that also remasks decoded tokens (ReMDM, Wang et al. 2025,
+  arXiv 2503.00307), with its cap, rescale and loop schedules;
+- ``p2``: path planning (Peng et al. 2025, arXiv 2502.03540): a planner chooses at every
+  step which positions stay or become masked, decoded tokens included.
+
+Each docstring says which distribution the sampler draws from: the model's (exact with an
+exact denoiser, which the conformance kit checks) or a heuristic one. Every loop is one
+``lax.scan`` or ``lax.while_loop``; labels and classifier-free guidance go through
+:func:`ddiff.batched_log_mean`; given positions (infilling) are never changed; sample i
+draws all its randomness from its own key; the network evaluations are counted (one per
+batched call, two under guidance).
+"""
+
+import ddiff
+from ddiff_plugins.decoding._confidence import ConfidenceSampler
+from ddiff_plugins.decoding._path_planning import AbstractPathPlanningSampler, PathPlanningSampler
+from ddiff_plugins.decoding._remdm import RemaskingSchedule, ReMDMSampler, remdm_logits
+from ddiff_plugins.decoding._selection import (
+    Confidence,
+    CountSchedule,
+    confidence,
+    highest,
+    network_times,
+    remaining_fraction,
+    threshold_selection,
+)
+from ddiff_plugins.decoding._semi_ar import SemiAutoregressiveSampler
+from ddiff_plugins.decoding._threshold import ThresholdSampler
+
+__all__ = [
+    "AbstractPathPlanningSampler",
+    "Confidence",
+    "ConfidenceSampler",
+    "CountSchedule",
+    "PathPlanningSampler",
+    "ReMDMSampler",
+    "RemaskingSchedule",
+    "SemiAutoregressiveSampler",
+    "ThresholdSampler",
+    "confidence",
+    "highest",
+    "network_times",
+    "remaining_fraction",
+    "remdm_logits",
+    "threshold_selection",
+]
+
+
+@ddiff.hookimpl
+def ddiff_register_components(registry: ddiff.Registry) -> None:
+    registry.register("sampler", "confidence", ConfidenceSampler)
+    registry.register("sampler", "threshold", ThresholdSampler)
+    registry.register("sampler", "semi_ar", SemiAutoregressiveSampler)
+    registry.register("sampler", "remdm", ReMDMSampler)
+    registry.register("sampler", "p2", PathPlanningSampler)

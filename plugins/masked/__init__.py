@@ -1,0 +1,36 @@
+"""The masked (absorbing) process, the scalar masking schedules and the mean
+parameterization: the foundation every masked family (MD4, GenMD4, SEDD absorbing,
+Campbell et al., block diffusion, the decoding samplers) builds on by recipe name.
+
+Notation: V real tokens, mask m = V, alpha_t the probability that a token is still clean.
+"""
+
+import ddiff
+from ddiff_plugins.masked._parameterization import MeanParameterization
+from ddiff_plugins.masked._process import MaskedProcess
+from ddiff_plugins.masked._schedules import (
+    EPS,
+    AbstractClippedSchedule,
+    CosineSchedule,
+    LinearSchedule,
+    PolySchedule,
+)
+
+__all__ = [
+    "AbstractClippedSchedule",
+    "CosineSchedule",
+    "EPS",
+    "LinearSchedule",
+    "MaskedProcess",
+    "MeanParameterization",
+    "PolySchedule",
+]
+
+
+@ddiff.hookimpl
+def ddiff_register_components(registry: ddiff.Registry) -> None:
+    registry.register("schedule", "linear", LinearSchedule)
+    registry.register("schedule", "cosine", CosineSchedule)
+    registry.register("schedule", "poly", PolySchedule)
+    registry.register("process", "masked", MaskedProcess)
+    registry.register("parameterization", "mean", MeanParameterization)

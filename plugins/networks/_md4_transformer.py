@@ -1,0 +1,203 @@
+"""The MD4 paper's transformer: rotary positions, adaLN-zero, GLU feed-forward, depth-scaled initialisation."""
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+import ddiff
+from ddiff_plugins.networks._layers import (
+    GLU_ACTIVATIONS,
+    AttentionKind,
+    ConditionEmbedding,
+    KVCache,
+    MLPKind,
+    PastKeys,
+    _dropout,
+    _initialise,
+    _layer_norm,
+    _logits,
+    _modulate,
+    _rotary_blocks,
+    _rotary_flops,
+    _run_blocks,
+    _size,
+    _split,
+    _zero_linear,
+    block_causal_mask,
+    rotary_tables,
+)
+
+# --------------------------------------------------------------------------- MD4 transformer
+
+
+class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
+    """The MD4 paper's transformer denoiser (a bidirectional LLaMA-style network):
+    token embedding, ``depth`` :class:`RotaryBlock` blocks (rotary position embeddings,
+    adaLN-zero conditioning on time and class, gated feed-forward of width 8/3 ``dim``
+    rounded up to ``multiple_of``), a final adaLN-zero layer norm and a zero-initialised
+    linear head. Depth-scaled initialisation draws the feed-forward weights with
+    variance 2 / (depth * fan_in). MD4-S (text8, OpenWebText): dim 768, depth 12, 12 heads.
+
+    Block diffusion (capability ``block_causal`` when ``time_conditioned: false``): the
+    vectorised pass reads [x_t, x_0] (both at positions 0..D-1) under
+    :func:`block_causal_mask`, and a :class:`KVCache` holds the clean blocks' keys and
+    values for sampling block by block (:class:`ddiff.AbstractBlockCausalNetwork`).
+
+    Attributes (recipe keys):
+        dim: width. depth: number of blocks. heads: attention heads.
+        cond_dim: width of the time and class conditioning vector.
+        mlp: gated feed-forward variant (``glu``: sigmoid gate, ``geglu``, ``swiglu``).
+        multiple_of: the feed-forward width is rounded up to a multiple of this.
+        dropout: rate on the input embedding, attention probabilities and branch outputs.
+        depth_scaled_init: scale the feed-forward initialisation by 2 / depth.
+        time_conditioned: whether the output depends on t.
+        scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
+            unrolled (the default: about 1.2x faster train steps on CPU, measured in
+            docs/performance.md); same values either way.
+        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`attention`).
+
+    Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
+    blocks' attention and feed-forward products and the output head (not the embedding
+    lookup nor the per-sequence conditioning), L the depth, d the width, T the sequence
+    length. A train step counts 6 N + 12 L d T.
+    """
+
+    embedding: Float[Array, "states dim"]
+    condition: ConditionEmbedding
+    blocks: ddiff.LayerStack
+    final_modulation: eqx.nn.Linear
+    head: eqx.nn.Linear
+    depth: int = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    mlp: str = eqx.field(static=True)
+    time_conditioned: bool = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+    attention: AttentionKind = eqx.field(static=True)
+
+    def __init__(
+        self,
+        *,
+        num_states: int,
+        num_outputs: int,
+        seq_len: int,
+        num_classes: int = 0,
+        key: ddiff.Key,
+        dim: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        cond_dim: int = 64,
+        mlp: MLPKind = "glu",
+        multiple_of: int = 32,
+        dropout: float = 0.0,
+        depth_scaled_init: bool = True,
+        time_conditioned: bool = True,
+        scan_layers: bool = False,
+        attention: AttentionKind = "auto",
+    ):
+        del seq_len
+        ddiff.check_at_least("depth", depth)
+
+        def parts(key: ddiff.Key) -> dict[str, Any]:
+            keys = jax.random.split(key, 5)
+            head = eqx.nn.Linear(dim, num_outputs, use_bias=False, key=keys[4])
+            return {
+                "embedding": jax.random.normal(keys[0], (num_states, dim)) / math.sqrt(num_states),
+                "condition": ConditionEmbedding(cond_dim, time_conditioned, num_classes, key=keys[1]),
+                "blocks": _rotary_blocks(
+                    dim, depth, heads, cond_dim, mlp, multiple_of, dropout, depth_scaled_init,
+                    key=keys[2], path="heads", scan=scan_layers,
+                ),  # fmt: skip
+                "final_modulation": _zero_linear(cond_dim, 2 * dim, key=keys[3]),
+                "head": eqx.tree_at(lambda linear: linear.weight, head, replace_fn=jnp.zeros_like),
+            }
+
+        built = _initialise(parts, key)
+        self.embedding, self.condition, self.blocks = (
+            built["embedding"], built["condition"], built["blocks"],
+        )  # fmt: skip
+        self.final_modulation, self.head = built["final_modulation"], built["head"]
+        self.depth = depth
+        self.dropout = dropout
+        self.mlp = mlp
+        self.time_conditioned = time_conditioned
+        self.num_classes = num_classes
+        self.attention = attention
+
+    def flops_per_token(self, seq_len):
+        return _rotary_flops(self.blocks, seq_len) + 2.0 * _size(self.head.weight)
+
+    def __call__(self, x_t, t, *, label=None, key=None):
+        k_embed, k_blocks = _split(key, 2)
+        cond = self.condition(t, label)
+        x = _dropout(self.embedding[x_t], self.dropout, k_embed)
+        x = _run_blocks(self.blocks, x, cond, k_blocks, self.attention)
+        return self._output(x, cond)
+
+    def _output(self, x: Float[Array, "seq dim"], cond: Array) -> Float[Array, "seq out"]:
+        shift, scale = jnp.split(self.final_modulation(GLU_ACTIVATIONS[self.mlp](cond)), 2)
+        return _logits(self.head, _modulate(_layer_norm(x), shift, scale))
+
+    @property
+    def _head_dim(self) -> int:
+        return self.embedding.shape[1] // self.blocks.layers.heads
+
+    def block_causal_output(self, x_t, x0, *, block_size, label=None, key=None):
+        k_embed, k_blocks = _split(key, 2)
+        seq = x_t.shape[0]
+        cond = self.condition(jnp.zeros(()), label)
+        x = _dropout(self.embedding[jnp.concatenate([x_t, x0])], self.dropout, k_embed)
+        tables = tuple(jnp.concatenate([a, a]) for a in rotary_tables(seq, self._head_dim))
+        mask = jnp.asarray(block_causal_mask(seq, block_size))
+        x = _run_blocks(self.blocks, x, cond, k_blocks, self.attention, tables=tables, mask=mask)
+        return self._output(x[:seq], cond)
+
+    def init_cache(self, capacity, *, block_size):
+        if block_size < 1 or capacity < 0 or capacity % block_size:
+            raise ddiff.DdiffError(
+                f"a cache of clean blocks needs a capacity that is a multiple of the block "
+                f"size {block_size}, got {capacity}"
+            )
+        shape = (self.depth, capacity, self.blocks.layers.heads, self._head_dim)
+        zeros = jnp.zeros(shape, self.embedding.dtype)
+        start = jnp.zeros((), jnp.int32)
+        return KVCache(keys=zeros, values=zeros, length=start, position=start, block_size=block_size)
+
+    def _after_cache(self, tokens: ddiff.Tokens, cache: KVCache, label: ddiff.Label | None):
+        """The blocks on ``tokens`` at the positions after the cache, attending to the
+        cached positions and to themselves: the output and every layer's keys and values."""
+        cond = self.condition(jnp.zeros(()), label)
+        tables = rotary_tables(tokens.shape[0], self._head_dim, start=cache.position)
+        valid = jnp.arange(cache.keys.shape[1]) < cache.length
+
+        def step(block, h, past):
+            keys, values = past
+            past = PastKeys(keys=keys, values=values, valid=valid)
+            return block.with_keys(h, cond, tables, self.attention, key=None, past=past)
+
+        x, (keys, values) = self.blocks(self.embedding[tokens], step, (cache.keys, cache.values))
+        return x, cond, keys, values
+
+    def extend_cache(self, cache, block, *, label=None):
+        _, _, keys, values = self._after_cache(block, cache, label)
+
+        def append(buffer, new):
+            return jax.vmap(lambda b, n: ddiff.append_to_window(b, cache.length, n.astype(b.dtype))[0])(
+                buffer, new
+            )
+
+        _, length = ddiff.append_to_window(cache.keys[0], cache.length, keys[0])
+        return KVCache(
+            keys=append(cache.keys, keys),
+            values=append(cache.values, values),
+            length=length,
+            position=cache.position + block.shape[0],
+            block_size=cache.block_size,
+        )
+
+    def cached_output(self, x_t, cache, *, label=None):
+        x, cond, _, _ = self._after_cache(x_t, cache, label)
+        return self._output(x, cond)
