@@ -26,7 +26,7 @@ from ddiff._hookspecs import hookimpl, hookspec
 from ddiff._layers import COMPUTE_DTYPES, LayerStack, cast_floating, stack_layers
 from ddiff._model import DiffusionModel
 from ddiff._network import (
-    NETWORK_CONTEXT,
+    SUPPLIED_NETWORK_ARGUMENTS,
     AbstractBlockCausalNetwork,
     AbstractNetwork,
     BlockPrefix,
@@ -164,7 +164,7 @@ __all__ = [
     "hookspec",
     "make_plugin_manager",
     # the recipe builder
-    "NETWORK_CONTEXT",
+    "SUPPLIED_NETWORK_ARGUMENTS",
     "NetworkSpec",
     "SectionBuilder",
     "build_component",

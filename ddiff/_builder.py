@@ -20,7 +20,7 @@ from beartype import BeartypeConf
 from beartype.door import is_bearable
 
 from ddiff._errors import DdiffError, RecipeError
-from ddiff._network import NETWORK_CONTEXT, AbstractNetwork
+from ddiff._network import SUPPLIED_NETWORK_ARGUMENTS, AbstractNetwork
 from ddiff._registry import SLOTS, Registry, default_registry, unknown_name_message
 
 _TOWER = BeartypeConf(is_pep484_tower=True)
@@ -42,12 +42,12 @@ class NetworkSpec:
     kwargs: Mapping[str, Any]
     path: str = "network"
 
-    def build(self, **context: Any) -> AbstractNetwork:
-        """Construct the network with ddiff's context arguments (sizes, key)."""
+    def build(self, **supplied: Any) -> AbstractNetwork:
+        """Construct the network with the arguments ddiff supplies (sizes, key)."""
         accepted = inspect.signature(self.cls).parameters
-        supplied = {k: v for k, v in context.items() if k in accepted}
+        taken = {k: v for k, v in supplied.items() if k in accepted}
         try:
-            return self.cls(**{**self.kwargs, **supplied})
+            return self.cls(**{**self.kwargs, **taken})
         except RecipeError as error:
             raise RecipeError(
                 error.message, source=error.source, path=_join(self.path, error.path)
@@ -79,7 +79,7 @@ class SectionBuilder:
         return _describe(value)
 
     def component(
-        self, slot: str, raw: Any, path: str, context: Mapping[str, Any], *, build: bool = True
+        self, slot: str, raw: Any, path: str, supplied: Mapping[str, Any], *, build: bool = True
     ) -> tuple[Any, dict[str, Any], str]:
         """Build the ``slot`` section ``raw`` found at ``path``: the component (a
         :class:`NetworkSpec` when not ``build``), its resolved mapping and its kind."""
@@ -103,7 +103,7 @@ class SectionBuilder:
                 unknown_name_message(slot, name, self.registry.names(slot), self.registry.broken),
             ) from None
         arguments = {k: v for k, v in raw.items() if k != "kind"}
-        kwargs, resolved = self.arguments(cls, arguments, path, context, f"{slot} {name!r}")
+        kwargs, resolved = self.arguments(cls, arguments, path, supplied, f"{slot} {name!r}")
         resolved = {"kind": name, **resolved}
         if not build:
             return NetworkSpec(name, cls, kwargs, path), resolved, name
@@ -123,17 +123,17 @@ class SectionBuilder:
             raise self.error(path, f"invalid arguments: {error}") from None
 
     def arguments(
-        self, cls: type, raw: Mapping[str, Any], path: str, context: Mapping[str, Any], what: str
+        self, cls: type, raw: Mapping[str, Any], path: str, supplied: Mapping[str, Any], what: str
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The constructor arguments of ``cls`` from the section ``raw`` at ``path`` (and
-        ``context`` for the values ddiff derives), with their resolved values."""
+        ``supplied`` for the values ddiff derives and supplies), with their resolved values."""
         parameters = {
             name: p
             for name, p in inspect.signature(cls).parameters.items()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
         hints = _hints(cls)
-        settable = [n for n in parameters if n not in context and n not in NETWORK_CONTEXT]
+        settable = [n for n in parameters if n not in supplied and n not in SUPPLIED_NETWORK_ARGUMENTS]
         for key in raw:
             if key in parameters and key not in settable:
                 raise self.error(
@@ -150,7 +150,7 @@ class SectionBuilder:
             parameter = parameters[name]
             hint = hints.get(name, Any)
             if name in raw:
-                value, shown = self.value(hint, raw[name], f"{path}.{name}", context)
+                value, shown = self.value(hint, raw[name], f"{path}.{name}", supplied)
                 kwargs[name] = value
                 resolved[name] = shown
             elif parameter.default is inspect.Parameter.empty:
@@ -158,11 +158,11 @@ class SectionBuilder:
             else:
                 resolved[name] = _plain(parameter.default)
         for name in parameters:
-            if name in context and name not in raw:
-                kwargs[name] = context[name]
+            if name in supplied and name not in raw:
+                kwargs[name] = supplied[name]
         return kwargs, resolved
 
-    def value(self, hint: Any, value: Any, path: str, context: Mapping[str, Any]) -> tuple[Any, Any]:
+    def value(self, hint: Any, value: Any, path: str, supplied: Mapping[str, Any]) -> tuple[Any, Any]:
         """``value`` checked against the type ``hint`` (components and nested settings
         built), with its resolved form."""
         origin = typing.get_origin(hint)
@@ -172,18 +172,18 @@ class SectionBuilder:
                 return None, None
             real = [o for o in options if o is not type(None)]
             if len(real) == 1:
-                return self.value(real[0], value, path, context)
+                return self.value(real[0], value, path, supplied)
         if isinstance(hint, type):
             for slot, base in SLOTS.items():
                 if issubclass(hint, base):
-                    component, resolved, _ = self.component(slot, value, path, context)
+                    component, resolved, _ = self.component(slot, value, path, supplied)
                     if not isinstance(component, hint):
                         raise self.error(path, f"{type(component).__name__} is not a {hint.__name__}")
                     return component, resolved
         if hint in self.nested:
             if not isinstance(value, dict):
                 raise self.error(path, f"expected a mapping, got {_describe(value)}")
-            kwargs, resolved = self.arguments(hint, value, path, context, path)
+            kwargs, resolved = self.arguments(hint, value, path, supplied, path)
             return self.construct(hint, kwargs, path), resolved
         if value is None:
             raise self.error(path, f"expected {_hint_name(hint)}, got null")
@@ -193,7 +193,7 @@ class SectionBuilder:
             element = _component_elements(hint)
             if element is not None:
                 built = [
-                    self.value(element, item, f"{path}[{index}]", context)
+                    self.value(element, item, f"{path}[{index}]", supplied)
                     for index, item in enumerate(value)
                 ]
                 return tuple(b for b, _ in built), [shown for _, shown in built]
@@ -272,7 +272,7 @@ def build_component(
     vocab_size: int | None = None,
     seq_len: int | None = None,
     num_classes: int | None = None,
-    context: Mapping[str, Any] | None = None,
+    supplied: Mapping[str, Any] | None = None,
     registry: Registry | None = None,
     source: str = "<build_component>",
 ) -> Any:
@@ -280,11 +280,11 @@ def build_component(
     would: ``{"kind": name, **arguments}`` or just the name.
 
     The values ddiff derives from the data (``vocab_size``, ``seq_len``, ``num_classes``)
-    come from the keywords or ``context``. A ``network`` section gives a
+    come from the keywords or ``supplied``. A ``network`` section gives a
     :class:`NetworkSpec`, built later with its sizes and key.
     """
     derived = {"vocab_size": vocab_size, "seq_len": seq_len, "num_classes": num_classes}
-    merged = {**{k: v for k, v in derived.items() if v is not None}, **dict(context or {})}
+    merged = {**{k: v for k, v in derived.items() if v is not None}, **dict(supplied or {})}
     builder = SectionBuilder(registry or default_registry(), source)
     component, _, _ = builder.component(slot, spec, slot, merged, build=slot != "network")
     return component

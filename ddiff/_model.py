@@ -73,11 +73,11 @@ class DiffusionModel(eqx.Module):
         return output if self.compute_dtype is None else output.astype(jnp.float32)
 
     def _network_call(
-        self, x_t: Tokens, t: Time, label: Label | None, key: Key | None, context: Any = None
+        self, x_t: Tokens, t: Time, label: Label | None, key: Key | None, prefix: Any = None
     ) -> NetworkOutput:
-        if context is None:
+        if prefix is None:
             return self._float32(self._computing_network()(x_t, t, label=label, key=key))
-        return self._float32(self._block_network().context_output(x_t, context, label=label))
+        return self._float32(self._block_network().prefix_output(x_t, prefix, label=label))
 
     def network_output(
         self,
@@ -86,12 +86,12 @@ class DiffusionModel(eqx.Module):
         *,
         label: Label | None = None,
         key: Key | None = None,
-        context: Any = None,
+        prefix: Any = None,
     ) -> NetworkOutput:
         """The raw network output for one example (float32 under mixed precision); with a
-        ``context`` of clean blocks (:meth:`init_context`), ``x_t`` is the noisy block
-        that follows them (:meth:`ddiff.AbstractBlockCausalNetwork.context_output`)."""
-        return self._network_call(x_t, t, label, key, context)
+        ``prefix`` of clean blocks (:meth:`init_prefix`), ``x_t`` is the noisy block
+        that follows them (:meth:`ddiff.AbstractBlockCausalNetwork.prefix_output`)."""
+        return self._network_call(x_t, t, label, key, prefix)
 
     def log_mean(
         self,
@@ -100,13 +100,13 @@ class DiffusionModel(eqx.Module):
         *,
         label: Label | None = None,
         key: Key | None = None,
-        context: Any = None,
+        prefix: Any = None,
     ) -> LogProbs:
         """log p_theta(x_0 | x_t) per position; needs a mean parameterization. With a
-        ``context``, of the block ``x_t`` after its clean blocks."""
+        ``prefix``, of the block ``x_t`` after its clean blocks."""
         parameterization = self.parameterization
         assert isinstance(parameterization, AbstractMeanParameterization)
-        output = self._network_call(x_t, t, label, key, context)
+        output = self._network_call(x_t, t, label, key, prefix)
         return parameterization.log_mean(output, x_t, t, self.process)
 
     def log_score(
@@ -116,13 +116,13 @@ class DiffusionModel(eqx.Module):
         *,
         label: Label | None = None,
         key: Key | None = None,
-        context: Any = None,
+        prefix: Any = None,
     ) -> StateLogProbs:
         """log concentration ratios per position and state; needs a score parameterization.
-        With a ``context``, of the block ``x_t`` after its clean blocks."""
+        With a ``prefix``, of the block ``x_t`` after its clean blocks."""
         parameterization = self.parameterization
         assert isinstance(parameterization, AbstractScoreParameterization)
-        output = self._network_call(x_t, t, label, key, context)
+        output = self._network_call(x_t, t, label, key, prefix)
         return parameterization.log_score(output, x_t, t, self.process)
 
     def block_causal_log_mean(
@@ -143,13 +143,13 @@ class DiffusionModel(eqx.Module):
         output = self._block_network().block_causal_output(x_t, x0, block_size=block_size, label=label, key=key)
         return parameterization.log_mean(self._float32(output), x_t, jnp.zeros(()), self.process)
 
-    def init_context(self, capacity: int, *, block_size: int, cached: bool = True) -> Any:
-        """An empty context of clean blocks for one example, for up to ``capacity``
-        positions (:meth:`ddiff.AbstractBlockCausalNetwork.init_context`; its arrays in
+    def init_prefix(self, capacity: int, *, block_size: int, cached: bool = True) -> Any:
+        """An empty prefix of clean blocks for one example, for up to ``capacity``
+        positions (:meth:`ddiff.AbstractBlockCausalNetwork.init_prefix`; its arrays in
         the compute dtype)."""
-        return self._block_network().init_context(capacity, block_size=block_size, cached=cached)
+        return self._block_network().init_prefix(capacity, block_size=block_size, cached=cached)
 
-    def extend_context(self, context: Any, block: Tokens, *, label: Label | None = None) -> Any:
-        """``context`` with the clean block ``block`` appended (one network call for a
+    def extend_prefix(self, prefix: Any, block: Tokens, *, label: Label | None = None) -> Any:
+        """``prefix`` with the clean block ``block`` appended (one network call for a
         cache, none for a :class:`ddiff.BlockPrefix`)."""
-        return self._block_network().extend_context(context, block, label=label)
+        return self._block_network().extend_prefix(prefix, block, label=label)

@@ -20,7 +20,7 @@ from ddiff._capabilities import (
 from ddiff._errors import DdiffError
 from ddiff._typing import AbstractCheckedModule, Key, Label, NetworkOutput, Time, Tokens
 
-NETWORK_CONTEXT = ("num_states", "num_outputs", "seq_len", "num_classes", "key")
+SUPPLIED_NETWORK_ARGUMENTS = ("num_states", "num_outputs", "seq_len", "num_classes", "key")
 """Constructor arguments that ddiff supplies to a network (never set in a recipe)."""
 
 
@@ -74,9 +74,9 @@ class AbstractNetwork(AbstractCheckedModule, Capable):
 
 
 class BlockPrefix(eqx.Module):
-    """The uncached context of a block-causal network: the clean tokens of the earlier
+    """The uncached prefix of a block-causal network: the clean tokens of the earlier
     blocks, recomputed through :meth:`AbstractBlockCausalNetwork.block_causal_output` on
-    every call (:meth:`AbstractBlockCausalNetwork.init_context` with ``cached=False``).
+    every call (:meth:`AbstractBlockCausalNetwork.init_prefix` with ``cached=False``).
 
     A window of ``capacity`` positions, a multiple of ``block_size``: when it is full,
     appending a block drops the oldest one, so a block sees at most the ``capacity``
@@ -97,7 +97,7 @@ class BlockPrefix(eqx.Module):
         """A window of ``capacity`` positions (a multiple of ``block_size``) holding none."""
         if block_size < 1 or capacity < 0 or capacity % block_size:
             raise DdiffError(
-                f"a block context needs a capacity that is a multiple of the block size "
+                f"a block prefix needs a capacity that is a multiple of the block size "
                 f"{block_size}, got {capacity}"
             )
         return BlockPrefix(
@@ -114,7 +114,7 @@ def append_to_window(buffer: Array, length: Int[Array, ""], block: Array) -> tup
     """Append ``block`` (leading axis L) to the first ``length`` entries of ``buffer``
     (leading axis C, a multiple of L): written at ``length`` while it fits, else the
     buffer is shifted by L first, dropping its oldest L entries. Returns the buffer and
-    its new length (at most C). The sliding window of a block-causal context (the clean
+    its new length (at most C). The sliding window of a block-causal prefix (the clean
     positions a block may see) and of a cache of their keys and values."""
     capacity, size = buffer.shape[0], block.shape[0]
     if capacity == 0:
@@ -132,8 +132,8 @@ class AbstractBlockCausalNetwork(AbstractNetwork):
     clean tokens of blocks 0..b-1 only (capability ``block_causal``).
 
     Two ways to read it: the vectorised pass (:meth:`block_causal_output`: every block at
-    once, for training), and block by block with a context of the clean blocks so far
-    (:meth:`init_context`, :meth:`extend_context`, :meth:`context_output`), which is either
+    once, for training), and block by block with a prefix of the clean blocks so far
+    (:meth:`init_prefix`, :meth:`extend_prefix`, :meth:`prefix_output`), which is either
     the network's own cache (:meth:`init_cache`: e.g. the attention keys and values of the
     clean blocks) or a :class:`BlockPrefix` of their tokens, recomputed every call. Both
     give the output of the vectorised pass. Neither takes a time: the capability is
@@ -177,30 +177,30 @@ class AbstractBlockCausalNetwork(AbstractNetwork):
         """Output channels of the noisy block ``x_t`` (shape (block,)) that follows the
         clean positions held in ``cache``."""
 
-    def init_context(self, capacity: int, *, block_size: int, cached: bool = True) -> Any:
-        """An empty context of clean blocks for one example: the network's cache
+    def init_prefix(self, capacity: int, *, block_size: int, cached: bool = True) -> Any:
+        """An empty prefix of clean blocks for one example: the network's cache
         (:meth:`init_cache`), or with ``cached=False`` a :class:`BlockPrefix` of tokens."""
         if cached:
             return self.init_cache(capacity, block_size=block_size)
         return BlockPrefix.empty(capacity, block_size)
 
-    def extend_context(self, context: Any, block: Tokens, *, label: Label | None = None) -> Any:
-        """``context`` with the clean block ``block`` appended."""
-        if isinstance(context, BlockPrefix):
-            return context.extend(block)
-        return self.extend_cache(context, block, label=label)
+    def extend_prefix(self, prefix: Any, block: Tokens, *, label: Label | None = None) -> Any:
+        """``prefix`` with the clean block ``block`` appended."""
+        if isinstance(prefix, BlockPrefix):
+            return prefix.extend(block)
+        return self.extend_cache(prefix, block, label=label)
 
-    def context_output(self, x_t: Tokens, context: Any, *, label: Label | None = None) -> NetworkOutput:
+    def prefix_output(self, x_t: Tokens, prefix: Any, *, label: Label | None = None) -> NetworkOutput:
         """Output channels of the noisy block ``x_t`` after the clean blocks of
-        ``context``; for a :class:`BlockPrefix`, the vectorised pass over the window
+        ``prefix``; for a :class:`BlockPrefix`, the vectorised pass over the window
         followed by ``x_t``, read at ``x_t``'s positions."""
-        if not isinstance(context, BlockPrefix):
-            return self.cached_output(x_t, context, label=label)
+        if not isinstance(prefix, BlockPrefix):
+            return self.cached_output(x_t, prefix, label=label)
         size = x_t.shape[0]
-        window = jnp.concatenate([context.tokens, jnp.zeros((size,), context.tokens.dtype)])
-        noisy = jax.lax.dynamic_update_slice(window, x_t.astype(window.dtype), (context.length,))
-        output = self.block_causal_output(noisy, window, block_size=context.block_size, label=label)
-        return jax.lax.dynamic_slice_in_dim(output, context.length, size)
+        window = jnp.concatenate([prefix.tokens, jnp.zeros((size,), prefix.tokens.dtype)])
+        noisy = jax.lax.dynamic_update_slice(window, x_t.astype(window.dtype), (prefix.length,))
+        output = self.block_causal_output(noisy, window, block_size=prefix.block_size, label=label)
+        return jax.lax.dynamic_slice_in_dim(output, prefix.length, size)
 
     def capabilities(self) -> frozenset[str]:
         caps = set(AbstractNetwork.capabilities(self))

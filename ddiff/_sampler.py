@@ -27,11 +27,11 @@ class Conditioning(eqx.Module):
         fixed_mask: which positions are given (infilling), shape (batch, seq).
         guidance: classifier-free guidance weight w; the guided logits are
             (1 + w) * conditional - w * unconditional. 0 disables guidance.
-        context: the clean blocks a block-causal network conditions the sequence on
-            (:meth:`DiffusionModel.init_context`), one per sample (leading batch axis on
+        prefix: the clean blocks a block-causal network conditions the sequence on
+            (:meth:`DiffusionModel.init_prefix`), one per sample (leading batch axis on
             every leaf), or None. :func:`batched_log_mean` and :func:`batched_log_score`
             pass it to the model, so any sampler run on a block of L' positions with a
-            context samples that block given the blocks before it (block diffusion).
+            prefix samples that block given the blocks before it (block diffusion).
         start_from_prior: draw the starting x_1 of a masked process from its prior
             (the mask with probability 1 - alpha_1, otherwise a uniform token) instead
             of starting from all-mask (:func:`initial_tokens`).
@@ -41,7 +41,7 @@ class Conditioning(eqx.Module):
     fixed_tokens: TokenBatch | None = None
     fixed_mask: Bool[Array, "batch seq"] | None = None
     guidance: float = eqx.field(static=True, default=0.0)
-    context: Any = None
+    prefix: Any = None
     start_from_prior: bool = eqx.field(static=True, default=False)
 
     def given(self, batch: int, seq_len: int) -> tuple[Bool[Array, "batch seq"], TokenBatch]:
@@ -267,17 +267,17 @@ def _guided_prediction(
     """``predict(x, t, label=...)`` vmapped over a batch; under classifier-free guidance also
     with the null class, the two combined by ``guide(conditional, unconditional, w)``.
     Returns the prediction and the network calls it took."""
-    labels, context = conditioning.labels, conditioning.context
+    labels, prefix = conditioning.labels, conditioning.prefix
 
-    def one(x, time, label, context):
-        return predict(x, time, label=label, context=context)
+    def one(x, time, label, prefix):
+        return predict(x, time, label=label, prefix=prefix)
 
     times = jnp.broadcast_to(t, x_t.shape[:1])
-    conditional = jax.vmap(one)(x_t, times, labels, context)
+    conditional = jax.vmap(one)(x_t, times, labels, prefix)
     if calls_per_prediction(conditioning) == 1:
         return conditional, 1
     null = jnp.full_like(labels, model.network.num_classes)
-    unconditional = jax.vmap(one)(x_t, times, null, context)
+    unconditional = jax.vmap(one)(x_t, times, null, prefix)
     return guide(conditional, unconditional, conditioning.guidance), 2
 
 

@@ -159,13 +159,13 @@ def _same_draws(first, second, model, x0, key):
 @eqx.filter_jit
 def _causal_nll(model, x0):
     """-sum_n log p(x^n | x^{<n}) read block by block through the cache (blocks of 1)."""
-    context = model.init_context(D - 1, block_size=1)
+    prefix = model.init_prefix(D - 1, block_size=1)
     total = jnp.zeros(())
     for n in range(D):
-        log_mean = model.log_mean(jnp.full((1,), V), jnp.zeros(()), context=context)
+        log_mean = model.log_mean(jnp.full((1,), V), jnp.zeros(()), prefix=prefix)
         total = total - log_mean[0, x0[n]]
         if n < D - 1:
-            context = model.extend_context(context, x0[n : n + 1])
+            prefix = model.extend_prefix(prefix, x0[n : n + 1])
     return total
 
 
@@ -228,12 +228,12 @@ def _vectorised_and_by_block(model, x_t, x0, block_size):
     full = model.block_causal_log_mean(x_t, x0, block_size=block_size)
     rows = {True: [], False: []}
     for cached in rows:
-        context = model.init_context(D - block_size, block_size=block_size, cached=cached)
+        prefix = model.init_prefix(D - block_size, block_size=block_size, cached=cached)
         for start in range(0, D, block_size):
             block = slice(start, start + block_size)
-            rows[cached].append(model.log_mean(x_t[block], jnp.zeros(()), context=context))
+            rows[cached].append(model.log_mean(x_t[block], jnp.zeros(()), prefix=prefix))
             if start + block_size < D:
-                context = model.extend_context(context, x0[block])
+                prefix = model.extend_prefix(prefix, x0[block])
     return full, jnp.concatenate(rows[True]), jnp.concatenate(rows[False])
 
 
@@ -293,7 +293,7 @@ def _sample(sampler, model, keys, seq_len):
 def test_cached_sampling_equals_uncached_and_stops_at_the_end_token():
     """Sampling three times the training length (past D a block sees the last D - L'
     positions before it, and the cache is rebuilt from them) with a stop token, with a
-    network of two layers (the second layer's cached keys depend on the context): the
+    network of two layers (the second layer's cached keys depend on the prefix): the
     key-value cache gives bit for bit the tokens of the recomputed prefix; every sample
     ends at its first stop token (or at the length asked for) and holds PAD_TOKEN after
     it; and a sample is the same whatever the other samples of its batch are. With L' = D

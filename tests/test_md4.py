@@ -38,7 +38,7 @@ def test_schedule_properties(name, registry):
 @pytest.fixture(scope="module")
 def process(registry):
     return ddiff.build_component(
-        "process", {"kind": "masked", "schedule": "cosine"}, context={"vocab_size": 3}, registry=registry
+        "process", {"kind": "masked", "schedule": "cosine"}, supplied={"vocab_size": 3}, registry=registry
     )
 
 

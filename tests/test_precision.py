@@ -195,7 +195,7 @@ def test_a_compute_dtype_the_backend_cannot_run_is_one_line(bfloat16_recipe, mon
 class _Lookup(ddiff.AbstractBlockCausalNetwork):
     """A network that reads its output from a table (no arithmetic): under bfloat16
     compute its only bfloat16 operations are the casts and the lookup. Read block by
-    block it ignores the clean context, so block-diffusion components run on it too."""
+    block it ignores the clean prefix, so block-diffusion components run on it too."""
 
     table: jax.Array
     time_conditioned: bool = eqx.field(static=True, default=False)

@@ -87,7 +87,7 @@ def test_component_errors_are_relative_to_their_section(tiny_overrides):
         ddiff.runner.build_model(recipe, jax.random.PRNGKey(0))
 
 
-def test_context_keys_cannot_be_set():
+def test_supplied_keys_cannot_be_set():
     assert "set by ddiff" in _error(["process.vocab_size=7"])
     assert "set by ddiff" in _error(["network.num_outputs=7"])
 
@@ -141,9 +141,9 @@ def test_incompatible_pairing_is_refused_at_load_time():
     assert "'md4_elbo'" in message and "'score_only'" in message and "mean" in message
 
 
-def test_build_component_with_context():
+def test_build_component_with_supplied_values():
     process = ddiff.build_component(
-        "process", {"kind": "masked", "schedule": {"kind": "linear"}}, context={"vocab_size": 3}
+        "process", {"kind": "masked", "schedule": {"kind": "linear"}}, supplied={"vocab_size": 3}
     )
     assert process.num_states == 4
     assert jnp.allclose(process.prior_probs().sum(), 1.0)

@@ -25,7 +25,7 @@ class _WrongDtype(ddiff.AbstractSchedule):
 
 def _process():
     return ddiff.build_component(
-        "process", {"kind": "masked", "schedule": "linear"}, context={"vocab_size": 4}
+        "process", {"kind": "masked", "schedule": "linear"}, supplied={"vocab_size": 4}
     )
 
 

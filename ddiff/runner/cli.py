@@ -776,9 +776,9 @@ def recipe_keys(cls: type) -> tuple[list[tuple[str, str, str]], list[str]]:
     import inspect
 
     from ddiff._builder import _hints
-    from ddiff._network import NETWORK_CONTEXT
+    from ddiff._network import SUPPLIED_NETWORK_ARGUMENTS
 
-    derived = {*NETWORK_CONTEXT, "vocab_size", "seq_len", "num_classes"}
+    derived = {*SUPPLIED_NETWORK_ARGUMENTS, "vocab_size", "seq_len", "num_classes"}
     hints = _hints(cls)
     keys, set_by_ddiff = [], []
     for name, parameter in inspect.signature(cls).parameters.items():

@@ -358,7 +358,7 @@ class OracleNetwork(AbstractBlockCausalNetwork):
         return cache.extend(block)
 
     def cached_output(self, x_t, cache, *, label=None):
-        return self.context_output(x_t, cache, label=label)
+        return self.prefix_output(x_t, cache, label=label)
 
 
 def oracle_network(

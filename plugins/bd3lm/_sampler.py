@@ -13,8 +13,8 @@ class BD3LMSampler(ddiff.AbstractSampler):
     """Block diffusion sampling (Arriola et al. 2025, Alg. 2): block by block, each block
     of L' positions drawn by the ``inner`` sampler (any sampler of the masked family:
     ancestral, first-hitting, the confidence decoders...) run with ``seq_len = L'`` and
-    the clean blocks so far as its context (:attr:`ddiff.Conditioning.context`), then
-    appended to the context: the network's key-value cache (``kv_cache: true``, one
+    the clean blocks so far as its prefix (:attr:`ddiff.Conditioning.prefix`), then
+    appended to the prefix: the network's key-value cache (``kv_cache: true``, one
     network call of L' tokens per block) or the tokens themselves, read again by the
     vectorised pass on every call (``kv_cache: false``); the two give the same tokens.
 
@@ -101,10 +101,10 @@ class BD3LMSampler(ddiff.AbstractSampler):
         fixed = conditioning.fixed_tokens is not None and conditioning.fixed_mask is not None
 
         def empty(_):
-            return model.init_context(capacity, block_size=size, cached=self.kv_cache)
+            return model.init_prefix(capacity, block_size=size, cached=self.kv_cache)
 
         def extend(context, block):
-            return jax.vmap(lambda c, b, label: model.extend_context(c, b, label=label))(context, block, labels)
+            return jax.vmap(lambda c, b, label: model.extend_prefix(c, b, label=label))(context, block, labels)
 
         def rebuild(window):
             """A cache of the window's blocks, extended block by block from empty."""
@@ -138,7 +138,7 @@ class BD3LMSampler(ddiff.AbstractSampler):
                 given_tokens = jax.lax.dynamic_slice_in_dim(conditioning.fixed_tokens, start, size, axis=1)
                 given_mask = jax.lax.dynamic_slice_in_dim(conditioning.fixed_mask, start, size, axis=1)
             inner_conditioning = ddiff.Conditioning(
-                labels=labels, fixed_tokens=given_tokens, fixed_mask=given_mask, context=context
+                labels=labels, fixed_tokens=given_tokens, fixed_mask=given_mask, prefix=context
             )
             output = self.inner.sample(
                 model, keys=ddiff.step_keys(keys, index), seq_len=size, conditioning=inner_conditioning
