@@ -399,7 +399,7 @@ def test_ratios_of_the_exact_mean_are_the_exact_scores_and_tweedie_inverts_them(
     (a clean token of the absorbing process keeps only its own value, so the ratios to
     other clean values, which no rate uses, are 0), and every built-in process's Tweedie
     denoiser inverts it at t = 0, 0.25, 0.5, 0.75."""
-    from ddiff.testing import _reference
+    from ddiff.testing import _predictions, _process_tables
 
     toy = toys["markov"]
     for spec in (
@@ -411,8 +411,8 @@ def test_ratios_of_the_exact_mean_are_the_exact_scores_and_tweedie_inverts_them(
         assert kit.tweedie_problem(process, toy) is None, spec
         states = kit.noisy_states(process.num_states, D)[::37]
         with jax.enable_x64(True):
-            tables = _reference._as_process(process, D)
-            log_mean = _reference._exact_log_mean(toy, tables, states, np.asarray([0.4]), [None])[0, 0]
+            tables = _process_tables._as_process(process, D)
+            log_mean = _predictions._exact_log_mean(toy, tables, states, np.asarray([0.4]), [None])[0, 0]
             score = kit.score_from_mean(log_mean, states, tables.marginals(np.asarray([0.4]))[0])
         for x, s in zip(states, score, strict=True):
             expected = np.exp(np.asarray(exact_log_score(toy, process, jnp.asarray(x), jnp.asarray(0.4)), np.float64))
@@ -425,14 +425,14 @@ def test_continuous_chain_has_converged(monkeypatch):
     agrees with twice as many to 1e-4 per sequence (table model, cosine schedule, V = 3,
     D = 3; the time t(l) has a square-root singularity at t = 0, so the error falls
     slower than RK4's h^4: 1.4e-5 measured)."""
-    from ddiff.testing import _reference
+    from ddiff.testing import _chains
 
     process = ddiff.build_component("process", {"kind": "masked", "schedule": "cosine"}, vocab_size=V, seq_len=3)
     model = kit.table_model(process, ddiff.build_component("parameterization", "mean"), 3, seed=7)
     chain = ddiff.build_component("sampler", "first_hitting", vocab_size=V, seq_len=3).reverse_chain()
     combos = kit.Combos(labels=None, fixed_mask=np.zeros((1, 3), bool), fixed_tokens=np.zeros((1, 3), np.int64))
     coarse, _ = kit.chain_law(chain, process, kit.model_predictions(model), seq_len=3, combos=combos)
-    monkeypatch.setattr(_reference, "CONTINUOUS_STEPS", 2 * _reference.CONTINUOUS_STEPS)
+    monkeypatch.setattr(_chains, "CONTINUOUS_STEPS", 2 * _chains.CONTINUOUS_STEPS)
     fine, _ = kit.chain_law(chain, process, kit.model_predictions(model), seq_len=3, combos=combos)
     assert np.abs(coarse - fine).max() < 1e-4
     assert coarse.sum() == pytest.approx(1.0, abs=1e-9)

@@ -35,24 +35,8 @@ One line in a pytest module runs every applicable check on a registered componen
 """
 
 from ddiff.testing._block import exact_block_log_denoiser
-from ddiff.testing._checks import (
-    BOUND_TERMS,
-    CheckResult,
-    ConformanceError,
-    check_bound_terms,
-    check_chain_limit,
-    check_discrete_bound,
-    check_entropy_bound,
-    check_gradient,
-    check_reverse_chain,
-    check_sampler,
-    check_schedule_invariance,
-    check_tight,
-    chi_square_test,
-    conditioning_patterns,
-    normal_false_alarm,
-    sampling_conditioning,
-)
+from ddiff.testing._bounds import exact_bound_terms
+from ddiff.testing._chains import Combos, chain_law, exact_target
 from ddiff.testing._exact import (
     OracleNetwork,
     exact_diffusion_nelbo,
@@ -67,16 +51,34 @@ from ddiff.testing._exact import (
     prior_gap,
     reverse_kl_rate,
 )
-from ddiff.testing._reference import (
-    Combos,
-    chain_law,
-    exact_bound_terms,
+from ddiff.testing._objective_checks import (
+    BOUND_TERMS,
+    check_bound_terms,
+    check_discrete_bound,
+    check_entropy_bound,
+    check_gradient,
+    check_schedule_invariance,
+    check_tight,
+)
+from ddiff.testing._predictions import (
     exact_predictions,
-    exact_target,
     model_predictions,
-    noisy_states,
     score_from_mean,
     tweedie_problem,
+)
+from ddiff.testing._process_tables import noisy_states
+from ddiff.testing._results import (
+    CheckResult,
+    ConformanceError,
+    chi_square_test,
+    normal_false_alarm,
+)
+from ddiff.testing._sampler_checks import (
+    check_chain_limit,
+    check_reverse_chain,
+    check_sampler,
+    conditioning_patterns,
+    sampling_conditioning,
 )
 from ddiff.testing._suite import (
     DEFAULT_NETWORK,

@@ -23,19 +23,17 @@ from ddiff._capabilities import (
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
 from ddiff._registry import Registry, default_registry
-from ddiff.testing._checks import (
-    CheckResult,
+from ddiff.testing._bounds import exact_bound_terms
+from ddiff.testing._exact import oracle_model, oracle_network, oracle_output
+from ddiff.testing._objective_checks import (
     check_bound_terms,
-    check_chain_limit,
     check_discrete_bound,
     check_entropy_bound,
-    check_reverse_chain,
-    check_sampler,
     check_schedule_invariance,
     check_tight,
 )
-from ddiff.testing._exact import oracle_model, oracle_network, oracle_output
-from ddiff.testing._reference import exact_bound_terms
+from ddiff.testing._results import CheckResult
+from ddiff.testing._sampler_checks import check_chain_limit, check_reverse_chain, check_sampler
 from ddiff.testing._table import table_model
 from ddiff.testing._toy import ToyDistribution, class_conditional_toy, toy_distributions
 

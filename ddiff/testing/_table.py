@@ -6,7 +6,7 @@ the wrong time while the network's prediction does not depend on t, is invisible
 A table network has an arbitrary output for every noisy sequence, label and time, so
 nothing averages out; on a toy small enough to enumerate every noisy sequence (S^D of
 them) the kit computes, for such a model, the exact value of a bound and the exact law of
-a sampler's output (``ddiff.testing._reference``).
+a sampler's output (``ddiff.testing._bounds``, ``ddiff.testing._chains``).
 """
 
 import equinox as eqx
