@@ -438,6 +438,106 @@ def test_continuous_chain_has_converged(monkeypatch):
     assert coarse.sum() == pytest.approx(1.0, abs=1e-9)
 
 
+# --------------------------------------------------------------------------- learnable schedules
+
+
+class MeanWeightGenMD4ELBO(ddiff.AbstractObjective):
+    """GenMD4's ELBO with every value's weight -w_v / t replaced by their mean (MD4's
+    integrand on GenMD4's masking): right only when all the powers coincide, as they do
+    when ``learnable_poly`` is built with its defaults."""
+
+    provides = frozenset({ddiff.capabilities.CONTINUOUS_TIME})
+    requires = {
+        "parameterization": frozenset({ddiff.capabilities.MEAN}),
+        "process": frozenset({ddiff.capabilities.MASKED, ddiff.capabilities.STATE_DEPENDENT}),
+    }
+    t1: float = eqx.field(static=True, default=1e-3)
+
+    def bound_form(self):
+        return ddiff.BoundForm(t_start=self.t1)
+
+    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+        from ddiff_plugins import genmd4
+
+        process = model.process
+        time = self.t1 + (1.0 - self.t1) * t
+        weight = jnp.full((process.vocab_size,), jnp.mean(genmd4.elbo_weight(process.schedule, time)))
+
+        def draw(draw_key):
+            x_t = process.sample_marginal(x0, time, key=draw_key)
+            log_mean = model.log_mean(x_t, time, label=label)
+            return (1.0 - self.t1) * genmd4.genmd4_integrand(log_mean, x0, x_t == process.mask_id, weight)
+
+        diffusion = jnp.mean(jax.vmap(draw)(jax.random.split(key)))
+        reconstruction = genmd4.reconstruction(process.schedule, x0, jnp.asarray(self.t1))
+        prior = process.prior_kl(x0)
+        nelbo = diffusion + reconstruction + prior
+        metrics = {"diffusion": diffusion, "reconstruction": reconstruction, "prior": prior}
+        return ddiff.ObjectiveTerms(loss=nelbo, nelbo=nelbo, metrics=metrics)
+
+
+class LearnableRate(ddiff.AbstractSchedule):
+    """alpha_t = 1 - rate t with a trainable rate: a schedule only for rates in (0, 1]."""
+
+    provides = frozenset({ddiff.capabilities.SCALAR})
+    rate: jax.Array = eqx.field(default_factory=lambda: jnp.ones(()))
+
+    def alpha(self, t):
+        return 1.0 - self.rate * t
+
+
+@pytest.fixture(scope="module")
+def schedule_registry():
+    copy = ddiff.Registry()
+    for entry in ddiff.default_registry():
+        copy.register(entry.slot, entry.name, entry.cls)
+    copy.register("objective", "genmd4_mean_weight", MeanWeightGenMD4ELBO)
+    copy.register("schedule", "learnable_rate", LearnableRate)
+    return copy
+
+
+LEARNABLE_POLY = {"kind": "masked", "schedule": "learnable_poly"}
+
+
+def test_the_default_setup_draws_distinct_powers_for_a_learnable_schedule(schedule_registry):
+    """learnable_poly's powers start equal (1: the linear schedule); the kit moves them by
+    seeded noise, the same draw every time, and keeps powers that already differ."""
+    default = kit.Setup(process=LEARNABLE_POLY)
+    powers = np.asarray(default.process_with().schedule.powers())
+    np.testing.assert_array_equal(powers, np.asarray(default.process_with().schedule.powers()))
+    assert np.min(np.abs(np.diff(np.sort(powers)))) > 0.05, powers
+    other = np.asarray(kit.Setup(process=LEARNABLE_POLY, seed=1).process_with().schedule.powers())
+    assert not np.allclose(other, powers)
+    built = kit.Setup(process=LEARNABLE_POLY, schedule_spread=0.0).process_with().schedule.powers()
+    np.testing.assert_allclose(built, 1.0, rtol=1e-6)
+    given = {"kind": "masked", "schedule": {"kind": "learnable_poly", "initial_powers": [0.7, 1.5, 3.0]}}
+    kept = kit.Setup(process=given).process_with().schedule.powers()
+    np.testing.assert_allclose(kept, [0.7, 1.5, 3.0], rtol=1e-6)
+    broken = kit.Setup(
+        process={"kind": "masked", "schedule": "learnable_rate"}, schedule_spread=50.0, registry=schedule_registry
+    )
+    with pytest.raises(ddiff.DdiffError, match="alpha outside"):
+        broken.process_with()
+
+
+def test_an_objective_right_only_for_equal_weights_passed_before_and_is_caught_now(schedule_registry):
+    """A GenMD4 objective that uses the mean of the per-value weights passes every check
+    with learnable_poly's equal default powers (the kit before it drew them), and fails the
+    exact-term check (g) with the drawn ones, which the built-in passes."""
+    before = kit.Setup(process=LEARNABLE_POLY, schedule_spread=0.0, registry=schedule_registry)
+    for result in kit.run_objective_conformance("genmd4_mean_weight", before):
+        assert result.passed, result
+    now = kit.Setup(process=LEARNABLE_POLY, registry=schedule_registry)
+    result = kit.objective_checks("genmd4_mean_weight", now)["bound_terms[table]"]()
+    print(result)
+    assert not result.passed and "OFF: " in result.summary, result
+    for check in ("bound_terms[table]", "tight[markov]"):
+        result = kit.objective_checks("genmd4_elbo", now)[check]()
+        assert result.passed, result
+    result = kit.sampler_checks("genmd4_ancestral", now, steps=128)["chain[none]"]()
+    assert result.passed, result
+
+
 # --------------------------------------------------------------------------- false alarms
 
 

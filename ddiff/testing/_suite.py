@@ -9,6 +9,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ddiff._builder import build_component
@@ -20,9 +21,11 @@ from ddiff._capabilities import (
     TIME_INDEPENDENT,
     check_compatibility,
 )
+from ddiff._constant import partition_trainable
 from ddiff._errors import DdiffError
 from ddiff._model import DiffusionModel
 from ddiff._registry import Registry, default_registry
+from ddiff._schedule import AbstractSchedule
 from ddiff.testing._bounds import exact_bound_terms
 from ddiff.testing._exact import oracle_model, oracle_network, oracle_output
 from ddiff.testing._objective_checks import (
@@ -102,6 +105,12 @@ class Setup:
         limit_tv: the total variation allowed between a chain's law under the exact
             denoiser and the data (the chain's discretisation error, :func:`check_chain_limit`).
         bound_sequences: how many clean sequences the exact per-x_0 check (g) uses.
+        schedule_spread: the standard deviation of the seeded normal noise added to every
+            trainable parameter of the schedule (a floating-point array that is not a
+            :class:`ddiff.Constant`) whose entries all coincide, such as ``learnable_poly``'s powers, equal by default:
+            a per-value schedule is then checked where it differs from its scalar special
+            case, and a learnable one away from its initial value. Entries that already
+            differ are kept; 0 checks the schedule as built.
         registry: the registry components are built from (default: the installed plugins).
     """
 
@@ -120,6 +129,7 @@ class Setup:
     guidance: float = 1.5
     limit_tv: float = 0.02
     bound_sequences: int = 4
+    schedule_spread: float = 0.5
     registry: Registry | None = None
 
     def build(self, slot: str, spec: Spec, num_classes: int = 0) -> Any:
@@ -133,10 +143,14 @@ class Setup:
         )
 
     def process_with(self, schedule: Spec | None = None) -> Any:
+        """The process section built, with ``schedule`` for its own when given, and the
+        schedule's coinciding trainable parameters drawn (:attr:`schedule_spread`)."""
         spec = self.process if isinstance(self.process, Mapping) else {"kind": self.process}
         if schedule is not None:
             spec = {**spec, "schedule": schedule}
-        return self.build("process", spec)
+        process = self.build("process", spec)
+        drawn = _drawn_schedule(process.schedule, self.schedule_spread, seed=self.seed)
+        return eqx.tree_at(lambda p: p.schedule, process, drawn)
 
     def key(self, name: str) -> jax.Array:
         return jax.random.fold_in(jax.random.PRNGKey(self.seed), zlib.crc32(name.encode()))
@@ -180,9 +194,45 @@ class Setup:
             for c in (process, process.schedule, parameterization)
         ]
         return json.dumps(
-            [self.process, self.parameterization, classes, self.vocab_size, self.seq_len, self.seed],
+            [
+                self.process, self.parameterization, classes, self.vocab_size, self.seq_len,
+                self.seed, self.schedule_spread,
+            ],
             sort_keys=True, default=str,
         )
+
+
+def _drawn_schedule(schedule: AbstractSchedule, spread: float, *, seed: int) -> AbstractSchedule:
+    """``schedule`` with each trainable parameter (a floating-point array that is not a
+    :class:`ddiff.Constant`) whose entries all coincide moved by N(0, spread^2) noise per
+    entry, drawn from ``seed``; parameters whose entries differ are kept. A learnable
+    schedule starts at a special case (GenMD4's powers all 1: every value's weight
+    -w_v / t the same, MD4's linear schedule), where an objective or sampler that is right
+    only in the scalar case passes; drawn parameters make its state dependence count. The
+    noise is added to the parameters as stored (GenMD4's phi, w = softplus(phi)); the
+    result must still be a schedule, alpha in [0, 1] and non-increasing in t."""
+    params, static = partition_trainable(schedule)
+    rng = np.random.default_rng([seed, 17])
+
+    def draw(leaf: jax.Array) -> jax.Array:
+        values = np.asarray(leaf, np.float64)
+        if spread == 0 or values.size == 0 or np.any(values != values.flat[0]):
+            return leaf
+        return jnp.asarray(values + spread * rng.standard_normal(values.shape), leaf.dtype)
+
+    moved = jax.tree.map(draw, params)
+    if all(a is b for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(params), strict=True)):
+        return schedule
+    drawn = eqx.combine(moved, static)
+    alpha = np.asarray(jax.vmap(drawn.alpha)(jnp.linspace(0.0, 1.0, 65)), np.float64)
+    if not (np.all(np.isfinite(alpha)) and alpha.min() >= 0.0 and alpha.max() <= 1.0
+            and np.all(np.diff(alpha, axis=0) <= 1e-6)):
+        raise DdiffError(
+            f"the drawn trainable parameters of schedule {type(schedule).__name__} (spread "
+            f"{spread:g}) give an alpha outside [0, 1] or increasing in t; set "
+            f"Setup(schedule_spread=...) smaller or 0, or give the parameters distinct values"
+        )
+    return drawn
 
 
 _REFERENCES: dict[Any, Any] = {}
