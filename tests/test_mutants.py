@@ -162,8 +162,8 @@ class InvertedRatioMaskedProcess(masked.MaskedProcess):
         score = masked.MaskedProcess.log_score_from_mean(self, log_mean, x_t, t)
         alpha = self.schedule.alpha(t)
         log_ratio = jnp.log(alpha) - jnp.log1p(-alpha)
-        masked = (x_t == self.mask_id)[:, None] & (jnp.arange(self.num_states) < self.vocab_size)[None, :]
-        return jnp.where(masked, score - 2.0 * log_ratio, score)
+        noisy = (x_t == self.mask_id)[:, None] & (jnp.arange(self.num_states) < self.vocab_size)[None, :]
+        return jnp.where(noisy, score - 2.0 * log_ratio, score)
 
 
 class UncorrectedTweedieUniformProcess(uniform.UniformProcess):
