@@ -13,7 +13,7 @@ from ddiff._builder import NetworkSpec, SectionBuilder, build_component
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
 from ddiff._constant import Constant, partition_trainable, trainable
-from ddiff._data import METRICS, AbstractDataSource, ArraySplit, RandomAccess
+from ddiff._data import METRICS, AbstractDataSource, ArraySplit, RandomAccess, cached_load
 from ddiff._errors import (
     DataError,
     DdiffError,
@@ -184,6 +184,7 @@ __all__ = [
     "batched_log_mean",
     "batched_log_score",
     "bound_terms",
+    "cached_load",
     "calls_per_prediction",
     "cast_floating",
     "categorical",

@@ -2,15 +2,23 @@
 splits (the runner batches them, :mod:`ddiff.runner.pipeline`)."""
 
 import abc
-from collections.abc import Mapping
-from typing import Protocol
+import functools
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
+import equinox as eqx
 import numpy as np
 
 from ddiff._capabilities import Capable
 
 METRICS = ("bits_per_token", "bits_per_dim", "bits_per_char", "perplexity")
 """Units a data source may ask evaluation to report beside bits per token."""
+
+_Loaded = TypeVar("_Loaded")
+
+_LOADED: dict[int, dict[str, Any]] = {}
+"""id(source) -> its loads by name, each entry dropped when its source is collected."""
 
 
 class RandomAccess(Protocol):
@@ -22,10 +30,45 @@ class RandomAccess(Protocol):
     def __getitem__(self, index: int) -> Mapping[str, np.ndarray]: ...
 
 
-class AbstractDataSource(abc.ABC, Capable):
+def cached_load(load: Callable[[Any], _Loaded]) -> property:
+    """A data source's property computed on first use and kept outside the module (a
+    decorator, like ``functools.cached_property``): what a source loads (arrays, opened
+    files, a generated chain) is never one of its fields, so never a pytree leaf that jit
+    would trace or copy, and the source stays equal to, and hashed like, any other with
+    the same recipe keys.
+
+    The result is held in a table keyed by the source's identity and dropped when the
+    source is garbage-collected; a copy of the source (made by a pytree transformation,
+    for instance) loads again.
+    """
+    name = load.__qualname__
+
+    @functools.wraps(load)
+    def loaded(source: Any) -> _Loaded:
+        key = id(source)
+        table = _LOADED.get(key)
+        if table is None:
+            table = _LOADED[key] = {}
+            weakref.finalize(source, _LOADED.pop, key, None)
+        if name not in table:
+            table[name] = load(source)
+        return table[name]
+
+    return property(loaded)
+
+
+class AbstractDataSource(eqx.Module, Capable):
     """A data set of token sequences with fixed length, split into ``train`` and ``eval``.
 
-    Final implementations are frozen dataclasses whose fields are the recipe's keys.
+    Like every component, a source is abstract (``Abstract*``) or final. A final source is
+    an Equinox module whose fields are the recipe's keys, each a static field
+    (``eqx.field(static=True)``: hyper-parameters, never arrays), so a source has no
+    pytree leaves. Invariants of the keys are checked in ``__check_init__``, raising
+    :class:`~ddiff.RecipeError` with ``path`` naming the key (the recipe builder puts the
+    section's path in front: ``data.length``). :class:`~ddiff.DataError` is for what
+    reading the data finds: a missing or corrupt file, a token outside the vocabulary.
+    A source reads its files only when a split is first asked for; what it loads is kept
+    out of the module with :func:`cached_load`.
     """
 
     @property
@@ -45,7 +88,18 @@ class AbstractDataSource(abc.ABC, Capable):
 
     @abc.abstractmethod
     def split(self, name: str) -> RandomAccess:
-        """The examples of split ``name`` (``train`` or ``eval``), random access."""
+        """The examples of split ``name`` (``train`` or ``eval``), random access.
+
+        Arguments:
+            name: ``train`` or ``eval``.
+
+        Returns:
+            The split, with ``len()`` and items ``{"tokens": int32 (D,)}`` (plus
+            ``"label"`` for labelled data).
+
+        Raises:
+            DataError: the files are missing or malformed, or the split is empty.
+        """
 
     def reference_stats(self) -> dict[str, float]:
         """Exact reference numbers for evaluation (e.g. ``entropy_bits_per_token``)."""

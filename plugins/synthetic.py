@@ -1,11 +1,11 @@
 """Built-in synthetic data whose exact entropy is known: a random Markov chain, and the
 enumerable toy distributions of :mod:`ddiff.testing` (optionally class-conditional)."""
 
-import dataclasses
-import functools
+import abc
 import math
 from typing import Literal
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -18,8 +18,49 @@ def _entropy_bits(probs: np.ndarray) -> np.ndarray:
     return -np.sum(probs * np.log2(safe), axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
-class MarkovChainSource(ddiff.AbstractDataSource):
+class AbstractSyntheticSource(ddiff.AbstractDataSource):
+    """Sequences of ``length`` tokens of ``num_symbols`` values drawn from a distribution
+    known exactly: ``num_train`` training and ``num_eval`` held-out sequences, the
+    distribution and the draws all fixed by ``seed``. The draws are made when a split is
+    first asked for and kept outside the module (:func:`ddiff.cached_load`)."""
+
+    num_symbols: eqx.AbstractVar[int]
+    length: eqx.AbstractVar[int]
+    num_train: eqx.AbstractVar[int]
+    num_eval: eqx.AbstractVar[int]
+    seed: eqx.AbstractVar[int]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_symbols
+
+    @property
+    def seq_len(self) -> int:
+        return self.length
+
+    @abc.abstractmethod
+    def draw(self, count: int, stream: int) -> ddiff.ArraySplit:
+        """``count`` sequences (with their labels, for labelled data) from the random
+        stream numbered ``stream`` of ``seed`` (1 for training, 2 for evaluation)."""
+
+    @ddiff.cached_load
+    def _splits(self) -> dict[str, ddiff.ArraySplit]:
+        return {"train": self.draw(self.num_train, 1), "eval": self.draw(self.num_eval, 2)}
+
+    def split(self, name: str) -> ddiff.ArraySplit:
+        return self._splits[name]
+
+
+def _check_sizes(source: AbstractSyntheticSource) -> None:
+    """Refuse sizes that make no data set (the first check of every synthetic source,
+    since its others read the distribution those sizes define)."""
+    ddiff.check_at_least("num_symbols", source.num_symbols, 2)
+    ddiff.check_at_least("length", source.length)
+    ddiff.check_at_least("num_train", source.num_train)
+    ddiff.check_at_least("num_eval", source.num_eval)
+
+
+class MarkovChainSource(AbstractSyntheticSource):
     """Sequences from a stationary Markov chain with a random sparse transition matrix.
 
     Rows of the transition matrix P are drawn from Dirichlet(concentration); the first
@@ -37,35 +78,29 @@ class MarkovChainSource(ddiff.AbstractDataSource):
         seed: seed of the chain and of the sequences.
     """
 
-    num_symbols: int = 16
-    length: int = 32
-    concentration: float = 0.15
-    num_train: int = 20000
-    num_eval: int = 2000
-    seed: int = 0
+    num_symbols: int = eqx.field(static=True, default=16)
+    length: int = eqx.field(static=True, default=32)
+    concentration: float = eqx.field(static=True, default=0.15)
+    num_train: int = eqx.field(static=True, default=20000)
+    num_eval: int = eqx.field(static=True, default=2000)
+    seed: int = eqx.field(static=True, default=0)
 
-    def __post_init__(self) -> None:
-        if self.num_symbols < 2 or self.length < 1:
-            raise ddiff.DataError("markov: num_symbols must be >= 2 and length >= 1")
-        if self.num_train < 1 or self.num_eval < 1:
-            raise ddiff.DataError("markov: num_train and num_eval must be >= 1")
+    def __check_init__(self) -> None:
+        _check_sizes(self)
+        if not self.concentration > 0:
+            raise ddiff.RecipeError(
+                f"concentration must be positive, got {self.concentration}", path="concentration"
+            )
         stats = self.reference_stats()
         if stats["entropy_bits_per_token"] > 0.75 * stats["unigram_bits_per_token"]:
-            raise ddiff.DataError(
-                f"markov: with concentration={self.concentration} the chain's entropy "
+            raise ddiff.RecipeError(
+                f"with concentration={self.concentration} the chain's entropy "
                 f"({stats['entropy_bits_per_token']:.3f} bits/token) is not 25% below its "
-                f"unigram entropy ({stats['unigram_bits_per_token']:.3f}); lower concentration"
+                f"unigram entropy ({stats['unigram_bits_per_token']:.3f}); lower concentration",
+                path="concentration",
             )
 
-    @property
-    def vocab_size(self) -> int:
-        return self.num_symbols
-
-    @property
-    def seq_len(self) -> int:
-        return self.length
-
-    @functools.cached_property
+    @ddiff.cached_load
     def chain(self) -> tuple[np.ndarray, np.ndarray]:
         """(transition matrix P, stationary distribution pi)."""
         rng = np.random.default_rng([self.seed, 0])
@@ -93,7 +128,7 @@ class MarkovChainSource(ddiff.AbstractDataSource):
         logp = logp + np.log(transition[tokens[..., :-1], tokens[..., 1:]]).sum(-1)
         return logp
 
-    def _generate(self, count: int, stream: int) -> np.ndarray:
+    def draw(self, count: int, stream: int) -> ddiff.ArraySplit:
         transition, stationary = self.chain
         rng = np.random.default_rng([self.seed, stream])
         cumulative = np.cumsum(transition, axis=1)
@@ -104,21 +139,10 @@ class MarkovChainSource(ddiff.AbstractDataSource):
             rows = cumulative[tokens[:, position - 1]]
             drawn = (uniforms[:, position, None] > rows).sum(axis=1)
             tokens[:, position] = np.minimum(drawn, self.num_symbols - 1)
-        return tokens
-
-    @functools.cached_property
-    def _splits(self) -> dict[str, ddiff.ArraySplit]:
-        return {
-            "train": ddiff.ArraySplit(self._generate(self.num_train, 1)),
-            "eval": ddiff.ArraySplit(self._generate(self.num_eval, 2)),
-        }
-
-    def split(self, name: str) -> ddiff.ArraySplit:
-        return self._splits[name]
+        return ddiff.ArraySplit(tokens)
 
 
-@dataclasses.dataclass(frozen=True)
-class ToySource(ddiff.AbstractDataSource):
+class ToySource(AbstractSyntheticSource):
     """Sequences drawn from one of the enumerable toy distributions of
     :mod:`ddiff.testing` (V^D sequences with exact probabilities); ``classes`` is
     class-conditional, with labels. ``reference_stats`` gives the exact entropy
@@ -134,40 +158,32 @@ class ToySource(ddiff.AbstractDataSource):
         seed: seed of the distribution and of the sequences.
     """
 
-    toy: Literal["independent", "markov", "parity", "dense", "classes"] = "markov"
-    num_symbols: int = 3
-    length: int = 4
-    classes: int = 2
-    num_train: int = 4096
-    num_eval: int = 1024
-    seed: int = 0
+    toy: Literal["independent", "markov", "parity", "dense", "classes"] = eqx.field(
+        static=True, default="markov"
+    )
+    num_symbols: int = eqx.field(static=True, default=3)
+    length: int = eqx.field(static=True, default=4)
+    classes: int = eqx.field(static=True, default=2)
+    num_train: int = eqx.field(static=True, default=4096)
+    num_eval: int = eqx.field(static=True, default=1024)
+    seed: int = eqx.field(static=True, default=0)
 
-    def __post_init__(self) -> None:
-        if self.num_symbols < 2 or self.length < 1:
-            raise ddiff.DataError("toy: num_symbols must be >= 2 and length >= 1")
+    def __check_init__(self) -> None:
+        _check_sizes(self)
         if self.num_symbols**self.length > ddiff.testing.MAX_SEQUENCES:
-            raise ddiff.DataError(
-                f"toy: V^D = {self.num_symbols**self.length} sequences is more than "
-                f"{ddiff.testing.MAX_SEQUENCES}; lower num_symbols or length"
+            raise ddiff.RecipeError(
+                f"V^D = {self.num_symbols**self.length} sequences is more than "
+                f"{ddiff.testing.MAX_SEQUENCES}; lower num_symbols or length",
+                path="length",
             )
-        if self.num_train < 1 or self.num_eval < 1:
-            raise ddiff.DataError("toy: num_train and num_eval must be >= 1")
-        if self.toy == "classes" and self.classes < 1:
-            raise ddiff.DataError("toy: classes must be >= 1")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.num_symbols
-
-    @property
-    def seq_len(self) -> int:
-        return self.length
+        if self.toy == "classes":
+            ddiff.check_at_least("classes", self.classes)
 
     @property
     def num_classes(self) -> int:
         return self.classes if self.toy == "classes" else 0
 
-    @functools.cached_property
+    @ddiff.cached_load
     def distribution(self) -> ddiff.testing.ToyDistribution:
         """The exact distribution the sequences are drawn from."""
         if self.toy == "classes":
@@ -195,20 +211,10 @@ class ToySource(ddiff.AbstractDataSource):
         )
         return tables[np.asarray(labels), index]
 
-    @functools.cached_property
-    def _splits(self) -> dict[str, ddiff.ArraySplit]:
-        splits = {}
-        for stream, name in enumerate(("train", "eval"), start=1):
-            count = self.num_train if name == "train" else self.num_eval
-            key = jax.random.fold_in(jax.random.PRNGKey(self.seed), stream)
-            tokens, labels = self.distribution.sample(key, count)
-            splits[name] = ddiff.ArraySplit(
-                np.asarray(tokens), None if labels is None else np.asarray(labels)
-            )
-        return splits
-
-    def split(self, name: str) -> ddiff.ArraySplit:
-        return self._splits[name]
+    def draw(self, count: int, stream: int) -> ddiff.ArraySplit:
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), stream)
+        tokens, labels = self.distribution.sample(key, count)
+        return ddiff.ArraySplit(np.asarray(tokens), None if labels is None else np.asarray(labels))
 
 
 @ddiff.hookimpl

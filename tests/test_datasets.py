@@ -1,11 +1,17 @@
 """The built-in data sets, read from small files in their real on-disk formats."""
 
+import dataclasses
+import gc
 import hashlib
 import pickle
 import sys
 import types
+import weakref
 import zipfile
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from data_fixtures import (
@@ -16,10 +22,11 @@ from data_fixtures import (
     write_text8,
     write_tokens,
 )
-from ddiff_plugins import datasets
 
 import ddiff
 import ddiff.runner
+from ddiff_plugins import datasets
+from ddiff_plugins.synthetic import MarkovChainSource
 
 # --------------------------------------------------------------------------- CIFAR-10
 
@@ -358,3 +365,86 @@ def test_bad_token_inside_the_pipeline_reaches_the_user_unchanged(tmp_path):
     iterator = ddiff.runner.train_batches(source, batch_size=7, seed=0)
     with pytest.raises(ddiff.DataError, match="token id 999 at position 40"):
         next(iterator)
+
+
+# --------------------------------------------------------------------------- sources as Equinox modules
+
+
+def test_every_data_source_is_a_final_module_of_static_recipe_keys(registry):
+    sources = [entry for entry in registry if entry.slot == "data"]
+    assert {"markov", "toy", "cifar10", "text8", "token_file"} <= {entry.name for entry in sources}
+    for entry in sources:
+        assert issubclass(entry.cls, eqx.Module) and not entry.cls.__subclasses__(), entry.name
+        loose = [f.name for f in dataclasses.fields(entry.cls) if not f.metadata.get("static")]
+        assert not loose, f"{entry.name}: fields {loose} are not static"
+
+
+def test_loaded_data_stays_out_of_the_pytree(tmp_path):
+    write_tokens(tmp_path / "tokens.bin", 400, 50)
+    source = datasets.TokenFileSource(path=str(tmp_path / "tokens.bin"), vocabulary=50, length=8)
+    markov = MarkovChainSource(num_symbols=4, length=8, concentration=0.1, num_train=16, num_eval=8)
+    assert len(source.split("train")) and source._tokens is source._tokens
+    assert markov.split("train") is markov.split("train")
+    for loaded in (source, markov):
+        assert jax.tree_util.tree_leaves(loaded) == []
+        assert jax.jit(lambda s, x: x * s.seq_len)(loaded, jnp.ones(())) == 8
+    twin = datasets.TokenFileSource(path=str(tmp_path / "tokens.bin"), vocabulary=50, length=8)
+    assert twin == source and hash(twin) == hash(source)
+    copy = jax.tree_util.tree_map(lambda leaf: leaf, source)
+    assert copy == source and copy is not source and copy._tokens is not source._tokens
+
+
+def test_cached_load_runs_once_per_source_and_is_dropped_with_it():
+    calls = []
+
+    class Counted(ddiff.AbstractDataSource):
+        length: int = eqx.field(static=True, default=3)
+
+        @property
+        def vocab_size(self):
+            return 2
+
+        @property
+        def seq_len(self):
+            return self.length
+
+        @ddiff.cached_load
+        def tokens(self):
+            calls.append(self.length)
+            return np.zeros((4, self.length), np.int32)
+
+        def split(self, name):
+            return ddiff.ArraySplit(self.tokens)
+
+    source = Counted()
+    assert source.tokens is source.tokens and calls == [3]
+    held = weakref.ref(source)
+    del source
+    gc.collect()
+    assert held() is None
+    assert Counted().tokens.shape == (4, 3) and calls == [3, 3]
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"kind": "text8", "length": 0}, "data.length: length must be >= 1, got 0"),
+        ({"kind": "text8", "train_stride": 0}, "data.train_stride: train_stride must be >= 1"),
+        ({"kind": "openwebtext", "length": 0}, "data.length: length must be >= 1"),
+        ({"kind": "zero_shot", "length": 0}, "data.length: length must be >= 1"),
+        ({"kind": "token_file", "path": "t.bin", "vocabulary": 0}, "data.vocabulary: vocabulary must be >= 1"),
+        ({"kind": "token_file", "path": "t.bin", "vocabulary": 9, "stride": 0}, "data.stride: stride must be >= 1"),
+        ({"kind": "text_file", "path": "t.txt", "eval_fraction": 1.0}, r"data.eval_fraction: eval_fraction must be in \(0, 1\)"),
+        ({"kind": "text_file", "path": "t.txt", "alphabet": "aba"}, "data.alphabet: alphabet repeats a character"),
+        ({"kind": "text_file", "path": "t.txt", "alphabet": ""}, "data.alphabet: alphabet is empty"),
+        ({"kind": "markov", "num_symbols": 1}, "data.num_symbols: num_symbols must be >= 2, got 1"),
+        ({"kind": "markov", "num_eval": 0}, "data.num_eval: num_eval must be >= 1"),
+        ({"kind": "markov", "concentration": 0.0}, "data.concentration: concentration must be positive"),
+        ({"kind": "markov", "concentration": 5.0}, "data.concentration: with concentration=5.0 .* lower concentration"),
+        ({"kind": "toy", "length": 9}, r"data.length: V\^D = 19683 sequences is more than 4096"),
+        ({"kind": "toy", "toy": "classes", "classes": 0}, "data.classes: classes must be >= 1"),
+    ],
+)
+def test_recipe_keys_are_refused_as_recipe_errors_at_their_path(section, message):
+    with pytest.raises(ddiff.RecipeError, match=message):
+        ddiff.build_component("data", section)

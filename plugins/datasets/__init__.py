@@ -5,13 +5,16 @@ One module per source (:mod:`~ddiff_plugins.datasets.cifar10`, ``text8``,
 ``openwebtext``, ``imagenet64``, ``text_file``, ``token_file``, ``zero_shot``), and the
 helpers they share: ``download`` (verified downloads), ``unpickling`` (arrays only),
 ``gpt2`` (tokenisation), ``detokenize`` (the zero-shot sets' detokenisers), ``splits``
-(token windows, image rows, token files) and ``optional`` (optional dependencies).
+(token windows, image rows, token files), ``windows`` and ``images`` (what the window and
+image sources have in common) and ``optional`` (optional dependencies).
 
 Every file-based source takes its location from one recipe key (``root`` for the standard
 sets, ``path`` for the generic files), opens its files only when a split is first asked
-for, memory-maps what is large, and refuses malformed input with one line that names the
-file and the problem. Batching, shuffling, checkpointable iteration and sharding by
-process are ddiff's grain pipeline (``ddiff.runner.train_batches``).
+for, memory-maps what is large, keeps what it loaded outside the module
+(``ddiff.cached_load``, so that a source is a pytree of recipe keys only), and refuses
+malformed input with one line that names the file and the problem. Batching, shuffling,
+checkpointable iteration and sharding by process are ddiff's grain pipeline
+(``ddiff.runner.train_batches``).
 """
 
 import ddiff
@@ -23,13 +26,19 @@ from ddiff_plugins.datasets.text_file import TextFileSource
 from ddiff_plugins.datasets.token_file import TokenFileSource
 from ddiff_plugins.datasets.zero_shot import ZeroShotSource
 
+_SOURCES = {
+    "cifar10": CIFAR10Source,
+    "text8": Text8Source,
+    "openwebtext": OpenWebTextSource,
+    "imagenet64": ImageNet64Source,
+    "text_file": TextFileSource,
+    "token_file": TokenFileSource,
+    "zero_shot": ZeroShotSource,
+}
+"""Registered name -> source."""
+
 
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("data", "cifar10", CIFAR10Source)
-    registry.register("data", "text8", Text8Source)
-    registry.register("data", "openwebtext", OpenWebTextSource)
-    registry.register("data", "imagenet64", ImageNet64Source)
-    registry.register("data", "text_file", TextFileSource)
-    registry.register("data", "token_file", TokenFileSource)
-    registry.register("data", "zero_shot", ZeroShotSource)
+    for name, source in _SOURCES.items():
+        registry.register("data", name, source)

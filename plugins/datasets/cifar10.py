@@ -1,12 +1,11 @@
 """CIFAR-10 from the standard python-pickle tarball."""
 
-import dataclasses
-import functools
 import io
 import tarfile
 from pathlib import Path
 from typing import ClassVar
 
+import equinox as eqx
 import numpy as np
 
 import ddiff
@@ -51,7 +50,6 @@ def _cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return data, labels.astype(np.int32)
 
 
-@dataclasses.dataclass(frozen=True)
 class CIFAR10Source(AbstractImageSource):
     """CIFAR-10 from the standard python-pickle tarball: 50,000 training and 10,000 test
     images (the test set is the eval split), each D = 32x32x3 = 3072 tokens of 256 values,
@@ -59,7 +57,8 @@ class CIFAR10Source(AbstractImageSource):
 
     The tarball ``cifar-10-python.tar.gz`` (or its extracted ``cifar-10-batches-py``
     directory) is read from ``root``; when absent it is downloaded there with a progress
-    bar and an MD5 check.
+    bar and an MD5 check. The batches are read into memory (about 180 MB) when a split is
+    first asked for, and kept outside the module (:func:`ddiff.cached_load`).
 
     Attributes (recipe keys):
         root: directory holding (or receiving) the tarball.
@@ -67,9 +66,9 @@ class CIFAR10Source(AbstractImageSource):
         class_conditional: give the class label (0..9) with each image.
     """
 
-    root: str = "data/cifar10"
-    download: bool = True
-    class_conditional: bool = False
+    root: str = eqx.field(static=True, default="data/cifar10")
+    download: bool = eqx.field(static=True, default=True)
+    class_conditional: bool = eqx.field(static=True, default=False)
     side: ClassVar[int] = 32
     num_labels: ClassVar[int] = 10
 
@@ -112,18 +111,13 @@ class CIFAR10Source(AbstractImageSource):
                 f"replace it with the CIFAR-10 python tarball from {CIFAR10_URL}"
             ) from None
 
-    @functools.cached_property
+    @ddiff.cached_load
     def _splits(self) -> dict[str, ImageRows]:
         batches = {name: _cifar_batch(raw, where) for name, (raw, where) in self._members().items()}
-        splits = {}
-        for split, names in (("train", CIFAR10_TRAIN), ("eval", (CIFAR10_TEST,))):
-            labels = np.concatenate([batches[n][1] for n in names])
-            splits[split] = ImageRows(
-                [batches[n][0] for n in names],
-                labels if self.class_conditional else None,
-                self.image_shape,
-            )
-        return splits
+        return {
+            split: self.image_rows([batches[n] for n in names])
+            for split, names in (("train", CIFAR10_TRAIN), ("eval", (CIFAR10_TEST,)))
+        }
 
     def split(self, name: str) -> ImageRows:
         return nonempty(self._splits[name], "cifar10", f"its {name} batches hold no images")

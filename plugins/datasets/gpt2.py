@@ -8,6 +8,7 @@ import numpy as np
 
 import ddiff
 from ddiff_plugins.datasets.optional import optional_import
+from ddiff_plugins.datasets.windows import AbstractWindowSource
 
 VOCAB_SIZE = 50257
 """GPT-2's vocabulary size."""
@@ -46,22 +47,13 @@ def documents(batches: Iterable[Sequence[str]]) -> Iterator[np.ndarray]:
             yield np.asarray([*ids, EOS], np.uint16)
 
 
-class AbstractGPT2Source(ddiff.AbstractDataSource):
-    """Text as GPT-2 token ids in sequences of ``length`` (a dataclass field of each final
-    subclass, at least 1), scored in perplexity, decoded back to text for samples."""
-
-    length: int
-
-    def __post_init__(self) -> None:
-        ddiff.check_at_least("length", self.length)
+class AbstractGPT2Source(AbstractWindowSource):
+    """Text as GPT-2 token ids in sequences of ``length``, scored in perplexity, decoded
+    back to text for samples."""
 
     @property
     def vocab_size(self) -> int:
         return VOCAB_SIZE
-
-    @property
-    def seq_len(self) -> int:
-        return self.length
 
     @property
     def metric(self) -> str:

@@ -1,12 +1,11 @@
 """Downsampled ImageNet 64x64 from its standard npz files."""
 
-import dataclasses
-import functools
 import re
 import zipfile
 from pathlib import Path
 from typing import ClassVar
 
+import equinox as eqx
 import numpy as np
 
 import ddiff
@@ -78,21 +77,21 @@ def _imagenet_file(path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
     return data, labels.astype(np.int32) - 1
 
 
-@dataclasses.dataclass(frozen=True)
 class ImageNet64Source(AbstractImageSource):
     """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017) from its standard npz files:
     ``train_data_batch_1.npz`` .. ``train_data_batch_10.npz`` and ``val_data.npz``, each
     with ``data`` (N, 12288) uint8 in channel-planar order and ``labels`` 1..1000. The
     validation set is the eval split. Images are D = 64x64x3 = 12288 tokens of 256 values
-    in (height, width, channel) order; the files are memory-mapped.
+    in (height, width, channel) order. The files are memory-mapped when a split is first
+    asked for, and the maps kept outside the module (:func:`ddiff.cached_load`).
 
     Attributes (recipe keys):
         root: directory of the npz files.
         class_conditional: give the class label (0..999) with each image.
     """
 
-    root: str = "data/imagenet64"
-    class_conditional: bool = False
+    root: str = eqx.field(static=True, default="data/imagenet64")
+    class_conditional: bool = eqx.field(static=True, default=False)
     side: ClassVar[int] = 64
     num_labels: ClassVar[int] = 1000
 
@@ -121,21 +120,13 @@ class ImageNet64Source(AbstractImageSource):
             )
         return [root / f"train_data_batch_{n}.npz" for n in numbers]
 
-    @functools.cached_property
+    @ddiff.cached_load
     def _opened(self) -> dict[str, ImageRows]:
+        """The splits opened so far, by name."""
         return {}
 
     def split(self, name: str) -> ImageRows:
         if name not in self._opened:
-            files = [_imagenet_file(path, 64) for path in self._files(name)]
-            labels = np.concatenate([labels for _, labels in files])
-            self._opened[name] = nonempty(
-                ImageRows(
-                    [data for data, _ in files],
-                    labels if self.class_conditional else None,
-                    self.image_shape,
-                ),
-                "imagenet64",
-                f"its {name} files hold no images",
-            )
+            rows = self.image_rows([_imagenet_file(path, self.side) for path in self._files(name)])
+            self._opened[name] = nonempty(rows, "imagenet64", f"its {name} files hold no images")
         return self._opened[name]

@@ -1,16 +1,15 @@
 """OpenWebText tokenized with GPT-2."""
 
-import dataclasses
-import functools
 import os
 from pathlib import Path
 
+import equinox as eqx
 import numpy as np
 from tqdm import tqdm
 
 import ddiff
 from ddiff_plugins.datasets import gpt2
-from ddiff_plugins.datasets.optional import optional_import
+from ddiff_plugins.datasets.optional import hugging_face_dataset
 from ddiff_plugins.datasets.splits import TokenWindows, tail_split, token_memmap
 
 OPENWEBTEXT_HF = "Skylion007/openwebtext"
@@ -20,15 +19,13 @@ OPENWEBTEXT_TOKENS = "openwebtext_gpt2.bin"
 def _tokenize_openwebtext(destination: Path) -> None:
     """Tokenize OpenWebText from the Hugging Face ``datasets`` cache with GPT-2, once,
     into ``destination`` (uint16, documents separated by end-of-text)."""
-    datasets = optional_import("datasets", "text", "reading OpenWebText from a Hugging Face cache")
-    try:
-        corpus = datasets.load_dataset(OPENWEBTEXT_HF, split="train")
-    except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean "not available"
-        raise ddiff.DataError(
-            f"openwebtext: {destination} is missing and the Hugging Face data set "
-            f"{OPENWEBTEXT_HF} could not be loaded ({type(error).__name__}: {error}); put a "
-            f"GPT-2 token file at {destination}, or make the data set available to datasets"
-        ) from None
+    corpus = hugging_face_dataset(
+        OPENWEBTEXT_HF,
+        split="train",
+        purpose="reading OpenWebText from a Hugging Face cache",
+        prefix=f"openwebtext: {destination} is missing and",
+        advice=f"put a GPT-2 token file at {destination}, or make the data set available to datasets",
+    )
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f".{destination.name}.part-{os.getpid()}")
     batch_size = 1024
@@ -47,7 +44,6 @@ def _tokenize_openwebtext(destination: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-@dataclasses.dataclass(frozen=True)
 class OpenWebTextSource(gpt2.AbstractGPT2Source):
     """OpenWebText tokenized with GPT-2 (V = 50257), documents joined by end-of-text and
     packed into disjoint sequences of ``length`` tokens; the last 2% of the sequences are
@@ -55,17 +51,18 @@ class OpenWebTextSource(gpt2.AbstractGPT2Source):
 
     Reads the token file ``openwebtext_gpt2.bin`` (uint16) in ``root``, memory-mapped. When
     it is absent, OpenWebText is read from the Hugging Face ``datasets`` cache (extra
-    ``text``), tokenized once and stored there.
+    ``text``), tokenized once and stored there. The token file is mapped when a split is
+    first asked for, and the map kept outside the module (:func:`ddiff.cached_load`).
 
     Attributes (recipe keys):
         root: directory of the token file.
         length: tokens per sequence (the paper: 1024).
     """
 
-    root: str = "data/openwebtext"
-    length: int = 1024
+    root: str = eqx.field(static=True, default="data/openwebtext")
+    length: int = eqx.field(static=True, default=1024)
 
-    @functools.cached_property
+    @ddiff.cached_load
     def _tokens(self) -> tuple[np.ndarray, Path]:
         path = Path(self.root).expanduser().absolute() / OPENWEBTEXT_TOKENS
         if not path.exists():

@@ -94,10 +94,15 @@ def nonempty(split: Any, what: str, why: str) -> Any:
     return split
 
 
-def check_fraction(value: float, key: str) -> None:
-    """Refuse a recipe key ``key`` outside the open interval (0, 1)."""
-    if not 0.0 < value < 1.0:
-        raise ddiff.RecipeError(f"{key} must be in (0, 1), got {value}", path=key)
+def check_held_out_keys(stride: int | None, eval_fraction: float) -> None:
+    """Refuse the recipe keys of a source that holds out the tail of one file: ``stride``
+    (null, or at least 1) and ``eval_fraction`` (in the open interval (0, 1))."""
+    if stride is not None:
+        ddiff.check_at_least("stride", stride)
+    if not 0.0 < eval_fraction < 1.0:
+        raise ddiff.RecipeError(
+            f"eval_fraction must be in (0, 1), got {eval_fraction}", path="eval_fraction"
+        )
 
 
 def tail_split(
@@ -124,9 +129,28 @@ def tail_split(
     )
 
 
-def tail_cut(count: int, fraction: float) -> int:
-    """Where the held-out tail of ``fraction`` of ``count`` items begins."""
-    return count - int(round(count * fraction))
+def held_out_tail(
+    tokens: np.ndarray,
+    name: str,
+    *,
+    eval_fraction: float,
+    length: int,
+    stride: int | None,
+    vocab_size: int,
+    where: str,
+) -> TokenWindows:
+    """:func:`tail_split` holding out the last ``eval_fraction`` of ``tokens`` (rounded to
+    a whole token), training windows every ``stride`` (null: ``length``, disjoint)."""
+    cut = len(tokens) - int(round(len(tokens) * eval_fraction))
+    return tail_split(
+        tokens,
+        name,
+        cut=cut,
+        length=length,
+        stride=stride or length,
+        vocab_size=vocab_size,
+        where=where,
+    )
 
 
 def token_memmap(path: Path, dtype: str, what: str) -> np.ndarray:

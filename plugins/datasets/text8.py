@@ -1,15 +1,15 @@
 """text8: the first 10^8 characters of an English Wikipedia dump."""
 
-import dataclasses
-import functools
 import zipfile
 from pathlib import Path
 from typing import Literal
 
+import equinox as eqx
 import numpy as np
 
 import ddiff
 from ddiff_plugins.datasets.splits import TokenWindows, nonempty
+from ddiff_plugins.datasets.windows import AbstractCharacterSource
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
@@ -22,8 +22,7 @@ def _character_table(alphabet: str) -> np.ndarray:
     return table
 
 
-@dataclasses.dataclass(frozen=True)
-class Text8Source(ddiff.AbstractDataSource):
+class Text8Source(AbstractCharacterSource):
     """text8: the first 10^8 characters of an English Wikipedia dump, lower-case letters
     and spaces (27 symbols: ``a``..``z`` are 0..25, space is 26), split as in the paper
     into the first 90M characters (train), the next 5M (validation) and the last 5M (test).
@@ -31,7 +30,8 @@ class Text8Source(ddiff.AbstractDataSource):
 
     Training examples are windows of ``length`` characters starting every
     ``train_stride`` characters (1, every offset, as in the MD4 code); evaluation uses
-    disjoint chunks of ``length``.
+    disjoint chunks of ``length``. The text is read as symbol codes (100 MB) when a split
+    is first asked for, and kept outside the module (:func:`ddiff.cached_load`).
 
     Attributes (recipe keys):
         root: directory holding ``text8.zip`` (or the extracted file ``text8``).
@@ -40,31 +40,19 @@ class Text8Source(ddiff.AbstractDataSource):
         eval_split: ``validation`` or ``test`` (the paper reports test BPC).
     """
 
-    root: str = "data/text8"
-    length: int = 256
-    train_stride: int = 1
-    eval_split: Literal["validation", "test"] = "validation"
+    root: str = eqx.field(static=True, default="data/text8")
+    length: int = eqx.field(static=True, default=256)
+    train_stride: int = eqx.field(static=True, default=1)
+    eval_split: Literal["validation", "test"] = eqx.field(static=True, default="validation")
 
-    def __post_init__(self) -> None:
-        ddiff.check_at_least("length", self.length)
+    def __check_init__(self) -> None:
         ddiff.check_at_least("train_stride", self.train_stride)
 
     @property
-    def vocab_size(self) -> int:
-        return len(TEXT8_ALPHABET)
+    def characters(self) -> str:
+        return TEXT8_ALPHABET
 
-    @property
-    def seq_len(self) -> int:
-        return self.length
-
-    @property
-    def metric(self) -> str:
-        return "bits_per_char"
-
-    def decode(self, tokens: np.ndarray) -> str:
-        return "".join(TEXT8_ALPHABET[int(t)] if t < 27 else "_" for t in tokens)
-
-    @functools.cached_property
+    @ddiff.cached_load
     def _codes(self) -> tuple[np.ndarray, str]:
         """(the text as symbol codes, uint8; the file it came from)."""
         root = Path(self.root).expanduser().absolute()

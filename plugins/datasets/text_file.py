@@ -1,24 +1,25 @@
 """A UTF-8 text file modelled character by character."""
 
-import dataclasses
-import functools
 from pathlib import Path
 
+import equinox as eqx
 import numpy as np
 
 import ddiff
-from ddiff_plugins.datasets.splits import TokenWindows, check_fraction, tail_cut, tail_split
+from ddiff_plugins.datasets.splits import TokenWindows, check_held_out_keys, held_out_tail
+from ddiff_plugins.datasets.windows import AbstractCharacterSource
 
 
-@dataclasses.dataclass(frozen=True)
-class TextFileSource(ddiff.AbstractDataSource):
+class TextFileSource(AbstractCharacterSource):
     """A UTF-8 text file modelled character by character. The vocabulary is ``alphabet``
     (token i is its i-th character) or, when null, the file's distinct characters in
     code-point order. The last ``eval_fraction`` of the characters is held out; training
     windows of ``length`` start every ``stride`` characters of the rest.
 
-    The file is read into memory once (4 bytes a character while encoding); for corpora
-    of billions of characters, write a :class:`TokenFileSource` file instead.
+    The file is read into memory once, when a split (or, with no ``alphabet``, the
+    vocabulary) is first asked for, and its tokens kept outside the module
+    (:func:`ddiff.cached_load`); encoding takes 4 bytes a character, so for corpora of
+    billions of characters write a :class:`TokenFileSource` file instead.
 
     Attributes (recipe keys):
         path: the text file.
@@ -28,21 +29,25 @@ class TextFileSource(ddiff.AbstractDataSource):
         eval_fraction: the held-out tail of the file.
     """
 
-    path: str
-    length: int = 256
-    alphabet: str | None = None
-    stride: int | None = None
-    eval_fraction: float = 0.05
+    path: str = eqx.field(static=True)
+    length: int = eqx.field(static=True, default=256)
+    alphabet: str | None = eqx.field(static=True, default=None)
+    stride: int | None = eqx.field(static=True, default=None)
+    eval_fraction: float = eqx.field(static=True, default=0.05)
 
-    def __post_init__(self) -> None:
-        ddiff.check_at_least("length", self.length)
-        if self.stride is not None:
-            ddiff.check_at_least("stride", self.stride)
-        check_fraction(self.eval_fraction, "eval_fraction")
-        if self.alphabet is not None and len(set(self.alphabet)) != len(self.alphabet):
+    def __check_init__(self) -> None:
+        check_held_out_keys(self.stride, self.eval_fraction)
+        if self.alphabet is None:
+            return
+        if not self.alphabet:
+            raise ddiff.RecipeError(
+                "alphabet is empty; list the characters, or null to take them from the file",
+                path="alphabet",
+            )
+        if len(set(self.alphabet)) != len(self.alphabet):
             raise ddiff.RecipeError("alphabet repeats a character", path="alphabet")
 
-    @functools.cached_property
+    @ddiff.cached_load
     def _encoded(self) -> tuple[np.ndarray, str]:
         """(the text as token ids, the alphabet)."""
         path = Path(self.path).expanduser().absolute()
@@ -78,28 +83,16 @@ class TextFileSource(ddiff.AbstractDataSource):
         return order[position].astype(dtype), alphabet
 
     @property
-    def vocab_size(self) -> int:
-        return len(self.alphabet) if self.alphabet is not None else len(self._encoded[1])
-
-    @property
-    def seq_len(self) -> int:
-        return self.length
-
-    @property
-    def metric(self) -> str:
-        return "bits_per_char"
-
-    def decode(self, tokens: np.ndarray) -> str:
-        alphabet = self._encoded[1] if self.alphabet is None else self.alphabet
-        return "".join(alphabet[int(t)] if t < len(alphabet) else "_" for t in tokens)
+    def characters(self) -> str:
+        return self._encoded[1] if self.alphabet is None else self.alphabet
 
     def split(self, name: str) -> TokenWindows:
-        return tail_split(
+        return held_out_tail(
             self._encoded[0],
             name,
-            cut=tail_cut(len(self._encoded[0]), self.eval_fraction),
+            eval_fraction=self.eval_fraction,
             length=self.length,
-            stride=self.stride or self.length,
+            stride=self.stride,
             vocab_size=self.vocab_size,
             where=f"text_file {Path(self.path).expanduser().absolute()}",
         )

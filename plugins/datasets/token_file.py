@@ -1,28 +1,27 @@
 """A file of token ids, memory-mapped."""
 
-import dataclasses
-import functools
 from pathlib import Path
 from typing import Literal
 
+import equinox as eqx
 import numpy as np
 
 import ddiff
 from ddiff_plugins.datasets.splits import (
     TokenWindows,
-    check_fraction,
-    tail_cut,
-    tail_split,
+    check_held_out_keys,
+    held_out_tail,
     token_memmap,
 )
+from ddiff_plugins.datasets.windows import AbstractWindowSource
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenFileSource(ddiff.AbstractDataSource):
+class TokenFileSource(AbstractWindowSource):
     """A file of token ids, memory-mapped: raw binary uint16/uint32 (``.bin``) or a 1-D
     ``.npy`` array. Training uses windows of ``length`` starting every ``stride`` tokens
     of the first 1 - ``eval_fraction`` of the file; evaluation uses disjoint windows of the
-    rest.
+    rest. The file is mapped when a split is first asked for, and the map kept outside
+    the module (:func:`ddiff.cached_load`).
 
     Attributes (recipe keys):
         path: the token file.
@@ -34,44 +33,39 @@ class TokenFileSource(ddiff.AbstractDataSource):
         unit: what evaluation reports beside bits per token.
     """
 
-    path: str
-    vocabulary: int
-    length: int = 1024
-    dtype: Literal["uint16", "uint32"] = "uint16"
-    stride: int | None = None
-    eval_fraction: float = 0.02
-    unit: Literal["bits_per_token", "bits_per_char", "perplexity"] = "bits_per_token"
+    path: str = eqx.field(static=True)
+    vocabulary: int = eqx.field(static=True)
+    length: int = eqx.field(static=True, default=1024)
+    dtype: Literal["uint16", "uint32"] = eqx.field(static=True, default="uint16")
+    stride: int | None = eqx.field(static=True, default=None)
+    eval_fraction: float = eqx.field(static=True, default=0.02)
+    unit: Literal["bits_per_token", "bits_per_char", "perplexity"] = eqx.field(
+        static=True, default="bits_per_token"
+    )
 
-    def __post_init__(self) -> None:
+    def __check_init__(self) -> None:
         ddiff.check_at_least("vocabulary", self.vocabulary)
-        ddiff.check_at_least("length", self.length)
-        if self.stride is not None:
-            ddiff.check_at_least("stride", self.stride)
-        check_fraction(self.eval_fraction, "eval_fraction")
+        check_held_out_keys(self.stride, self.eval_fraction)
 
     @property
     def vocab_size(self) -> int:
         return self.vocabulary
 
     @property
-    def seq_len(self) -> int:
-        return self.length
-
-    @property
     def metric(self) -> str:
         return self.unit
 
-    @functools.cached_property
+    @ddiff.cached_load
     def _tokens(self) -> np.ndarray:
         return token_memmap(Path(self.path).expanduser().absolute(), self.dtype, "token_file")
 
     def split(self, name: str) -> TokenWindows:
-        return tail_split(
+        return held_out_tail(
             self._tokens,
             name,
-            cut=tail_cut(len(self._tokens), self.eval_fraction),
+            eval_fraction=self.eval_fraction,
             length=self.length,
-            stride=self.stride or self.length,
+            stride=self.stride,
             vocab_size=self.vocabulary,
             where=f"token_file {Path(self.path).expanduser().absolute()}",
         )

@@ -1,15 +1,14 @@
 """Zero-shot perplexity sets for a GPT-2-vocabulary text model, for ``ddiff eval``."""
 
-import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Literal
 
+import equinox as eqx
 import numpy as np
 
 import ddiff
 from ddiff_plugins.datasets import detokenize, gpt2
-from ddiff_plugins.datasets.optional import optional_import
+from ddiff_plugins.datasets.optional import hugging_face_dataset
 from ddiff_plugins.datasets.splits import TokenWindows, nonempty
 
 ZERO_SHOT: dict[str, tuple[str, str | None, str, Callable[[str], str] | None, bool]] = {
@@ -23,13 +22,14 @@ ZERO_SHOT: dict[str, tuple[str, str | None, str, Callable[[str], str] | None, bo
 whole split is one document)."""
 
 
-@dataclasses.dataclass(frozen=True)
 class ZeroShotSource(gpt2.AbstractGPT2Source):
     """A zero-shot perplexity set for a GPT-2-vocabulary text model (as in the MD4, SEDD and
     MDLM papers): the test split of WikiText-2, WikiText-103, the Penn Treebank, LAMBADA or
     One Billion Words, read through Hugging Face ``datasets`` (extra ``text``),
     detokenized, tokenized with GPT-2, joined with end-of-text and packed into disjoint
-    sequences of ``length``. For evaluation only::
+    sequences of ``length``. The set is read and tokenized when its split is first asked
+    for, and the tokens kept outside the module (:func:`ddiff.cached_load`). For
+    evaluation only::
 
         ddiff eval RUN_DIR 'data={kind: zero_shot, name: wikitext103}' --output eval_wikitext103.json
 
@@ -39,22 +39,24 @@ class ZeroShotSource(gpt2.AbstractGPT2Source):
         cache_dir: the ``datasets`` cache to read (null: its default).
     """
 
-    name: Literal["wikitext2", "wikitext103", "ptb", "lambada", "lm1b"] = "wikitext103"
-    length: int = 1024
-    cache_dir: str | None = None
+    name: Literal["wikitext2", "wikitext103", "ptb", "lambada", "lm1b"] = eqx.field(
+        static=True, default="wikitext103"
+    )
+    length: int = eqx.field(static=True, default=1024)
+    cache_dir: str | None = eqx.field(static=True, default=None)
 
-    @functools.cached_property
+    @ddiff.cached_load
     def _tokens(self) -> np.ndarray:
         hf_name, config, field, detokenize, whole = ZERO_SHOT[self.name]
-        datasets = optional_import("datasets", "text", f"the zero-shot set {self.name}")
-        try:
-            rows = datasets.load_dataset(hf_name, config, split="test", cache_dir=self.cache_dir)
-        except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean "not available"
-            raise ddiff.DataError(
-                f"zero_shot {self.name}: the Hugging Face data set {hf_name} could not be "
-                f"loaded ({type(error).__name__}: {error}); make it available to datasets "
-                f"(online once, or in data.cache_dir)"
-            ) from None
+        rows = hugging_face_dataset(
+            hf_name,
+            config,
+            split="test",
+            cache_dir=self.cache_dir,
+            purpose=f"the zero-shot set {self.name}",
+            prefix=f"zero_shot {self.name}:",
+            advice="make it available to datasets (online once, or in data.cache_dir)",
+        )
         texts = list(rows[field])
         if whole:
             texts = ["".join(texts)]
