@@ -9,7 +9,7 @@ trainer, the command line) is :mod:`ddiff.runner`, which nothing here imports.
 """
 
 from ddiff import capabilities
-from ddiff._builder import NetworkSpec, SectionBuilder, build_component
+from ddiff._builder import NetworkSpec, SectionBuilder, build_component, constructor_hints
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
 from ddiff._constant import Constant, partition_trainable, trainable
@@ -168,6 +168,7 @@ __all__ = [
     "NetworkSpec",
     "SectionBuilder",
     "build_component",
+    "constructor_hints",
     # errors and checks
     "DataError",
     "DdiffError",

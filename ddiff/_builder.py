@@ -132,7 +132,7 @@ class SectionBuilder:
             for name, p in inspect.signature(cls).parameters.items()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
-        hints = _hints(cls)
+        hints = constructor_hints(cls)
         settable = [n for n in parameters if n not in supplied and n not in SUPPLIED_NETWORK_ARGUMENTS]
         for key in raw:
             if key in parameters and key not in settable:
@@ -233,7 +233,10 @@ def _component_elements(hint: Any) -> type | None:
     return None
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def constructor_hints(cls: type) -> dict[str, Any]:
+    """The type hints of ``cls``'s constructor arguments by name, as the recipe builder
+    checks a section's values against them (its own ``__init__``'s, else its dataclass
+    fields'); empty when they cannot be resolved."""
     target = cls.__init__ if "__init__" in vars(cls) or not dataclasses.is_dataclass(cls) else cls
     try:
         return typing.get_type_hints(target)

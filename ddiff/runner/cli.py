@@ -775,11 +775,11 @@ def recipe_keys(cls: type) -> tuple[list[tuple[str, str, str]], list[str]]:
     for a key without default, and the constructor arguments ddiff sets itself."""
     import inspect
 
-    from ddiff._builder import _hints
+    from ddiff._builder import constructor_hints
     from ddiff._network import SUPPLIED_NETWORK_ARGUMENTS
 
     derived = {*SUPPLIED_NETWORK_ARGUMENTS, "vocab_size", "seq_len", "num_classes"}
-    hints = _hints(cls)
+    hints = constructor_hints(cls)
     keys, set_by_ddiff = [], []
     for name, parameter in inspect.signature(cls).parameters.items():
         if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
