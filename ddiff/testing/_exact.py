@@ -13,7 +13,6 @@ The reverse rates are those of the time reversal of the forward CTMC (Campbell e
 2022, Prop. 1; Lou et al. 2024, eq. 3).
 """
 
-import itertools
 from typing import Literal
 
 import equinox as eqx
@@ -31,6 +30,7 @@ from ddiff._parameterization import AbstractParameterization
 from ddiff._process import AbstractForwardProcess, AbstractRateProcess
 from ddiff._typing import Key, Label, LogProbs, NetworkOutput, Scalar, StateLogProbs, Time, Tokens
 from ddiff.testing._block import exact_block_log_denoiser
+from ddiff.testing._process_tables import noisy_states
 from ddiff.testing._toy import ToyDistribution
 
 
@@ -163,19 +163,23 @@ def exact_reverse_rates(
     return rates - current * jnp.sum(rates, axis=-1, keepdims=True)
 
 
+def _enumerated_states(process: AbstractForwardProcess, seq_len: int, caller: str) -> jax.Array:
+    """Every noisy sequence (S^D of them, at most :data:`MAX_STATES`), for ``caller``."""
+    count = process.num_states**seq_len
+    if count > MAX_STATES:
+        raise DdiffError(
+            f"{caller} enumerates S^D = {count} noisy states, more than {MAX_STATES}; use a "
+            f"smaller toy"
+        )
+    return jnp.asarray(noisy_states(process.num_states, seq_len))
+
+
 def prior_gap(distribution: ToyDistribution, process: AbstractForwardProcess) -> float:
     """KL(q_1 || p_1) in nats: how far the aggregate marginal at t = 1,
     q_1(z) = sum_x p(x) q(z | x), is from the process prior p_1(z) = prod_n p(z^n). A
     continuous-time bound evaluated with the exact denoiser exceeds H(p) by this much
     (plus a reconstruction slack at t = 0)."""
-    seq_len = distribution.seq_len
-    count = process.num_states**seq_len
-    if count > MAX_STATES:
-        raise DdiffError(
-            f"prior_gap enumerates S^D = {count} noisy states, more than {MAX_STATES}; "
-            f"use a smaller toy"
-        )
-    states = jnp.asarray(list(itertools.product(range(process.num_states), repeat=seq_len)))
+    states = _enumerated_states(process, distribution.seq_len, "prior_gap")
     return float(_prior_gap(distribution, process, states))
 
 
@@ -258,14 +262,8 @@ def exact_diffusion_nelbo(
             f"exact_diffusion_nelbo needs a process with forward rates (AbstractRateProcess), "
             f"got {type(model.process).__name__}"
         )
-    count = model.process.num_states**seq_len
-    if count > MAX_STATES:
-        raise DdiffError(
-            f"exact_diffusion_nelbo enumerates S^D = {count} noisy states, more than "
-            f"{MAX_STATES}; use a smaller toy"
-        )
+    states = _enumerated_states(model.process, seq_len, "exact_diffusion_nelbo")
     times, time_weights = time_quadrature(t_start, t_end, panels, nodes)
-    states = jnp.asarray(list(itertools.product(range(model.process.num_states), repeat=seq_len)))
     clean = distribution.sequences()
     data_probs = jnp.exp(distribution.sequence_log_probs())
     return _exact_diffusion_nelbo(

@@ -149,7 +149,10 @@ class Setup:
         if schedule is not None:
             spec = {**spec, "schedule": schedule}
         process = self.build("process", spec)
-        drawn = _drawn_schedule(process.schedule, self.schedule_spread, seed=self.seed)
+        schedule = process.schedule
+        drawn = _drawn_schedule(schedule, self.schedule_spread, seed=self.seed)
+        if drawn is schedule:
+            return process
         return eqx.tree_at(lambda p: p.schedule, process, drawn)
 
     def key(self, name: str) -> jax.Array:
@@ -163,16 +166,18 @@ class Setup:
             return class_conditional_toy(self.vocab_size, self.seq_len, seed=self.seed)
         return self.toys()[name]
 
+    def parameterization_built(self) -> Any:
+        """The parameterization section built."""
+        return self.build("parameterization", self.parameterization)
+
     def oracle(self, distribution: ToyDistribution, process: Any | None = None) -> DiffusionModel:
         process = self.process_with() if process is None else process
-        parameterization = self.build("parameterization", self.parameterization)
-        return oracle_model(distribution, process, parameterization)
+        return oracle_model(distribution, process, self.parameterization_built())
 
     def table(self, *, num_classes: int = 0, time_conditioned: bool = True) -> DiffusionModel:
         """The model of the exact checks (g) and (h): a random :func:`table_model`."""
-        parameterization = self.build("parameterization", self.parameterization)
         return table_model(
-            self.process_with(), parameterization, self.seq_len, seed=self.seed,
+            self.process_with(), self.parameterization_built(), self.seq_len, seed=self.seed,
             num_classes=num_classes, time_conditioned=time_conditioned,
         )
 
@@ -188,7 +193,7 @@ class Setup:
         """What the exact references depend on (for caching them within a process): the
         sections, the classes they resolve to in the registry, the sizes and the seed."""
         process = self.process_with()
-        parameterization = self.build("parameterization", self.parameterization)
+        parameterization = self.parameterization_built()
         classes = [
             f"{type(c).__module__}.{type(c).__qualname__}"
             for c in (process, process.schedule, parameterization)
@@ -248,6 +253,14 @@ def _cached(key: Any, compute: Callable[[], Any]) -> Any:
 
 def _registry(setup: Setup) -> Registry:
     return setup.registry or default_registry()
+
+
+def _table_for(setup: Setup, component: Any, num_classes: int = 0) -> tuple[DiffusionModel, str]:
+    """The setup's table model for ``component`` (time independent when its network must
+    be), and which it is."""
+    constant = TIME_INDEPENDENT in component.requires.get("network", frozenset())
+    model = setup.table(num_classes=num_classes, time_conditioned=not constant)
+    return model, "time-independent" if constant else "time-dependent"
 
 
 def _check_pairing(setup: Setup, slot: str, name: str, component: Any, model: DiffusionModel) -> None:
@@ -320,9 +333,7 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
 
     def entropy() -> CheckResult:
         toy = setup.toys()["markov"]
-        process = setup.process_with()
-        parameterization = setup.build("parameterization", setup.parameterization)
-        model = oracle_model(setup.toys()["dense"], process, parameterization)
+        model = setup.oracle(setup.toys()["dense"])
         built = objective(steps=DISCRETE_STEPS[-1]) if DISCRETE_TIME in provided else objective()
         _check_pairing(setup, "objective", name, built, model)
         return check_entropy_bound(
@@ -333,8 +344,7 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
 
     def terms() -> CheckResult:
         built = built_for_bounds()
-        needs_constant = TIME_INDEPENDENT in built.requires.get("network", frozenset())
-        model = setup.table(time_conditioned=not needs_constant)
+        model, kind = _table_for(setup, built)
         _check_pairing(setup, "objective", name, built, model)
         form = built.bound_form()
         x0s = setup.bound_x0s()
@@ -345,14 +355,13 @@ def objective_checks(name: str, setup: Setup | None = None, **objective_argument
         return check_bound_terms(
             built, model, x0s, key=setup.key("terms"), num_examples=setup.num_examples,
             z=setup.z, exact=exact,
-            subject=f"objective {name!r} ({form}) with a "
-            f"{'time-independent' if needs_constant else 'time-dependent'} table model",
+            subject=f"objective {name!r} ({form}) with a {kind} table model",
         )
 
     def invariance() -> CheckResult:
         toy = setup.toys()["markov"]
         wrong = setup.toys()["dense"]
-        parameterization = setup.build("parameterization", setup.parameterization)
+        parameterization = setup.parameterization_built()
 
         def make_model(schedule: Any) -> DiffusionModel:
             process = eqx.tree_at(lambda p: p.schedule, setup.process_with(), schedule)
@@ -459,15 +468,14 @@ def sampler_checks(
             toy = setup.toy(toy_name)
             steps = setup.chain_steps if _takes_steps(cls) else None
             sampler = setup.build("sampler", spec if steps is None else {**spec, "steps": steps})
-            needs_constant = TIME_INDEPENDENT in sampler.requires.get("network", frozenset())
-            model = setup.table(num_classes=toy.num_classes, time_conditioned=not needs_constant)
+            model, kind = _table_for(setup, sampler, num_classes=toy.num_classes)
             _check_pairing(setup, "sampler", name, sampler, model)
             weight = setup.guidance if guidance is None else guidance
             return check_reverse_chain(
                 sampler, model, toy, key=setup.key(f"chain{conditioning}{toy_name}"),
                 conditioning=conditioning, guidance=weight, num_samples=setup.num_samples,
                 alpha=setup.alpha,
-                subject=subject(toy_name, steps) + f" with a {'time-independent' if needs_constant else 'time-dependent'} table model",
+                subject=subject(toy_name, steps) + f" with a {kind} table model",
             )
 
         return run

@@ -1,7 +1,5 @@
 """Enumerable toy distributions over V^D sequences with exact log-probabilities."""
 
-import itertools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,6 +9,7 @@ from jaxtyping import Array, Float, Int
 from ddiff._categorical import categorical
 from ddiff._errors import DdiffError
 from ddiff._typing import Key, Label, Scalar, Tokens
+from ddiff.testing._process_tables import noisy_states
 
 MAX_SEQUENCES = 4096
 """The largest V^D a toy distribution may enumerate."""
@@ -65,9 +64,7 @@ class ToyDistribution(eqx.Module):
 
     def sequences(self) -> Int[Array, "sequences seq"]:
         """Every sequence, in enumeration order."""
-        return jnp.asarray(
-            list(itertools.product(range(self.vocab_size), repeat=self.seq_len)), jnp.int32
-        )
+        return jnp.asarray(noisy_states(self.vocab_size, self.seq_len), jnp.int32)
 
     def index(self, x: Tokens) -> Int[Array, ""]:
         """The enumeration index of a sequence."""
@@ -137,16 +134,12 @@ def _from_probs(probs: np.ndarray, vocab_size: int, seq_len: int) -> ToyDistribu
     )
 
 
-def _all_sequences(vocab_size: int, seq_len: int) -> np.ndarray:
-    return np.asarray(list(itertools.product(range(vocab_size), repeat=seq_len)), np.int64)
-
-
 def independent_toy(vocab_size: int = 3, seq_len: int = 4, *, seed: int = 0) -> ToyDistribution:
     """Independent positions, each with its own random marginal (Dirichlet(1)). Every
     factorized model is exact here: the discrete-time bound is tight for every T."""
     rng = np.random.default_rng([seed, 1])
     marginals = rng.dirichlet(np.ones(vocab_size), seq_len)
-    sequences = _all_sequences(vocab_size, seq_len)
+    sequences = noisy_states(vocab_size, seq_len)
     probs = np.prod(marginals[np.arange(seq_len), sequences], axis=-1)
     return _from_probs(probs, vocab_size, seq_len)
 
@@ -154,7 +147,7 @@ def independent_toy(vocab_size: int = 3, seq_len: int = 4, *, seed: int = 0) -> 
 def _markov_probs(vocab_size: int, seq_len: int, rng: np.random.Generator, concentration: float):
     initial = rng.dirichlet(np.ones(vocab_size))
     transition = rng.dirichlet(np.full(vocab_size, concentration), vocab_size)
-    sequences = _all_sequences(vocab_size, seq_len)
+    sequences = noisy_states(vocab_size, seq_len)
     probs = initial[sequences[:, 0]]
     for position in range(1, seq_len):
         probs = probs * transition[sequences[:, position - 1], sequences[:, position]]
@@ -176,7 +169,7 @@ def parity_toy(vocab_size: int = 3, seq_len: int = 4) -> ToyDistribution:
     independent and uniform, the last is determined. Most sequences have probability 0,
     and a model that unmasks two positions at once from their marginals is maximally
     wrong, so the discrete-time bound's gap is large at small T."""
-    sequences = _all_sequences(vocab_size, seq_len)
+    sequences = noisy_states(vocab_size, seq_len)
     probs = (sequences.sum(axis=-1) % vocab_size == 0).astype(np.float64)
     return _from_probs(probs, vocab_size, seq_len)
 
@@ -227,7 +220,7 @@ def toy_distributions(
 def total_correlation(distribution: ToyDistribution) -> float:
     """sum_n H(x^n) - H(x) in nats: what a one-step (fully factorized) model loses."""
     probs = distribution.probabilities()
-    sequences = _all_sequences(distribution.vocab_size, distribution.seq_len)
+    sequences = noisy_states(distribution.vocab_size, distribution.seq_len)
     marginal_entropy = 0.0
     for position in range(distribution.seq_len):
         marginal = np.bincount(sequences[:, position], probs, distribution.vocab_size)
