@@ -2,7 +2,7 @@
 
 import sys
 
-from ddiff.runner.bench import main
+from ddiff.runner.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

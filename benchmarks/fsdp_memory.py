@@ -46,9 +46,9 @@ def main() -> None:
     for name, gathering in [("layer by layer", layer_by_layer), ("all at once", gather)]:
         train.gather_for_forward = gathering
         shared._CACHE.clear()
-        trainer = ddiff.runner.Trainer(recipe, "/nonexistent", show_progress=False, mesh=mesh)
-        state = trainer.init_state()
-        compiled = trainer._step_fn.lower(state, tokens, None).compile()
+        engine = ddiff.runner.Engine(recipe, mesh=mesh)
+        state = engine.init_state()
+        compiled = engine.train_step.lower(state, tokens, None).compile()
         memory = compiled.compiled.memory_analysis()
         results[name] = memory
         params = sum(a.size for a in jax.tree.leaves(ddiff.trainable(state.model)))

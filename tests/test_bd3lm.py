@@ -379,12 +379,10 @@ def test_sample_beyond_the_training_length_from_the_command_line(tmp_path, capsy
 
 
 def test_max_length_needs_a_variable_length_sampler(tiny_recipe):
-    from types import SimpleNamespace
-
-    from ddiff.runner.cli import _sample_length
+    from ddiff.runner.sample_options import SampleOptions, sample_length
 
     with pytest.raises(ddiff.RecipeError, match="--max-length needs a sampler that stops"):
-        _sample_length(SimpleNamespace(max_length=64), tiny_recipe)
+        sample_length(SampleOptions(max_length=64), tiny_recipe)
 
 
 @pytest.mark.parametrize(("name", "block_size"), [("bd3lm_openwebtext_l4", 4), ("bd3lm_openwebtext_l8", 8), ("bd3lm_openwebtext_l16", 16), ("bd3lm_lm1b", 4)])

@@ -7,8 +7,8 @@ import json
 import pytest
 
 import ddiff.runner
-from ddiff.runner import bench
-from ddiff.runner.trainer import state as state_module
+from ddiff.runner import model as model_module
+from ddiff.runner.bench import measure
 
 PEAK = 1e11
 
@@ -91,8 +91,8 @@ def test_bench_bad_input_is_one_line(args, fragment, capsys):
 
 
 def test_bench_refuses_a_precision_the_backend_cannot_run(monkeypatch, capsys):
-    monkeypatch.setattr(state_module, "_PROBED", {})
-    monkeypatch.setattr(state_module, "_probe", lambda compute: f"UNIMPLEMENTED: {compute} dot")
+    monkeypatch.setattr(model_module, "_PROBED", {})
+    monkeypatch.setattr(model_module, "_probe", lambda compute: f"UNIMPLEMENTED: {compute} dot")
     assert ddiff.runner.main(["bench", "tiny", "--precision", "bfloat16"]) == 2
     error = capsys.readouterr().err
     assert error == (
@@ -105,16 +105,16 @@ def test_bench_refuses_what_does_not_fit_before_running(monkeypatch, capsys):
     """With 1 MiB available, the tiny shape's parameters, EMA and Adam moments (89,184
     float32 parameters, 4 copies: 1.4 MB) are refused before anything is allocated; with
     2 MiB, its train step (XLA memory analysis of the compiled step, nothing run) is."""
-    monkeypatch.setattr(bench, "available_bytes", lambda: 2**20)
+    monkeypatch.setattr(measure, "available_bytes", lambda: 2**20)
     assert ddiff.runner.main(["bench", "tiny", "--samplers"]) == 2
     assert capsys.readouterr().err == (
         "ddiff: error: not enough memory for the parameters, EMA and Adam moments of bench shape "
         "tiny: about 1.4 MiB needed (4 x the float32 parameters), 1.0 MiB available; choose a "
         "smaller shape or a machine with more memory\n"
     )
-    monkeypatch.setattr(bench, "available_bytes", lambda: 2 * 2**20)
-    monkeypatch.setattr(bench, "median_time", lambda *_, **__: pytest.fail("ran a step that does not fit"))
-    monkeypatch.setattr(bench, "memory_of", lambda _: dict.fromkeys(MEMORY_KEYS, 0) | {"temp_size_in_bytes": 8 * 2**20})
+    monkeypatch.setattr(measure, "available_bytes", lambda: 2 * 2**20)
+    monkeypatch.setattr(measure, "median_time", lambda *_, **__: pytest.fail("ran a step that does not fit"))
+    monkeypatch.setattr(measure, "memory_of", lambda _: dict.fromkeys(MEMORY_KEYS, 0) | {"temp_size_in_bytes": 8 * 2**20})
     assert ddiff.runner.main(["bench", "tiny", "--samplers"]) == 2
     assert capsys.readouterr().err == (
         "ddiff: error: not enough memory for the train step of bench shape tiny at batch 4: about "

@@ -18,7 +18,7 @@ import ddiff
 import ddiff._registry
 import ddiff.runner
 from ddiff.runner import main
-from ddiff.runner.cli import _parser
+from ddiff.runner.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = "recipes/quickstart.yaml"
@@ -237,7 +237,7 @@ def _actions(parser: argparse.ArgumentParser, prefix: str):
 
 def test_every_option_has_help_that_shows_its_default():
     missing = []
-    for command, parser, action in _actions(_parser(), "ddiff"):
+    for command, parser, action in _actions(build_parser(), "ddiff"):
         shown = parser._get_formatter()._expand_help(action) if action.help else ""
         if not shown or (action.option_strings and "default" not in shown):
             missing.append(f"{command} {action.option_strings or action.dest}")

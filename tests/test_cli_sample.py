@@ -2,7 +2,6 @@
 labels, guidance and infilling from the command line, and one-line errors."""
 
 import json
-import types
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,8 @@ import pytest
 
 import ddiff
 import ddiff.runner
-from ddiff.runner.cli import _conditioning, _given_tokens, main
+from ddiff.runner import main
+from ddiff.runner.sample_options import SampleOptions, build_conditioning, given_tokens
 
 RECIPE = """
 seed: 0
@@ -55,12 +55,12 @@ def test_fixed_file_gives_tokens_and_mask(tmp_path):
     fixed = tmp_path / "fixed.npy"
     rows = np.asarray([[-1, 0, -1, 2], [1, -1, -1, -1], [-1, -1, -1, -1]])
     np.save(fixed, rows)
-    args = types.SimpleNamespace(prefix=None, fixed=str(fixed))
-    tokens, mask = _given_tokens(args, 3, 4, 3)
+    options = SampleOptions(fixed=str(fixed))
+    tokens, mask = given_tokens(options, 3, 4, 3)
     np.testing.assert_array_equal(mask, rows >= 0)
     np.testing.assert_array_equal(tokens[mask], rows[rows >= 0])
     np.save(fixed, rows[0])
-    tokens, mask = _given_tokens(args, 5, 4, 3)
+    tokens, mask = given_tokens(options, 5, 4, 3)
     assert tokens.shape == (1, 4) and mask.sum() == 2, "one row, the same for every sample"
 
 
@@ -98,9 +98,8 @@ def test_label_needs_a_class_conditional_model():
         "sampler": "ancestral",
     }
     recipe = ddiff.runner.build_recipe(raw, source="markov.yaml")
-    args = types.SimpleNamespace(label=0, guidance=0.0, prefix=None, fixed=None)
     with pytest.raises(ddiff.RecipeError, match="needs a class-conditional model"):
-        _conditioning(args, recipe, 4)
+        build_conditioning(SampleOptions(label=0), recipe, 4)
 
 
 def test_cached_sampler_refused_when_loading_a_time_conditioned_run(tmp_path, capsys):

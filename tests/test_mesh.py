@@ -73,17 +73,17 @@ def test_mesh_errors_are_recipe_errors(tiny_overrides):
         ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=0"])
     recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=-1", "trainer.batch_size=12"])
     with pytest.raises(ddiff.RecipeError, match="trainer.batch_size: 12 is not divisible"):
-        ddiff.runner.Trainer(recipe, "/nonexistent")
+        ddiff.runner.Engine(recipe)
 
 
-def test_samples_do_not_depend_on_the_mesh_or_the_batch(tiny_recipe, tmp_path):
+def test_samples_do_not_depend_on_the_mesh_or_the_batch(tiny_recipe):
     """Sample i is drawn from fold_in(key, i) whatever the mesh and the batch: the first 4
     of 8 samples drawn on a 2x4 mesh (each device drawing one sample, in a batch of 1) are
     the 4 samples drawn on 1 device in one batch of 4. The network's parameters are
     random (not its zero-initialised head), so its predictions depend on the tokens. (The
     1-device program is the one the tiny run compiles for its final samples.)"""
-    one = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False, mesh=make_mesh(MeshConfig(1, 1)))
-    eight = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False, mesh=make_mesh(MeshConfig(2, 4)))
+    one = ddiff.runner.Engine(tiny_recipe, mesh=make_mesh(MeshConfig(1, 1)))
+    eight = ddiff.runner.Engine(tiny_recipe, mesh=make_mesh(MeshConfig(2, 4)))
     state = one.init_state()
     params, static = eqx.partition(state.ema, eqx.is_inexact_array)
     leaves, treedef = jax.tree.flatten(params)
@@ -171,10 +171,10 @@ def test_fsdp_gathers_stacked_layers_one_at_a_time(mesh_recipe):
     the backward pass; parameters outside the stack are gathered whole. Checked on the
     step's jaxpr (depth 2, width 32)."""
     recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*_overrides(mesh_recipe), "network.depth=2"])
-    trainer = ddiff.runner.Trainer(recipe, "/nonexistent", show_progress=False, mesh=make_mesh(MeshConfig(2, 4)))
-    state = trainer.init_state()
+    engine = ddiff.runner.Engine(recipe, mesh=make_mesh(MeshConfig(2, 4)))
+    state = engine.init_state()
     tokens = jax.numpy.zeros((16, 8), jax.numpy.int32)
-    jaxpr, _, _ = eqx.filter_make_jaxpr(trainer._step_fn)(state, tokens, None)
+    jaxpr, _, _ = eqx.filter_make_jaxpr(engine.train_step)(state, tokens, None)
     gathers = _all_gathers(jaxpr.jaxpr)
     blocks = state.model.network.blocks.layers
     stacked = {tuple(a.shape) for a in jax.tree.leaves(eqx.filter(blocks, eqx.is_inexact_array))}

@@ -115,8 +115,8 @@ def test_precision_section_builds_bfloat16_models_with_float32_state(bfloat16_re
     recipe (the compute dtype changes no initial value)."""
     assert bfloat16_recipe.resolved["precision"] == {"params": "float32", "compute": "bfloat16"}
     assert tiny_recipe.resolved["precision"] == {"params": "float32", "compute": "float32"}
-    state = ddiff.runner.Trainer(bfloat16_recipe, "/nonexistent", show_progress=False).init_state()
-    reference = ddiff.runner.Trainer(tiny_recipe, "/nonexistent", show_progress=False).init_state()
+    state = ddiff.runner.Engine(bfloat16_recipe).init_state()
+    reference = ddiff.runner.Engine(tiny_recipe).init_state()
     assert state.model.compute_dtype == state.ema.compute_dtype == "bfloat16"
     assert reference.model.compute_dtype is None
     floating = [a.dtype for a in jax.tree.leaves(eqx.filter(state, eqx.is_inexact_array))]
@@ -126,7 +126,7 @@ def test_precision_section_builds_bfloat16_models_with_float32_state(bfloat16_re
 
 
 def test_bfloat16_step_loss_is_close_and_a_short_bfloat16_run_trains(bfloat16_recipe, tiny_recipe):
-    """Through the Trainer's compiled step: (1) the first step's loss under bfloat16
+    """Through the compiled train step: (1) the first step's loss under bfloat16
     compute is within 1% of the float32 step's on the same perturbed parameters, batch and
     randomness (bfloat16 keeps 8 bits, 0.4% per rounding); (2) 20 bfloat16 steps from
     the initial parameters on a batch of one constant sequence (learnable within them)
@@ -136,10 +136,10 @@ def test_bfloat16_step_loss_is_close_and_a_short_bfloat16_run_trains(bfloat16_re
     batch = {"tokens": np.full((8, 8), 3, np.int32)}
     first = {}
     for name, recipe in (("float32", tiny_recipe), ("bfloat16", bfloat16_recipe)):
-        trainer = ddiff.runner.Trainer(recipe, "/nonexistent", show_progress=False)
-        start = _perturbed(trainer.init_state())
-        tokens, labels = trainer._device_batch(batch)
-        state, metrics, _ = trainer._step_fn(start, tokens, labels)
+        engine = ddiff.runner.Engine(recipe)
+        start = _perturbed(engine.init_state())
+        tokens, labels = engine.device_batch(batch)
+        state, metrics, _ = engine.train_step(start, tokens, labels)
         first[name] = float(metrics["loss"])
     assert abs(first["bfloat16"] - first["float32"]) <= 0.01 * abs(first["float32"]), first
 
@@ -149,10 +149,10 @@ def test_bfloat16_step_loss_is_close_and_a_short_bfloat16_run_trains(bfloat16_re
         terms = jax.vmap(lambda k: bfloat16_recipe.objective.batch_terms(model, jnp.asarray(batch["tokens"]), key=k))(keys)
         return jnp.mean(terms.loss)
 
-    state = trainer.init_state()
+    state = engine.init_state()
     before = float(loss(state.model))
     for _ in range(20):
-        state, metrics, _ = trainer._step_fn(state, tokens, labels)
+        state, metrics, _ = engine.train_step(state, tokens, labels)
     after = float(loss(state.model))
     assert after < 0.6 * before, (before, after)
     floating = [a.dtype for a in jax.tree.leaves(eqx.filter(state, eqx.is_inexact_array))]
@@ -177,13 +177,13 @@ def test_a_compute_dtype_the_backend_cannot_run_is_one_line(bfloat16_recipe, mon
     """A backend whose probe fails (simulated: the probe's program raises, as XLA does for
     a dtype a device lacks) refuses the recipe with one line naming the key and the fix;
     the real CPU backend runs bfloat16 (its probe passes)."""
-    from ddiff.runner.trainer import state as state_module
+    from ddiff.runner import model as model_module
 
-    assert state_module._probe("bfloat16") is None
-    monkeypatch.setattr(state_module, "_PROBED", {})
-    monkeypatch.setattr(state_module, "_probe", lambda compute: f"UNIMPLEMENTED: {compute} dot")
+    assert model_module._probe("bfloat16") is None
+    monkeypatch.setattr(model_module, "_PROBED", {})
+    monkeypatch.setattr(model_module, "_probe", lambda compute: f"UNIMPLEMENTED: {compute} dot")
     with pytest.raises(ddiff.RecipeError) as error:
-        ddiff.runner.Trainer(bfloat16_recipe, "/nonexistent", show_progress=False).init_state()
+        ddiff.runner.Engine(bfloat16_recipe).init_state()
     message = str(error.value)
     assert "precision.compute: bfloat16 compute cannot run on this cpu backend (UNIMPLEMENTED: bfloat16 dot)" in message
     assert message.endswith("set precision.compute: float32") and "\n" not in message

@@ -167,15 +167,15 @@ def test_checkpoints_hold_no_pickles(full_run):
                 pickle.loads(path.read_bytes())
 
 
-def _poisoned(trainer):
-    state = trainer.init_state()
+def _poisoned(engine):
+    state = engine.init_state()
     head = state.model.network.head.weight
     return eqx.tree_at(lambda s: s.model.network.head.weight, state, head.at[0, 0].set(jnp.nan))
 
 
 def test_nan_parameter_halts_with_report(tiny_recipe, tmp_path, monkeypatch):
     trainer = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False)
-    monkeypatch.setattr(trainer, "init_state", lambda: _poisoned(ddiff.runner.Trainer(tiny_recipe, tmp_path / "x")))
+    monkeypatch.setattr(trainer.engine, "init_state", lambda: _poisoned(ddiff.runner.Engine(tiny_recipe)))
     with pytest.raises(ddiff.DdiffError) as info:
         trainer.run()
     message = str(info.value)

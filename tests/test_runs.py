@@ -163,7 +163,7 @@ def test_resume_with_safe_changes_batched_samples_eval_lines_and_summary(full_ru
     stats = json.loads((workdir / "samples" / "step_00000006.json").read_text())
     assert (stats["num_samples"], stats["num_batches"]) == (5, 3)
     key = jax.random.fold_in(jax.random.PRNGKey(changed.seed + 1), 6)
-    whole = trainer.sample(state.ema, key=key, num_samples=5)
+    whole = trainer.engine.sample(state.ema, key=key, num_samples=5)
     np.testing.assert_array_equal(np.load(workdir / "samples" / "step_00000006.npy"), np.asarray(whole.tokens))
     # Run once more: nothing to train, and the results of the end are not redone.
     written = {p: p.stat().st_mtime_ns for p in (workdir / "eval.json", workdir / "samples" / "step_00000006.npy")}
@@ -272,7 +272,7 @@ def test_the_train_step_uses_the_warm_up(tiny_recipe, tiny_overrides, tmp_path, 
     prepare_workdir(tmp_path, _recipe(tiny_overrides, "network.dim=8")).release()
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "split": "train", "loss": 99.0}\n')
     trainer = ddiff.runner.Trainer(tiny_recipe, tmp_path, show_progress=False)
-    initial = trainer.init_state()
+    initial = trainer.engine.init_state()
     state = trainer.run(stop_at_step=2)
     assert "never reached a checkpoint; starting it afresh with this recipe (it changed network.dim)" in capsys.readouterr().out
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

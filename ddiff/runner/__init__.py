@@ -1,15 +1,21 @@
-"""ddiff.runner: the running layer. Recipe files, the trainer, checkpoints, meshes, the
-command line, diagnostics and plots.
+"""ddiff.runner: the running layer. Recipe files, the model a recipe builds, the engine
+and the trainer, checkpoints, meshes, the command line, diagnostics, sample quality,
+benchmarks and plots.
 
 Nothing in the authoring layer (:mod:`ddiff`, :mod:`ddiff.testing`, plugins) imports
 this package; it builds on that layer. Modules: :mod:`~ddiff.runner.recipe` (YAML recipe
 files, overrides, :class:`Recipe`), :mod:`~ddiff.runner.config` (the ``optimizer``,
-``trainer``, ``eval``, ``precision`` and ``logging`` sections), :mod:`~ddiff.runner.mesh` (the ``mesh`` section,
-meshes and placement), :mod:`~ddiff.runner.pipeline` (batching data sources),
-:mod:`~ddiff.runner.trainer` (the trainer package), :mod:`~ddiff.runner.checkpoint`,
-:mod:`~ddiff.runner.distributed`, :mod:`~ddiff.runner.cli`, :mod:`~ddiff.runner.diagnose`,
-:mod:`~ddiff.runner.plot`, :mod:`~ddiff.runner.images` and :mod:`~ddiff.runner.files`
-(atomic writes).
+``trainer``, ``eval``, ``precision`` and ``logging`` sections), :mod:`~ddiff.runner.mesh`
+(the ``mesh`` section, meshes and placement), :mod:`~ddiff.runner.model` (the model a
+recipe builds: :func:`build_model`), :mod:`~ddiff.runner.pipeline` (batching data
+sources), :mod:`~ddiff.runner.trainer` (the :class:`Engine`, the :class:`Trainer` and
+the run directory), :mod:`~ddiff.runner.checkpoint`, :mod:`~ddiff.runner.distributed`,
+:mod:`~ddiff.runner.sample_options` (what ``ddiff sample`` conditions on),
+:mod:`~ddiff.runner.quality` and :mod:`~ddiff.runner.quality_sweep` (sample quality, and
+against cost), :mod:`~ddiff.runner.diagnose`, :mod:`~ddiff.runner.bench` (the benchmark),
+:mod:`~ddiff.runner.plot`, :mod:`~ddiff.runner.images`, :mod:`~ddiff.runner.files`
+(atomic writes), :mod:`~ddiff.runner.cli` (the ``ddiff`` command: parsing, dispatch and
+the one-line error) and :mod:`~ddiff.runner.commands` (one module per command).
 """
 
 from ddiff._errors import RunDirectoryError
@@ -26,21 +32,23 @@ from ddiff.runner.diagnose import diagnose
 from ddiff.runner.distributed import initialize
 from ddiff.runner.images import image_grid, png_bytes
 from ddiff.runner.mesh import MeshConfig, make_mesh
+from ddiff.runner.model import build_model
 from ddiff.runner.pipeline import eval_batches, metric_report, train_batches, validate_batch
 from ddiff.runner.plot import plot_run
 from ddiff.runner.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_recipe_file
 from ddiff.runner.trainer import (
+    Engine,
     NonFiniteError,
     Stopped,
     Trainer,
     TrainState,
-    build_model,
     load_run,
     make_optimizer,
     write_eval,
 )
 
 __all__ = [
+    "Engine",
     "EvalConfig",
     "LoggingConfig",
     "MeshConfig",

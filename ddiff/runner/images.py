@@ -4,6 +4,7 @@ import io
 import math
 
 import numpy as np
+from PIL import Image
 
 
 def image_grid(
@@ -40,8 +41,6 @@ def image_grid(
 
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode a uint8 array of shape (H, W, 1) or (H, W, 3) as PNG."""
-    from PIL import Image
-
     pixels = image[..., 0] if image.shape[-1] == 1 else image
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

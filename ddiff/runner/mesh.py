@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -71,7 +72,7 @@ def leaf_spec(shape: tuple[int, ...], fsdp: int) -> P:
     """Shard an array over ``fsdp`` along its largest dimension divisible by the axis size
     (replicate small arrays and arrays with no such dimension). The leading dimension of
     an array of two or more dimensions is never chosen: it may be the layer axis of a
-    :class:`ddiff.LayerStack`, which is scanned over and gathered layer by layer."""
+    :class:`ddiff.nn.LayerStack`, which is scanned over and gathered layer by layer."""
     if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
         return P()
     first = 1 if len(shape) >= 2 else 0
@@ -134,8 +135,6 @@ def to_host(array: jax.Array) -> np.ndarray:
     """A global array's full value on every process."""
     if jax.process_count() == 1:
         return np.asarray(array)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 

@@ -214,7 +214,11 @@ def _deep_copy(value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A loaded, validated recipe: built components, configs and the resolved mapping."""
+    """A loaded, validated recipe: built components, configs and the resolved mapping.
+
+    ``eval_objectives`` holds the objectives of ``eval.objectives`` by recipe path
+    (``eval.objectives[i]``), each with its registered name, as
+    :func:`ddiff.capabilities.check_compatibility` takes them."""
 
     data: AbstractDataSource
     process: AbstractForwardProcess
@@ -232,6 +236,7 @@ class Recipe:
     resolved: dict[str, Any]
     names: dict[str, str]
     source: str
+    eval_objectives: dict[str, tuple[str, AbstractObjective]]
 
     def to_yaml(self) -> str:
         """The fully resolved recipe (every default filled in) as YAML."""
@@ -298,7 +303,7 @@ def build_recipe(
     schedule_name = resolved["process"].get("schedule", {}).get("kind", "schedule")
     components["schedule"] = (schedule_name, built["process"].schedule)
     check_compatibility(components, source=source, deferred=("network",))
-    extra = eval_objectives(built["eval"], resolved["eval"])
+    extra = _eval_objectives(built["eval"], resolved["eval"])
     kinds = [name for name, _ in extra.values()]
     for path, (name, _) in extra.items():
         if kinds.count(name) > 1:
@@ -309,13 +314,15 @@ def build_recipe(
         resolved=resolved,
         names=names,
         source=source,
+        eval_objectives=extra,
         **{key: built[key] for key in (*_COMPONENT_SECTIONS, *_CONFIG_SECTIONS)},
     )
 
 
-def eval_objectives(config: EvalConfig, resolved: Mapping[str, Any]) -> dict[str, tuple[str, AbstractObjective]]:
-    """The extra evaluation objectives by recipe path (``eval.objectives[i]``), each with
-    its registered name, as :func:`ddiff.capabilities.check_compatibility` takes them."""
+def _eval_objectives(
+    config: EvalConfig, resolved: Mapping[str, Any]
+) -> dict[str, tuple[str, AbstractObjective]]:
+    """:attr:`Recipe.eval_objectives` of an ``eval`` section and its resolved mapping."""
     names = [section["kind"] for section in resolved.get("objectives", [])]
     return {
         f"eval.objectives[{index}]": (name, objective)

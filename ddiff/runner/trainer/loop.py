@@ -3,84 +3,54 @@
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from ddiff._errors import DdiffError, RecipeError, RunDirectoryError
-from ddiff._model import DiffusionModel
-from ddiff._sampler import Conditioning, SampleOutput
+from ddiff._errors import DdiffError
 from ddiff.runner.checkpoint import (
     checkpoint_manager,
     finish_saving,
     restore_latest,
     save_checkpoint,
 )
-from ddiff.runner.mesh import global_batch, make_mesh, to_host
+from ddiff.runner.model import parameter_paths
 from ddiff.runner.pipeline import train_batches, validate_batch
-from ddiff.runner.recipe import Recipe, eval_objectives, load_recipe
+from ddiff.runner.plot import PLOT_FILE, plot_run
+from ddiff.runner.recipe import Recipe
 from ddiff.runner.throughput import mfu, total_peak_flops, train_flops_per_token
-from ddiff.runner.trainer.compiled import compiled
-from ddiff.runner.trainer.evaluation import evaluate_split, make_eval
-from ddiff.runner.trainer.optimizer import make_optimizer
+from ddiff.runner.trainer.engine import Engine
 from ddiff.runner.trainer.rundir import (
     EVAL_FILE,
-    METRICS_FILE,
-    RECIPE_FILE,
     RunLock,
-    check_same_shape,
+    note,
     prepare_workdir,
     print_header,
-    truncate_metrics,
+    warn,
     write_eval,
 )
-from ddiff.runner.trainer.sampling import SAMPLES_DIR, SampleWriter, make_sample, write_samples
+from ddiff.runner.trainer.sampling import SAMPLES_DIR, SampleWriter
 from ddiff.runner.trainer.signals import Stopped, StopSignals
-from ddiff.runner.trainer.state import TrainState, initial_state, parameter_paths, place_state
-from ddiff.runner.trainer.step import make_train_step
-from ddiff.runner.trainer.writers import MetricWriters
+from ddiff.runner.trainer.state import TrainState
+from ddiff.runner.trainer.writers import METRICS_FILE, MetricWriters
 
 
 class NonFiniteError(DdiffError):
     """A step produced a non-finite loss or gradient under ``on_nonfinite: halt``."""
 
 
-def check_divisible(recipe: Recipe, devices: int) -> None:
-    """Batch sizes must split evenly over the mesh's devices."""
-    for path, value in (
-        ("trainer.batch_size", recipe.trainer.batch_size),
-        ("eval.batch_size", recipe.eval.batch_size),
-    ):
-        if value % devices:
-            raise RecipeError(
-                f"{value} is not divisible by the mesh's {devices} devices; use a multiple of {devices}",
-                source=recipe.source,
-                path=path,
-            )
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _note(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 class Trainer:
     """Runs a recipe in a work directory, resuming from its latest checkpoint.
 
-    Its compiled step, evaluation and sampling functions come from
-    :func:`ddiff.runner.trainer.compiled.compiled`, so Trainers of equal recipes on the
-    same mesh share them.
+    Its :class:`~ddiff.runner.trainer.engine.Engine` (``engine``: the model's state, the
+    compiled step, evaluation and sampling, on ``mesh``) does the computing; the Trainer
+    adds the run directory, checkpoints, metric writers and the schedule of logs,
+    evaluations and samples.
     """
 
     def __init__(
@@ -94,154 +64,8 @@ class Trainer:
         self.recipe = recipe
         self.workdir = Path(workdir)
         self.show_progress = show_progress
-        self.mesh = make_mesh(recipe.mesh) if mesh is None else mesh
-        self.num_devices = self.mesh.size
+        self.engine = Engine(recipe, mesh=mesh)
         self._writers: MetricWriters | None = None
-        check_divisible(recipe, self.num_devices)
-        self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
-        self._step_fn = compiled(
-            make_train_step,
-            (recipe.objective,),
-            optimizer=recipe.optimizer,
-            total_steps=recipe.trainer.steps,
-            batch_size=recipe.trainer.batch_size,
-            seq_len=recipe.data.seq_len,
-            mesh=self.mesh,
-        )
-        extra = eval_objectives(recipe.eval, recipe.resolved["eval"]).values()
-        self._eval_fns = {
-            prefix: compiled(make_eval, (objective,), batch_size=recipe.eval.batch_size, mesh=self.mesh)
-            for prefix, objective in [("", recipe.objective), *((f"{n}_", o) for n, o in extra)]
-        }
-        self._sample_fn = compiled(
-            make_sample, (recipe.sampler,), seq_len=recipe.data.seq_len, mesh=self.mesh
-        )
-
-    # ------------------------------------------------------------------ state
-
-    def init_state(self) -> TrainState:
-        """A fresh state, laid out on the mesh."""
-        return initial_state(self.recipe, self.optimizer, self.mesh)
-
-    def place(self, state: TrainState) -> TrainState:
-        """Lay every array of ``state`` out on the mesh (fsdp-sharded where large)."""
-        return place_state(state, self.mesh)
-
-    # ------------------------------------------------------------------ evaluation and samples
-
-    def evaluate(
-        self, model: DiffusionModel, *, max_batches: int | None = None, max_examples: int | None = None
-    ) -> dict[str, float]:
-        """Negative ELBO over the eval split in bits per token, with its standard error
-        over sequences (each sequence averaged over ``eval.time_draws`` draws), and in the
-        data source's ``metric`` (bits per dim, bits per char or perplexity). Each of
-        ``eval.objectives`` is evaluated with the same sequences and keys and reported
-        with its kind as prefix (``score_entropy_bits_per_token``, ...)."""
-        return evaluate_split(
-            self.recipe,
-            model,
-            self._eval_fns,
-            self._device_batch,
-            max_batches=max_batches,
-            max_examples=max_examples,
-        )
-
-    def sample(
-        self,
-        model: DiffusionModel,
-        *,
-        key: jax.Array,
-        num_samples: int,
-        conditioning: Conditioning | None = None,
-        batch_size: int | None = None,
-        seq_len: int | None = None,
-    ) -> SampleOutput:
-        """Draw ``num_samples`` sequences of ``seq_len`` positions (default: the data's; at
-        most, for a variable-length sampler), ``batch_size`` at a time (default: all at
-        once), each batch split over the mesh's devices; tokens and lengths come back on
-        the host. The samples do not depend on ``batch_size`` (sample i is drawn from
-        ``fold_in(key, i)``); ``num_function_evals`` is that of the costliest batch."""
-        parts, lengths, evals = [], [], 0
-        for tokens, batch_evals, batch_lengths in self.sample_batches(
-            model,
-            key=key,
-            num_samples=num_samples,
-            conditioning=conditioning,
-            batch_size=batch_size,
-            seq_len=seq_len,
-        ):
-            parts.append(tokens)
-            lengths.append(batch_lengths)
-            evals = max(evals, batch_evals)
-        return SampleOutput(
-            tokens=jnp.asarray(np.concatenate(parts)),
-            num_function_evals=jnp.asarray(evals, jnp.int32),
-            lengths=jnp.asarray(np.concatenate(lengths)),
-        )
-
-    def sample_batch(self, num_samples: int, batch_size: int | None = None) -> int:
-        """The size of the batches :meth:`sample_batches` draws: ``batch_size`` (default
-        all), at most ``num_samples``, rounded up to a multiple of the devices."""
-        size = min(batch_size or num_samples, num_samples)
-        return -(-size // self.num_devices) * self.num_devices
-
-    def sample_batches(
-        self,
-        model: DiffusionModel,
-        *,
-        key: jax.Array,
-        num_samples: int,
-        conditioning: Conditioning | None = None,
-        batch_size: int | None = None,
-        seq_len: int | None = None,
-    ) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
-        """Samples 0 .. ``num_samples`` - 1 of ``seq_len`` positions (default: the data's)
-        in batches (:meth:`sample_batch`), as (host tokens of the batch, network
-        evaluations, host lengths of the samples). Every batch runs one compiled program
-        (the last is padded and trimmed); each array of ``conditioning`` has one row per
-        sample, cut with the batches, or one row for every sample."""
-        conditioning = conditioning or Conditioning()
-        function = self._sample_fn
-        if seq_len is not None and seq_len != self.recipe.data.seq_len:
-            function = compiled(make_sample, (self.recipe.sampler,), seq_len=seq_len, mesh=self.mesh)
-        size = self.sample_batch(num_samples, batch_size)
-        arrays, static = eqx.partition(conditioning, eqx.is_array)
-        arrays = jax.tree.map(np.asarray, arrays)
-        for first in range(0, num_samples, size):
-            count = min(size, num_samples - first)
-            # Rows first .. first + count - 1, the last repeated to fill the batch.
-            rows = np.minimum(np.arange(first, first + size), num_samples - 1)
-
-            def cut(array, rows=rows):
-                return global_batch(array[rows if len(array) > 1 else np.zeros_like(rows)], self.mesh)
-
-            batch_conditioning = eqx.combine(jax.tree.map(cut, arrays), static)
-            output = function(model, key, jnp.asarray(first, jnp.int32), size, batch_conditioning)
-            yield (
-                to_host(output.tokens)[:count],
-                int(output.num_function_evals),
-                to_host(output.lengths)[:count],
-            )
-
-    def sample_quality(
-        self, model: DiffusionModel, num_samples: int, *, judge: Any = None
-    ) -> dict[str, Any]:
-        """Draw ``num_samples`` samples with the recipe's sampler (keyed by ``eval.seed``)
-        and measure their quality (:func:`ddiff.runner.quality.score_samples`), scored by
-        ``judge`` (a :class:`ddiff.runner.quality.Judge`) too when given."""
-        from ddiff.runner.quality import sample_key, score_samples
-
-        seed = self.recipe.eval.seed
-        output = self.sample(model, key=sample_key(seed), num_samples=num_samples)
-        return score_samples(output, self.recipe, judge=judge, seed=seed)
-
-    def write_samples(
-        self, output: SampleOutput, name: str, *, conditioning: dict[str, Any] | None = None
-    ) -> Path:
-        """Write samples as text (one sequence a line), .npy, and a stats .json beside them
-        (unigram entropy, network evaluations, and ``conditioning``: label, guidance, ...);
-        samples of image data also as a PNG grid."""
-        return write_samples(self.workdir, self.recipe, output, name, conditioning=conditioning)
 
     # ------------------------------------------------------------------ the run
 
@@ -261,7 +85,7 @@ class Trainer:
     def _run(self, stop_at_step: int | None) -> TrainState:
         config = self.recipe.trainer
         data = self.recipe.data
-        state = self.init_state()
+        state = self.engine.init_state()
         iterator = train_batches(
             data,
             batch_size=config.batch_size // jax.process_count(),
@@ -273,16 +97,14 @@ class Trainer:
         writers = None
         failed = True
         try:
-            restored = restore_latest(manager, state, warn=_warn)
+            restored = restore_latest(manager, state, warn=warn)
             latest = None
             if restored is not None:
                 state, iterator_state, latest = restored
                 iterator.set_state(iterator_state)
-            if jax.process_index() == 0:
-                truncate_metrics(self.workdir / METRICS_FILE, latest or 0)
             start = int(state.step)
             end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
-            print_header(self.recipe, state, self.mesh, start, end)
+            print_header(self.recipe, state, self.engine.mesh, start, end)
             writers = MetricWriters(self.workdir, self.recipe, start)
             self._writers = writers
             with StopSignals() as signals:
@@ -308,10 +130,8 @@ class Trainer:
         """Lock the work directory (creating it) and check that it was made by the same
         recipe up to the changes a resume allows (moving an earlier run aside with
         ``fresh``); returns the held lock."""
-        lock = prepare_workdir(self.workdir, self.recipe, fresh=fresh, note=_note)
+        lock = prepare_workdir(self.workdir, self.recipe, fresh=fresh, note=note)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("ddiff: run directory prepared")
         return lock
 
@@ -335,8 +155,8 @@ class Trainer:
             batch = next(iterator)
             if step == start:
                 validate_batch(batch, data, "train split")
-            tokens, labels = self._device_batch(batch)
-            state, metrics, diagnostics = self._step_fn(state, tokens, labels)
+            tokens, labels = self.engine.device_batch(batch)
+            state, metrics, diagnostics = self.engine.train_step(state, tokens, labels)
             done = step + 1
             if previous is not None:
                 self._check_finite(*previous)
@@ -367,7 +187,7 @@ class Trainer:
                     )
             bar.update(1)
             if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-                result = self.evaluate(state.ema, max_batches=config.eval_batches)
+                result = self.engine.evaluate(state.ema, max_batches=config.eval_batches)
                 self._log({"step": done, "split": "eval", **result})
                 line = f"eval at step {done}: {self._eval_line(result)}"
                 if interactive:
@@ -382,12 +202,6 @@ class Trainer:
             self._check_finite(*previous)
         bar.close()
         return state
-
-    def _device_batch(self, batch: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array | None]:
-        """This process's rows of a batch, assembled into global arrays on the mesh."""
-        tokens = global_batch(np.asarray(batch["tokens"]), self.mesh)
-        labels = global_batch(np.asarray(batch["label"]), self.mesh) if "label" in batch else None
-        return tokens, labels
 
     def _check_finite(self, step: int, metrics: dict, diagnostics: dict) -> None:
         """Under ``on_nonfinite: halt``, stop with a report when step ``step`` had a
@@ -423,7 +237,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.PRNGKey(self.recipe.seed + 1), step)
         writer = SampleWriter(self.workdir, self.recipe, f"step_{step:08d}", config.num_samples)
         try:
-            for tokens, evals, lengths in self.sample_batches(
+            for tokens, evals, lengths in self.engine.sample_batches(
                 state.ema, key=key, num_samples=config.num_samples, batch_size=config.sample_batch_size
             ):
                 writer.add(tokens, evals, lengths)
@@ -455,15 +269,13 @@ class Trainer:
         if not (again and samples.exists()):
             self._samples(state, step)
         if config.final_eval and not (again and self._evaluated(step)):
-            result = self.evaluate(state.ema)
+            result = self.engine.evaluate(state.ema)
             if self.recipe.eval.samples:
-                result["samples"] = self.sample_quality(state.ema, self.recipe.eval.samples)
+                result["samples"] = self.engine.sample_quality(state.ema, self.recipe.eval.samples)
             write_eval(self.workdir, self.recipe, result, step)
             self._log({"step": step, "split": "eval", **result})
             print(f"eval at step {step}: {self._eval_line(result)}", flush=True)
         if self.recipe.logging.plot and jax.process_index() == 0:
-            from ddiff.runner.plot import plot_run
-
             plot_run(self.workdir)
 
     def _evaluated(self, step: int) -> bool:
@@ -477,8 +289,6 @@ class Trainer:
         """Where the run's results are, one line each."""
         if jax.process_index() != 0:
             return
-        from ddiff.runner.plot import PLOT_FILE
-
         step = int(state.step)
         places = [("checkpoints", f"{manager.directory} (latest step {manager.latest_step()})")]
         places.append(("metrics", str(self.workdir / METRICS_FILE)))
@@ -500,26 +310,3 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self._writers.write(record)
-
-
-def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Recipe, TrainState]:
-    """The recipe of a run directory and its latest checkpointed state."""
-    workdir = Path(workdir)
-    recipe_path = workdir / RECIPE_FILE
-    if not recipe_path.exists():
-        raise RunDirectoryError(
-            f"{workdir} is not a ddiff run directory (no {RECIPE_FILE}); "
-            f"train into it first with: ddiff run RECIPE --workdir {workdir}"
-        )
-    recipe = load_recipe(recipe_path, overrides)
-    if overrides:
-        check_same_shape(load_recipe(recipe_path), recipe)
-    trainer = Trainer(recipe, workdir)
-    manager = checkpoint_manager(workdir, recipe.trainer.keep_checkpoints)
-    try:
-        restored = restore_latest(manager, trainer.init_state(), warn=_warn)
-    finally:
-        manager.close()
-    if restored is None:
-        raise RunDirectoryError(f"{workdir} has no checkpoint yet; train first with ddiff run")
-    return recipe, restored[0]

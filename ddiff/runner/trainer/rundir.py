@@ -1,11 +1,12 @@
-"""The run directory: the recipe that made it, metrics, evaluation results, and the
-checks that keep a run from mixing with another."""
+"""The run directory: the recipe that made it, evaluation results, the checks that keep a
+run from mixing with another, and loading a run's latest checkpoint."""
 
 import dataclasses
 import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +18,13 @@ from jax.sharding import Mesh
 
 from ddiff._constant import trainable
 from ddiff._errors import RunDirectoryError
-from ddiff.runner.checkpoint import CHECKPOINT_DIR
+from ddiff.runner.checkpoint import CHECKPOINT_DIR, checkpoint_manager, restore_latest
 from ddiff.runner.files import atomic_write_text, unused_path
-from ddiff.runner.recipe import Recipe, parse_yaml
+from ddiff.runner.recipe import Recipe, load_recipe, parse_yaml
+from ddiff.runner.trainer.engine import Engine
 from ddiff.runner.trainer.state import TrainState
 
 RECIPE_FILE = "recipe.yaml"
-METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 LOCK_FILE = ".ddiff.lock"
 
@@ -54,6 +55,17 @@ logging, the mesh, and where the data lie (a run may resume on another machine; 
 checkpoint is laid out on the new mesh, and no draw depends on the mesh). Nothing here
 changes the train state a step computes from its predecessor, up to float round-off
 between meshes; ``trainer.steps`` also stretches the learning rate's decay."""
+
+
+def warn(message: str) -> None:
+    """A warning on stderr (a damaged checkpoint passed over, ...)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """A note on what happens to the run directory, printed by process 0."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def resumable(path: str) -> bool:
@@ -262,24 +274,6 @@ def check_same_shape(trained: Recipe, asked: Recipe) -> None:
         )
 
 
-def append_metrics(workdir: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to the run's metrics (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    with open(workdir / METRICS_FILE, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after ``step`` (by a run that died before checkpointing)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def write_eval(
     workdir: Path, recipe: Recipe, result: dict[str, Any], step: int, *, name: str | Path | None = None
 ) -> Path:
@@ -321,3 +315,27 @@ def print_header(recipe: Recipe, state: TrainState, mesh: Mesh, start: int, end:
         f"steps {start} -> {end} of {recipe.trainer.steps}",
         flush=True,
     )
+
+
+def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Recipe, TrainState]:
+    """The recipe of a run directory (with ``overrides``, which may not change the data's
+    vocabulary or length) and its latest intact checkpointed state."""
+    workdir = Path(workdir)
+    recipe_path = workdir / RECIPE_FILE
+    if not recipe_path.exists():
+        raise RunDirectoryError(
+            f"{workdir} is not a ddiff run directory (no {RECIPE_FILE}); "
+            f"train into it first with: ddiff run RECIPE --workdir {workdir}"
+        )
+    recipe = load_recipe(recipe_path, overrides)
+    if overrides:
+        check_same_shape(load_recipe(recipe_path), recipe)
+    engine = Engine(recipe)
+    manager = checkpoint_manager(workdir, recipe.trainer.keep_checkpoints)
+    try:
+        restored = restore_latest(manager, engine.init_state(), warn=warn)
+    finally:
+        manager.close()
+    if restored is None:
+        raise RunDirectoryError(f"{workdir} has no checkpoint yet; train first with ddiff run")
+    return recipe, restored[0]

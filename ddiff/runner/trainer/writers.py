@@ -1,7 +1,9 @@
 """Where the trainer's records go: ``metrics.jsonl`` always, TensorBoard event files and
-Weights & Biases as the recipe's ``logging`` section asks (process 0 only)."""
+Weights & Biases as the recipe's ``logging`` section asks (process 0 only). Nothing else
+writes a run's metrics."""
 
 import importlib
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -9,9 +11,10 @@ from typing import Any
 import jax
 
 from ddiff._errors import DdiffError
+from ddiff.runner.files import atomic_write_text
 from ddiff.runner.recipe import Recipe
-from ddiff.runner.trainer.rundir import append_metrics
 
+METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id"
 
@@ -40,10 +43,21 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines written after ``step`` (by a run that died before checkpointing)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 class MetricWriters:
     """The run's metric writers, opened for a run that starts (or resumes) at step
-    ``start``. A record is a mapping with ``step``, ``split`` (``train`` or ``eval``)
-    and numbers."""
+    ``start``: the lines of metrics.jsonl after ``start`` (written by a run that died
+    before its next checkpoint) are dropped, as TensorBoard purges its later events. A
+    record is a mapping with ``step``, ``split`` (``train`` or ``eval``) and numbers."""
 
     def __init__(self, workdir: Path, recipe: Recipe, start: int):
         self.workdir = Path(workdir)
@@ -51,6 +65,7 @@ class MetricWriters:
         self.wandb_run: Any = None
         if jax.process_index() != 0:
             return
+        truncate_metrics(self.workdir / METRICS_FILE, start)
         config = recipe.logging
         if config.tensorboard:
             tensorboardx = _import("tensorboardX", "tensorboard")
@@ -79,7 +94,9 @@ class MetricWriters:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` to metrics.jsonl and send its numbers to the other writers."""
-        append_metrics(self.workdir, record)
+        if jax.process_index() == 0:
+            with open(self.workdir / METRICS_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         scalars = _scalars(record)
         step = int(record["step"])
         if self.tensorboard is not None:

@@ -1,0 +1,88 @@
+"""``ddiff diagnose TARGET --objective SPEC ...``: several objectives evaluated on the same
+network, data and keys (:func:`ddiff.runner.diagnose.diagnose`), as a table and JSON."""
+
+import argparse
+import json
+from pathlib import Path
+
+from ddiff._errors import RecipeError
+from ddiff.runner.commands.options import SEED, add_command, integer, output_path
+from ddiff.runner.diagnose import diagnose, format_diagnosis, parse_objective
+from ddiff.runner.files import atomic_write_text, unused_path
+from ddiff.runner.model import initial_model
+from ddiff.runner.recipe import load_recipe
+from ddiff.runner.trainer.rundir import load_run
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``diagnose`` command's parser."""
+    parser = add_command(
+        commands, "diagnose", "evaluate several objectives on the same network and data: means and spreads"
+    )
+    parser.add_argument(
+        "target", help="a run directory (its trained model) or a recipe YAML (its untrained model)"
+    )
+    parser.add_argument("overrides", nargs="*", help="recipe overrides such as data.eval_split=test")
+    parser.add_argument(
+        "--objective",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="a registered objective, NAME or '{kind: NAME, key: value}'; give it once per "
+        "objective (required, no default)",
+    )
+    parser.add_argument("--batches", type=integer(1), default=8, help="eval batches to use")
+    parser.add_argument(
+        "--batch-size",
+        type=integer(1),
+        default=None,
+        help="sequences per batch (default: eval.batch_size)",
+    )
+    parser.add_argument(
+        "--repeats", type=integer(1), default=1, help="independent draws per batch (2+ gives the estimator std)"
+    )
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the draws")
+    parser.add_argument(
+        "--no-ema", action="store_true", help="a run's trained parameters rather than their EMA"
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="JSON file (default: DIR/diagnose.json, or ./diagnose.json for a recipe; "
+        "numbered when it exists)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Diagnose a run's model (or a recipe's untrained one) and write the result."""
+    target = Path(args.target)
+    overrides = list(args.overrides)
+    if args.batch_size is not None:
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    if not target.exists():
+        raise RecipeError("no such run directory or recipe file", source=str(target))
+    if args.output is not None:
+        output = output_path(Path(args.output), "--output", args.overwrite)
+    else:
+        output = unused_path((target if target.is_dir() else Path(".")) / "diagnose.json")
+    if target.is_dir():
+        recipe, state = load_run(target, tuple(overrides))
+        model = state.model if args.no_ema else state.ema
+        described = f"{target} at step {int(state.step)} ({'trained' if args.no_ema else 'EMA'} parameters)"
+    else:
+        recipe = load_recipe(target, overrides)
+        model = initial_model(recipe)
+        described = f"{target}, untrained (the initialisation of seed {recipe.seed})"
+    objectives = [parse_objective(text, recipe) for text in args.objective]
+    labels = [named.label for named in objectives]
+    if len(set(labels)) != len(labels):
+        raise RecipeError("the same --objective is given twice", source="command line")
+    result = diagnose(
+        model, recipe, objectives, max_batches=args.batches, repeats=args.repeats, seed=args.seed
+    )
+    result = {"model": described, **result}
+    atomic_write_text(output, json.dumps(result, indent=2) + "\n")
+    print(f"{described}\n{format_diagnosis(result)}\nwrote {output}")

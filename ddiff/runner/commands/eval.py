@@ -1,0 +1,104 @@
+"""``ddiff eval DIR``: evaluate a run's latest checkpoint over the eval split, and the
+quality of samples drawn from it."""
+
+import argparse
+import json
+import sys
+
+from ddiff._errors import RecipeError
+from ddiff.runner.commands.options import (
+    MAX_SAMPLES,
+    add_command,
+    integer,
+    output_path,
+    run_directory,
+)
+from ddiff.runner.files import unused_path
+from ddiff.runner.quality import Judge
+from ddiff.runner.quality_sweep import load_judge
+from ddiff.runner.recipe import Recipe
+from ddiff.runner.trainer.engine import Engine
+from ddiff.runner.trainer.rundir import load_run, write_eval
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``eval`` command's parser."""
+    parser = add_command(
+        commands,
+        "eval",
+        "evaluate a run's latest checkpoint",
+        "Evaluate the EMA parameters of a run's latest checkpoint over the eval split and "
+        "write DIR/eval_step<k>.json (a numbered name when it exists: nothing is "
+        "overwritten unless --overwrite).",
+    )
+    parser.add_argument("workdir", help="run directory")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="overrides such as data.root=/data or data.eval_split=test, or "
+        "'data={kind: zero_shot, name: wikitext103}' for another data set",
+    )
+    parser.add_argument(
+        "--time-draws", type=integer(1), default=None, help="draws per sequence (default: eval.time_draws)"
+    )
+    parser.add_argument(
+        "--max-examples",
+        type=integer(1),
+        default=None,
+        help="evaluate at most this many sequences (default: eval.max_examples, null: all)",
+    )
+    parser.add_argument(
+        "--output", default=None, help="JSON file, in DIR unless a path (default: eval_step<k>.json)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument(
+        "--samples",
+        type=integer(1, MAX_SAMPLES),
+        default=None,
+        metavar="N",
+        help="also draw N samples with the run's sampler and report their quality under "
+        "'samples' (sets eval.samples)",
+    )
+    parser.add_argument(
+        "--judge",
+        default=None,
+        metavar="JUDGE_RUN",
+        help="a run trained on the same data (an autoregressive one: recipes/ar_quickstart.yaml) "
+        "whose likelihood scores the samples: their generative perplexity (default: none)",
+    )
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def _judge(args: argparse.Namespace, recipe: Recipe) -> Judge | None:
+    """The judge of --judge, loaded; refused without samples to score."""
+    if args.judge is None:
+        return None
+    if not recipe.eval.samples:
+        raise RecipeError("--judge needs samples to score: add --samples N", source="command line")
+    return load_judge(args.judge, recipe)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate, write the result beside the run and print it."""
+    workdir = run_directory(args.workdir)
+    if args.output is not None:
+        output_path(workdir / args.output, "--output", args.overwrite)
+    overrides = list(args.overrides)
+    if args.time_draws is not None:
+        overrides.append(f"eval.time_draws={args.time_draws}")
+    if args.max_examples is not None:
+        overrides.append(f"eval.max_examples={args.max_examples}")
+    if args.samples is not None:
+        overrides.append(f"eval.samples={args.samples}")
+    recipe, state = load_run(workdir, tuple(overrides))
+    judge = _judge(args, recipe)
+    step = int(state.step)
+    output = args.output or unused_path(workdir / f"eval_step{step:08d}.json").name
+    engine = Engine(recipe)
+    result = engine.evaluate(state.ema)
+    if recipe.eval.samples:
+        result["samples"] = engine.sample_quality(state.ema, recipe.eval.samples, judge=judge)
+    path = write_eval(workdir, recipe, result, step, name=output)
+    print(json.dumps(json.loads(path.read_text()), indent=2))
+    print(f"wrote {path}", file=sys.stderr)

@@ -1,0 +1,82 @@
+"""What the commands' parsers share: argument types that refuse a bad value before
+anything is loaded, the help of recipe overrides, and the checks of output paths and run
+directories."""
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from ddiff._errors import RecipeError, RunDirectoryError
+
+OVERRIDES_HELP = (
+    "recipe overrides key.path=value, before or after the options; section=NAME or "
+    "section='{kind: NAME, key: value}' replaces a whole section"
+)
+
+MAX_SAMPLES = 2**31 - 1
+"""Sample indices fold into 32-bit keys (:func:`ddiff.sample_keys`)."""
+
+
+def add_command(
+    commands: argparse._SubParsersAction, name: str, help: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of command ``name``, with ``help`` in the list of commands and
+    ``description`` (default: ``help``) atop its own help."""
+    return commands.add_parser(name, help=help, description=description or help)
+
+
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{upper}, got {value}")
+        return value
+
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite real number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+SEED = integer(0, 2**32 - 1)
+"""An argparse type: a seed, an integer in [0, 2^32 - 1]."""
+
+
+def output_path(path: Path, option: str, overwrite: bool) -> Path:
+    """Refuse an output path whose folder is missing, or an existing file unless
+    ``overwrite``."""
+    if not path.parent.is_dir():
+        raise RecipeError(
+            f"{option} {path}: folder {path.parent} does not exist; create it first",
+            source="command line",
+        )
+    if path.is_dir():
+        raise RecipeError(f"{option} {path} is a directory; give a file name", source="command line")
+    if path.exists() and not overwrite:
+        raise RecipeError(
+            f"{option} {path} exists; choose another name or add --overwrite", source="command line"
+        )
+    return path
+
+
+def run_directory(workdir: str) -> Path:
+    """The run directory ``workdir``, refused when it is a file."""
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"{path} is a file, not a run directory")
+    return path

@@ -1,0 +1,203 @@
+"""The engine: a recipe's compiled programs on a device mesh (the train step, the
+held-out evaluation of each objective, sampling) and the state they run on, with no run
+directory. The :class:`~ddiff.runner.Trainer` runs one in a run directory; ``ddiff eval``,
+``ddiff sample``, ``ddiff quality`` and ``ddiff bench`` use one directly."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ddiff._errors import RecipeError
+from ddiff._model import DiffusionModel
+from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput
+from ddiff.runner.mesh import global_batch, make_mesh, to_host
+from ddiff.runner.quality import Judge, sample_key, score_samples
+from ddiff.runner.recipe import Recipe
+from ddiff.runner.trainer.compiled import Bound, compiled
+from ddiff.runner.trainer.evaluation import evaluate_split, make_eval
+from ddiff.runner.trainer.optimizer import make_optimizer
+from ddiff.runner.trainer.sampling import make_sample
+from ddiff.runner.trainer.state import TrainState, initial_state, place_state
+from ddiff.runner.trainer.step import make_train_step
+
+
+def check_divisible(recipe: Recipe, devices: int) -> None:
+    """Batch sizes must split evenly over the mesh's devices."""
+    for path, value in (
+        ("trainer.batch_size", recipe.trainer.batch_size),
+        ("eval.batch_size", recipe.eval.batch_size),
+    ):
+        if value % devices:
+            raise RecipeError(
+                f"{value} is not divisible by the mesh's {devices} devices; use a multiple of {devices}",
+                source=recipe.source,
+                path=path,
+            )
+
+
+class Engine:
+    """A recipe's compiled programs on ``mesh`` (default: the recipe's ``mesh`` section).
+
+    They come from :func:`ddiff.runner.trainer.compiled.compiled`, so engines of equal
+    recipes on the same mesh share them, and building an engine compiles nothing.
+
+    Attributes:
+        recipe: what it runs.
+        mesh: where; batch sizes must be multiples of its devices.
+        optimizer: the recipe's AdamW, as the train state holds its moments.
+        train_step: ``(state, tokens, labels) -> (state, metrics, diagnostics)``, one
+            jitted step with donated buffers (:func:`ddiff.runner.trainer.step.make_train_step`).
+        eval_steps: ``(model, tokens, labels, key) -> nelbo`` per example of a global eval
+            batch, by the prefix of its report: ``""`` for the recipe's objective,
+            ``"<kind>_"`` for each of ``eval.objectives``.
+    """
+
+    def __init__(self, recipe: Recipe, *, mesh: Mesh | None = None):
+        self.recipe = recipe
+        self.mesh = make_mesh(recipe.mesh) if mesh is None else mesh
+        check_divisible(recipe, self.mesh.size)
+        self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
+        self.train_step = compiled(
+            make_train_step,
+            (recipe.objective,),
+            optimizer=recipe.optimizer,
+            total_steps=recipe.trainer.steps,
+            batch_size=recipe.trainer.batch_size,
+            seq_len=recipe.data.seq_len,
+            mesh=self.mesh,
+        )
+        objectives = [("", recipe.objective)]
+        objectives += [(f"{name}_", objective) for name, objective in recipe.eval_objectives.values()]
+        self.eval_steps = {
+            prefix: compiled(make_eval, (objective,), batch_size=recipe.eval.batch_size, mesh=self.mesh)
+            for prefix, objective in objectives
+        }
+
+    # ------------------------------------------------------------------ state and batches
+
+    def init_state(self) -> TrainState:
+        """A fresh state of the recipe's seed, laid out on the mesh."""
+        return initial_state(self.recipe, self.optimizer, self.mesh)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Lay every array of ``state`` out on the mesh (fsdp-sharded where large)."""
+        return place_state(state, self.mesh)
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array | None]:
+        """This process's rows of a batch (``tokens``, and ``label`` when the data have
+        classes), assembled into global arrays on the mesh."""
+        tokens = global_batch(np.asarray(batch["tokens"]), self.mesh)
+        labels = global_batch(np.asarray(batch["label"]), self.mesh) if "label" in batch else None
+        return tokens, labels
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(
+        self, model: DiffusionModel, *, max_batches: int | None = None, max_examples: int | None = None
+    ) -> dict[str, float]:
+        """Negative ELBO over the eval split in bits per token, with its standard error
+        over sequences (each sequence averaged over ``eval.time_draws`` draws), and in the
+        data source's ``metric`` (bits per dim, bits per char or perplexity). Each of
+        ``eval.objectives`` is evaluated with the same sequences and keys and reported
+        with its kind as prefix (``score_entropy_bits_per_token``, ...)."""
+        return evaluate_split(
+            self.recipe,
+            model,
+            self.eval_steps,
+            self.device_batch,
+            max_batches=max_batches,
+            max_examples=max_examples,
+        )
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample_program(self, *, sampler: AbstractSampler | None = None, seq_len: int | None = None) -> Bound:
+        """``(model, key, first, num_samples, conditioning) -> SampleOutput`` for
+        ``sampler`` (default: the recipe's) and ``seq_len`` positions (default: the
+        data's): :func:`ddiff.runner.trainer.sampling.make_sample` on the mesh."""
+        return compiled(
+            make_sample,
+            (self.recipe.sampler if sampler is None else sampler,),
+            seq_len=self.recipe.data.seq_len if seq_len is None else seq_len,
+            mesh=self.mesh,
+        )
+
+    def sample_batch(self, num_samples: int, batch_size: int | None = None) -> int:
+        """The size of the batches :meth:`sample_batches` draws: ``batch_size`` (default
+        all), at most ``num_samples``, rounded up to a multiple of the devices."""
+        size = min(batch_size or num_samples, num_samples)
+        return -(-size // self.mesh.size) * self.mesh.size
+
+    def sample_batches(
+        self,
+        model: DiffusionModel,
+        *,
+        key: jax.Array,
+        num_samples: int,
+        conditioning: Conditioning | None = None,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        sampler: AbstractSampler | None = None,
+    ) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+        """Samples 0 .. ``num_samples`` - 1 of ``seq_len`` positions (default: the data's;
+        at most, for a variable-length sampler) drawn by ``sampler`` (default: the
+        recipe's) in batches (:meth:`sample_batch`), as (host tokens of the batch, network
+        evaluations, host lengths of the samples). Sample i is drawn from
+        ``fold_in(key, i)``, so the samples depend neither on the batch size nor on the
+        mesh. Every batch runs one compiled program (the last is padded and trimmed);
+        each array of ``conditioning`` has one row per sample, cut with the batches, or
+        one row for every sample."""
+        conditioning = conditioning or Conditioning()
+        program = self.sample_program(sampler=sampler, seq_len=seq_len)
+        size = self.sample_batch(num_samples, batch_size)
+        arrays, static = eqx.partition(conditioning, eqx.is_array)
+        arrays = jax.tree.map(np.asarray, arrays)
+        for first in range(0, num_samples, size):
+            count = min(size, num_samples - first)
+            # Rows first .. first + count - 1, the last repeated to fill the batch.
+            rows = np.minimum(np.arange(first, first + size), num_samples - 1)
+
+            def cut(array, rows=rows):
+                return global_batch(array[rows if len(array) > 1 else np.zeros_like(rows)], self.mesh)
+
+            batch_conditioning = eqx.combine(jax.tree.map(cut, arrays), static)
+            output = program(model, key, jnp.asarray(first, jnp.int32), size, batch_conditioning)
+            yield (
+                to_host(output.tokens)[:count],
+                int(output.num_function_evals),
+                to_host(output.lengths)[:count],
+            )
+
+    def sample(self, model: DiffusionModel, *, key: jax.Array, num_samples: int, **options: Any) -> SampleOutput:
+        """Every batch of :meth:`sample_batches` (with its ``options``: ``conditioning``,
+        ``batch_size``, ``seq_len``, ``sampler``) at once: ``num_samples`` sequences, all
+        in one batch unless ``batch_size`` says otherwise, tokens and lengths on the host;
+        ``num_function_evals`` is that of the costliest batch."""
+        parts, lengths, evals = [], [], 0
+        for tokens, batch_evals, batch_lengths in self.sample_batches(
+            model, key=key, num_samples=num_samples, **options
+        ):
+            parts.append(tokens)
+            lengths.append(batch_lengths)
+            evals = max(evals, batch_evals)
+        return SampleOutput(
+            tokens=jnp.asarray(np.concatenate(parts)),
+            num_function_evals=jnp.asarray(evals, jnp.int32),
+            lengths=jnp.asarray(np.concatenate(lengths)),
+        )
+
+    def sample_quality(
+        self, model: DiffusionModel, num_samples: int, *, judge: Judge | None = None
+    ) -> dict[str, Any]:
+        """Draw ``num_samples`` samples with the recipe's sampler (keyed by ``eval.seed``,
+        so numbers are comparable across runs) and measure their quality
+        (:func:`ddiff.runner.quality.score_samples`), scored by ``judge`` too when given:
+        the ``samples`` entry of an evaluation under ``eval.samples``."""
+        seed = self.recipe.eval.seed
+        output = self.sample(model, key=sample_key(seed), num_samples=num_samples)
+        return score_samples(output, self.recipe, judge=judge, seed=seed)
