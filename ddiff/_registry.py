@@ -18,6 +18,7 @@ from ddiff._objective import AbstractObjective
 from ddiff._parameterization import AbstractParameterization
 from ddiff._process import AbstractForwardProcess
 from ddiff._sampler import AbstractSampler
+from ddiff._sampling_transforms import AbstractLogProbTransform
 from ddiff._schedule import AbstractSchedule
 from ddiff._weighting import AbstractWeighting
 
@@ -30,6 +31,7 @@ SLOTS: dict[str, type] = {
     "objective": AbstractObjective,
     "sampler": AbstractSampler,
     "weighting": AbstractWeighting,
+    "transform": AbstractLogProbTransform,
 }
 """Registry slot -> the protocol its classes must implement."""
 

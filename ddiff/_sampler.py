@@ -9,6 +9,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ddiff._capabilities import MASKED, Capable
@@ -88,12 +89,6 @@ def time_grid(kind: TimeGrid, steps: int) -> Float[Array, " steps_plus_one"]:
     return jnp.cos(0.5 * math.pi * fraction)
 
 
-def grid_times(kind: TimeGrid, steps: int) -> tuple[float, ...]:
-    """The times of :func:`time_grid` as Python floats (their float32 values exactly), for a
-    :class:`ReverseChain`."""
-    return tuple(float(t) for t in time_grid(kind, steps).tolist())
-
-
 @dataclasses.dataclass(frozen=True)
 class ReverseChain:
     """The Markov chain a sampler simulates, stated so that :mod:`ddiff.testing` can compute
@@ -137,7 +132,10 @@ class ReverseChain:
     Attributes:
         step: the rule of every step.
         reads: ``mean`` or ``score``: what the steps read from the model.
-        times: 1 = t_0 > t_1 > ... > t_K, the times of the steps and the final draw.
+        times: 1 = t_0 > t_1 > ... > t_K, the times of the steps and the final draw: a
+            grid sampler's :meth:`~ddiff.AbstractGridSampler.times` (an array, e.g.
+            :func:`time_grid`'s) or a tuple, kept as Python floats (the float32 values
+            exactly).
         final: the rule of the final draw.
         top_p: nucleus of mu for ``posterior`` steps and ``mean`` draws (1 = none).
         corrector_steps, corrector_size, corrector_entry: ``tau_leap`` correctors.
@@ -145,12 +143,15 @@ class ReverseChain:
 
     step: Literal["posterior", "euler", "tweedie", "tau_leap", "continuous"]
     reads: Literal["mean", "score"]
-    times: tuple[float, ...]
+    times: tuple[float, ...] | Float[Array, " times"]
     final: Literal["mean", "masked_mean", "tweedie", "sequential"]
     top_p: float = 1.0
     corrector_steps: int = 0
     corrector_size: float = 0.0
     corrector_entry: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "times", tuple(float(t) for t in np.asarray(self.times).tolist()))
 
 
 class AbstractSampler(AbstractCheckedModule, Capable):

@@ -42,7 +42,7 @@ test_md4_discrete_elbo = objective_conformance("md4_discrete_elbo", MD4)
 
 test_ancestral = sampler_conformance("ancestral", MD4, steps=128)
 test_top_p = sampler_conformance("top_p", MD4, steps=128, top_p=1.0)
-test_mean = sampler_conformance("mean", MD4, steps=128)
+test_two_draw = sampler_conformance("two_draw", MD4, steps=128)
 test_cached = sampler_conformance("cached", MD4, steps=128)
 # On the cosine schedule, where the hitting times in t differ from those of a linear one.
 test_first_hitting = sampler_conformance("first_hitting", MD4_COSINE)

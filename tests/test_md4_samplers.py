@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ddiff_plugins import md4
 
 import ddiff
 import ddiff.runner
@@ -40,7 +39,7 @@ def run(sampler, model, key, conditioning, num_samples):
 
 
 def test_grid_samplers_count_network_evaluations(models):
-    """The grid samplers share one loop (AbstractGridSampler); ancestral stands for them.
+    """The grid samplers share one loop (ddiff.run_sampler); ancestral stands for them.
     (Guidance doubles the count: see the transformer test below.)"""
     sampler = build("sampler", {"kind": "ancestral", "steps": 8, "grid": "cosine"})
     output = run(sampler, models[0]["markov"], jax.random.PRNGKey(0), ddiff.Conditioning(), 64)
@@ -142,13 +141,13 @@ def test_time_of_alpha_inverts_the_schedule():
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     log_probs = jnp.log(jnp.asarray([[0.15, 0.5, 0.05, 0.3]]))
-    np.testing.assert_allclose(jnp.exp(md4.nucleus(log_probs, 0.8)), [[0, 0.625, 0, 0.375]], atol=1e-6)
+    np.testing.assert_allclose(jnp.exp(ddiff.TopP(top_p=0.8)(log_probs)), [[0, 0.625, 0, 0.375]], atol=1e-6)
     np.testing.assert_allclose(
-        jnp.exp(md4.nucleus(log_probs, 0.81)), [[0.15 / 0.95, 0.5 / 0.95, 0, 0.3 / 0.95]], atol=1e-6
+        jnp.exp(ddiff.TopP(top_p=0.81)(log_probs)), [[0.15 / 0.95, 0.5 / 0.95, 0, 0.3 / 0.95]], atol=1e-6
     )
-    np.testing.assert_allclose(jnp.exp(md4.nucleus(log_probs, 1.0)), jnp.exp(log_probs), atol=1e-6)
+    np.testing.assert_allclose(jnp.exp(ddiff.TopP(top_p=1.0)(log_probs)), jnp.exp(log_probs), atol=1e-6)
     one_hot = jnp.log(jnp.asarray([[0.0, 1.0, 0.0, 0.0]]))
-    np.testing.assert_allclose(jnp.exp(md4.nucleus(one_hot, 0.5)), [[0, 1, 0, 0]])
+    np.testing.assert_allclose(jnp.exp(ddiff.TopP(top_p=0.5)(one_hot)), [[0, 1, 0, 0]])
 
 
 def test_top_p_with_a_tiny_nucleus_draws_the_mode(models):

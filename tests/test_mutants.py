@@ -212,16 +212,27 @@ class GridIgnoringAncestralSampler(md4.AncestralSampler):
         )
 
 
-class OffByOneNucleusSampler(md4.TopPSampler):
-    """Top-p keeping a value only when the mass up to and including it is below top_p
-    (the nucleus one value short)."""
+class _OffByOneNucleus(ddiff.AbstractLogProbTransform):
+    top_p: float = eqx.field(static=True)
 
-    def filter_mean(self, log_mean):
+    def __call__(self, log_mean):
         order = jnp.argsort(-log_mean, axis=-1)
         ordered = jnp.take_along_axis(jnp.exp(log_mean), order, axis=-1)
         keep_sorted = (jnp.cumsum(ordered, axis=-1) < self.top_p).at[..., 0].set(True)
         keep = jnp.zeros_like(keep_sorted).at[(*jnp.indices(order.shape)[:-1], order)].set(keep_sorted)
         return jax.nn.log_softmax(jnp.where(keep, log_mean, -jnp.inf), axis=-1)
+
+    def as_top_p(self):
+        return self.top_p
+
+
+class OffByOneNucleusSampler(md4.TopPSampler):
+    """Top-p keeping a value only when the mass up to and including it is below top_p
+    (the nucleus one value short)."""
+
+    @property
+    def transforms(self):
+        return (_OffByOneNucleus(self.top_p),)
 
 
 class OutgoingRatesEulerSampler(sedd.EulerSampler):

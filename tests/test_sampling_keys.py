@@ -16,11 +16,11 @@ GENMD4 = Setup(process={"kind": "masked", "schedule": {"kind": "learnable_poly",
 UNIFORM = Setup(process={"kind": "uniform", "schedule": {"kind": "geometric"}}, parameterization="x0")
 
 # One sampler per way of drawing (the others share their sampler's loop and draws: top_p,
-# cached and ancestral the grid loop of `mean`, whose own draw splits each sample's key;
+# cached and ancestral the grid loop of `two_draw`, whose own draw splits each sample's key;
 # analytic the score loop of euler; tau_leaping the loop of tau_leaping_pc without its
 # correctors). The trainer's ancestral samples are checked on meshes in test_mesh.py.
 SAMPLERS = {
-    "mean": (MASKED, {"steps": 4}),
+    "two_draw": (MASKED, {"steps": 4}),
     "first_hitting": (MASKED, {"tokens_per_call": 2}),
     "genmd4_ancestral": (GENMD4, {"steps": 4}),
     "d3pm_ancestral": (UNIFORM, {"steps": 4}),

@@ -105,7 +105,7 @@ class TauLeapingSampler(AbstractTauLeapingSampler):
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
-            step="tau_leap", reads="mean", times=ddiff.grid_times(self.grid, self.steps), final="mean"
+            step="tau_leap", reads="mean", times=ddiff.time_grid(self.grid, self.steps), final="mean"
         )
 
 
@@ -149,7 +149,7 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
-            step="tau_leap", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
+            step="tau_leap", reads="mean", times=ddiff.time_grid(self.grid, self.steps),
             final="mean", corrector_steps=self.corrector_steps,
             corrector_size=self.corrector_step_size, corrector_entry=self.corrector_entry_time,
         )

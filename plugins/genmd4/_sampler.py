@@ -51,7 +51,7 @@ class StateDependentAncestralSampler(ddiff.AbstractSampler):
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
-            step="posterior", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
+            step="posterior", reads="mean", times=ddiff.time_grid(self.grid, self.steps),
             final="masked_mean",
         )
 

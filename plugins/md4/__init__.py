@@ -6,26 +6,24 @@ Notation: V real tokens, mask m = V, alpha_t the probability that a token is sti
 import ddiff
 from ddiff_plugins.md4._objectives import MD4ContinuousELBO, MD4DiscreteELBO, elbo_weight
 from ddiff_plugins.md4._samplers import (
-    AbstractGridSampler,
+    AbstractAncestralSampler,
     AncestralSampler,
     CachedSampler,
     FirstHittingSampler,
-    MeanSampler,
     TopPSampler,
-    nucleus,
+    TwoDrawSampler,
 )
 
 __all__ = [
-    "AbstractGridSampler",
+    "AbstractAncestralSampler",
     "AncestralSampler",
     "CachedSampler",
     "FirstHittingSampler",
     "MD4ContinuousELBO",
     "MD4DiscreteELBO",
-    "MeanSampler",
     "TopPSampler",
+    "TwoDrawSampler",
     "elbo_weight",
-    "nucleus",
 ]
 
 
@@ -35,6 +33,7 @@ def ddiff_register_components(registry: ddiff.Registry) -> None:
     registry.register("objective", "md4_discrete_elbo", MD4DiscreteELBO)
     registry.register("sampler", "ancestral", AncestralSampler)
     registry.register("sampler", "top_p", TopPSampler)
-    registry.register("sampler", "mean", MeanSampler)
+    registry.register("sampler", "two_draw", TwoDrawSampler)
     registry.register("sampler", "cached", CachedSampler)
     registry.register("sampler", "first_hitting", FirstHittingSampler)
+    registry.register("transform", "top_p", ddiff.TopP)

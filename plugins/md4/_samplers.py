@@ -1,4 +1,5 @@
-"""MD4's samplers: ancestral on a time grid (Alg. 2), its two-draw and cached forms, first hitting."""
+"""MD4's samplers: ancestral on a time grid (Alg. 2), its nucleus, two-draw and cached forms,
+first hitting; each a step rule over :func:`ddiff.run_sampler`."""
 
 import equinox as eqx
 import jax
@@ -21,35 +22,18 @@ def _ancestral_logits(log_mean, alpha_s, alpha_t):
     return jnp.concatenate([log_unmask + log_mean, stay], axis=-1)
 
 
-def nucleus(log_mean: jax.Array, top_p: float) -> jax.Array:
-    """Restrict each row of log-probabilities to its nucleus (Holtzman et al. 2020): the
-    most probable values whose mass reaches ``top_p`` (a value is kept when the mass of the
-    values more probable than it is below ``top_p``), renormalised; the rest get -inf."""
-    order = jnp.argsort(-log_mean, axis=-1)
-    sorted_probs = jnp.take_along_axis(jnp.exp(log_mean), order, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[
-        (*jnp.indices(order.shape)[:-1], order)
-    ].set(keep_sorted)
-    return jax.nn.log_softmax(jnp.where(keep, log_mean, -jnp.inf), axis=-1)
+class AbstractAncestralSampler(ddiff.AbstractGridSampler):
+    """MD4's reverse step (Alg. 2) on the grid of :class:`ddiff.AbstractGridSampler`, one
+    batched prediction mu_theta(x_t, t) per step (labels, guidance and the sampler's
+    ``transforms`` through :class:`ddiff.Prediction`); positions still masked after the
+    last step are drawn from mu_theta(x, 0). The driver (:func:`ddiff.run_sampler`) starts
+    from all-mask and sets the given positions after every step.
 
-
-class AbstractGridSampler(ddiff.AbstractSampler):
-    """Reverse sampling of the masked process on a time grid 1 = t_0 > ... > t_T = 0
-    (``uniform`` or ``cosine``, :func:`ddiff.time_grid`), one batched prediction
-    mu_theta(x_t, t) per step, jitted as one ``lax.scan``. The reverse process starts from
-    all-mask (:func:`ddiff.initial_tokens`); positions still masked after the last step are
-    drawn from mu_theta(x_0, 0). Given positions (infilling) are set at the start and after every
-    step; labels and classifier-free guidance go through :func:`ddiff.batched_log_mean`.
-
-    Concrete samplers choose the draw (``draw``), a filter of mu (``filter_mean``) and
-    whether a prediction is reused while no position changes (``caches``).
+    Concrete samplers choose the draw (:meth:`draw`), the transforms of mu and whether a
+    prediction is reused while no position changes (:attr:`caches`).
     """
 
     requires = _MD4_REQUIRES
-    steps: eqx.AbstractVar[int]
-    grid: eqx.AbstractVar[ddiff.TimeGrid]
 
     @property
     def caches(self) -> bool:
@@ -58,15 +42,14 @@ class AbstractGridSampler(ddiff.AbstractSampler):
 
     def reverse_chain(self):
         """MD4 Alg. 2 on the grid, masked positions drawn from mu(x, 0) at the end (with
-        caching, the same chain for a network that ignores t)."""
+        caching, the same chain for a network that ignores t); the nucleus of a ``top_p``
+        transform is part of the chain, other transforms are not (None)."""
+        top_p = ddiff.chain(*self.transforms).as_top_p()
+        if top_p is None:
+            return None
         return ddiff.ReverseChain(
-            step="posterior", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
-            final="masked_mean",
+            step="posterior", reads="mean", times=self.times(), final="masked_mean", top_p=top_p
         )
-
-    def filter_mean(self, log_mean: ddiff.LogProbs) -> ddiff.LogProbs:
-        """The distribution over clean values actually drawn from (default: mu itself)."""
-        return log_mean
 
     def draw(
         self,
@@ -79,87 +62,72 @@ class AbstractGridSampler(ddiff.AbstractSampler):
         one categorical over V+1 outcomes, drawn exactly)."""
         return ddiff.categorical(key, _ancestral_logits(log_mean, alpha_s, alpha_t))
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        if self.caches and caps.TIME_INDEPENDENT not in model.network.capabilities():
+    def init(self, prediction, tokens, *, keys):
+        """No carry; with :attr:`caches`, the last input and its prediction (refused for a
+        time-conditioned network)."""
+        if not self.caches:
+            return None
+        network = prediction.model.network
+        if caps.TIME_INDEPENDENT not in network.capabilities():
             raise ddiff.IncompatibleComponentsError(
                 f"sampler {type(self).__name__} reuses network outputs across times, which "
-                f"is exact only for a network that ignores t, but {type(model.network).__name__} "
+                f"is exact only for a network that ignores t, but {type(network).__name__} "
                 f"is time conditioned; set network.time_conditioned: false or use sampler "
                 f"'ancestral'",
                 path="sampler",
             )
-        process = model.process
-        schedule = process.schedule
-        mask_id = process.mask_id
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
-        x, calls = start.tokens, start.calls
+        vocab = prediction.model.process.vocab_size
+        return jnp.full_like(tokens, -1), jnp.zeros((*tokens.shape, vocab))
 
-        def fresh(x, t):
-            log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
-            return jax.vmap(self.filter_mean)(log_mean)
-
-        def predict(x, t, cache):
-            if not self.caches:
-                return fresh(x, t), cache, jnp.int32(calls)
-            last_x, last = cache
-            changed = jnp.any(x != last_x)
-            log_mean = jax.lax.cond(changed, fresh, lambda x, t: last, x, t)
-            return log_mean, (x, log_mean), changed.astype(jnp.int32) * calls
-
-        def step(carry, inputs):
-            x, cache, evals = carry
-            t, s, index = inputs
-            log_mean, cache, used = predict(x, t, cache)
-            alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
-            draws = jax.vmap(lambda k, lm: self.draw(k, lm, alpha_s, alpha_t))(
-                ddiff.step_keys(start.loop_keys, index), log_mean
-            )
-            x = ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, draws, x))
-            return (x, cache, evals + used), None
-
-        times = ddiff.time_grid(self.grid, self.steps)
-        cache = (jnp.full_like(x, -1), jnp.zeros((*x.shape, process.vocab_size))) if self.caches else None
-        (x, cache, evals), _ = jax.lax.scan(
-            step, (x, cache, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
+    def _predict(self, prediction, tokens, t, cache):
+        """log mu(x, t), the new cache and the calls made: the cached prediction while x is
+        unchanged, under :attr:`caches`."""
+        if not self.caches:
+            log_mean, calls = prediction.log_mean(tokens, t)
+            return log_mean, cache, calls
+        last_tokens, last = cache
+        changed = jnp.any(tokens != last_tokens)
+        log_mean = jax.lax.cond(
+            changed, lambda x, t: prediction.log_mean(x, t)[0], lambda x, t: last, tokens, t
         )
+        return log_mean, (tokens, log_mean), changed.astype(jnp.int32) * prediction.calls
 
-        def decode(x, cache):
-            log_mean, _, used = predict(x, jnp.zeros(()), cache)
-            drawn = jax.vmap(ddiff.categorical)(start.final_keys, log_mean)
-            return ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), used
+    def step(self, prediction, tokens, carry, t, s, *, keys):
+        schedule = prediction.model.process.schedule
+        log_mean, carry, calls = self._predict(prediction, tokens, t, carry)
+        alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
+        drawn = jax.vmap(lambda key, lm: self.draw(key, lm, alpha_s, alpha_t))(keys, log_mean)
+        return jnp.where(tokens == prediction.model.process.mask_id, drawn, tokens), carry, calls
 
-        x, used = jax.lax.cond(
-            jnp.any(ddiff.still_masked(conditioning, x, mask_id)),
-            decode,
-            lambda x, cache: (x, jnp.int32(0)),
-            x,
-            cache,
-        )
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals + used)
+    def finish(self, prediction, tokens, carry, *, keys):
+        def predict(x):
+            log_mean, _, calls = self._predict(prediction, x, jnp.zeros(()), carry)
+            return log_mean, calls
+
+        return prediction.finish_masked(tokens, keys=keys, predict=predict)
 
 
-class AncestralSampler(AbstractGridSampler):
+class AncestralSampler(AbstractAncestralSampler):
     """Ancestral sampling (MD4 Alg. 2): from t to s a masked position becomes a draw from
     Cat((alpha_s - alpha_t)/(1 - alpha_t) mu + (1 - alpha_s)/(1 - alpha_t) onehot(m)),
-    drawn exactly (:func:`ddiff.categorical`).
+    drawn exactly (:func:`ddiff.categorical`), mu after the ``transforms``.
 
     Attributes:
         steps: number of reverse steps T (network evaluations: T, or T+1 when a
             position is still masked at t = 0; doubled under guidance).
         grid: ``uniform`` or ``cosine`` time grid.
+        transforms: log-probability transforms of mu, in order (``transform`` sections,
+            e.g. ``[{kind: top_p, top_p: 0.9}]``).
     """
 
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
-
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
+    transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
 
-class TopPSampler(AbstractGridSampler):
-    """Ancestral sampling from the nucleus of mu (MD4's ``topp`` sampler): at each step mu is
-    restricted to its most probable values with mass ``top_p`` and renormalised, then
-    Alg. 2 is applied. ``top_p = 1`` is ancestral sampling.
+class TopPSampler(AbstractAncestralSampler):
+    """Ancestral sampling from the nucleus of mu (MD4's ``topp`` sampler): ``ancestral``
+    with the transform ``top_p`` (:class:`ddiff.TopP`), under a name of its own. At each
+    step mu is restricted to its most probable values with mass ``top_p`` and
+    renormalised, then Alg. 2 is applied. ``top_p = 1`` is ancestral sampling.
 
     Attributes:
         steps: number of reverse steps T.
@@ -167,28 +135,17 @@ class TopPSampler(AbstractGridSampler):
         top_p: nucleus mass in (0, 1].
     """
 
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
     top_p: float = eqx.field(static=True, default=0.98)
 
     def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ddiff.RecipeError(
-                f"top_p must be in (0, 1], got {self.top_p}", path="top_p"
-            )
+        ddiff.TopP(top_p=self.top_p)
 
-    def filter_mean(self, log_mean):
-        return nucleus(log_mean, self.top_p)
-
-    def reverse_chain(self):
-        return ddiff.ReverseChain(
-            step="posterior", reads="mean", times=ddiff.grid_times(self.grid, self.steps),
-            final="masked_mean", top_p=self.top_p,
-        )
+    @property
+    def transforms(self):
+        return (ddiff.TopP(top_p=self.top_p),)
 
 
-class MeanSampler(AbstractGridSampler):
+class TwoDrawSampler(AbstractAncestralSampler):
     """Ancestral sampling in two draws (MD4's ``mean`` sampler, App. G): draw a clean
     value x_0^n ~ mu for every position, then reveal it with probability
     (alpha_s - alpha_t)/(1 - alpha_t). Equal in law to Alg. 2; both draws are exact.
@@ -196,13 +153,10 @@ class MeanSampler(AbstractGridSampler):
     Attributes:
         steps: number of reverse steps T.
         grid: ``uniform`` or ``cosine`` time grid.
+        transforms: log-probability transforms of mu, in order.
     """
 
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
-
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
+    transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
     def draw(self, key, log_mean, alpha_s, alpha_t):
         value_key, reveal_key = jax.random.split(key)
@@ -213,7 +167,7 @@ class MeanSampler(AbstractGridSampler):
         return jnp.where(reveal == 0, values, log_mean.shape[-1])
 
 
-class CachedSampler(AbstractGridSampler):
+class CachedSampler(AbstractAncestralSampler):
     """Ancestral sampling that calls the network only when some position of the batch
     changed since its last call, reusing the previous prediction otherwise (Zheng et al.
     2024; MD4 sec. 4). Exact for a network that ignores t, where an unchanged input means
@@ -224,29 +178,26 @@ class CachedSampler(AbstractGridSampler):
     Attributes:
         steps: number of reverse steps T.
         grid: ``uniform`` or ``cosine`` time grid.
+        transforms: log-probability transforms of mu, in order.
     """
 
     requires = {**_MD4_REQUIRES, "network": frozenset({caps.TIME_INDEPENDENT})}
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
-
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
+    transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
     @property
     def caches(self):
         return True
 
 
-
-class FirstHittingSampler(ddiff.AbstractSampler):
+class FirstHittingSampler(ddiff.AbstractLoopSampler):
     """First-hitting sampling (Zheng et al. 2024): instead of stepping on a grid, draw the
     time of the next unmasking directly. With m masked positions at time t, the next one
     unmasks at tau with 1 - alpha_tau = (1 - alpha_t) U^(1/m), U ~ U(0, 1) (each masked
     position unmasks independently with P(still masked at s | masked at t) =
     (1 - alpha_s)/(1 - alpha_t)); a uniformly chosen masked position then takes a value
     drawn from mu_theta(x, tau). Each network call unmasks one token, so the sampler is
-    exact for the continuous-time reverse process and makes one call per token.
+    exact for the continuous-time reverse process and makes one call per token. The loop
+    runs until no position is masked; each sample's time is the carry.
 
     The variant ``tokens_per_call = k > 1`` unmasks the next k positions to hit with one
     call at the first hitting time (their values drawn independently from the same mu),
@@ -255,10 +206,12 @@ class FirstHittingSampler(ddiff.AbstractSampler):
 
     Attributes:
         tokens_per_call: positions unmasked per network call.
+        transforms: log-probability transforms of mu, in order.
     """
 
     requires = _MD4_REQUIRES
     tokens_per_call: int = eqx.field(static=True, default=1)
+    transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
     def __check_init__(self):
         ddiff.check_at_least("tokens_per_call", self.tokens_per_call)
@@ -267,58 +220,47 @@ class FirstHittingSampler(ddiff.AbstractSampler):
         """The reverse CTMC, positions still masked at t = 0 drawn one at a time; with
         ``tokens_per_call`` > 1 no exact chain (the k tokens of a call are drawn
         independently)."""
-        if self.tokens_per_call > 1:
+        top_p = ddiff.chain(*self.transforms).as_top_p()
+        if self.tokens_per_call > 1 or top_p is None:
             return None
         return ddiff.ReverseChain(
-            step="continuous", reads="mean", times=(1.0, 0.0), final="sequential"
+            step="continuous", reads="mean", times=(1.0, 0.0), final="sequential", top_p=top_p
         )
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        process = model.process
-        schedule = process.schedule
-        mask_id = process.mask_id
+    def init(self, prediction, tokens, *, keys):
+        """Every sample starts at t = 1."""
+        return jnp.ones((tokens.shape[0],))
+
+    def done(self, prediction, tokens, carry, index):
+        mask_id = prediction.model.process.mask_id
+        return ~jnp.any(ddiff.still_masked(prediction.conditioning, tokens, mask_id))
+
+    def step(self, prediction, tokens, carry, index, *, keys):
+        schedule = prediction.model.process.schedule
+        mask_id = prediction.model.process.mask_id
+        num_samples, seq_len = tokens.shape
         k = min(self.tokens_per_call, seq_len)
-        num_samples = keys.shape[0]
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
-        x, calls = start.tokens, start.calls
         alpha_0, alpha_1 = schedule.alpha(jnp.zeros(())), schedule.alpha(jnp.ones(()))
-
-        def body(state):
-            x, t, evals, index = state
-            draw_keys = jax.vmap(lambda key: jax.random.split(key, 3))(
-                ddiff.step_keys(start.loop_keys, index)
-            )
-            time_keys, position_keys, value_keys = draw_keys[:, 0], draw_keys[:, 1], draw_keys[:, 2]
-            masked = ddiff.still_masked(conditioning, x, mask_id)
-            count = jnp.sum(masked, axis=-1)
-            # log (1 - alpha) drops by E_j / (m - j) at the j-th next hitting time.
-            remaining = count[:, None] - jnp.arange(k)[None, :]
-            decrements = jnp.where(
-                remaining > 0,
-                jax.vmap(lambda key: ddiff.standard_exponential(key, (k,)))(time_keys)
-                / jnp.maximum(remaining, 1),
-                0.0,
-            )
-            log_survivors = jnp.log1p(-jax.vmap(schedule.alpha)(t))[:, None] - jnp.cumsum(
-                decrements, axis=-1
-            )
-            hit_alpha = jnp.clip(-jnp.expm1(log_survivors), alpha_1, alpha_0)
-            hit_times = ddiff.time_of_alpha(schedule, hit_alpha)
-            log_mean, _ = ddiff.batched_log_mean(model, x, hit_times[:, 0], conditioning)
-            noise = jax.vmap(lambda key: ddiff.gumbel(key, (seq_len,)))(position_keys)
-            priorities = jnp.where(masked, noise, -jnp.inf)
-            _, chosen_positions = jax.lax.top_k(priorities, k)
-            chosen = jnp.zeros_like(masked).at[
-                jnp.arange(num_samples)[:, None], chosen_positions
-            ].set(True) & masked
-            drawn = jax.vmap(ddiff.categorical)(value_keys, log_mean)
-            x = ddiff.apply_fixed(conditioning, jnp.where(chosen, drawn, x))
-            t = jnp.where(count > 0, hit_times[:, -1], t)
-            return x, t, evals + calls, index + 1
-
-        x, _, evals, _ = jax.lax.while_loop(
-            lambda state: jnp.any(ddiff.still_masked(conditioning, state[0], mask_id)),
-            body,
-            (x, jnp.ones((num_samples,)), jnp.int32(0), jnp.int32(0)),
+        t = carry
+        draw_keys = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
+        time_keys, position_keys, value_keys = draw_keys[:, 0], draw_keys[:, 1], draw_keys[:, 2]
+        masked = ddiff.still_masked(prediction.conditioning, tokens, mask_id)
+        count = jnp.sum(masked, axis=-1)
+        # log (1 - alpha) drops by E_j / (m - j) at the j-th next hitting time.
+        remaining = count[:, None] - jnp.arange(k)[None, :]
+        decrements = jnp.where(
+            remaining > 0,
+            jax.vmap(lambda key: ddiff.standard_exponential(key, (k,)))(time_keys)
+            / jnp.maximum(remaining, 1),
+            0.0,
         )
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals)
+        log_survivors = jnp.log1p(-jax.vmap(schedule.alpha)(t))[:, None] - jnp.cumsum(decrements, axis=-1)
+        hit_alpha = jnp.clip(-jnp.expm1(log_survivors), alpha_1, alpha_0)
+        hit_times = ddiff.time_of_alpha(schedule, hit_alpha)
+        log_mean, calls = prediction.log_mean(tokens, hit_times[:, 0])
+        noise = jax.vmap(lambda key: ddiff.gumbel(key, (seq_len,)))(position_keys)
+        priorities = jnp.where(masked, noise, -jnp.inf)
+        _, chosen_positions = jax.lax.top_k(priorities, k)
+        chosen = jnp.zeros_like(masked).at[jnp.arange(num_samples)[:, None], chosen_positions].set(True) & masked
+        drawn = jax.vmap(ddiff.categorical)(value_keys, log_mean)
+        return jnp.where(chosen, drawn, tokens), jnp.where(count > 0, hit_times[:, -1], t), calls

@@ -35,7 +35,7 @@ class AbstractScoreSampler(ddiff.AbstractSampler):
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
-            step=self.step_rule, reads="score", times=ddiff.grid_times(self.grid, self.steps),
+            step=self.step_rule, reads="score", times=ddiff.time_grid(self.grid, self.steps),
             final="tweedie",
         )
 
