@@ -4,11 +4,12 @@ The authoring layer: what a plugin (built-in or third-party) imports, and the on
 of ddiff it may import. The protocols of the components and their typing aliases,
 capabilities, the registry and its pluggy hook, the recipe builder, errors, shared
 numerics and categorical draws, and the model that objectives and samplers receive.
-The conformance kit is :mod:`ddiff.testing`; the running layer (recipe files, the
-trainer, the command line) is :mod:`ddiff.runner`, which nothing here imports.
+The layers networks are built from are :mod:`ddiff.nn`; the conformance kit is
+:mod:`ddiff.testing`; the running layer (recipe files, the trainer, the command line)
+is :mod:`ddiff.runner`, which nothing here imports.
 """
 
-from ddiff import capabilities
+from ddiff import capabilities, nn
 from ddiff._builder import NetworkSpec, SectionBuilder, build_component, constructor_hints
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
@@ -23,7 +24,7 @@ from ddiff._errors import (
     check_at_least,
 )
 from ddiff._hookspecs import hookimpl, hookspec
-from ddiff._layers import COMPUTE_DTYPES, LayerStack, cast_floating, stack_layers
+from ddiff._layers import COMPUTE_DTYPES, cast_floating
 from ddiff._model import DiffusionModel
 from ddiff._network import (
     SUPPLIED_NETWORK_ARGUMENTS,
@@ -139,7 +140,6 @@ __all__ = [
     "Conditioning",
     "Constant",
     "DiffusionModel",
-    "LayerStack",
     "ObjectiveTerms",
     "Prediction",
     "RandomAccess",
@@ -148,7 +148,6 @@ __all__ = [
     "SamplingStart",
     "TopP",
     "partition_trainable",
-    "stack_layers",
     "trainable",
     # typing aliases
     "Key",
@@ -177,6 +176,8 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "make_plugin_manager",
+    # the layers of networks
+    "nn",
     # the recipe builder
     "SUPPLIED_NETWORK_ARGUMENTS",
     "NetworkSpec",

@@ -2,7 +2,7 @@
 
 The trainer's mesh (:mod:`ddiff.runner.mesh`) has two named axes: ``data`` (replicas that
 average gradients) and ``fsdp`` (devices that each hold a shard of every large parameter).
-A :class:`ddiff.LayerStack` gathers its layers' shards over ``fsdp`` with these helpers.
+A :class:`ddiff.nn.LayerStack` gathers its layers' shards over ``fsdp`` with these helpers.
 """
 
 from typing import Any

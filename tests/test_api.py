@@ -20,7 +20,7 @@ import ddiff.runner
 import ddiff.testing
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC = ("ddiff", "ddiff.runner", "ddiff.testing", "ddiff.capabilities")
+PUBLIC = ("ddiff", "ddiff.nn", "ddiff.runner", "ddiff.testing", "ddiff.capabilities")
 RUNNER = "ddiff.runner"
 
 

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ddiff_plugins.networks import MD4Transformer, block_causal_mask
 
 import ddiff
 from ddiff.runner import build_recipe, load_recipe, main
 from ddiff.testing import Setup, toy_distributions
+from ddiff_plugins.networks import MD4Transformer
 
 V, D = 3, 4
 PATTERNS = np.array(list(itertools.product([False, True], repeat=D)))
@@ -263,7 +263,7 @@ def test_vectorised_pass_equals_block_by_block(model):
 
 
 def test_the_mask_is_block_diagonal_offset_block_causal_and_block_causal():
-    mask = block_causal_mask(4, 2).astype(int)
+    mask = ddiff.nn.block_causal_mask(4, 2).astype(int)
     expected = [
         [1, 1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0, 0],

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ddiff_plugins.networks import MD4Transformer, UNet, attention, rotary
 
 import ddiff
 from ddiff import capabilities as caps
+from ddiff.nn import attention, rotary
+from ddiff_plugins.networks import MD4Transformer, UNet
 
 
 def _count(module) -> int:
@@ -150,7 +151,7 @@ def test_unrolled_and_scanned_blocks_and_both_attentions_agree():
     assert not unrolled.blocks.scan
     stack = unrolled.blocks
     scanned = eqx.tree_at(
-        lambda n: n.blocks, unrolled, ddiff.LayerStack(layers=stack.layers, count=stack.count, scan=True)
+        lambda n: n.blocks, unrolled, ddiff.nn.LayerStack(layers=stack.layers, count=stack.count, scan=True)
     )
     x = jnp.arange(8) % 6
 

@@ -1,7 +1,5 @@
 """A causal transformer: output n sees inputs < n only."""
 
-import math
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,11 +7,13 @@ from jaxtyping import Array, Float
 
 import ddiff
 from ddiff import capabilities as caps
+from ddiff import nn
 from ddiff_plugins.autoregressive._process import CAUSAL
 
 
 class CausalBlock(eqx.Module):
-    """Pre-norm causal multi-head self-attention and a GELU MLP, each residual."""
+    """Pre-norm causal multi-head self-attention and a GELU MLP, each residual; dropout on
+    the attention probabilities and on both branches' outputs."""
 
     qkv: eqx.nn.Linear
     out: eqx.nn.Linear
@@ -35,27 +35,24 @@ class CausalBlock(eqx.Module):
         self.heads = heads
         self.dropout = dropout
 
-    def __call__(self, x: Float[Array, "seq dim"], *, key: ddiff.Key | None) -> Float[Array, "seq dim"]:
+    def __call__(
+        self, x: Float[Array, "seq dim"], kind: nn.AttentionKind = "auto", *, key: ddiff.Key | None
+    ) -> Float[Array, "seq dim"]:
+        """One block on ``x``, by the attention ``kind`` of :func:`ddiff.nn.attention`."""
         seq, dim = x.shape
-        head_dim = dim // self.heads
-        keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
-        q, k, v = jnp.split(jax.vmap(self.qkv)(jax.vmap(self.norm1)(x)), 3, axis=-1)
-        q, k, v = (a.reshape(seq, self.heads, head_dim) for a in (q, k, v))
-        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
-        causal = jnp.tril(jnp.ones((seq, seq), bool))
-        weights = _dropout(jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1), self.dropout, keys[0])
-        attended = jnp.einsum("hqk,khd->qhd", weights, v).reshape(seq, dim)
-        x = x + _dropout(jax.vmap(self.out)(attended), self.dropout, keys[1])
-        hidden = jax.nn.gelu(jax.vmap(self.mlp_in)(jax.vmap(self.norm2)(x)))
-        return x + _dropout(jax.vmap(self.mlp_out)(hidden), self.dropout, keys[2])
+        k_probs, k_out, k_mlp = nn.dropout_keys(key, 3)
+        q, k, v = jnp.split(nn.dense(self.qkv, _normalise(self.norm1, x)), 3, axis=-1)
+        q, k, v = (a.reshape(seq, self.heads, dim // self.heads) for a in (q, k, v))
+        mask = nn.causal_mask(seq)
+        attended = nn.attention(q, k, v, kind=kind, dropout_rate=self.dropout, key=k_probs, mask=mask)
+        x = x + nn.dropout(nn.dense(self.out, attended.reshape(seq, dim)), self.dropout, k_out)
+        hidden = jax.nn.gelu(nn.dense(self.mlp_in, _normalise(self.norm2, x)))
+        return x + nn.dropout(nn.dense(self.mlp_out, hidden), self.dropout, k_mlp)
 
 
-def _dropout(x: Array, rate: float, key: ddiff.Key | None) -> Array:
-    """Inverted dropout; the identity without a key (inference) or at rate 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
+def _normalise(norm: eqx.nn.LayerNorm, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+    """``norm`` (with its learned scale and offset) at every position."""
+    return nn.layer_norm(x, norm.eps, weight=norm.weight, bias=norm.bias)
 
 
 class CausalTransformer(ddiff.AbstractNetwork):
@@ -69,17 +66,19 @@ class CausalTransformer(ddiff.AbstractNetwork):
     Attributes (recipe keys):
         dim: width. depth: number of blocks. heads: attention heads.
         mlp_ratio: hidden width of the MLP over ``dim``. dropout: dropout rate.
+        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`ddiff.nn.attention`).
     """
 
     token_embedding: eqx.nn.Embedding
     position_embedding: Float[Array, "seq dim"]
     class_embedding: eqx.nn.Embedding | None
-    blocks: ddiff.LayerStack
+    blocks: nn.LayerStack
     final_norm: eqx.nn.LayerNorm
     head: eqx.nn.Linear
     start_token: int = eqx.field(static=True)
     time_conditioned: bool = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
+    attention: nn.AttentionKind = eqx.field(static=True)
 
     def __init__(
         self,
@@ -94,6 +93,7 @@ class CausalTransformer(ddiff.AbstractNetwork):
         heads: int = 4,
         mlp_ratio: int = 4,
         dropout: float = 0.0,
+        attention: nn.AttentionKind = "auto",
     ):
         if dim % heads != 0:
             raise ddiff.RecipeError(f"dim={dim} must be a multiple of heads={heads}", path="dim")
@@ -104,7 +104,7 @@ class CausalTransformer(ddiff.AbstractNetwork):
         self.class_embedding = (
             eqx.nn.Embedding(num_classes + 1, dim, key=keys[2]) if num_classes > 0 else None
         )
-        self.blocks = ddiff.stack_layers(
+        self.blocks = nn.stack_layers(
             lambda k: CausalBlock(dim, heads, mlp_ratio, dropout, key=k), keys[4:]
         )
         self.final_norm = eqx.nn.LayerNorm(dim)
@@ -112,6 +112,7 @@ class CausalTransformer(ddiff.AbstractNetwork):
         self.start_token = num_states - 1
         self.time_conditioned = False
         self.num_classes = num_classes
+        self.attention = attention
 
     def capabilities(self):
         classes = {caps.CLASS_CONDITIONAL} if self.num_classes > 0 else set()
@@ -119,9 +120,9 @@ class CausalTransformer(ddiff.AbstractNetwork):
 
     def __call__(self, x_t, t, *, label=None, key=None):
         shifted = jnp.concatenate([jnp.full((1,), self.start_token, x_t.dtype), x_t[:-1]])
-        x = jax.vmap(self.token_embedding)(shifted) + self.position_embedding[: x_t.shape[0]]
+        x = self.token_embedding.weight[shifted] + self.position_embedding[: x_t.shape[0]]
         if self.class_embedding is not None:
             x = x + self.class_embedding(self.num_classes if label is None else label)
-        keys = None if key is None else jax.random.split(key, self.blocks.count)
-        x, _ = self.blocks(x, lambda block, h, k: (block(h, key=k), None), keys)
-        return jax.vmap(self.head)(jax.vmap(self.final_norm)(x))
+        keys = nn.stacked_dropout_keys(key, self.blocks.count)
+        x, _ = self.blocks(x, lambda block, h, k: (block(h, self.attention, key=k), None), keys)
+        return nn.logits(self.head, _normalise(self.final_norm, x))

@@ -1,24 +1,10 @@
 """Built-in networks: a bidirectional transformer with adaptive layer norm (DiT-style),
 the MD4 paper's transformer (rotary positions, adaLN-zero, GLU feed-forward, depth-scaled
-initialisation), and the single-resolution UNet of the paper's image experiments."""
+initialisation), and the single-resolution UNet of the paper's image experiments. Their
+layers are :mod:`ddiff.nn`'s."""
 
 import ddiff
-from ddiff_plugins.networks._layers import (
-    AttentionKind,
-    ConditionEmbedding,
-    KVCache,
-    MLPKind,
-    PastKeys,
-    RotaryBlock,
-    apply_rotary,
-    attention,
-    block_causal_mask,
-    dense,
-    rotary,
-    rotary_tables,
-    timestep_features,
-    transformer_flops_per_token,
-)
+from ddiff_plugins.networks._blocks import ConditionEmbedding, RotaryBlock
 from ddiff_plugins.networks._md4_transformer import MD4Transformer
 from ddiff_plugins.networks._transformer import SelfAttention, Transformer, TransformerBlock
 from ddiff_plugins.networks._unet import (
@@ -30,12 +16,8 @@ from ddiff_plugins.networks._unet import (
 )
 
 __all__ = [
-    "AttentionKind",
     "ConditionEmbedding",
-    "KVCache",
     "MD4Transformer",
-    "MLPKind",
-    "PastKeys",
     "PatchTransformer",
     "ResidualBlock",
     "RotaryBlock",
@@ -44,15 +26,7 @@ __all__ = [
     "Transformer",
     "TransformerBlock",
     "UNet",
-    "apply_rotary",
-    "attention",
-    "block_causal_mask",
-    "dense",
-    "rotary",
-    "rotary_tables",
     "sincos_2d",
-    "timestep_features",
-    "transformer_flops_per_token",
 ]
 
 

@@ -9,29 +9,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import ddiff
-from ddiff_plugins.networks._layers import (
-    GLU_ACTIVATIONS,
-    AttentionKind,
+from ddiff import nn
+from ddiff_plugins.networks._blocks import (
     ConditionEmbedding,
-    KVCache,
-    MLPKind,
-    PastKeys,
-    _dropout,
-    _initialise,
-    _layer_norm,
-    _logits,
-    _modulate,
-    _rotary_blocks,
-    _rotary_flops,
-    _run_blocks,
-    _size,
-    _split,
-    _zero_linear,
-    block_causal_mask,
-    rotary_tables,
+    rotary_blocks,
+    rotary_flops,
+    run_rotary_blocks,
 )
-
-# --------------------------------------------------------------------------- MD4 transformer
 
 
 class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
@@ -44,7 +28,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
 
     Block diffusion (capability ``block_causal`` when ``time_conditioned: false``): the
     vectorised pass reads [x_t, x_0] (both at positions 0..D-1) under
-    :func:`block_causal_mask`, and a :class:`KVCache` holds the clean blocks' keys and
+    :func:`ddiff.nn.block_causal_mask`, and a :class:`ddiff.nn.KVCache` holds the clean blocks' keys and
     values for sampling block by block (:class:`ddiff.AbstractBlockCausalNetwork`).
 
     Attributes (recipe keys):
@@ -58,7 +42,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
             unrolled (the default: about 1.2x faster train steps on CPU, measured in
             docs/performance.md); same values either way.
-        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`attention`).
+        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`ddiff.nn.attention`).
 
     Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
     blocks' attention and feed-forward products and the output head (not the embedding
@@ -68,7 +52,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
 
     embedding: Float[Array, "states dim"]
     condition: ConditionEmbedding
-    blocks: ddiff.LayerStack
+    blocks: nn.LayerStack
     final_modulation: eqx.nn.Linear
     head: eqx.nn.Linear
     depth: int = eqx.field(static=True)
@@ -76,7 +60,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
     mlp: str = eqx.field(static=True)
     time_conditioned: bool = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
-    attention: AttentionKind = eqx.field(static=True)
+    attention: nn.AttentionKind = eqx.field(static=True)
 
     def __init__(
         self,
@@ -90,13 +74,13 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         depth: int = 12,
         heads: int = 12,
         cond_dim: int = 64,
-        mlp: MLPKind = "glu",
+        mlp: nn.GLUKind = "glu",
         multiple_of: int = 32,
         dropout: float = 0.0,
         depth_scaled_init: bool = True,
         time_conditioned: bool = True,
         scan_layers: bool = False,
-        attention: AttentionKind = "auto",
+        attention: nn.AttentionKind = "auto",
     ):
         del seq_len
         ddiff.check_at_least("depth", depth)
@@ -107,15 +91,15 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
             return {
                 "embedding": jax.random.normal(keys[0], (num_states, dim)) / math.sqrt(num_states),
                 "condition": ConditionEmbedding(cond_dim, time_conditioned, num_classes, key=keys[1]),
-                "blocks": _rotary_blocks(
+                "blocks": rotary_blocks(
                     dim, depth, heads, cond_dim, mlp, multiple_of, dropout, depth_scaled_init,
                     key=keys[2], path="heads", scan=scan_layers,
                 ),  # fmt: skip
-                "final_modulation": _zero_linear(cond_dim, 2 * dim, key=keys[3]),
-                "head": eqx.tree_at(lambda linear: linear.weight, head, replace_fn=jnp.zeros_like),
+                "final_modulation": nn.zero_linear(cond_dim, 2 * dim, key=keys[3]),
+                "head": nn.zeroed(head),
             }
 
-        built = _initialise(parts, key)
+        built = nn.compiled_init(parts, key)
         self.embedding, self.condition, self.blocks = (
             built["embedding"], built["condition"], built["blocks"],
         )  # fmt: skip
@@ -128,75 +112,57 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         self.attention = attention
 
     def flops_per_token(self, seq_len):
-        return _rotary_flops(self.blocks, seq_len) + 2.0 * _size(self.head.weight)
+        return rotary_flops(self.blocks, seq_len) + 2.0 * nn.parameter_count(self.head.weight)
 
     def __call__(self, x_t, t, *, label=None, key=None):
-        k_embed, k_blocks = _split(key, 2)
+        k_embed, k_blocks = nn.dropout_keys(key, 2)
         cond = self.condition(t, label)
-        x = _dropout(self.embedding[x_t], self.dropout, k_embed)
-        x = _run_blocks(self.blocks, x, cond, k_blocks, self.attention)
+        x = nn.dropout(self.embedding[x_t], self.dropout, k_embed)
+        x = run_rotary_blocks(self.blocks, x, cond, k_blocks, self.attention)
         return self._output(x, cond)
 
     def _output(self, x: Float[Array, "seq dim"], cond: Array) -> Float[Array, "seq out"]:
-        shift, scale = jnp.split(self.final_modulation(GLU_ACTIVATIONS[self.mlp](cond)), 2)
-        return _logits(self.head, _modulate(_layer_norm(x), shift, scale))
+        shift, scale = jnp.split(self.final_modulation(nn.GLU_ACTIVATIONS[self.mlp](cond)), 2)
+        return nn.logits(self.head, nn.modulate(nn.layer_norm(x), shift, scale))
 
     @property
     def _head_dim(self) -> int:
         return self.embedding.shape[1] // self.blocks.layers.heads
 
     def block_causal_output(self, x_t, x0, *, block_size, label=None, key=None):
-        k_embed, k_blocks = _split(key, 2)
+        k_embed, k_blocks = nn.dropout_keys(key, 2)
         seq = x_t.shape[0]
         cond = self.condition(jnp.zeros(()), label)
-        x = _dropout(self.embedding[jnp.concatenate([x_t, x0])], self.dropout, k_embed)
-        tables = tuple(jnp.concatenate([a, a]) for a in rotary_tables(seq, self._head_dim))
-        mask = jnp.asarray(block_causal_mask(seq, block_size))
-        x = _run_blocks(self.blocks, x, cond, k_blocks, self.attention, tables=tables, mask=mask)
+        x = nn.dropout(self.embedding[jnp.concatenate([x_t, x0])], self.dropout, k_embed)
+        tables = tuple(jnp.concatenate([a, a]) for a in nn.rotary_tables(seq, self._head_dim))
+        mask = jnp.asarray(nn.block_causal_mask(seq, block_size))
+        x = run_rotary_blocks(self.blocks, x, cond, k_blocks, self.attention, tables=tables, mask=mask)
         return self._output(x[:seq], cond)
 
     def init_cache(self, capacity, *, block_size):
-        if block_size < 1 or capacity < 0 or capacity % block_size:
-            raise ddiff.DdiffError(
-                f"a cache of clean blocks needs a capacity that is a multiple of the block "
-                f"size {block_size}, got {capacity}"
-            )
-        shape = (self.depth, capacity, self.blocks.layers.heads, self._head_dim)
-        zeros = jnp.zeros(shape, self.embedding.dtype)
-        start = jnp.zeros((), jnp.int32)
-        return KVCache(keys=zeros, values=zeros, length=start, position=start, block_size=block_size)
+        heads = self.blocks.layers.heads
+        return nn.KVCache.empty(
+            self.depth, capacity, heads, self._head_dim, block_size=block_size, dtype=self.embedding.dtype
+        )
 
-    def _after_cache(self, tokens: ddiff.Tokens, cache: KVCache, label: ddiff.Label | None):
+    def _after_cache(self, tokens: ddiff.Tokens, cache: nn.KVCache, label: ddiff.Label | None):
         """The blocks on ``tokens`` at the positions after the cache, attending to the
         cached positions and to themselves: the output and every layer's keys and values."""
         cond = self.condition(jnp.zeros(()), label)
-        tables = rotary_tables(tokens.shape[0], self._head_dim, start=cache.position)
-        valid = jnp.arange(cache.keys.shape[1]) < cache.length
+        tables = nn.rotary_tables(tokens.shape[0], self._head_dim, start=cache.position)
+        valid = cache.valid
 
         def step(block, h, past):
             keys, values = past
-            past = PastKeys(keys=keys, values=values, valid=valid)
-            return block.with_keys(h, cond, tables, self.attention, key=None, past=past)
+            past = nn.PastKeys(keys=keys, values=values, valid=valid)
+            return block(h, cond, tables, self.attention, key=None, past=past)
 
         x, (keys, values) = self.blocks(self.embedding[tokens], step, (cache.keys, cache.values))
         return x, cond, keys, values
 
     def extend_cache(self, cache, block, *, label=None):
         _, _, keys, values = self._after_cache(block, cache, label)
-
-        def append(buffer, new):
-            return jax.vmap(lambda b, n: ddiff.append_to_window(b, cache.length, n.astype(b.dtype))[0])(
-                buffer, new
-            )
-
-        _, length = ddiff.append_to_window(cache.keys[0], cache.length, keys[0])
-        return KVCache(
-            keys=append(cache.keys, keys),
-            values=append(cache.values, values),
-            length=length,
-            position=cache.position + block.shape[0],
-            block_size=cache.block_size,
-        )
+        return cache.extend(keys, values)
 
     def cached_output(self, x_t, cache, *, label=None):
         x, cond, _, _ = self._after_cache(x_t, cache, label)

@@ -8,102 +8,83 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import ddiff
-from ddiff_plugins.networks._layers import (
-    AttentionKind,
-    _layer_norm,
-    _logits,
-    _modulate,
-    _scan_keys,
-    _size,
-    _zero_linear,
-    apply_rotary,
-    attention,
-    dense,
-    rotary_tables,
-    timestep_features,
-    transformer_flops_per_token,
-)
+from ddiff import nn
 
 
 class SelfAttention(eqx.Module):
     """Bidirectional multi-head self-attention with optional rotary position embeddings
-    (:func:`rotary`)."""
+    (:func:`ddiff.nn.rotary`), dropout on its probabilities."""
 
     qkv: eqx.nn.Linear
     out: eqx.nn.Linear
-    dropout: eqx.nn.Dropout
     heads: int = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
 
     def __init__(self, dim: int, heads: int, dropout: float, *, key: ddiff.Key):
         k1, k2 = jax.random.split(key)
         self.qkv = eqx.nn.Linear(dim, 3 * dim, use_bias=False, key=k1)
         self.out = eqx.nn.Linear(dim, dim, key=k2)
-        self.dropout = eqx.nn.Dropout(dropout)
         self.heads = heads
+        self.dropout = dropout
 
     def __call__(
         self,
         x: Float[Array, "seq dim"],
         tables: tuple[Array, Array] | None,
-        kind: AttentionKind = "auto",
+        kind: nn.AttentionKind = "auto",
         *,
         key: ddiff.Key | None,
     ) -> Float[Array, "seq dim"]:
         """Attention over ``x``, with rotary positions when given their ``tables``
-        (:func:`rotary_tables`), by the ``kind`` of :func:`attention`."""
+        (:func:`ddiff.nn.rotary_tables`), by the ``kind`` of :func:`ddiff.nn.attention`."""
         seq_len, dim = x.shape
-        q, k, v = jnp.split(dense(self.qkv, x), 3, axis=-1)
+        q, k, v = jnp.split(nn.dense(self.qkv, x), 3, axis=-1)
         q, k, v = (a.reshape(seq_len, self.heads, dim // self.heads) for a in (q, k, v))
         if tables is not None:
-            q, k = apply_rotary(q, *tables), apply_rotary(k, *tables)
-        attended = attention(q, k, v, kind=kind, dropout=self.dropout.p, key=key)
-        return dense(self.out, attended.reshape(seq_len, dim))
+            q, k = nn.apply_rotary(q, *tables), nn.apply_rotary(k, *tables)
+        attended = nn.attention(q, k, v, kind=kind, dropout_rate=self.dropout, key=key)
+        return nn.dense(self.out, attended.reshape(seq_len, dim))
 
 
 class TransformerBlock(eqx.Module):
     """Pre-norm attention and MLP, each gated and modulated by the conditioning vector
     (adaptive layer norm zero: the modulation starts at zero, so each block starts as
-    the identity)."""
+    the identity); dropout on the attention probabilities and the MLP's output."""
 
     attention: SelfAttention
     mlp_in: eqx.nn.Linear
     mlp_out: eqx.nn.Linear
     modulation: eqx.nn.Linear
-    norm1: eqx.nn.LayerNorm
-    norm2: eqx.nn.LayerNorm
-    dropout: eqx.nn.Dropout
+    dropout: float = eqx.field(static=True)
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float, *, key: ddiff.Key):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         self.attention = SelfAttention(dim, heads, dropout, key=k1)
         self.mlp_in = eqx.nn.Linear(dim, mlp_ratio * dim, key=k2)
         self.mlp_out = eqx.nn.Linear(mlp_ratio * dim, dim, key=k3)
-        self.modulation = _zero_linear(dim, 6 * dim, key=k4)
-        self.norm1 = eqx.nn.LayerNorm(dim, use_weight=False, use_bias=False)
-        self.norm2 = eqx.nn.LayerNorm(dim, use_weight=False, use_bias=False)
-        self.dropout = eqx.nn.Dropout(dropout)
+        self.modulation = nn.zero_linear(dim, 6 * dim, key=k4)
+        self.dropout = dropout
 
     def __call__(
         self,
         x: Float[Array, "seq dim"],
         cond: Float[Array, " dim"],
         tables: tuple[Array, Array] | None,
-        kind: AttentionKind = "auto",
+        kind: nn.AttentionKind = "auto",
         *,
         key: ddiff.Key | None,
     ) -> Float[Array, "seq dim"]:
         """One block; ``tables`` and ``kind`` as in :class:`SelfAttention`."""
-        inference = key is None
-        k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+        k_attn, k_mlp = nn.dropout_keys(key, 2)
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
             self.modulation(jax.nn.silu(cond)), 6
         )
-        h = _modulate(_layer_norm(x, self.norm1.eps), shift1, scale1)
+        h = nn.modulate(nn.layer_norm(x), shift1, scale1)
         h = self.attention(h, tables, kind, key=k_attn)
         x = x + gate1 * h
-        h = _modulate(_layer_norm(x, self.norm2.eps), shift2, scale2)
-        h = dense(self.mlp_out, jax.nn.gelu(dense(self.mlp_in, h)))
-        h = self.dropout(h, key=k_mlp, inference=inference)
+        h = nn.modulate(nn.layer_norm(x), shift2, scale2)
+        h = nn.dense(self.mlp_out, jax.nn.gelu(nn.dense(self.mlp_in, h)))
+        h = nn.dropout(h, self.dropout, k_mlp)
         return x + gate2 * h
 
 
@@ -122,7 +103,7 @@ class Transformer(ddiff.AbstractNetwork):
             (an absolute embedding added to the tokens).
         scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
             unrolled (the default, faster to run); same values either way.
-        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`attention`).
+        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`ddiff.nn.attention`).
 
     Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
     attention projections, MLPs and output head (not the embeddings nor the per-sequence
@@ -134,14 +115,13 @@ class Transformer(ddiff.AbstractNetwork):
     time_mlp: eqx.nn.MLP | None
     class_embedding: eqx.nn.Embedding | None
     conditioning_bias: Float[Array, " dim"]
-    blocks: ddiff.LayerStack
-    final_norm: eqx.nn.LayerNorm
+    blocks: nn.LayerStack
     final_modulation: eqx.nn.Linear
     head: eqx.nn.Linear
     time_conditioned: bool = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
     positions: Literal["rotary", "learned"] = eqx.field(static=True)
-    attention: AttentionKind = eqx.field(static=True)
+    attention: nn.AttentionKind = eqx.field(static=True)
 
     def __init__(
         self,
@@ -159,7 +139,7 @@ class Transformer(ddiff.AbstractNetwork):
         time_conditioned: bool = True,
         positions: Literal["rotary", "learned"] = "rotary",
         scan_layers: bool = False,
-        attention: AttentionKind = "auto",
+        attention: nn.AttentionKind = "auto",
     ):
         ddiff.check_at_least("depth", depth)
         if dim % heads != 0 or (positions == "rotary" and (dim // heads) % 2):
@@ -184,38 +164,38 @@ class Transformer(ddiff.AbstractNetwork):
             eqx.nn.Embedding(num_classes + 1, dim, key=keys[3]) if num_classes > 0 else None
         )
         self.conditioning_bias = jnp.zeros(dim)
-        self.blocks = ddiff.stack_layers(
+        self.blocks = nn.stack_layers(
             lambda k: TransformerBlock(dim, heads, mlp_ratio, dropout, key=k), keys[6:], scan=scan_layers
         )
         self.attention = attention
-        self.final_norm = eqx.nn.LayerNorm(dim, use_weight=False, use_bias=False)
-        self.final_modulation = _zero_linear(dim, 2 * dim, key=keys[4])
+        self.final_modulation = nn.zero_linear(dim, 2 * dim, key=keys[4])
         self.head = eqx.nn.Linear(dim, num_outputs, key=keys[5])
 
     def flops_per_token(self, seq_len):
         block = self.blocks.layers
         weights = (block.attention.qkv.weight, block.attention.out.weight, block.mlp_in.weight, block.mlp_out.weight)
         dim = self.token_embedding.weight.shape[1]
-        return transformer_flops_per_token(_size(*weights, self.head.weight), self.blocks.count, dim, seq_len)
+        count = nn.parameter_count(*weights, self.head.weight)
+        return nn.transformer_flops_per_token(count, self.blocks.count, dim, seq_len)
 
     def __call__(self, x_t, t, *, label=None, key=None):
         x = self.token_embedding.weight[x_t]
         seq_len, dim = x.shape
         tables = None
         if self.position_embedding is None:
-            tables = rotary_tables(seq_len, dim // self.blocks.layers.attention.heads)
+            tables = nn.rotary_tables(seq_len, dim // self.blocks.layers.attention.heads)
         else:
             x = x + self.position_embedding[:seq_len]
         cond = self.conditioning_bias
         if self.time_mlp is not None:
-            cond = cond + self.time_mlp(timestep_features(t, dim).astype(cond.dtype))
+            cond = cond + self.time_mlp(nn.timestep_features(t, dim).astype(cond.dtype))
         if self.class_embedding is not None:
             cond = cond + self.class_embedding(self.num_classes if label is None else label)
         x, _ = self.blocks(
             x,
             lambda block, h, k: (block(h, cond, tables, self.attention, key=k), None),
-            _scan_keys(key, self.blocks.count),
+            nn.stacked_dropout_keys(key, self.blocks.count),
         )
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
-        x = _modulate(_layer_norm(x, self.final_norm.eps), shift, scale)
-        return _logits(self.head, x)
+        x = nn.modulate(nn.layer_norm(x), shift, scale)
+        return nn.logits(self.head, x)

@@ -10,25 +10,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import ddiff
-from ddiff_plugins.networks._layers import (
+from ddiff import nn
+from ddiff_plugins.networks._blocks import (
     ConditionEmbedding,
-    _dropout,
-    _group_norm,
-    _initialise,
-    _layer_norm,
-    _modulate,
-    _rotary_blocks,
-    _rotary_flops,
-    _run_blocks,
-    _scan_keys,
-    _size,
-    _split,
-    _zero_conv,
-    _zero_linear,
-    dense,
+    rotary_blocks,
+    rotary_flops,
+    run_rotary_blocks,
 )
-
-# --------------------------------------------------------------------------- UNet
 
 
 class ResidualBlock(eqx.Module):
@@ -58,12 +46,9 @@ class ResidualBlock(eqx.Module):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         self.norm1 = eqx.nn.GroupNorm(groups, in_channels)
         self.conv1 = eqx.nn.Conv2d(in_channels, out_channels, 3, padding=1, key=k1)
-        projection = eqx.nn.Linear(cond_dim, out_channels, use_bias=False, key=k2)
-        self.cond_projection = eqx.tree_at(
-            lambda p: p.weight, projection, replace_fn=jnp.zeros_like
-        )
+        self.cond_projection = nn.zeroed(eqx.nn.Linear(cond_dim, out_channels, use_bias=False, key=k2))
         self.norm2 = eqx.nn.GroupNorm(groups, out_channels)
-        self.conv2 = _zero_conv(eqx.nn.Conv2d(out_channels, out_channels, 3, padding=1, key=k3))
+        self.conv2 = nn.zeroed(eqx.nn.Conv2d(out_channels, out_channels, 3, padding=1, key=k3))
         self.skip = (
             eqx.nn.Conv2d(in_channels, out_channels, 1, key=k4)
             if in_channels != out_channels
@@ -74,9 +59,9 @@ class ResidualBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "c h w"], cond: Float[Array, " cond"], *, key: ddiff.Key | None
     ) -> Float[Array, "c2 h w"]:
-        h = self.conv1(jax.nn.silu(_group_norm(self.norm1, x)))
+        h = self.conv1(jax.nn.silu(nn.group_norm(self.norm1, x)))
         h = h + self.cond_projection(cond)[:, None, None]
-        h = _dropout(jax.nn.silu(_group_norm(self.norm2, h)), self.dropout, key)
+        h = nn.dropout(jax.nn.silu(nn.group_norm(self.norm2, h)), self.dropout, key)
         h = self.conv2(h)
         return (x if self.skip is None else self.skip(x)) + h
 
@@ -97,7 +82,7 @@ class SelfAttention2d(eqx.Module):
 
     def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
         channels, height, width = x.shape
-        z = _group_norm(self.norm, x).reshape(channels, height * width).T
+        z = nn.group_norm(self.norm, x).reshape(channels, height * width).T
         z = self.attention(z, z, z)
         return x + z.T.reshape(channels, height, width)
 
@@ -120,7 +105,7 @@ class PatchTransformer(eqx.Module):
 
     patch_in: eqx.nn.Conv2d
     position: Float[Array, "patches dim"]
-    blocks: ddiff.LayerStack
+    blocks: nn.LayerStack
     final_modulation: eqx.nn.Linear
     patch_out: eqx.nn.Linear
     patch: int = eqx.field(static=True)
@@ -145,12 +130,12 @@ class PatchTransformer(eqx.Module):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         self.patch_in = eqx.nn.Conv2d(channels, dim, patch, stride=patch, key=k1)
         self.position = sincos_2d(grid, dim)
-        self.blocks = _rotary_blocks(
+        self.blocks = rotary_blocks(
             dim, depth, heads, channels, "swiglu", 32, dropout, True, key=k2,
             path="transformer_heads",
         )  # fmt: skip
-        self.final_modulation = _zero_linear(channels, 2 * dim, key=k3)
-        self.patch_out = _zero_linear(dim, patch * patch * channels, key=k4)
+        self.final_modulation = nn.zero_linear(channels, 2 * dim, key=k3)
+        self.patch_out = nn.zero_linear(dim, patch * patch * channels, key=k4)
         self.patch = patch
         self.depth = depth
 
@@ -162,9 +147,9 @@ class PatchTransformer(eqx.Module):
         tokens = self.patch_in(x)
         dim = tokens.shape[0]
         tokens = tokens.reshape(dim, -1).T + self.position
-        tokens = _run_blocks(self.blocks, tokens, cond, key)
+        tokens = run_rotary_blocks(self.blocks, tokens, cond, key)
         shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
-        patches = dense(self.patch_out, _modulate(_layer_norm(tokens), shift, scale))
+        patches = nn.dense(self.patch_out, nn.modulate(nn.layer_norm(tokens), shift, scale))
         patches = patches.reshape(height // p, width // p, p, p, channels)
         return patches.transpose(4, 0, 2, 1, 3).reshape(channels, height, width)
 
@@ -204,12 +189,12 @@ class UNet(ddiff.AbstractNetwork):
     embedding: Float[Array, "states channels"]
     condition: ConditionEmbedding
     conv_in: eqx.nn.Conv2d
-    down: ddiff.LayerStack
+    down: nn.LayerStack
     middle_in: ResidualBlock | None
     middle_attention: SelfAttention2d | None
     middle_out: ResidualBlock | None
     middle_transformer: PatchTransformer | None
-    up: ddiff.LayerStack
+    up: nn.LayerStack
     norm_out: eqx.nn.GroupNorm
     conv_out: eqx.nn.Conv2d
     image_shape: tuple[int, int, int] = eqx.field(static=True)
@@ -279,14 +264,14 @@ class UNet(ddiff.AbstractNetwork):
                 / math.sqrt(num_states),
                 "condition": ConditionEmbedding(channels, time_conditioned, num_classes, key=keys[1]),
                 "conv_in": eqx.nn.Conv2d(colours * channels, channels, 3, padding=1, key=keys[2]),
-                "down": ddiff.stack_layers(block(channels), jax.random.split(keys[3], num_blocks)),
+                "down": nn.stack_layers(block(channels), jax.random.split(keys[3], num_blocks)),
                 **middle,
-                "up": ddiff.stack_layers(block(2 * channels), jax.random.split(keys[5], num_blocks + 1)),
+                "up": nn.stack_layers(block(2 * channels), jax.random.split(keys[5], num_blocks + 1)),
                 "norm_out": eqx.nn.GroupNorm(groups, channels),
-                "conv_out": _zero_conv(conv_out),
+                "conv_out": nn.zeroed(conv_out),
             }
 
-        built = _initialise(parts, key)
+        built = nn.compiled_init(parts, key)
         self.embedding, self.condition, self.conv_in = (
             built["embedding"], built["condition"], built["conv_in"],
         )  # fmt: skip
@@ -310,22 +295,23 @@ class UNet(ddiff.AbstractNetwork):
             if block is not None:
                 convs += [block.conv1.weight, block.conv2.weight]
                 convs += [] if block.skip is None else [block.skip.weight]
-        flops = 2.0 * pixels * _size(*convs)
+        flops = 2.0 * pixels * nn.parameter_count(*convs)
         if self.middle_attention is not None:
             attention = self.middle_attention.attention
             projections = (attention.query_proj, attention.key_proj, attention.value_proj, attention.output_proj)
             channels = self.conv_in.weight.shape[0]
-            flops += 2.0 * pixels * _size(*(p.weight for p in projections)) + 4.0 * pixels**2 * channels
+            flops += 2.0 * pixels * nn.parameter_count(*(p.weight for p in projections)) + 4.0 * pixels**2 * channels
         if self.middle_transformer is not None:
             middle = self.middle_transformer
             patches = pixels // middle.patch**2
-            per_patch = _rotary_flops(middle.blocks, patches) + 2.0 * _size(middle.patch_in.weight, middle.patch_out.weight)
+            patch_maps = nn.parameter_count(middle.patch_in.weight, middle.patch_out.weight)
+            per_patch = rotary_flops(middle.blocks, patches) + 2.0 * patch_maps
             flops += patches * per_patch
         return flops / seq_len
 
     def __call__(self, x_t, t, *, label=None, key=None):
         height, width, colours = self.image_shape
-        k_down, k_middle, k_up = _split(key, 3)
+        k_down, k_middle, k_up = nn.dropout_keys(key, 3)
         cond = self.condition(t, label)
         x = self.embedding[x_t.reshape(height, width, colours)]
         h = self.conv_in(x.reshape(height, width, -1).transpose(2, 0, 1))
@@ -335,11 +321,11 @@ class UNet(ddiff.AbstractNetwork):
             return h, h
 
         first = h
-        h, kept = self.down(h, down, _scan_keys(k_down, self.num_blocks))
+        h, kept = self.down(h, down, nn.stacked_dropout_keys(k_down, self.num_blocks))
         if self.middle_transformer is not None:
             h = self.middle_transformer(h, cond, key=k_middle)
         else:
-            k_in, k_out = _split(k_middle, 2)
+            k_in, k_out = nn.dropout_keys(k_middle, 2)
             h = self.middle_in(h, cond, key=k_in)
             h = self.middle_out(self.middle_attention(h), cond, key=k_out)
         skips = jnp.concatenate([first[None], kept])[::-1]
@@ -348,9 +334,9 @@ class UNet(ddiff.AbstractNetwork):
             skip, k = sliced
             return block(jnp.concatenate([h, skip]), cond, key=k), None
 
-        h, _ = self.up(h, up, (skips, _scan_keys(k_up, self.num_blocks + 1)))
+        h, _ = self.up(h, up, (skips, nn.stacked_dropout_keys(k_up, self.num_blocks + 1)))
         # The logits in float32 whatever the compute dtype (mixed precision).
         conv_out = ddiff.cast_floating(self.conv_out, jnp.float32)
-        out = conv_out(jax.nn.silu(_group_norm(self.norm_out, h)).astype(jnp.float32))
+        out = conv_out(jax.nn.silu(nn.group_norm(self.norm_out, h)).astype(jnp.float32))
         out = out.reshape(colours, -1, height, width).transpose(2, 3, 0, 1)
         return out.reshape(height * width * colours, -1)
