@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(commands)
+        command_parser = commands.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(command_parser)
+        command_parser.set_defaults(handler=command.run)
     return parser
 
 

@@ -1,6 +1,7 @@
-"""The ``ddiff`` commands, one module each: every module has ``add_parser(commands)``,
-which adds the command's parser (its options and help) to the ``ddiff`` parser's
-subcommands and sets its handler, and ``run(args)``, which runs it."""
+"""The ``ddiff`` commands, one module each. A command module names the command
+(``NAME``), its line in ``ddiff --help`` (``HELP``) and the text atop its own help
+(``DESCRIPTION``); ``add_arguments(parser)`` adds its arguments to its parser, and
+``run(args)`` runs it with the parsed arguments."""
 
 from ddiff.runner.commands import bench, diagnose, eval, plot, plugins, quality, recipe, run, sample
 

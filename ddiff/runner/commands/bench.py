@@ -11,16 +11,17 @@ import jax
 from ddiff._registry import default_registry
 from ddiff.runner.bench import SHAPES, BenchError, bench_peak, bench_shape, shape_recipe
 from ddiff.runner.bench.report import results_json
-from ddiff.runner.commands.options import add_command
 from ddiff.runner.files import atomic_write_text
 from ddiff.runner.model import check_precision_runs
 
+NAME = "bench"
+HELP = "time named shapes: tokens/s, model FLOPs, MFU, compile time, memory, samplers"
+DESCRIPTION = HELP
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``bench`` command's parser."""
-    parser = add_command(
-        commands, "bench", "time named shapes: tokens/s, model FLOPs, MFU, compile time, memory, samplers"
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` command's arguments."""
     parser.add_argument(
         "shapes",
         nargs="*",
@@ -50,8 +51,6 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="recipe override, e.g. network.scan_layers=true",
     )
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> None:

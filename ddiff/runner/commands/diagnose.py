@@ -6,31 +6,26 @@ import json
 from pathlib import Path
 
 from ddiff._errors import RecipeError
-from ddiff.runner.commands.options import SEED, add_command, integer, output_path
+from ddiff.runner.commands.options import SEED, add_specs, integer, output_path
 from ddiff.runner.diagnose import diagnose, format_diagnosis, parse_objective
 from ddiff.runner.files import atomic_write_text, unused_path
 from ddiff.runner.model import initial_model
 from ddiff.runner.recipe import load_recipe
 from ddiff.runner.trainer.rundir import load_run
 
+NAME = "diagnose"
+HELP = "evaluate several objectives on the same network and data: means and spreads"
+DESCRIPTION = HELP
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``diagnose`` command's parser."""
-    parser = add_command(
-        commands, "diagnose", "evaluate several objectives on the same network and data: means and spreads"
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``diagnose`` command's arguments."""
     parser.add_argument(
         "target", help="a run directory (its trained model) or a recipe YAML (its untrained model)"
     )
     parser.add_argument("overrides", nargs="*", help="recipe overrides such as data.eval_split=test")
-    parser.add_argument(
-        "--objective",
-        action="append",
-        required=True,
-        metavar="SPEC",
-        help="a registered objective, NAME or '{kind: NAME, key: value}'; give it once per "
-        "objective (required, no default)",
-    )
+    add_specs(parser, "objective", " (required, no default)")
     parser.add_argument("--batches", type=integer(1), default=8, help="eval batches to use")
     parser.add_argument(
         "--batch-size",
@@ -52,8 +47,6 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "numbered when it exists)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> None:

@@ -6,13 +6,7 @@ import json
 import sys
 
 from ddiff._errors import RecipeError
-from ddiff.runner.commands.options import (
-    MAX_SAMPLES,
-    add_command,
-    integer,
-    output_path,
-    run_directory,
-)
+from ddiff.runner.commands.options import MAX_SAMPLES, integer, output_path, run_directory
 from ddiff.runner.files import unused_path
 from ddiff.runner.quality import Judge
 from ddiff.runner.quality_sweep import load_judge
@@ -20,17 +14,18 @@ from ddiff.runner.recipe import Recipe
 from ddiff.runner.trainer.engine import Engine
 from ddiff.runner.trainer.rundir import load_run, write_eval
 
+NAME = "eval"
+HELP = "evaluate a run's latest checkpoint"
+DESCRIPTION = (
+    "Evaluate the EMA parameters of a run's latest checkpoint over the eval split and "
+    "write DIR/eval_step<k>.json (a numbered name when it exists: nothing is overwritten "
+    "unless --overwrite)."
+)
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``eval`` command's parser."""
-    parser = add_command(
-        commands,
-        "eval",
-        "evaluate a run's latest checkpoint",
-        "Evaluate the EMA parameters of a run's latest checkpoint over the eval split and "
-        "write DIR/eval_step<k>.json (a numbered name when it exists: nothing is "
-        "overwritten unless --overwrite).",
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``eval`` command's arguments."""
     parser.add_argument("workdir", help="run directory")
     parser.add_argument(
         "overrides",
@@ -66,8 +61,6 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="a run trained on the same data (an autoregressive one: recipes/ar_quickstart.yaml) "
         "whose likelihood scores the samples: their generative perplexity (default: none)",
     )
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def _judge(args: argparse.Namespace, recipe: Recipe) -> Judge | None:

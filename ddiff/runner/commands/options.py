@@ -18,14 +18,6 @@ MAX_SAMPLES = 2**31 - 1
 """Sample indices fold into 32-bit keys (:func:`ddiff.sample_keys`)."""
 
 
-def add_command(
-    commands: argparse._SubParsersAction, name: str, help: str, description: str | None = None
-) -> argparse.ArgumentParser:
-    """The parser of command ``name``, with ``help`` in the list of commands and
-    ``description`` (default: ``help``) atop its own help."""
-    return commands.add_parser(name, help=help, description=description or help)
-
-
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in [minimum, maximum]."""
 
@@ -51,6 +43,18 @@ def finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def add_specs(parser: argparse.ArgumentParser, slot: str, note: str = "") -> None:
+    """The required option ``--SLOT SPEC``, given once per component: a registered name,
+    or a YAML mapping with ``kind`` and the component's keys (``note`` ends its help)."""
+    parser.add_argument(
+        f"--{slot}",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help=f"a registered {slot}, NAME or '{{kind: NAME, key: value}}'; give it once per {slot}{note}",
+    )
 
 
 SEED = integer(0, 2**32 - 1)

@@ -3,17 +3,19 @@
 import argparse
 from pathlib import Path
 
-from ddiff.runner.commands.options import add_command, output_path, run_directory
+from ddiff.runner.commands.options import output_path, run_directory
 from ddiff.runner.plot import plot_run
 
+NAME = "plot"
+HELP = "draw a run's loss and eval curves as a PNG"
+DESCRIPTION = HELP
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``plot`` command's parser."""
-    parser = add_command(commands, "plot", "draw a run's loss and eval curves as a PNG")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``plot`` command's arguments."""
     parser.add_argument("workdir", help="run directory")
     parser.add_argument("--output", default=None, help="PNG path (default: DIR/curves.png, redrawn)")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> None:

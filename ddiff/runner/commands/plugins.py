@@ -13,27 +13,26 @@ from ddiff._capabilities import Capable
 from ddiff._errors import RecipeError
 from ddiff._network import SUPPLIED_NETWORK_ARGUMENTS
 from ddiff._registry import SLOTS, Registry, default_registry
-from ddiff.runner.commands.options import add_command
 
 SUPPLIED = frozenset({*SUPPLIED_NETWORK_ARGUMENTS, "vocab_size", "seq_len", "num_classes"})
 """Constructor arguments ddiff sets itself, never written in a recipe."""
 
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``plugins`` command's parser."""
-    parser = add_command(
-        commands,
-        "plugins",
-        "list registered components, or describe one",
-        "Without arguments, list every registered component by slot with its plugin, and "
-        "the plugins that failed to import. With SLOT, list that slot. With SLOT NAME, "
-        "print the component's documentation, its recipe keys with types and defaults, "
-        "and the capabilities it provides and requires.",
-    )
+NAME = "plugins"
+HELP = "list registered components, or describe one"
+DESCRIPTION = (
+    "Without arguments, list every registered component by slot with its plugin, and the "
+    "plugins that failed to import. With SLOT, list that slot. With SLOT NAME, print the "
+    "component's documentation, its recipe keys with types and defaults, and the "
+    "capabilities it provides and requires."
+)
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``plugins`` command's arguments."""
     parser.add_argument("slot", nargs="?", default=None, help="a slot: data, process, schedule, ...")
     parser.add_argument("name", nargs="?", default=None, help="a registered name in the slot")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def type_name(hint: Any) -> str:

@@ -9,7 +9,7 @@ from ddiff._errors import RecipeError
 from ddiff.runner.commands.options import (
     MAX_SAMPLES,
     SEED,
-    add_command,
+    add_specs,
     integer,
     output_path,
     run_directory,
@@ -26,27 +26,23 @@ from ddiff.runner.quality_sweep import (
 from ddiff.runner.recipe import parse_yaml
 from ddiff.runner.trainer.rundir import load_run
 
+NAME = "quality"
+HELP = "sample quality against network evaluations and wall time for several samplers"
+DESCRIPTION = (
+    "Draw --num samples from a run's latest checkpoint with each --sampler (at each of "
+    "--steps), and write their quality (exact likelihood under a synthetic source, "
+    "unigram entropy, n-gram distances, perplexity under --judge) against network "
+    "evaluations and wall time: a JSON table and a plot beside it (numbered names when "
+    "they exist)."
+)
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``quality`` command's parser."""
-    parser = add_command(
-        commands,
-        "quality",
-        "sample quality against network evaluations and wall time for several samplers",
-        "Draw --num samples from a run's latest checkpoint with each --sampler (at each of "
-        "--steps), and write their quality (exact likelihood under a synthetic source, unigram "
-        "entropy, n-gram distances, perplexity under --judge) against network evaluations and "
-        "wall time: a JSON table and a plot beside it (numbered names when they exist).",
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``quality`` command's arguments."""
     parser.add_argument("workdir", help="run directory")
     parser.add_argument("overrides", nargs="*", help="recipe overrides such as data.eval_split=test")
-    parser.add_argument(
-        "--sampler",
-        action="append",
-        required=True,
-        metavar="SPEC",
-        help="a registered sampler, NAME or '{kind: NAME, key: value}'; give it once per sampler",
-    )
+    add_specs(parser, "sampler")
     parser.add_argument(
         "--steps",
         default=None,
@@ -75,8 +71,6 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="JSON file (default: DIR/quality.json, numbered when it exists); the plot beside it as .png",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def parse_sampler(text: str) -> dict[str, Any]:

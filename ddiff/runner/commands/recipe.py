@@ -2,19 +2,24 @@
 
 import argparse
 
-from ddiff.runner.commands.options import OVERRIDES_HELP, add_command
+from ddiff.runner.commands.options import OVERRIDES_HELP
 from ddiff.runner.recipe import load_recipe
 
+NAME = "recipe"
+HELP = "inspect recipes"
+DESCRIPTION = HELP
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``recipe`` command's parser, with its subcommand ``show``."""
-    parser = add_command(commands, "recipe", "inspect recipes")
+SHOW = "print the fully resolved recipe"
+"""The help of the subcommand ``show``."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``recipe`` command's subcommand ``show`` and its arguments."""
     subcommands = parser.add_subparsers(dest="recipe_command", required=True, metavar="COMMAND")
-    show = add_command(subcommands, "show", "print the fully resolved recipe")
+    show = subcommands.add_parser("show", help=SHOW, description=SHOW)
     show.add_argument("recipe", help="recipe YAML file")
     show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    show.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> None:

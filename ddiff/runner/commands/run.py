@@ -3,23 +3,24 @@
 import argparse
 from pathlib import Path
 
-from ddiff.runner.commands.options import OVERRIDES_HELP, add_command, integer
+from ddiff.runner.commands.options import OVERRIDES_HELP, integer
 from ddiff.runner.distributed import initialize
 from ddiff.runner.recipe import load_recipe
 from ddiff.runner.trainer.loop import Trainer
 
+NAME = "run"
+HELP = "train a recipe into a run directory (run again to resume)"
+DESCRIPTION = (
+    "Train a recipe into a run directory; the same command resumes from its latest "
+    "checkpoint. Steps, cadences, eval, sampler and logging settings and the data's "
+    "location may change on resume; other changes are refused. A run that never reached a "
+    "checkpoint restarts with the new recipe."
+)
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``run`` command's parser."""
-    parser = add_command(
-        commands,
-        "run",
-        "train a recipe into a run directory (run again to resume)",
-        "Train a recipe into a run directory; the same command resumes from its latest "
-        "checkpoint. Steps, cadences, eval, sampler and logging settings and the data's "
-        "location may change on resume; other changes are refused. A run that never "
-        "reached a checkpoint restarts with the new recipe.",
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` command's arguments."""
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     parser.add_argument("--workdir", help="run directory (default: runs/<recipe file name>)")
@@ -49,8 +50,6 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="join a multi-process run detected from the cluster (TPU pod, SLURM, MPI)",
     )
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> None:

@@ -9,14 +9,7 @@ import jax
 from tqdm import tqdm
 
 from ddiff._errors import RecipeError
-from ddiff.runner.commands.options import (
-    MAX_SAMPLES,
-    SEED,
-    add_command,
-    finite,
-    integer,
-    run_directory,
-)
+from ddiff.runner.commands.options import MAX_SAMPLES, SEED, finite, integer, run_directory
 from ddiff.runner.files import unused_path
 from ddiff.runner.recipe import read_recipe_file
 from ddiff.runner.sample_options import SampleOptions, build_conditioning, sample_length
@@ -28,16 +21,18 @@ SUFFIXES = (".txt", ".npy", ".json", ".png")
 """The files of one set of samples."""
 
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``sample`` command's parser."""
-    parser = add_command(
-        commands,
-        "sample",
-        "draw samples from a run's latest checkpoint",
-        "Draw samples from the EMA parameters of a run's latest checkpoint, in batches, "
-        "into DIR/samples/NAME.txt, .npy and .json (.png for images). Sample i is drawn "
-        "from the i-th key of --seed, so the batch size never changes the samples.",
-    )
+NAME = "sample"
+HELP = "draw samples from a run's latest checkpoint"
+DESCRIPTION = (
+    "Draw samples from the EMA parameters of a run's latest checkpoint, in batches, into "
+    "DIR/samples/NAME.txt, .npy and .json (.png for images). Sample i is drawn from the "
+    "i-th key of --seed, so the batch size never changes the samples."
+)
+"""The command's name, its line in ``ddiff --help`` and the text atop its own help."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``sample`` command's arguments."""
     parser.add_argument("workdir", help="run directory")
     parser.add_argument("--num", type=integer(1, MAX_SAMPLES), default=16, help="number of samples")
     parser.add_argument(
@@ -94,8 +89,6 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="infilling: integer array of shape (seq,) or (num, seq); entries >= 0 are kept "
         "fixed throughout sampling, -1 marks positions to generate (default: none)",
     )
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def _steps_key(workdir: Path) -> str:
