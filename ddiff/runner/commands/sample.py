@@ -20,7 +20,6 @@ from ddiff.runner.trainer.sampling import SAMPLES_DIR, SampleWriter
 SUFFIXES = (".txt", ".npy", ".json", ".png")
 """The files of one set of samples."""
 
-
 NAME = "sample"
 HELP = "draw samples from a run's latest checkpoint"
 DESCRIPTION = (
