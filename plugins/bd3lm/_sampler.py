@@ -1,15 +1,37 @@
 """Block-by-block sampling with a KV cache over finished blocks, variable length."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff import capabilities as caps
 from ddiff_plugins.bd3lm._objective import BD3LMELBO, _check_blocks
 
 
-class BD3LMSampler(ddiff.AbstractSampler):
+class _BlockLoop(eqx.Module):
+    """The block loop's carry beyond the tokens.
+
+    Attributes:
+        keys: the caller's per-sample keys (block b draws from ``fold_in(key, b)``).
+        prefix: the clean blocks the next block reads, one per sample (a key-value
+            cache or the tokens, :meth:`ddiff.DiffusionModel.init_prefix`).
+        window: the last clean tokens, at most D - L' of them, per sample.
+        stopped: whether a sample has drawn its stop token.
+        lengths: each sample's length (``seq_len`` until it stops).
+    """
+
+    keys: ddiff.KeyBatch
+    prefix: Any
+    window: Int[Array, "batch capacity"]
+    stopped: Bool[Array, " batch"]
+    lengths: Int[Array, " batch"]
+
+
+class BD3LMSampler(ddiff.AbstractLoopSampler):
     """Block diffusion sampling (Arriola et al. 2025, Alg. 2): block by block, each block
     of L' positions drawn by the ``inner`` sampler (any sampler of the masked family:
     ancestral, first-hitting, the confidence decoders...) run with ``seq_len = L'`` and
@@ -28,7 +50,8 @@ class BD3LMSampler(ddiff.AbstractSampler):
     first stop token hold ``ddiff.PAD_TOKEN`` and ``SampleOutput.lengths`` counts the
     tokens up to and including it. Each sample's blocks are drawn from its own key (block
     b from ``fold_in(key, b)``), so a sample does not depend on the batch or on when the
-    others stop.
+    others stop. One block is one step of the driver's loop (:func:`ddiff.run_sampler`),
+    which ends when every sample has stopped.
 
     Given positions (``fixed_tokens``, ``--prefix``) are kept; a block is conditioned on
     the given positions before and within it, not on later ones (exact for a prefix).
@@ -81,105 +104,123 @@ class BD3LMSampler(ddiff.AbstractSampler):
             return f"its inner sampler: {error.message}"
         return None
 
-    def sample(self, model, *, keys, seq_len, conditioning):
+    def _capacity(self, seq_len: int) -> int:
+        """How many clean positions a block sees at most: D - L' (fewer when sampling
+        fewer than D)."""
+        return min(self.seq_len, seq_len) - self.block_size
+
+    def _empty(self, model: ddiff.DiffusionModel, batch: int, capacity: int) -> Any:
+        """A prefix of no blocks for each of ``batch`` samples."""
+        return jax.vmap(
+            lambda _: model.init_prefix(capacity, block_size=self.block_size, cached=self.kv_cache)
+        )(jnp.arange(batch))
+
+    def _advance(self, prediction, index, carry, block, capacity):
+        """The prefix and token window after ``block`` (block ``index``), and the network
+        calls it took: the cache extended while the window has room, rebuilt from the
+        window's blocks once it slides; a token prefix simply extended."""
+        model, labels, size = prediction.model, prediction.conditioning.labels, self.block_size
+
+        def extend(prefix, block):
+            return jax.vmap(lambda c, b, label: model.extend_prefix(c, b, label=label))(prefix, block, labels)
+
+        filled = jnp.minimum(index * size, capacity)
+        window = jax.vmap(lambda w, b: ddiff.append_to_window(w, filled, b)[0])(
+            carry.window, block.astype(carry.window.dtype)
+        )
+        if not self.kv_cache:
+            return extend(carry.prefix, block), window, jnp.int32(0)
+
+        def rebuild(prefix):
+            empty = self._empty(model, block.shape[0], capacity)
+            if capacity == 0:
+                return empty
+
+            def add(position, prefix):
+                return extend(prefix, jax.lax.dynamic_slice_in_dim(window, position * size, size, axis=1))
+
+            return jax.lax.fori_loop(0, capacity // size, add, empty)
+
+        slides = filled + size > capacity
+        prefix = jax.lax.cond(slides, rebuild, lambda prefix: extend(prefix, block), carry.prefix)
+        return prefix, window, jnp.where(slides, capacity // size, 1).astype(jnp.int32)
+
+    def init(self, prediction, tokens, *, keys):
+        """Refuses a length that is no multiple of L' and guidance; no block drawn yet."""
+        batch, seq_len = tokens.shape
         size = self.block_size
         if seq_len % size:
             raise ddiff.RecipeError(
                 f"cannot sample {seq_len} tokens in blocks of {size}; ask for a multiple of {size}",
                 path="sampler.block_size",
             )
-        if conditioning.guidance != 0.0:
+        if prediction.conditioning.guidance != 0.0:
             raise ddiff.RecipeError(
                 "bd3lm sampling does not combine with classifier-free guidance; sample with "
                 "guidance 0 (labels alone condition the blocks)",
                 path="sampler",
             )
-        num_blocks = seq_len // size
-        capacity = min(self.seq_len, seq_len) - size
-        batch = keys.shape[0]
-        labels = conditioning.labels
-        fixed = conditioning.fixed_tokens is not None and conditioning.fixed_mask is not None
-
-        def empty(_):
-            return model.init_prefix(capacity, block_size=size, cached=self.kv_cache)
-
-        def extend(context, block):
-            return jax.vmap(lambda c, b, label: model.extend_prefix(c, b, label=label))(context, block, labels)
-
-        def rebuild(window):
-            """A cache of the window's blocks, extended block by block from empty."""
-            if capacity == 0:
-                return jax.vmap(empty)(keys)
-
-            def add(index, context):
-                return extend(context, jax.lax.dynamic_slice_in_dim(window, index * size, size, axis=1))
-
-            return jax.lax.fori_loop(0, capacity // size, add, jax.vmap(empty)(keys))
-
-        def advance(index, context, window, block):
-            """The context and token window after ``block`` (block ``index``), and the
-            network calls it took: the cache extended while the window has room, rebuilt
-            once the window slides; a token prefix simply extended."""
-            filled = jnp.minimum(index * size, capacity)
-            window = jax.vmap(lambda w, b: ddiff.append_to_window(w, filled, b)[0])(
-                window, block.astype(window.dtype)
-            )
-            if not self.kv_cache:
-                return extend(context, block), window, jnp.int32(0)
-            slides = filled + size > capacity
-            context = jax.lax.cond(slides, lambda c: rebuild(window), lambda c: extend(c, block), context)
-            return context, window, jnp.where(slides, capacity // size, 1).astype(jnp.int32)
-
-        def body(state):
-            index, tokens, context, window, done, lengths, evals = state
-            start = index * size
-            given_tokens = given_mask = None
-            if fixed:
-                given_tokens = jax.lax.dynamic_slice_in_dim(conditioning.fixed_tokens, start, size, axis=1)
-                given_mask = jax.lax.dynamic_slice_in_dim(conditioning.fixed_mask, start, size, axis=1)
-            inner_conditioning = ddiff.Conditioning(
-                labels=labels, fixed_tokens=given_tokens, fixed_mask=given_mask, prefix=context
-            )
-            output = self.inner.sample(
-                model, keys=ddiff.step_keys(keys, index), seq_len=size, conditioning=inner_conditioning
-            )
-            block = output.tokens
-            kept = block
-            ends = jnp.zeros((batch,), bool)
-            if self.stop_token is not None:
-                stops = block == self.stop_token
-                if fixed:
-                    stops = stops & ~given_mask
-                first = jnp.argmax(stops, axis=1)
-                found = jnp.any(stops, axis=1)
-                ends = found & ~done
-                after = found[:, None] & (jnp.arange(size)[None, :] > first[:, None])
-                kept = jnp.where(after, ddiff.PAD_TOKEN, block)
-                lengths = jnp.where(ends, start + first + 1, lengths)
-            kept = jnp.where(done[:, None], ddiff.PAD_TOKEN, kept)
-            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, kept.astype(tokens.dtype), start, axis=1)
-            context, window, calls = jax.lax.cond(
-                index + 1 < num_blocks,
-                lambda c, w: advance(index, c, w, block),
-                lambda c, w: (c, w, jnp.int32(0)),
-                context,
-                window,
-            )
-            used = output.num_function_evals + calls
-            return index + 1, tokens, context, window, done | ends, lengths, evals + used
-
-        state = (
-            jnp.int32(0),
-            jnp.full((batch, seq_len), ddiff.PAD_TOKEN, jnp.int32),
-            jax.vmap(empty)(keys),
-            jnp.zeros((batch, capacity), jnp.int32),
-            jnp.zeros((batch,), bool),
-            jnp.full((batch,), seq_len, jnp.int32),
-            jnp.int32(0),
+        capacity = self._capacity(seq_len)
+        return _BlockLoop(
+            keys=keys,
+            prefix=self._empty(prediction.model, batch, capacity),
+            window=jnp.zeros((batch, capacity), jnp.int32),
+            stopped=jnp.zeros((batch,), bool),
+            lengths=jnp.full((batch,), seq_len, jnp.int32),
         )
-        _, tokens, _, _, _, lengths, evals = jax.lax.while_loop(
-            lambda state: (state[0] < num_blocks) & ~jnp.all(state[4]), body, state
+
+    def done(self, prediction, tokens, carry, index):
+        return (index >= tokens.shape[1] // self.block_size) | jnp.all(carry.stopped)
+
+    def step(self, prediction, tokens, carry, index, *, keys):
+        """Block ``index`` drawn by the inner sampler given the prefix, written into the
+        tokens; the lengths of the samples whose first stop token it holds; the prefix
+        advanced past it unless it is the last."""
+        conditioning = prediction.conditioning
+        size = self.block_size
+        seq_len = tokens.shape[1]
+        start = index * size
+        given_tokens = given_mask = None
+        if conditioning.fixed_tokens is not None and conditioning.fixed_mask is not None:
+            given_tokens = jax.lax.dynamic_slice_in_dim(conditioning.fixed_tokens, start, size, axis=1)
+            given_mask = jax.lax.dynamic_slice_in_dim(conditioning.fixed_mask, start, size, axis=1)
+        inner_conditioning = ddiff.Conditioning(
+            labels=conditioning.labels, fixed_tokens=given_tokens, fixed_mask=given_mask, prefix=carry.prefix
         )
+        output = self.inner.sample(
+            prediction.model,
+            keys=ddiff.step_keys(carry.keys, index),
+            seq_len=size,
+            conditioning=inner_conditioning,
+        )
+        block = output.tokens
+        stopped, lengths = carry.stopped, carry.lengths
+        if self.stop_token is not None:
+            stops = block == self.stop_token
+            if given_mask is not None:
+                stops = stops & ~given_mask
+            found = jnp.any(stops, axis=1)
+            lengths = jnp.where(found & ~stopped, start + jnp.argmax(stops, axis=1) + 1, lengths)
+            stopped = stopped | found
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, block.astype(tokens.dtype), start, axis=1)
+        capacity = self._capacity(seq_len)
+        prefix, window, calls = jax.lax.cond(
+            index + 1 < seq_len // size,
+            lambda carry: self._advance(prediction, index, carry, block, capacity),
+            lambda carry: (carry.prefix, carry.window, jnp.int32(0)),
+            carry,
+        )
+        carry = _BlockLoop(keys=carry.keys, prefix=prefix, window=window, stopped=stopped, lengths=lengths)
+        return tokens, carry, output.num_function_evals + calls
+
+    def finish(self, prediction, tokens, carry, *, keys):
+        """With a stop token, ``ddiff.PAD_TOKEN`` after each sample's length, and the
+        lengths."""
+        if self.stop_token is None:
+            return ddiff.SampleOutput(tokens=tokens, num_function_evals=jnp.int32(0))
+        after = jnp.arange(tokens.shape[1])[None, :] >= carry.lengths[:, None]
         return ddiff.SampleOutput(
-            tokens=tokens, num_function_evals=evals, lengths=None if self.stop_token is None else lengths
+            tokens=jnp.where(after, ddiff.PAD_TOKEN, tokens),
+            num_function_evals=jnp.int32(0),
+            lengths=carry.lengths,
         )

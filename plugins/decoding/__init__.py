@@ -13,11 +13,12 @@ samplers the field uses beside ancestral sampling.
   step which positions stay or become masked, decoded tokens included.
 
 Each docstring says which distribution the sampler draws from: the model's (exact with an
-exact denoiser, which the conformance kit checks) or a heuristic one. Every loop is one
-``lax.scan`` or ``lax.while_loop``; labels and classifier-free guidance go through
-:func:`ddiff.batched_log_mean`; given positions (infilling) are never changed; sample i
-draws all its randomness from its own key; the network evaluations are counted (one per
-batched call, two under guidance).
+exact denoiser, which the conformance kit checks) or a heuristic one. Each is a step rule
+run by ddiff's driver (:func:`ddiff.run_sampler`), which owns the loop, the keys (sample i
+draws all its randomness from its own key), the given positions (infilling: never
+changed) and the count of network evaluations (one per batched call, two under guidance);
+labels and classifier-free guidance go through :class:`ddiff.Prediction`. The count
+decoders (``confidence``, ``p2``) share :class:`AbstractCountDecoder`.
 """
 
 import ddiff
@@ -25,6 +26,7 @@ from ddiff_plugins.decoding._confidence import ConfidenceSampler
 from ddiff_plugins.decoding._path_planning import AbstractPathPlanningSampler, PathPlanningSampler
 from ddiff_plugins.decoding._remdm import RemaskingSchedule, ReMDMSampler, remdm_logits
 from ddiff_plugins.decoding._selection import (
+    AbstractCountDecoder,
     Confidence,
     CountSchedule,
     confidence,
@@ -37,6 +39,7 @@ from ddiff_plugins.decoding._semi_ar import SemiAutoregressiveSampler
 from ddiff_plugins.decoding._threshold import ThresholdSampler
 
 __all__ = [
+    "AbstractCountDecoder",
     "AbstractPathPlanningSampler",
     "Confidence",
     "ConfidenceSampler",

@@ -4,20 +4,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-import ddiff
 from ddiff_plugins.decoding._selection import (
-    _REQUIRES,
+    AbstractCountDecoder,
     Confidence,
     CountSchedule,
-    _values,
-    confidence,
     highest,
-    network_times,
-    remaining_fraction,
+    propose,
+    still_to_decode,
 )
 
 
-class ConfidenceSampler(ddiff.AbstractSampler):
+class ConfidenceSampler(AbstractCountDecoder):
     """Confidence-ordered decoding (MaskGIT, Chang et al. 2022; LLaDA's low-confidence
     remasking, Nie et al. 2025): from all-mask, step i = 1..T evaluates mu_theta once and
     unmasks the k_i masked positions of highest confidence (:data:`Confidence`), with the
@@ -27,6 +24,7 @@ class ConfidenceSampler(ddiff.AbstractSampler):
     from mu_theta (exactly, :func:`ddiff.categorical`), or its most probable value under
     ``greedy`` (LLaDA's temperature 0). A time-conditioned network is evaluated at the
     time whose alpha_t is the fraction of unmasked positions (:func:`network_times`).
+    The loop is the driver's (:class:`AbstractCountDecoder`).
 
     Distribution: with one position per step (e.g. T >= M with the linear schedule) and
     drawn values it is exact for an exact denoiser, whatever the order: each step draws
@@ -43,46 +41,23 @@ class ConfidenceSampler(ddiff.AbstractSampler):
         greedy: take each position's most probable value instead of a draw.
     """
 
-    requires = _REQUIRES
-    steps: int = eqx.field(static=True, default=64)
     confidence: Confidence = eqx.field(static=True, default="max_prob")
     schedule: CountSchedule = eqx.field(static=True, default="cosine")
     greedy: bool = eqx.field(static=True, default=False)
 
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
+    def init(self, prediction, tokens, *, keys):
+        """M, the positions to decode of each sample."""
+        return jnp.sum(still_to_decode(prediction, tokens), axis=-1)
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        process = model.process
-        mask_id = process.mask_id
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
-        total = jnp.sum(ddiff.still_masked(conditioning, start.tokens, mask_id), axis=-1)
+    def step(self, prediction, tokens, carry, index, *, keys):
+        masked = still_to_decode(prediction, tokens)
+        count = jnp.sum(masked, axis=-1)
+        unmask = jnp.where(count > 0, jnp.clip(count - self.masked_after(carry, index), 1, count), 0)
 
-        def step(carry, index):
-            x, evals = carry
-            masked = ddiff.still_masked(conditioning, x, mask_id)
-            count = jnp.sum(masked, axis=-1)
-            done = (index + 1).astype(jnp.float32) / self.steps
-            left = jnp.floor(total * remaining_fraction(self.schedule, done)).astype(jnp.int32)
-            unmask = jnp.where(count > 0, jnp.clip(count - left, 1, count), 0)
+        def decode(x):
+            values, scores, selection_keys, calls = propose(prediction, x, keys, self.confidence, self.greedy)
+            chosen = jax.vmap(highest)(selection_keys, jnp.where(masked, scores, -jnp.inf), unmask) & masked
+            return jnp.where(chosen, values, x), jnp.int32(calls)
 
-            def decode(x):
-                times = network_times(process.schedule, jnp.sum(x == mask_id, axis=-1), seq_len)
-                log_mean, calls = ddiff.batched_log_mean(model, x, times, conditioning)
-                split = jax.vmap(lambda key: jax.random.split(key, 2))(
-                    ddiff.step_keys(start.loop_keys, index)
-                )
-                values = jax.vmap(lambda key, lm: _values(key, lm, self.greedy))(split[:, 0], log_mean)
-                scores = jnp.where(masked, jax.vmap(lambda lm: confidence(lm, self.confidence))(log_mean), -jnp.inf)
-                chosen = jax.vmap(highest)(split[:, 1], scores, unmask) & masked
-                return ddiff.apply_fixed(conditioning, jnp.where(chosen, values, x)), jnp.int32(calls)
-
-            x, used = jax.lax.cond(
-                jnp.any(unmask > 0), decode, lambda x: (x, jnp.int32(0)), x
-            )
-            return (x, evals + used), None
-
-        (x, evals), _ = jax.lax.scan(
-            step, (start.tokens, jnp.int32(0)), jnp.arange(self.steps, dtype=jnp.int32)
-        )
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals)
+        tokens, calls = jax.lax.cond(jnp.any(unmask > 0), decode, lambda x: (x, jnp.int32(0)), tokens)
+        return tokens, carry, calls

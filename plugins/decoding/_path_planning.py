@@ -9,15 +9,15 @@ import jax.numpy as jnp
 
 import ddiff
 from ddiff_plugins.decoding._selection import (
-    _REQUIRES,
+    AbstractCountDecoder,
     CountSchedule,
     highest,
-    network_times,
-    remaining_fraction,
+    predict_where_typical,
+    still_to_decode,
 )
 
 
-class AbstractPathPlanningSampler(ddiff.AbstractSampler):
+class AbstractPathPlanningSampler(AbstractCountDecoder):
     """Path planning (P2, Peng et al. 2025, arXiv 2502.03540, their Alg. 1): from
     all-mask, step i = 1..T evaluates mu_theta once, draws a proposal for every masked
     position from it, and asks the planner (:meth:`planner_scores`) to score every
@@ -25,16 +25,13 @@ class AbstractPathPlanningSampler(ddiff.AbstractSampler):
     (M to decode, g the :data:`CountSchedule`, P2's 1 - kappa) are masked (decoded tokens
     among them are remasked), the other masked positions take their proposals. A
     time-conditioned network is evaluated at the time whose alpha_t is the fraction of
-    unmasked positions (:func:`network_times`). Network evaluations: T (doubled under
-    guidance), plus what the planner spends.
+    unmasked positions (:func:`network_times`); the loop is the driver's
+    (:class:`AbstractCountDecoder`). Network evaluations: T (doubled under guidance),
+    plus what the planner spends.
 
     The planner is the hook: a subclass implements :meth:`planner_scores` (a second
     network's view, a trained planner, ...).
     """
-
-    requires = _REQUIRES
-    steps: eqx.AbstractVar[int]
-    schedule: eqx.AbstractVar[CountSchedule]
 
     @abc.abstractmethod
     def planner_scores(
@@ -66,37 +63,31 @@ class AbstractPathPlanningSampler(ddiff.AbstractSampler):
             The scores, and the network evaluations the planner made (an int32 scalar).
         """
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        process = model.process
-        mask_id = process.mask_id
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
-        to_decode = ddiff.still_masked(conditioning, start.tokens, mask_id)
-        total = jnp.sum(to_decode, axis=-1)
+    def init(self, prediction, tokens, *, keys):
+        """The log-probability each decoded token had when it was decoded (0 while
+        masked), and which positions are to decode."""
+        return jnp.zeros(tokens.shape, jnp.float32), still_to_decode(prediction, tokens)
 
-        def step(carry, index):
-            x, recorded, evals = carry
-            masked = ddiff.still_masked(conditioning, x, mask_id)
-            times = network_times(process.schedule, jnp.sum(x == mask_id, axis=-1), seq_len)
-            log_mean, calls = ddiff.batched_log_mean(model, x, times, conditioning)
-            split = jax.vmap(lambda key: jax.random.split(key, 3))(ddiff.step_keys(start.loop_keys, index))
-            drawn = jax.vmap(ddiff.categorical)(split[:, 0], log_mean)
-            proposal = jnp.where(masked, drawn, x)
-            scores, used = self.planner_scores(
-                model, x, proposal, log_mean, recorded, masked, conditioning, keys=split[:, 1]
-            )
-            done = (index + 1).astype(jnp.float32) / self.steps
-            left = jnp.floor(total * remaining_fraction(self.schedule, done)).astype(jnp.int32)
-            lowest = jax.vmap(highest)(split[:, 2], jnp.where(to_decode, -scores, -jnp.inf), left)
-            remask = lowest & to_decode
-            revealed = masked & ~remask
-            picked = jnp.take_along_axis(log_mean, proposal[..., None], axis=-1)[..., 0]
-            x = ddiff.apply_fixed(conditioning, jnp.where(remask, mask_id, jnp.where(revealed, proposal, x)))
-            recorded = jnp.where(revealed, picked, jnp.where(remask, 0.0, recorded))
-            return (x, recorded, evals + calls + used), None
-
-        initial = (start.tokens, jnp.zeros(start.tokens.shape, jnp.float32), jnp.int32(0))
-        (x, _, evals), _ = jax.lax.scan(step, initial, jnp.arange(self.steps, dtype=jnp.int32))
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals)
+    def step(self, prediction, tokens, carry, index, *, keys):
+        recorded, to_decode = carry
+        model, conditioning = prediction.model, prediction.conditioning
+        mask_id = model.process.mask_id
+        masked = still_to_decode(prediction, tokens)
+        log_mean, calls = predict_where_typical(prediction, tokens)
+        split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
+        drawn = jax.vmap(ddiff.categorical)(split[:, 0], log_mean)
+        proposal = jnp.where(masked, drawn, tokens)
+        scores, used = self.planner_scores(
+            model, tokens, proposal, log_mean, recorded, masked, conditioning, keys=split[:, 1]
+        )
+        left = self.masked_after(jnp.sum(to_decode, axis=-1), index)
+        lowest = jax.vmap(highest)(split[:, 2], jnp.where(to_decode, -scores, -jnp.inf), left)
+        remask = lowest & to_decode
+        revealed = masked & ~remask
+        picked = jnp.take_along_axis(log_mean, proposal[..., None], axis=-1)[..., 0]
+        tokens = jnp.where(remask, mask_id, jnp.where(revealed, proposal, tokens))
+        recorded = jnp.where(revealed, picked, jnp.where(remask, 0.0, recorded))
+        return tokens, (recorded, to_decode), calls + used
 
 
 class PathPlanningSampler(AbstractPathPlanningSampler):
@@ -123,13 +114,11 @@ class PathPlanningSampler(AbstractPathPlanningSampler):
         score: ``log_prob`` (self-planning) or ``random``.
     """
 
-    steps: int = eqx.field(static=True, default=64)
     schedule: CountSchedule = eqx.field(static=True, default="linear")
     eta: float = eqx.field(static=True, default=1.0)
     score: Literal["log_prob", "random"] = eqx.field(static=True, default="log_prob")
 
     def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
         ddiff.check_at_least("eta", self.eta, 0.0)
 
     def planner_scores(self, model, x, proposal, log_mean, recorded, masked, conditioning, *, keys):

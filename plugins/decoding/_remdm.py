@@ -37,7 +37,7 @@ def remdm_logits(
     return jnp.where((x == mask_id)[:, None], masked_row, decoded_row)
 
 
-class ReMDMSampler(ddiff.AbstractSampler):
+class ReMDMSampler(ddiff.AbstractGridSampler):
     """ReMDM remasking (Wang et al. 2025, arXiv 2503.00307): ancestral sampling on a time
     grid in which a decoded token is remasked with probability sigma_t at every step and
     a masked position unmasks correspondingly more often (:func:`remdm_logits`), so that
@@ -54,9 +54,10 @@ class ReMDMSampler(ddiff.AbstractSampler):
       t_on 0.55, t_off 0.05, alpha_on 0.9). The network is evaluated at the time where
       the schedule reaches the loop's alpha (:func:`ddiff.time_of_alpha`).
 
-    The reverse process starts from all-mask; positions still masked after the last step
-    are drawn from mu_theta(x, 0) (the grid samplers' final step). With eta = 0 under
-    ``cap`` or ``rescale`` it is ``ancestral``, bit for bit with the same keys.
+    The steps run on the driver's grid (:class:`ddiff.AbstractGridSampler`): the reverse
+    process starts from all-mask, and positions still masked after the last step are drawn
+    from mu_theta(x, 0) (the grid samplers' finish). With eta = 0 under ``cap`` or
+    ``rescale`` it is ``ancestral``, bit for bit with the same keys.
 
     Distribution: a heuristic that is not the model's distribution. A remasking step keeps
     each position's marginal, but with sigma > 0 several positions unmask per step from
@@ -78,8 +79,6 @@ class ReMDMSampler(ddiff.AbstractSampler):
         "parameterization": frozenset({caps.MEAN}),
         "process": frozenset({caps.MASKED, caps.SCALAR_SCHEDULE}),
     }
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
     strategy: RemaskingSchedule = eqx.field(static=True, default="loop")
     eta: float = eqx.field(static=True, default=0.02)
     t_on: float = eqx.field(static=True, default=0.55)
@@ -87,7 +86,6 @@ class ReMDMSampler(ddiff.AbstractSampler):
     alpha_on: float = eqx.field(static=True, default=0.9)
 
     def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
         ddiff.check_at_least("eta", self.eta, 0.0)
         if self.strategy == "rescale" and self.eta > 1.0:
             raise ddiff.RecipeError(f"eta must be in [0, 1] under rescale, got {self.eta}", path="eta")
@@ -123,28 +121,13 @@ class ReMDMSampler(ddiff.AbstractSampler):
             sigma = jnp.where((t <= self.t_on) & (t > self.t_off), sigma, 0.0)
         return time, alpha_s, alpha_t, sigma
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        process = model.process
-        schedule = process.schedule
-        mask_id = process.mask_id
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
-        calls = start.calls
-
-        def step(carry, inputs):
-            x, evals = carry
-            t, s, index = inputs
-            time, alpha_s, alpha_t, sigma = self._step_parameters(schedule, t, s)
-            log_mean, _ = ddiff.batched_log_mean(model, x, time, conditioning)
-            logits = jax.vmap(lambda lm, xi: remdm_logits(lm, xi, mask_id, alpha_s, alpha_t, sigma))(log_mean, x)
-            draws = jax.vmap(ddiff.categorical)(ddiff.step_keys(start.loop_keys, index), logits)
-            free = ddiff.still_masked(conditioning, jnp.full_like(x, mask_id), mask_id)
-            x = ddiff.apply_fixed(conditioning, jnp.where(free, draws, x))
-            return (x, evals + calls), None
-
-        times = ddiff.time_grid(self.grid, self.steps)
-        (x, evals), _ = jax.lax.scan(
-            step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
+    def step(self, prediction, tokens, carry, t, s, *, keys):
+        """Every position drawn from :func:`remdm_logits` (the driver sets the given ones
+        again)."""
+        process = prediction.model.process
+        time, alpha_s, alpha_t, sigma = self._step_parameters(process.schedule, t, s)
+        log_mean, calls = prediction.log_mean(tokens, time)
+        logits = jax.vmap(lambda lm, x: remdm_logits(lm, x, process.mask_id, alpha_s, alpha_t, sigma))(
+            log_mean, tokens
         )
-
-        x, used = ddiff.finish_masked(model, x, start=start, conditioning=conditioning)
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals + used)
+        return jax.vmap(ddiff.categorical)(keys, logits), carry, calls

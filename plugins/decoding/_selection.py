@@ -1,8 +1,10 @@
-"""What decoding samplers share: confidence scores, count schedules, top-k selection."""
+"""What decoding samplers share: confidence scores, count schedules, top-k selection, the
+prediction at the time a masked fraction is typical, and the count decoders' step loop."""
 
 import math
 from typing import Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -75,7 +77,65 @@ def network_times(
     return ddiff.time_of_alpha(schedule, 1.0 - masked.astype(jnp.float32) / seq_len)
 
 
-def _values(key: ddiff.Key, log_mean: ddiff.LogProbs, greedy: bool) -> ddiff.Tokens:
+def still_to_decode(prediction: ddiff.Prediction, tokens: ddiff.TokenBatch) -> jax.Array:
+    """The positions still masked and not given (:func:`ddiff.still_masked`), shape
+    (batch, seq)."""
+    return ddiff.still_masked(prediction.conditioning, tokens, prediction.model.process.mask_id)
+
+
+def predict_where_typical(
+    prediction: ddiff.Prediction, tokens: ddiff.TokenBatch
+) -> tuple[jax.Array, int]:
+    """log mu_theta of every sample at the time its masked fraction is typical
+    (:func:`network_times`), and the network calls it took."""
+    process = prediction.model.process
+    masked = jnp.sum(tokens == process.mask_id, axis=-1)
+    return prediction.log_mean(tokens, network_times(process.schedule, masked, tokens.shape[1]))
+
+
+def propose(
+    prediction: ddiff.Prediction,
+    tokens: ddiff.TokenBatch,
+    keys: ddiff.KeyBatch,
+    kind: Confidence,
+    greedy: bool,
+) -> tuple[ddiff.TokenBatch, jax.Array, ddiff.KeyBatch, int]:
+    """What a confidence decoder reads in one step (:func:`predict_where_typical`): a value
+    for every position (a draw from mu_theta, or its mode under ``greedy``), the confidence
+    of every position, one key per sample left for the selection, and the network calls."""
+    log_mean, calls = predict_where_typical(prediction, tokens)
+    split = jax.vmap(lambda key: jax.random.split(key, 2))(keys)
     if greedy:
-        return jnp.argmax(log_mean, axis=-1).astype(jnp.int32)
-    return ddiff.categorical(key, log_mean)
+        values = jnp.argmax(log_mean, axis=-1).astype(jnp.int32)
+    else:
+        values = jax.vmap(ddiff.categorical)(split[:, 0], log_mean)
+    scores = jax.vmap(lambda lm: confidence(lm, kind))(log_mean)
+    return values, scores, split[:, 1], calls
+
+
+class AbstractCountDecoder(ddiff.AbstractLoopSampler):
+    """A decoder of T = ``steps`` steps that follows a count schedule: after step
+    i = 1..T, floor(M g(i/T)) of the M positions to decode are masked (g the
+    :data:`CountSchedule`, 0 after step T). Steps k = 0..T-1 run in the driver's loop
+    (:func:`ddiff.run_sampler`); concrete decoders write the step.
+
+    Attributes:
+        steps: T (>= 1).
+        schedule: the :data:`CountSchedule` g.
+    """
+
+    requires = _REQUIRES
+    steps: int = eqx.field(static=True, default=64)
+    schedule: eqx.AbstractVar[CountSchedule]
+
+    def __check_init__(self):
+        ddiff.check_at_least("steps", self.steps)
+
+    def done(self, prediction, tokens, carry, index):
+        return index >= self.steps
+
+    def masked_after(self, total: jax.Array, index: jax.Array) -> jax.Array:
+        """floor(total g((index + 1) / T)): how many of ``total`` positions to decode
+        (one count per sample) are masked after step ``index`` (from 0)."""
+        fraction = (index + 1).astype(jnp.float32) / self.steps
+        return jnp.floor(total * remaining_fraction(self.schedule, fraction)).astype(jnp.int32)

@@ -1,21 +1,21 @@
 """Semi-autoregressive block decoding (LLaDA, Nie et al. 2025)."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 
 import ddiff
 from ddiff import capabilities as caps
 
 
-class SemiAutoregressiveSampler(ddiff.AbstractSampler):
+class SemiAutoregressiveSampler(ddiff.AbstractLoopSampler):
     """Semi-autoregressive block decoding (LLaDA, Nie et al. 2025; MDLM's and BD3-LM's
     block-wise generation): the sequence is cut into blocks of ``block_length`` positions,
     decoded left to right, each by the ``inner`` sampler with the earlier blocks given and
     the later ones held masked (both as given positions, :class:`ddiff.Conditioning`;
     given positions of the caller stay given everywhere). Any masked sampler can be the
     inner one; its steps are per block, so the network evaluations add up over the
-    ``ceil(D / block_length)`` blocks. Block b draws from keys ``fold_in(keys[i], b)``.
+    ``ceil(D / block_length)`` blocks, one step of the driver's loop each. Block b draws
+    from keys ``fold_in(keys[i], b)`` of the caller's keys.
 
     Distribution: with an exact inner sampler, an exact denoiser and a scalar schedule
     (a masked position then says nothing about its value) it is exact: each block is
@@ -50,34 +50,35 @@ class SemiAutoregressiveSampler(ddiff.AbstractSampler):
             return f"its inner sampler does not fit: {error.message}"
         return None
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        mask_id = model.process.mask_id
+    def init(self, prediction, tokens, *, keys):
+        """The caller's keys, which the blocks fold their index into."""
+        return keys
+
+    def done(self, prediction, tokens, carry, index):
+        return index >= -(-tokens.shape[1] // self.block_length)
+
+    def step(self, prediction, tokens, carry, index, *, keys):
+        """Block ``index`` decoded by the inner sampler, the earlier blocks given and the
+        later ones held masked."""
+        conditioning = prediction.conditioning
+        batch, seq_len = tokens.shape
         positions = jnp.arange(seq_len)
-        batch = keys.shape[0]
         given, given_tokens = conditioning.given(batch, seq_len)
-        x = ddiff.initial_tokens(model.process, keys=keys, seq_len=seq_len, conditioning=conditioning)
-
-        def block(carry, index):
-            x, evals = carry
-            begin = index * self.block_length
-            before = (positions < begin)[None, :]
-            after = (positions >= begin + self.block_length)[None, :]
-            held = jnp.where(given, given_tokens, mask_id)
-            inner_conditioning = ddiff.Conditioning(
-                labels=conditioning.labels,
-                fixed_tokens=jnp.where(before, x, held),
-                fixed_mask=given | before | after,
-                guidance=conditioning.guidance,
-                start_from_prior=conditioning.start_from_prior,
-            )
-            output = self.inner.sample(
-                model,
-                keys=ddiff.step_keys(keys, index),
-                seq_len=seq_len,
-                conditioning=inner_conditioning,
-            )
-            return (output.tokens, evals + output.num_function_evals), None
-
-        blocks = -(-seq_len // self.block_length)
-        (x, evals), _ = jax.lax.scan(block, (x, jnp.int32(0)), jnp.arange(blocks, dtype=jnp.int32))
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals)
+        begin = index * self.block_length
+        before = (positions < begin)[None, :]
+        after = (positions >= begin + self.block_length)[None, :]
+        held = jnp.where(given, given_tokens, prediction.model.process.mask_id)
+        inner_conditioning = ddiff.Conditioning(
+            labels=conditioning.labels,
+            fixed_tokens=jnp.where(before, tokens, held),
+            fixed_mask=given | before | after,
+            guidance=conditioning.guidance,
+            start_from_prior=conditioning.start_from_prior,
+        )
+        output = self.inner.sample(
+            prediction.model,
+            keys=ddiff.step_keys(carry, index),
+            seq_len=seq_len,
+            conditioning=inner_conditioning,
+        )
+        return output.tokens, carry, output.num_function_evals
