@@ -5,7 +5,7 @@ A step sampler says how to take one step (and how to start and finish); :func:`r
 owns everything around it: where the reverse process starts, the keys, the loop (a
 ``lax.scan`` over a time grid or a ``lax.while_loop`` until done), the given positions
 (infilling), the count of network calls, and the model's predictions bound to the labels,
-guidance and the sampler's log-probability transform (:class:`Prediction`).
+guidance, block prefix and the sampler's log-probability transforms (:class:`Prediction`).
 """
 
 import abc
@@ -45,8 +45,8 @@ state (a call skipped under ``lax.cond``)."""
 
 class Prediction(eqx.Module):
     """The model as a step sampler reads it in one sampling run: its predictions for a
-    batch, bound to the run's conditioning (labels, classifier-free guidance, a block
-    context) and to the sampler's log-probability transform, each with the network calls
+    batch, bound to the run's conditioning (labels, classifier-free guidance, the clean
+    blocks of block diffusion) and to the sampler's log-probability transform, each with the network calls
     it took. :func:`run_sampler` builds it and passes it to every hook.
 
     Attributes:
@@ -273,7 +273,7 @@ def run_sampler(
         model: the (EMA) model.
         keys: one PRNG key per sample (:func:`ddiff.sample_keys`).
         seq_len: positions per sequence.
-        conditioning: labels, given positions, guidance, context (batch axis as ``keys``).
+        conditioning: labels, given positions, guidance, prefix (batch axis as ``keys``).
     """
     start = start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
     transform = chain(*sampler.transforms)

@@ -65,7 +65,7 @@ def test_bench_at_the_tiny_shape_writes_every_field(tmp_path, capsys):
     assert result["compile_seconds"] > 0 and len(result["step_times"]) == 1
     sampler = result["sampling"]["ancestral"]
     assert set(sampler) == SAMPLER_KEYS
-    assert (sampler["family"], sampler["settings"], sampler["batch"]) == ("recipe", {"steps": 4, "grid": "uniform"}, 2)
+    assert (sampler["family"], sampler["settings"], sampler["batch"]) == ("recipe", {"steps": 4, "grid": "uniform", "transforms": []}, 2)
     # The linear schedule unmasks every position by t = 0: one evaluation per step.
     assert sampler["evaluations_per_sample"] == 4
     assert sampler["host_callbacks"] == 0 and sampler["loops"] == ["scan"]

@@ -160,7 +160,7 @@ def test_a_kind_override_keeps_only_what_the_new_kind_accepts():
     expected = {"kind": "top_p", "steps": 64, "grid": "uniform", "top_p": 0.9}
     assert _resolved("sampler.kind=top_p", "sampler.top_p=0.9")["sampler"] == expected
     assert _resolved("sampler.top_p=0.9", "sampler.kind=top_p")["sampler"] == expected
-    assert _resolved("sampler.kind=d3pm_ancestral")["sampler"] == {"kind": "d3pm_ancestral", "steps": 64}
+    assert _resolved("sampler.kind=d3pm_ancestral")["sampler"] == {"kind": "d3pm_ancestral", "steps": 64, "transforms": []}
     uniform = _resolved("process.kind=uniform", "parameterization.kind=x0", "objective.kind=campbell_elbo",
                         "sampler.kind=tau_leaping")  # fmt: skip
     assert uniform["process"]["schedule"]["kind"] == "cosine", "uniform takes a schedule too: it stays"

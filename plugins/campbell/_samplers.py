@@ -25,33 +25,34 @@ def _leap(key: ddiff.Key, x: ddiff.Tokens, rates: ddiff.StateProbs, tau: jax.Arr
     return jnp.where(moves, target, x)
 
 
-class AbstractTauLeapingSampler(ddiff.AbstractSampler):
-    """Tau-leaping on a time grid 1 = t_0 > ... > t_T = 0 (Campbell et al. sec. 4): from
-    t_i to t_{i+1} every position leaps under the model's reverse rates at t_i
-    (:func:`reverse_rates`, from one batched mean per step), then concrete samplers may
-    add corrector steps. The reverse process starts from the process prior; the output
-    is drawn from mu_theta(x, 0) at every position (a draw, not tauLDR's argmax: it is the
-    decoder of :class:`CampbellELBO`, and it keeps the sampler exact as the steps grow;
-    a masked process's clean tokens are carried over by the mean). The loop is one
-    ``lax.scan``; labels and guidance go through :func:`ddiff.batched_log_mean`; given
-    positions are set at the start and after every leap.
+class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
+    """Tau-leaping on the grid 1 = t_0 > ... > t_T = 0 of :class:`ddiff.AbstractGridSampler`
+    (Campbell et al. sec. 4): from t_i to t_{i+1} every position leaps under the model's
+    reverse rates at t_i (:func:`reverse_rates`, from one batched mean per step), then
+    concrete samplers may add corrector steps (:meth:`correct`). The reverse process starts
+    from the process prior; the finish draws the output from mu_theta(x, 0) at every
+    position (a draw, not tauLDR's argmax: it is the decoder of :class:`CampbellELBO`, and
+    it keeps the sampler exact as the steps grow; a masked process's clean tokens are
+    carried over by the mean). Labels and guidance go through :class:`ddiff.Prediction`;
+    given positions are set at the start and after every leap.
 
     Infilling is exact for a process whose clean tokens cannot be noise (the masked
     process); for the uniform process the network reads the given tokens as possibly
     noisy, so projecting them back is the usual approximation.
+
+    Attributes:
+        steps: number of leaps T (default 256).
     """
 
     requires = _REQUIRES
-    steps: eqx.AbstractVar[int]
-    grid: eqx.AbstractVar[ddiff.TimeGrid]
+    steps: int = eqx.field(static=True, default=256)
 
     def correct(
         self,
-        model: ddiff.DiffusionModel,
+        prediction: ddiff.Prediction,
         x: ddiff.TokenBatch,
         s: jax.Array,
         tau: jax.Array,
-        conditioning: ddiff.Conditioning,
         *,
         keys: ddiff.KeyBatch,
     ) -> tuple[ddiff.TokenBatch, jax.Array]:
@@ -60,31 +61,24 @@ class AbstractTauLeapingSampler(ddiff.AbstractSampler):
         (default: none)."""
         return x, jnp.int32(0)
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        process = model.process
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
-        calls = start.calls
-
-        def step(carry, inputs):
-            x, evals = carry
-            t, s, index = inputs
-            split = jax.vmap(jax.random.split)(ddiff.step_keys(start.loop_keys, index))
-            leap_keys, correct_keys = split[:, 0], split[:, 1]
-            log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
-            rates = jax.vmap(lambda lm, xi: reverse_rates(process, lm, xi, t))(log_mean, x)
-            x = ddiff.apply_fixed(
-                conditioning, jax.vmap(_leap, (0, 0, 0, None))(leap_keys, x, rates, t - s)
-            )
-            x, used = self.correct(model, x, s, t - s, conditioning, keys=correct_keys)
-            return (x, evals + calls + used), None
-
-        times = ddiff.time_grid(self.grid, self.steps)
-        (x, evals), _ = jax.lax.scan(
-            step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
+    def step(self, prediction, tokens, carry, t, s, *, keys):
+        process = prediction.model.process
+        split = jax.vmap(jax.random.split)(keys)
+        leap_keys, correct_keys = split[:, 0], split[:, 1]
+        log_mean, calls = prediction.log_mean(tokens, t)
+        rates = jax.vmap(lambda lm, xi: reverse_rates(process, lm, xi, t))(log_mean, tokens)
+        leapt = jax.vmap(_leap, (0, 0, 0, None))(leap_keys, tokens, rates, t - s)
+        x, used = self.correct(
+            prediction, ddiff.apply_fixed(prediction.conditioning, leapt), s, t - s, keys=correct_keys
         )
-        log_mean, _ = ddiff.batched_log_mean(model, x, jnp.zeros(()), conditioning)
-        x = ddiff.apply_fixed(conditioning, jax.vmap(ddiff.categorical)(start.final_keys, log_mean))
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals + calls)
+        return x, carry, calls + used
+
+    def finish(self, prediction, tokens, carry, *, keys):
+        log_mean, calls = prediction.log_mean(tokens, jnp.zeros(()))
+        drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
+        return ddiff.SampleOutput(
+            tokens=ddiff.apply_fixed(prediction.conditioning, drawn), num_function_evals=jnp.int32(calls)
+        )
 
 
 class TauLeapingSampler(AbstractTauLeapingSampler):
@@ -97,16 +91,8 @@ class TauLeapingSampler(AbstractTauLeapingSampler):
         grid: ``uniform`` or ``cosine`` time grid.
     """
 
-    steps: int = eqx.field(static=True, default=256)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
-
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
-
     def reverse_chain(self):
-        return ddiff.ReverseChain(
-            step="tau_leap", reads="mean", times=ddiff.time_grid(self.grid, self.steps), final="mean"
-        )
+        return ddiff.ReverseChain(step="tau_leap", reads="mean", times=self.times(), final="mean")
 
 
 class PredictorCorrectorSampler(AbstractTauLeapingSampler):
@@ -127,14 +113,11 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
         corrector_entry_time: correctors run only at times s <= this.
     """
 
-    steps: int = eqx.field(static=True, default=256)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
     corrector_steps: int = eqx.field(static=True, default=2)
     corrector_step_size: float = eqx.field(static=True, default=0.1)
     corrector_entry_time: float = eqx.field(static=True, default=0.9)
 
     def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
         ddiff.check_at_least("corrector_steps", self.corrector_steps)
         if not self.corrector_step_size > 0:
             raise ddiff.RecipeError(
@@ -149,17 +132,15 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
-            step="tau_leap", reads="mean", times=ddiff.time_grid(self.grid, self.steps),
-            final="mean", corrector_steps=self.corrector_steps,
+            step="tau_leap", reads="mean", times=self.times(), final="mean", corrector_steps=self.corrector_steps,
             corrector_size=self.corrector_step_size, corrector_entry=self.corrector_entry_time,
         )
 
-    def correct(self, model, x, s, tau, conditioning, *, keys):
-        process = model.process
-        calls = ddiff.calls_per_prediction(conditioning)
+    def correct(self, prediction, x, s, tau, *, keys):
+        process = prediction.model.process
 
         def corrector(x, index):
-            log_mean, _ = ddiff.batched_log_mean(model, x, s, conditioning)
+            log_mean, _ = prediction.log_mean(x, s)
 
             def rates(lm, xi):
                 forward = process.forward_rates(xi, s)
@@ -172,11 +153,11 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
                 ddiff.step_keys(keys, index), x, jax.vmap(rates)(log_mean, x),
                 self.corrector_step_size * tau,
             )  # fmt: skip
-            return ddiff.apply_fixed(conditioning, moved), None
+            return ddiff.apply_fixed(prediction.conditioning, moved), None
 
         def run(x):
             x, _ = jax.lax.scan(corrector, x, jnp.arange(self.corrector_steps))
-            return x, jnp.int32(self.corrector_steps * calls)
+            return x, jnp.int32(self.corrector_steps * prediction.calls)
 
         active = (s > 0) & (s <= self.corrector_entry_time)
         return jax.lax.cond(active, run, lambda x: (x, jnp.int32(0)), x)

@@ -1,6 +1,5 @@
 """Ancestral sampling for per-value (state-dependent) masking schedules."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -24,60 +23,41 @@ def reverse_logits(
     return jnp.concatenate([log_mean + log_unmask, stay], axis=-1)
 
 
-class StateDependentAncestralSampler(ddiff.AbstractSampler):
+class StateDependentAncestralSampler(ddiff.AbstractGridSampler):
     """Ancestral sampling of a masked process whose schedule may depend on the token value
-    (GenMD4; the reference code ships no sampler). On a time grid 1 = t_0 > ... > t_T = 0
-    (:func:`ddiff.time_grid`), a masked position becomes v with probability
+    (GenMD4; the reference code ships no sampler). On the grid 1 = t_0 > ... > t_T = 0
+    of :class:`ddiff.AbstractGridSampler`, a masked position becomes v with probability
     mu_theta(x_t, t)[v] (alpha_s[v] - alpha_t[v]) / (1 - alpha_t[v]) and stays masked
-    otherwise: the posterior q(x_s | x_t, x_0) averaged over x_0 ~ mu_theta. With a
-    scalar schedule it is MD4's Alg. 2. Draws are exact (:func:`ddiff.categorical`), the
-    loop is one ``lax.scan``; positions still masked at t = 0 are drawn from
-    mu_theta(x_0, 0). Labels and classifier-free guidance go through
-    :func:`ddiff.batched_log_mean`; given positions (infilling) are set at the start and
-    after every step.
+    otherwise: the posterior q(x_s | x_t, x_0) averaged over x_0 ~ mu_theta (after the
+    ``transforms``). With a scalar schedule it is MD4's Alg. 2. Draws are exact
+    (:func:`ddiff.categorical`); positions still masked at t = 0 are drawn from
+    mu_theta(x_0, 0) (the grid samplers' finish). The driver (:func:`ddiff.run_sampler`)
+    handles labels, guidance and the given positions.
 
     Attributes:
         steps: number of reverse steps T (network evaluations: T, or T+1 when a
             position is still masked at t = 0; doubled under guidance).
         grid: ``uniform`` or ``cosine`` time grid.
+        transforms: log-probability transforms of mu, in order.
     """
 
     requires = {"parameterization": frozenset({caps.MEAN}), "process": frozenset({caps.MASKED})}
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
-
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
+    transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
     def reverse_chain(self):
+        top_p = ddiff.chain(*self.transforms).as_top_p()
+        if top_p is None:
+            return None
         return ddiff.ReverseChain(
-            step="posterior", reads="mean", times=ddiff.time_grid(self.grid, self.steps),
-            final="masked_mean",
+            step="posterior", reads="mean", times=self.times(), final="masked_mean", top_p=top_p
         )
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        process = model.process
-        schedule = process.schedule
-        mask_id = process.mask_id
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
-        calls = start.calls
+    def step(self, prediction, tokens, carry, t, s, *, keys):
+        process = prediction.model.process
 
         def log_mask(time):
-            return jnp.broadcast_to(schedule.log_mask_probability(time), (process.vocab_size,))
+            return jnp.broadcast_to(process.schedule.log_mask_probability(time), (process.vocab_size,))
 
-        def step(carry, inputs):
-            x, evals = carry
-            t, s, index = inputs
-            log_mean, _ = ddiff.batched_log_mean(model, x, t, conditioning)
-            logits = reverse_logits(log_mean, log_mask(s), log_mask(t))
-            draws = jax.vmap(ddiff.categorical)(ddiff.step_keys(start.loop_keys, index), logits)
-            x = ddiff.apply_fixed(conditioning, jnp.where(x == mask_id, draws, x))
-            return (x, evals + calls), None
-
-        times = ddiff.time_grid(self.grid, self.steps)
-        (x, evals), _ = jax.lax.scan(
-            step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
-        )
-
-        x, used = ddiff.finish_masked(model, x, start=start, conditioning=conditioning)
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals + used)
+        log_mean, calls = prediction.log_mean(tokens, t)
+        drawn = jax.vmap(ddiff.categorical)(keys, reverse_logits(log_mean, log_mask(s), log_mask(t)))
+        return jnp.where(tokens == process.mask_id, drawn, tokens), carry, calls

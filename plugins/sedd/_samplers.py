@@ -1,8 +1,8 @@
-"""SEDD's samplers: Euler steps of the reverse CTMC and the analytic (Tweedie) step."""
+"""SEDD's samplers: Euler steps of the reverse CTMC and the analytic (Tweedie) step, step rules
+over :func:`ddiff.run_sampler`."""
 
 import abc
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -12,21 +12,18 @@ from ddiff import capabilities as caps
 # --------------------------------------------------------------------------- samplers
 
 
-class AbstractScoreSampler(ddiff.AbstractSampler):
-    """Reverse sampling with scores on a time grid 1 = t_0 > ... > t_T = 0
-    (:func:`ddiff.time_grid`), as SEDD's predictor loop (their sampling.py), jitted as one
-    ``lax.scan``: the reverse process starts from the process prior, every step draws all
-    positions independently from :meth:`step_probs` (one batched score per step, labels
-    and classifier-free guidance through :func:`ddiff.batched_log_score`), and given
-    positions are projected back after every step (SEDD's infilling). A final denoising
-    step at t = 0 draws every position from the Tweedie mean of the scores
-    (:meth:`~ddiff.AbstractForwardProcess.log_mean_from_score`, SEDD's noise removal),
-    which also resolves positions still masked. Network evaluations: steps + 1 (doubled
-    under guidance).
+class AbstractScoreSampler(ddiff.AbstractGridSampler):
+    """Reverse sampling with scores on the grid 1 = t_0 > ... > t_T = 0 of
+    :class:`ddiff.AbstractGridSampler`, as SEDD's predictor loop (their sampling.py): the
+    reverse process starts from the process prior, every step draws all positions
+    independently from :meth:`step_probs` (one batched score per step, labels and
+    classifier-free guidance through :meth:`ddiff.Prediction.log_score`), and the driver
+    projects the given positions back after every step (SEDD's infilling). The finish, a
+    denoising step at the grid's last time, draws every position from the Tweedie mean of
+    the scores (:meth:`~ddiff.AbstractForwardProcess.log_mean_from_score`, SEDD's noise
+    removal), which also resolves positions still masked. Network evaluations: steps + 1
+    (doubled under guidance).
     """
-
-    steps: eqx.AbstractVar[int]
-    grid: eqx.AbstractVar[ddiff.TimeGrid]
 
     @property
     @abc.abstractmethod
@@ -34,10 +31,7 @@ class AbstractScoreSampler(ddiff.AbstractSampler):
         """The :class:`ddiff.ReverseChain` rule of :meth:`step_probs`."""
 
     def reverse_chain(self):
-        return ddiff.ReverseChain(
-            step=self.step_rule, reads="score", times=ddiff.time_grid(self.grid, self.steps),
-            final="tweedie",
-        )
+        return ddiff.ReverseChain(step=self.step_rule, reads="score", times=self.times(), final="tweedie")
 
     @abc.abstractmethod
     def step_probs(
@@ -51,34 +45,23 @@ class AbstractScoreSampler(ddiff.AbstractSampler):
         """Unnormalised probabilities of each position's state at time s < t, given the
         state x at t and its log scores (one example)."""
 
-    def sample(self, model, *, keys, seq_len, conditioning):
-        process = model.process
-        start = ddiff.start_sampling(model, keys=keys, seq_len=seq_len, conditioning=conditioning)
+    def step(self, prediction, tokens, carry, t, s, *, keys):
+        process = prediction.model.process
+        log_score, calls = prediction.log_score(tokens, t)
+        probs = jax.vmap(lambda x, log_score: self.step_probs(process, x, log_score, s, t))(tokens, log_score)
+        stuck = jnp.sum(probs, axis=-1, keepdims=True) <= 0
+        probs = jnp.where(stuck, jax.nn.one_hot(tokens, process.num_states), probs)
+        return jax.vmap(ddiff.categorical_from_probs)(keys, probs), carry, calls
 
-        def step(carry, inputs):
-            x, evals = carry
-            t, s, index = inputs
-            log_score, calls = ddiff.batched_log_score(model, x, t, conditioning)
-            probs = jax.vmap(lambda x, log_score: self.step_probs(process, x, log_score, s, t))(
-                x, log_score
-            )
-            stuck = jnp.sum(probs, axis=-1, keepdims=True) <= 0
-            probs = jnp.where(stuck, jax.nn.one_hot(x, process.num_states), probs)
-            drawn = jax.vmap(ddiff.categorical_from_probs)(ddiff.step_keys(start.loop_keys, index), probs)
-            x = ddiff.apply_fixed(conditioning, drawn)
-            return (x, evals + calls), None
-
-        times = ddiff.time_grid(self.grid, self.steps)
-        (x, evals), _ = jax.lax.scan(
-            step, (start.tokens, jnp.int32(0)), (times[:-1], times[1:], jnp.arange(self.steps))
+    def finish(self, prediction, tokens, carry, *, keys):
+        process = prediction.model.process
+        end = self.times()[-1]
+        log_score, calls = prediction.log_score(tokens, end)
+        log_mean = jax.vmap(lambda log_score, x: process.log_mean_from_score(log_score, x, end))(log_score, tokens)
+        drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
+        return ddiff.SampleOutput(
+            tokens=ddiff.apply_fixed(prediction.conditioning, drawn), num_function_evals=jnp.int32(calls)
         )
-        end = times[-1]
-        log_score, calls = ddiff.batched_log_score(model, x, end, conditioning)
-        log_mean = jax.vmap(lambda log_score, x: process.log_mean_from_score(log_score, x, end))(
-            log_score, x
-        )
-        x = ddiff.apply_fixed(conditioning, jax.vmap(ddiff.categorical)(start.final_keys, log_mean))
-        return ddiff.SampleOutput(tokens=x, num_function_evals=evals + calls)
 
 
 class EulerSampler(AbstractScoreSampler):
@@ -96,12 +79,6 @@ class EulerSampler(AbstractScoreSampler):
         "parameterization": frozenset({caps.SCORE}),
         "process": frozenset({caps.RATES, caps.FACTORIZED}),
     }
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
-
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
-
     @property
     def step_rule(self):
         return "euler"
@@ -135,12 +112,6 @@ class AnalyticSampler(AbstractScoreSampler):
         "parameterization": frozenset({caps.SCORE}),
         "process": frozenset({caps.TRANSITIONS, caps.FACTORIZED}),
     }
-    steps: int = eqx.field(static=True, default=128)
-    grid: ddiff.TimeGrid = eqx.field(static=True, default="uniform")
-
-    def __check_init__(self):
-        ddiff.check_at_least("steps", self.steps)
-
     @property
     def step_rule(self):
         return "tweedie"

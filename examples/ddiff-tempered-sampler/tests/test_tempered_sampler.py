@@ -1,11 +1,13 @@
-"""The tempered sampler: the tempering itself, the conformance kit at T = 1, and the exact
-law of its output at T = 1/2 on a toy whose positions are independent.
+"""The tempered sampler: the tempering itself, the conformance kit at T = 1, the exact
+law of its output at T = 1/2 on a toy whose positions are independent, and the same
+sampler written as a step rule on ddiff's driver, bit for bit.
 
 Kit sizes are small so that the package's tests take seconds: 2^11 samples per
 chi-square test at false-alarm rate 1e-3.
 """
 
 # --8<-- [start:temper]
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 import ddiff
 from ddiff.testing import Setup, chi_square_test, independent_toy, oracle_model, sampler_conformance
-from ddiff_tempered_sampler import TemperedAncestralSampler, temper
+from ddiff_tempered_sampler import Tempered, TemperedAncestralSampler, temper
 
 LOG_MEAN = jnp.log(jnp.array([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0]]))
 
@@ -32,6 +34,8 @@ def test_temperature_zero_is_greedy():
 def test_negative_temperature_names_the_key():
     with pytest.raises(ddiff.RecipeError, match="temperature must be >= 0"):
         TemperedAncestralSampler(temperature=-1.0)
+    with pytest.raises(ddiff.RecipeError, match=r"sampler\.transforms\[0\]\.temperature: temperature must be >= 0"):
+        Setup().build("sampler", {"kind": "ancestral", "transforms": [{"kind": "tempered", "temperature": -1.0}]})
 
 
 # --8<-- [end:temper]
@@ -72,3 +76,40 @@ def test_output_law_at_half_temperature():
 
 
 # --8<-- [end:law]
+
+
+# --8<-- [start:step]
+class HandWrittenTemperedSampler(ddiff.AbstractGridSampler):
+    """The tempered sampler written out as a step rule on ddiff's driver: MD4 Alg. 2 from
+    t to s, from the tempered mu that the driver's prediction returns."""
+
+    requires = TemperedAncestralSampler.requires
+    temperature: float = eqx.field(static=True, default=1.0)
+
+    @property
+    def transforms(self):
+        return (Tempered(temperature=self.temperature),)
+
+    def step(self, prediction, tokens, carry, t, s, *, keys):
+        schedule, mask_id = prediction.model.process.schedule, prediction.model.process.mask_id
+        log_mean, calls = prediction.log_mean(tokens, t)  # tempered, guided, labelled
+        alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
+        log_reveal = jnp.log(jnp.maximum(alpha_s - alpha_t, 0.0)) - jnp.log1p(-alpha_t)
+        log_stay = jnp.log1p(-alpha_s) - jnp.log1p(-alpha_t)
+        stay = jnp.broadcast_to(log_stay, (*log_mean.shape[:-1], 1))
+        drawn = jax.vmap(ddiff.categorical)(keys, jnp.concatenate([log_reveal + log_mean, stay], axis=-1))
+        return jnp.where(tokens == mask_id, drawn, tokens), carry, calls
+
+
+def test_the_step_rule_is_the_same_sampler():
+    setup = Setup()
+    model = setup.oracle(setup.toys()["markov"])
+    keys = ddiff.sample_keys(jax.random.PRNGKey(3), 0, 64)
+    draw = eqx.filter_jit(lambda s, m: s.sample(m, keys=keys, seq_len=4, conditioning=ddiff.Conditioning()))
+    by_transform = draw(TemperedAncestralSampler(steps=8, temperature=0.5), model)
+    by_step = draw(HandWrittenTemperedSampler(steps=8, temperature=0.5), model)
+    np.testing.assert_array_equal(by_step.tokens, by_transform.tokens)
+    assert int(by_step.num_function_evals) == int(by_transform.num_function_evals)
+
+
+# --8<-- [end:step]
