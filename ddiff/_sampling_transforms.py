@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ddiff._capabilities import Capable
 from ddiff._errors import RecipeError
 from ddiff._typing import AbstractCheckedModule
 
@@ -15,7 +16,7 @@ LogProbRows = Float[Array, "*rows values"]
 """Rows of log-probabilities over values (the last axis), any leading axes."""
 
 
-class AbstractLogProbTransform(AbstractCheckedModule):
+class AbstractLogProbTransform(AbstractCheckedModule, Capable):
     """A change of the distribution a sampler draws from, row by row: every row of
     log-probabilities (the last axis, e.g. log mu[n, :] at a position n) is mapped to
     another row of log-probabilities, independently of the other rows. A sampler that
