@@ -13,7 +13,6 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ddiff._capabilities import MASKED, Capable
-from ddiff._categorical import categorical
 from ddiff._model import DiffusionModel
 from ddiff._process import AbstractForwardProcess
 from ddiff._typing import AbstractCheckedModule, Key, KeyBatch, Labels, TokenBatch
@@ -316,32 +315,6 @@ def still_masked(
     if conditioning.fixed_mask is None:
         return masked
     return masked & ~conditioning.fixed_mask
-
-
-def finish_masked(
-    model: DiffusionModel,
-    tokens: Int[Array, "batch seq"],
-    *,
-    start: SamplingStart,
-    conditioning: Conditioning,
-) -> tuple[Int[Array, "batch seq"], Int[Array, ""]]:
-    """The closing a masked-process sampler shares: positions still masked after its
-    loop (and not given) are drawn from the prediction mu(x, t = 0) with ``start``'s
-    final keys. Returns the tokens and the network calls it took (``start.calls``, or 0
-    when no position was left, in which case the network is not called)."""
-    mask_id = model.process.mask_id
-
-    def decode(x):
-        log_mean, _ = batched_log_mean(model, x, jnp.zeros(()), conditioning)
-        drawn = jax.vmap(categorical)(start.final_keys, log_mean)
-        return apply_fixed(conditioning, jnp.where(x == mask_id, drawn, x)), jnp.int32(start.calls)
-
-    return jax.lax.cond(
-        jnp.any(still_masked(conditioning, tokens, mask_id)),
-        decode,
-        lambda x: (x, jnp.int32(0)),
-        tokens,
-    )
 
 
 def batched_log_mean(

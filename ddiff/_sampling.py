@@ -102,7 +102,9 @@ class Prediction(eqx.Module):
         def decode(x):
             log_mean, calls = self.log_mean(x, jnp.zeros(())) if predict is None else predict(x)
             drawn = jax.vmap(categorical)(keys, log_mean)
-            return apply_fixed(self.conditioning, jnp.where(x == mask_id, drawn, x)), jnp.int32(calls)
+            return apply_fixed(self.conditioning, jnp.where(x == mask_id, drawn, x)), jnp.int32(
+                calls
+            )
 
         tokens, calls = jax.lax.cond(
             jnp.any(still_masked(self.conditioning, tokens, mask_id)),

@@ -90,7 +90,9 @@ class TopP(AbstractLogProbTransform):
         sorted_probs = jnp.take_along_axis(jnp.exp(log_probs), order, axis=-1)
         mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
         keep_sorted = mass_before < self.top_p
-        keep = jnp.zeros_like(keep_sorted).at[(*jnp.indices(order.shape)[:-1], order)].set(keep_sorted)
+        keep = (
+            jnp.zeros_like(keep_sorted).at[(*jnp.indices(order.shape)[:-1], order)].set(keep_sorted)
+        )
         return jax.nn.log_softmax(jnp.where(keep, log_probs, -jnp.inf), axis=-1)
 
     def as_top_p(self):

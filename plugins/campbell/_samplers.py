@@ -69,7 +69,11 @@ class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
         rates = jax.vmap(lambda lm, xi: reverse_rates(process, lm, xi, t))(log_mean, tokens)
         leapt = jax.vmap(_leap, (0, 0, 0, None))(leap_keys, tokens, rates, t - s)
         x, used = self.correct(
-            prediction, ddiff.apply_fixed(prediction.conditioning, leapt), s, t - s, keys=correct_keys
+            prediction,
+            ddiff.apply_fixed(prediction.conditioning, leapt),
+            s,
+            t - s,
+            keys=correct_keys,
         )
         return x, carry, calls + used
 
@@ -77,7 +81,8 @@ class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
         log_mean, calls = prediction.log_mean(tokens, jnp.zeros(()))
         drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
         return ddiff.SampleOutput(
-            tokens=ddiff.apply_fixed(prediction.conditioning, drawn), num_function_evals=jnp.int32(calls)
+            tokens=ddiff.apply_fixed(prediction.conditioning, drawn),
+            num_function_evals=jnp.int32(calls),
         )
 
 
@@ -132,8 +137,13 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
 
     def reverse_chain(self):
         return ddiff.ReverseChain(
-            step="tau_leap", reads="mean", times=self.times(), final="mean", corrector_steps=self.corrector_steps,
-            corrector_size=self.corrector_step_size, corrector_entry=self.corrector_entry_time,
+            step="tau_leap",
+            reads="mean",
+            times=self.times(),
+            final="mean",
+            corrector_steps=self.corrector_steps,
+            corrector_size=self.corrector_step_size,
+            corrector_entry=self.corrector_entry_time,
         )
 
     def correct(self, prediction, x, s, tau, *, keys):

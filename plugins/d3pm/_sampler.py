@@ -44,7 +44,9 @@ class D3PMAncestralSampler(ddiff.AbstractLoopSampler):
         if top_p is None:
             return None
         times = jnp.arange(self.steps, 0, -1, dtype=jnp.int32).astype(jnp.float32) / self.steps
-        return ddiff.ReverseChain(step="posterior", reads="mean", times=times, final="mean", top_p=top_p)
+        return ddiff.ReverseChain(
+            step="posterior", reads="mean", times=times, final="mean", top_p=top_p
+        )
 
     def done(self, prediction, tokens, carry, index):
         return index >= self.steps - 1
@@ -54,12 +56,15 @@ class D3PMAncestralSampler(ddiff.AbstractLoopSampler):
         t = (self.steps - index).astype(jnp.float32) / self.steps
         s = (self.steps - index - 1).astype(jnp.float32) / self.steps
         log_mean, calls = prediction.log_mean(tokens, t)
-        log_probs = jax.vmap(lambda x_t, lm: process.log_posterior_from_mean(x_t, lm, s, t))(tokens, log_mean)
+        log_probs = jax.vmap(lambda x_t, lm: process.log_posterior_from_mean(x_t, lm, s, t))(
+            tokens, log_mean
+        )
         return jax.vmap(ddiff.categorical)(keys, log_probs), carry, calls
 
     def finish(self, prediction, tokens, carry, *, keys):
         log_mean, calls = prediction.log_mean(tokens, jnp.asarray(1.0 / self.steps, jnp.float32))
         drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
         return ddiff.SampleOutput(
-            tokens=ddiff.apply_fixed(prediction.conditioning, drawn), num_function_evals=jnp.int32(calls)
+            tokens=ddiff.apply_fixed(prediction.conditioning, drawn),
+            num_function_evals=jnp.int32(calls),
         )

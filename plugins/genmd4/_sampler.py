@@ -56,8 +56,12 @@ class StateDependentAncestralSampler(ddiff.AbstractGridSampler):
         process = prediction.model.process
 
         def log_mask(time):
-            return jnp.broadcast_to(process.schedule.log_mask_probability(time), (process.vocab_size,))
+            return jnp.broadcast_to(
+                process.schedule.log_mask_probability(time), (process.vocab_size,)
+            )
 
         log_mean, calls = prediction.log_mean(tokens, t)
-        drawn = jax.vmap(ddiff.categorical)(keys, reverse_logits(log_mean, log_mask(s), log_mask(t)))
+        drawn = jax.vmap(ddiff.categorical)(
+            keys, reverse_logits(log_mean, log_mask(s), log_mask(t))
+        )
         return jnp.where(tokens == process.mask_id, drawn, tokens), carry, calls

@@ -254,13 +254,18 @@ class FirstHittingSampler(ddiff.AbstractLoopSampler):
             / jnp.maximum(remaining, 1),
             0.0,
         )
-        log_survivors = jnp.log1p(-jax.vmap(schedule.alpha)(t))[:, None] - jnp.cumsum(decrements, axis=-1)
+        log_survivors = jnp.log1p(-jax.vmap(schedule.alpha)(t))[:, None] - jnp.cumsum(
+            decrements, axis=-1
+        )
         hit_alpha = jnp.clip(-jnp.expm1(log_survivors), alpha_1, alpha_0)
         hit_times = ddiff.time_of_alpha(schedule, hit_alpha)
         log_mean, calls = prediction.log_mean(tokens, hit_times[:, 0])
         noise = jax.vmap(lambda key: ddiff.gumbel(key, (seq_len,)))(position_keys)
         priorities = jnp.where(masked, noise, -jnp.inf)
         _, chosen_positions = jax.lax.top_k(priorities, k)
-        chosen = jnp.zeros_like(masked).at[jnp.arange(num_samples)[:, None], chosen_positions].set(True) & masked
+        chosen = (
+            jnp.zeros_like(masked).at[jnp.arange(num_samples)[:, None], chosen_positions].set(True)
+            & masked
+        )
         drawn = jax.vmap(ddiff.categorical)(value_keys, log_mean)
         return jnp.where(chosen, drawn, tokens), jnp.where(count > 0, hit_times[:, -1], t), calls

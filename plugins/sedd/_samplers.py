@@ -31,7 +31,9 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
         """The :class:`ddiff.ReverseChain` rule of :meth:`step_probs`."""
 
     def reverse_chain(self):
-        return ddiff.ReverseChain(step=self.step_rule, reads="score", times=self.times(), final="tweedie")
+        return ddiff.ReverseChain(
+            step=self.step_rule, reads="score", times=self.times(), final="tweedie"
+        )
 
     @abc.abstractmethod
     def step_probs(
@@ -48,7 +50,9 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
     def step(self, prediction, tokens, carry, t, s, *, keys):
         process = prediction.model.process
         log_score, calls = prediction.log_score(tokens, t)
-        probs = jax.vmap(lambda x, log_score: self.step_probs(process, x, log_score, s, t))(tokens, log_score)
+        probs = jax.vmap(lambda x, log_score: self.step_probs(process, x, log_score, s, t))(
+            tokens, log_score
+        )
         stuck = jnp.sum(probs, axis=-1, keepdims=True) <= 0
         probs = jnp.where(stuck, jax.nn.one_hot(tokens, process.num_states), probs)
         return jax.vmap(ddiff.categorical_from_probs)(keys, probs), carry, calls
@@ -57,10 +61,13 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
         process = prediction.model.process
         end = self.times()[-1]
         log_score, calls = prediction.log_score(tokens, end)
-        log_mean = jax.vmap(lambda log_score, x: process.log_mean_from_score(log_score, x, end))(log_score, tokens)
+        log_mean = jax.vmap(lambda log_score, x: process.log_mean_from_score(log_score, x, end))(
+            log_score, tokens
+        )
         drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
         return ddiff.SampleOutput(
-            tokens=ddiff.apply_fixed(prediction.conditioning, drawn), num_function_evals=jnp.int32(calls)
+            tokens=ddiff.apply_fixed(prediction.conditioning, drawn),
+            num_function_evals=jnp.int32(calls),
         )
 
 
@@ -79,6 +86,7 @@ class EulerSampler(AbstractScoreSampler):
         "parameterization": frozenset({caps.SCORE}),
         "process": frozenset({caps.RATES, caps.FACTORIZED}),
     }
+
     @property
     def step_rule(self):
         return "euler"
@@ -112,6 +120,7 @@ class AnalyticSampler(AbstractScoreSampler):
         "parameterization": frozenset({caps.SCORE}),
         "process": frozenset({caps.TRANSITIONS, caps.FACTORIZED}),
     }
+
     @property
     def step_rule(self):
         return "tweedie"

@@ -34,8 +34,13 @@ def test_temperature_zero_is_greedy():
 def test_negative_temperature_names_the_key():
     with pytest.raises(ddiff.RecipeError, match="temperature must be >= 0"):
         TemperedAncestralSampler(temperature=-1.0)
-    with pytest.raises(ddiff.RecipeError, match=r"sampler\.transforms\[0\]\.temperature: temperature must be >= 0"):
-        Setup().build("sampler", {"kind": "ancestral", "transforms": [{"kind": "tempered", "temperature": -1.0}]})
+    with pytest.raises(
+        ddiff.RecipeError, match=r"sampler\.transforms\[0\]\.temperature: temperature must be >= 0"
+    ):
+        Setup().build(
+            "sampler",
+            {"kind": "ancestral", "transforms": [{"kind": "tempered", "temperature": -1.0}]},
+        )
 
 
 # --8<-- [end:temper]
@@ -97,7 +102,9 @@ class HandWrittenTemperedSampler(ddiff.AbstractGridSampler):
         log_reveal = jnp.log(jnp.maximum(alpha_s - alpha_t, 0.0)) - jnp.log1p(-alpha_t)
         log_stay = jnp.log1p(-alpha_s) - jnp.log1p(-alpha_t)
         stay = jnp.broadcast_to(log_stay, (*log_mean.shape[:-1], 1))
-        drawn = jax.vmap(ddiff.categorical)(keys, jnp.concatenate([log_reveal + log_mean, stay], axis=-1))
+        drawn = jax.vmap(ddiff.categorical)(
+            keys, jnp.concatenate([log_reveal + log_mean, stay], axis=-1)
+        )
         return jnp.where(tokens == mask_id, drawn, tokens), carry, calls
 
 
@@ -105,7 +112,9 @@ def test_the_step_rule_is_the_same_sampler():
     setup = Setup()
     model = setup.oracle(setup.toys()["markov"])
     keys = ddiff.sample_keys(jax.random.PRNGKey(3), 0, 64)
-    draw = eqx.filter_jit(lambda s, m: s.sample(m, keys=keys, seq_len=4, conditioning=ddiff.Conditioning()))
+    draw = eqx.filter_jit(
+        lambda s, m: s.sample(m, keys=keys, seq_len=4, conditioning=ddiff.Conditioning())
+    )
     by_transform = draw(TemperedAncestralSampler(steps=8, temperature=0.5), model)
     by_step = draw(HandWrittenTemperedSampler(steps=8, temperature=0.5), model)
     np.testing.assert_array_equal(by_step.tokens, by_transform.tokens)

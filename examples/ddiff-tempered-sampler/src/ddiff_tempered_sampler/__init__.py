@@ -7,9 +7,9 @@ log-probability transform ``tempered`` (mu -> mu^(1/T), renormalised) and the sa
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from ddiff_plugins import md4
 
 import ddiff
+from ddiff_plugins import md4
 
 # --8<-- [end:imports]
 
@@ -41,7 +41,9 @@ class Tempered(ddiff.AbstractLogProbTransform):
 
     def __check_init__(self):
         if not self.temperature >= 0:
-            raise ddiff.RecipeError(f"temperature must be >= 0, got {self.temperature}", path="temperature")
+            raise ddiff.RecipeError(
+                f"temperature must be >= 0, got {self.temperature}", path="temperature"
+            )
 
     def __call__(self, log_probs):
         return temper(log_probs, self.temperature)
