@@ -90,10 +90,12 @@ from ddiff._sampling_transforms import AbstractLogProbTransform, Chain, TopP, ch
 from ddiff._schedule import AbstractSchedule, time_of_alpha
 from ddiff._typing import (
     AbstractCheckedModule,
+    Calls,
     Key,
     KeyBatch,
     Label,
     Labels,
+    LogProbRows,
     LogProbs,
     NetworkOutput,
     PositionMask,
@@ -149,10 +151,12 @@ __all__ = [
     "partition_trainable",
     "trainable",
     # typing aliases
+    "Calls",
     "Key",
     "KeyBatch",
     "Label",
     "Labels",
+    "LogProbRows",
     "LogProbs",
     "NetworkOutput",
     "PositionMask",

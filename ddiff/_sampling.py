@@ -36,11 +36,7 @@ from ddiff._sampler import (
     time_grid,
 )
 from ddiff._sampling_transforms import AbstractLogProbTransform, chain
-from ddiff._typing import KeyBatch, Time, TokenBatch
-
-Calls = int | Int[Array, ""]
-"""Network calls a step made: a Python int, or an int32 scalar where it depends on the
-state (a call skipped under ``lax.cond``)."""
+from ddiff._typing import Calls, KeyBatch, Time, TokenBatch
 
 
 class Prediction(eqx.Module):

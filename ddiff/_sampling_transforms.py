@@ -6,14 +6,10 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
 
 from ddiff._capabilities import Capable
 from ddiff._errors import RecipeError
-from ddiff._typing import AbstractCheckedModule
-
-LogProbRows = Float[Array, "*rows values"]
-"""Rows of log-probabilities over values (the last axis), any leading axes."""
+from ddiff._typing import AbstractCheckedModule, LogProbRows
 
 
 class AbstractLogProbTransform(AbstractCheckedModule, Capable):

@@ -7,6 +7,7 @@ can take, V+1 for masked processes), ``out`` (network output channels), ``batch`
 
 import functools
 import inspect
+import types
 from typing import Any
 
 import equinox as eqx
@@ -34,6 +35,9 @@ NetworkOutput = Float[Array, "seq out"]
 """A network's output channels per position of one example."""
 LogProbs = Float[Array, "seq vocab"]
 """Log-probabilities over the V real token values, per position."""
+LogProbRows = Float[Array, "*rows values"]
+"""Rows of log-probabilities over values (the last axis), any leading axes: what a
+log-probability transform maps."""
 StateProbs = Float[Array, "seq states"]
 """Probabilities (or rates) over every state a noisy token can take, per position."""
 StateLogProbs = Float[Array, "seq states"]
@@ -45,14 +49,27 @@ Key = PRNGKeyArray
 KeyBatch = KeyData[Array, " batch"] | UInt32[Array, "batch 2"]
 """One PRNG key per example of a batch (leading batch axis), e.g. a sampler's per-sample
 keys from :func:`ddiff.sample_keys`."""
+Calls = int | Int[Array, ""]
+"""Network calls a sampler step made: a Python int, or an int32 scalar where it depends on
+the state (a call skipped under ``lax.cond``)."""
 Scalar = Float[Array, ""]
 """A scalar float (a loss, a term in nats)."""
 
 _BEARTYPE = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
-def _check(fn: Any) -> Any:
-    checked = jaxtyped(typechecker=_BEARTYPE)(fn)
+def _with_annotations(fn: Any, annotations: dict[str, Any]) -> Any:
+    """A copy of ``fn`` carrying ``annotations``; ``fn`` keeps the ones written at it."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    copy.__annotations__ = annotations
+    return copy
+
+
+def _check(fn: Any, annotations: dict[str, Any] | None = None) -> Any:
+    checked = jaxtyped(typechecker=_BEARTYPE)(fn if annotations is None else _with_annotations(fn, annotations))
 
     @functools.wraps(fn)
     def dispatch(*args: Any, **kwargs: Any) -> Any:
@@ -83,7 +100,9 @@ class AbstractCheckedModule(eqx.Module):
     in a subclass is checked against the protocol's annotations (jaxtyping with beartype,
     ``is_pep484_tower=True``) whether or not it repeats them, so a plugin that returns
     the wrong shape fails at the first traced call, naming the argument and the expected
-    shape. :func:`ddiff.set_typecheck` turns the checks off.
+    shape. The override keeps the annotations written at it (what readers, ``inspect``
+    and pyright see); the built-in plugins write the protocol's at every override.
+    :func:`ddiff.set_typecheck` turns the checks off.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -101,6 +120,5 @@ class AbstractCheckedModule(eqx.Module):
                 continue
             params = inspect.signature(fn).parameters
             merged = {k: v for k, v in contract.items() if k in params or k == "return"}
-            fn.__annotations__ = {**fn.__annotations__, **merged}
             fn.__ddiff_contract__ = contract
-            setattr(cls, name, _check(fn))
+            setattr(cls, name, _check(fn, {**fn.__annotations__, **merged}))

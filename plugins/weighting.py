@@ -53,7 +53,9 @@ class UnweightedWeighting(ddiff.AbstractWeighting):
 
     cross_entropy: float = eqx.field(static=True, default=0.0)
 
-    def diffusion_weight(self, process, t):
+    def diffusion_weight(
+        self, process: ddiff.AbstractForwardProcess, t: ddiff.Time
+    ) -> ddiff.Scalar | None:
         schedule = process.schedule
         exp_log_gone = jnp.exp(-schedule.log_mask_probability(t))
         rate = -jnp.mean(schedule.alpha_derivative(t) * exp_log_gone)

@@ -114,11 +114,18 @@ class CausalTransformer(ddiff.AbstractNetwork):
         self.num_classes = num_classes
         self.attention = attention
 
-    def capabilities(self):
+    def capabilities(self) -> frozenset[str]:
         classes = {caps.CLASS_CONDITIONAL} if self.num_classes > 0 else set()
         return frozenset({caps.TIME_INDEPENDENT, CAUSAL, *classes})
 
-    def __call__(self, x_t, t, *, label=None, key=None):
+    def __call__(
+        self,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None,
+    ) -> ddiff.NetworkOutput:
         shifted = jnp.concatenate([jnp.full((1,), self.start_token, x_t.dtype), x_t[:-1]])
         x = self.token_embedding.weight[shifted] + self.position_embedding[: x_t.shape[0]]
         if self.class_embedding is not None:

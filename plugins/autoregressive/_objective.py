@@ -33,7 +33,16 @@ class NextTokenNLL(ddiff.AbstractObjective):
         "process": frozenset({LEFT_TO_RIGHT}),
     }
 
-    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+    def example_terms(
+        self,
+        model: ddiff.DiffusionModel,
+        x0: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        key: ddiff.Key,
+        label: ddiff.Label | None = None,
+        train: bool = True,
+    ) -> ddiff.ObjectiveTerms:
         process = model.process
         seq_len = x0.shape[0]
         network_key = key if train else None

@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 import ddiff
 from ddiff import capabilities as caps
@@ -19,7 +20,7 @@ class VisibleFraction(ddiff.AbstractSchedule):
     """The schedule of the ``left_to_right`` process: alpha(t) = 1 - t, the fraction of
     visible positions (up to rounding to whole positions)."""
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return 1.0 - t
 
 
@@ -58,9 +59,9 @@ class LeftToRightProcess(ddiff.AbstractForwardProcess):
     def capabilities(self):
         return frozenset({caps.FACTORIZED, LEFT_TO_RIGHT})
 
-    def marginal_probs(self, x0, t):
+    def marginal_probs(self, x0: ddiff.Tokens, t: ddiff.Time) -> ddiff.StateProbs:
         visible = jnp.arange(x0.shape[0]) < visible_count(t, x0.shape[0])
         return jax.nn.one_hot(jnp.where(visible, x0, self.mask_id), self.num_states)
 
-    def prior_probs(self):
+    def prior_probs(self) -> Float[Array, " states"]:
         return jax.nn.one_hot(self.mask_id, self.num_states)

@@ -1,8 +1,11 @@
 """Left-to-right ancestral sampling, one position per network call: a step rule over
 :func:`ddiff.run_sampler`."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff import capabilities as caps
@@ -32,10 +35,24 @@ class LeftToRightSampler(ddiff.AbstractLoopSampler):
     }
     transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
-    def done(self, prediction, tokens, carry, index):
+    def done(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+    ) -> Bool[Array, ""]:
         return index >= tokens.shape[1]
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         batch, seq_len = tokens.shape
         given, given_tokens = prediction.conditioning.given(batch, seq_len)
         column, given_column = given[:, index], given_tokens[:, index]

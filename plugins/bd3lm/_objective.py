@@ -78,7 +78,16 @@ class BD3LMELBO(ddiff.AbstractObjective):
         to MD4's ELBO with one block, to the autoregressive likelihood with L' = 1)."""
         return None
 
-    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+    def example_terms(
+        self,
+        model: ddiff.DiffusionModel,
+        x0: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        key: ddiff.Key,
+        label: ddiff.Label | None = None,
+        train: bool = True,
+    ) -> ddiff.ObjectiveTerms:
         process = model.process
         schedule = process.schedule
         mask_id = process.mask_id

@@ -145,7 +145,9 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
         prefix = jax.lax.cond(slides, rebuild, lambda prefix: extend(prefix, block), carry.prefix)
         return prefix, window, jnp.where(slides, capacity // size, 1).astype(jnp.int32)
 
-    def init(self, prediction, tokens, *, keys):
+    def init(
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
+    ) -> Any:
         """Refuses a length that is no multiple of L' and guidance; no block drawn yet."""
         batch, seq_len = tokens.shape
         size = self.block_size
@@ -169,10 +171,24 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
             lengths=jnp.full((batch,), seq_len, jnp.int32),
         )
 
-    def done(self, prediction, tokens, carry, index):
+    def done(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+    ) -> Bool[Array, ""]:
         return (index >= tokens.shape[1] // self.block_size) | jnp.all(carry.stopped)
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         """Block ``index`` drawn by the inner sampler given the prefix, written into the
         tokens; the lengths of the samples whose first stop token it holds; the prefix
         advanced past it unless it is the last."""
@@ -213,7 +229,14 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
         carry = _BlockLoop(keys=carry.keys, prefix=prefix, window=window, stopped=stopped, lengths=lengths)
         return tokens, carry, output.num_function_evals + calls
 
-    def finish(self, prediction, tokens, carry, *, keys):
+    def finish(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> ddiff.SampleOutput:
         """With a stop token, ``ddiff.PAD_TOKEN`` after each sample's length, and the
         lengths."""
         if self.stop_token is None:

@@ -66,11 +66,20 @@ class AbstractCampbellELBO(ddiff.AbstractObjective):
         jump from it, x~ = x_t^{n<-y} (x_t itself where Z_t(x_t) = 0), with ``jump`` =
         (n, y, Z_t(x_t)) and the model's log means at x_t and at x~."""
 
-    def bound_form(self):
+    def bound_form(self) -> ddiff.BoundForm | None:
         """The integral over [0, 1] with the model's decoder mu_theta(x_0', 0) at t = 0."""
         return ddiff.BoundForm(decoder="model")
 
-    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+    def example_terms(
+        self,
+        model: ddiff.DiffusionModel,
+        x0: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        key: ddiff.Key,
+        label: ddiff.Label | None = None,
+        train: bool = True,
+    ) -> ddiff.ObjectiveTerms:
         process = model.process
         noise_key, jump_key, start_key, network_key = jax.random.split(key, 4)
         x_t = process.sample_marginal(x0, t, key=noise_key)
@@ -143,7 +152,17 @@ class CampbellELBO(AbstractCampbellELBO):
 
     weighting: ddiff.AbstractWeighting | None = None
 
-    def diffusion(self, process, x0, x_t, x_tilde, jump, log_mean, log_mean_tilde, t):
+    def diffusion(
+        self,
+        process: ddiff.AbstractRateProcess,
+        x0: ddiff.Tokens,
+        x_t: ddiff.Tokens,
+        x_tilde: ddiff.Tokens,
+        jump: tuple[jax.Array, jax.Array, jax.Array],
+        log_mean: ddiff.LogProbs,
+        log_mean_tilde: ddiff.LogProbs,
+        t: ddiff.Time,
+    ) -> ddiff.Scalar:
         exit_total = jump[2]
         reverse_exit = jnp.sum(reverse_rates(process, log_mean, x_t, t))
         rates, log_ratio = reversal_rates(process, x0, x_tilde, t)
@@ -182,7 +201,17 @@ class CampbellSingleJumpELBO(AbstractCampbellELBO):
 
     weighting: ddiff.AbstractWeighting | None = None
 
-    def diffusion(self, process, x0, x_t, x_tilde, jump, log_mean, log_mean_tilde, t):
+    def diffusion(
+        self,
+        process: ddiff.AbstractRateProcess,
+        x0: ddiff.Tokens,
+        x_t: ddiff.Tokens,
+        x_tilde: ddiff.Tokens,
+        jump: tuple[jax.Array, jax.Array, jax.Array],
+        log_mean: ddiff.LogProbs,
+        log_mean_tilde: ddiff.LogProbs,
+        t: ddiff.Time,
+    ) -> ddiff.Scalar:
         position, new_state, exit_total = jump
         can_jump = exit_total > 0
         current = x_t[position]

@@ -1,5 +1,7 @@
 """Tau-leaping and predictor-corrector sampling (Campbell et al. 2022, sec. 4)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -61,7 +63,16 @@ class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
         (default: none)."""
         return x, jnp.int32(0)
 
-    def step(self, prediction, tokens, carry, t, s, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        t: ddiff.Time,
+        s: ddiff.Time,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
         split = jax.vmap(jax.random.split)(keys)
         leap_keys, correct_keys = split[:, 0], split[:, 1]
@@ -77,7 +88,14 @@ class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
         )
         return x, carry, calls + used
 
-    def finish(self, prediction, tokens, carry, *, keys):
+    def finish(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> ddiff.SampleOutput:
         log_mean, calls = prediction.log_mean(tokens, jnp.zeros(()))
         drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
         return ddiff.SampleOutput(
@@ -96,7 +114,7 @@ class TauLeapingSampler(AbstractTauLeapingSampler):
         grid: ``uniform`` or ``cosine`` time grid.
     """
 
-    def reverse_chain(self):
+    def reverse_chain(self) -> ddiff.ReverseChain | None:
         return ddiff.ReverseChain(step="tau_leap", reads="mean", times=self.times(), final="mean")
 
 
@@ -135,7 +153,7 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
                 path="corrector_entry_time",
             )
 
-    def reverse_chain(self):
+    def reverse_chain(self) -> ddiff.ReverseChain | None:
         return ddiff.ReverseChain(
             step="tau_leap",
             reads="mean",
@@ -146,7 +164,15 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
             corrector_entry=self.corrector_entry_time,
         )
 
-    def correct(self, prediction, x, s, tau, *, keys):
+    def correct(
+        self,
+        prediction: ddiff.Prediction,
+        x: ddiff.TokenBatch,
+        s: jax.Array,
+        tau: jax.Array,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, jax.Array]:
         process = prediction.model.process
 
         def corrector(x, index):

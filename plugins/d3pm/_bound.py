@@ -67,7 +67,7 @@ class D3PMBound(ddiff.AbstractDiscreteTimeObjective):
     def __check_init__(self):
         ddiff.check_at_least("hybrid_weight", self.hybrid_weight, 0)
 
-    def bound_form(self):
+    def bound_form(self) -> ddiff.BoundForm | None:
         """L_vb of the T-step model; its i = 1 term is the decoder -log mu(x_1, 1/T)[x_0]."""
         return ddiff.BoundForm(steps=self.steps, decoder="model")
 
@@ -87,7 +87,16 @@ class D3PMBound(ddiff.AbstractDiscreteTimeObjective):
         log_p = process.log_posterior_from_mean(x_t, log_mean, s, t)
         return jnp.where(s <= 0, -_clean_log_likelihood(log_mean, x0), categorical_kl(log_q, log_p))
 
-    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+    def example_terms(
+        self,
+        model: ddiff.DiffusionModel,
+        x0: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        key: ddiff.Key,
+        label: ddiff.Label | None = None,
+        train: bool = True,
+    ) -> ddiff.ObjectiveTerms:
         process = model.process
         noise_key, network_key = jax.random.split(key)
         x_t = process.sample_marginal(x0, t, key=noise_key)

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 import ddiff
 from ddiff import capabilities as caps
@@ -120,22 +121,24 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
         """log Qbar at the grid time nearest t, (V, V)."""
         return self.log_cumulative.value[_grid_index(t, self.steps)]
 
-    def marginal_probs(self, x0, t):
+    def marginal_probs(self, x0: ddiff.Tokens, t: ddiff.Time) -> ddiff.StateProbs:
         return jnp.exp(self._cumulative(t)[x0])
 
-    def sample_marginal(self, x0, t, *, key):
+    def sample_marginal(self, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key) -> ddiff.Tokens:
         return ddiff.categorical(key, self._cumulative(t)[x0])
 
-    def prior_probs(self):
+    def prior_probs(self) -> Float[Array, " states"]:
         return jnp.full((self.vocab_size,), 1.0 / self.vocab_size)
 
-    def sample_prior(self, seq_len, *, key):
+    def sample_prior(self, seq_len: int, *, key: ddiff.Key) -> ddiff.Tokens:
         return jax.random.randint(key, (seq_len,), 0, self.vocab_size)
 
-    def log_marginal_likelihood(self, x_t, t):
+    def log_marginal_likelihood(self, x_t: ddiff.Tokens, t: ddiff.Time) -> ddiff.LogProbs:
         return self._cumulative(t)[:, x_t].T
 
-    def log_marginal_from_mean(self, log_mean, t):
+    def log_marginal_from_mean(
+        self, log_mean: ddiff.LogProbs, t: ddiff.Time
+    ) -> ddiff.StateLogProbs:
         """log sum_v mu[v] Qbar_t[v, y] as a matrix product in log space
         (:func:`log_matmul`), exact however small the terms."""
         return log_matmul(log_mean, self._cumulative(t))
@@ -152,10 +155,14 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
 
         return jax.lax.fori_loop(0, jnp.maximum(last - first - 1, 0), back, column)
 
-    def log_posterior(self, x_t, x0, s, t):
+    def log_posterior(
+        self, x_t: ddiff.Tokens, x0: ddiff.Tokens, s: ddiff.Time, t: ddiff.Time
+    ) -> ddiff.StateLogProbs:
         return ddiff.log_normalize(self._log_step_likelihood(x_t, s, t) + self._cumulative(s)[x0])
 
-    def log_posterior_from_mean(self, x_t, log_mean, s, t):
+    def log_posterior_from_mean(
+        self, x_t: ddiff.Tokens, log_mean: ddiff.LogProbs, s: ddiff.Time, t: ddiff.Time
+    ) -> ddiff.StateLogProbs:
         """The core's formula with every factor read from the log tables: the weights
         log mu[v] - log q_t(x_t | v) span hundreds of nats, which a float32 matrix product
         cannot hold, so the product with Qbar_s is a log-space one (:func:`log_matmul`,
@@ -169,7 +176,9 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
     def _steps_between(self, s, t):
         return _grid_index(s, self.steps), _grid_index(t, self.steps)
 
-    def propagate(self, probs_s, s, t):
+    def propagate(
+        self, probs_s: ddiff.StateProbs, s: ddiff.Time, t: ddiff.Time
+    ) -> ddiff.StateProbs:
         first, last = self._steps_between(s, t)
 
         def body(index, probs):
@@ -179,10 +188,12 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
 
         return jax.lax.fori_loop(first, last, body, probs_s)
 
-    def transition_probs(self, x_s, s, t):
+    def transition_probs(self, x_s: ddiff.Tokens, s: ddiff.Time, t: ddiff.Time) -> ddiff.StateProbs:
         return self.propagate(jax.nn.one_hot(x_s, self.vocab_size), s, t)
 
-    def transition_likelihood(self, x_t, s, t):
+    def transition_likelihood(
+        self, x_t: ddiff.Tokens, s: ddiff.Time, t: ddiff.Time
+    ) -> ddiff.StateProbs:
         """Column x_t of Q_{i+1} ... Q_j: the Q's are symmetric, so it is the row of x_t
         pushed through Q_j, ..., Q_{i+1} in reverse order."""
         first, last = self._steps_between(s, t)

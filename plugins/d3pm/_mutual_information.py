@@ -110,7 +110,7 @@ class MutualInformationSchedule(ddiff.AbstractSchedule):
         probs = jnp.asarray(self.marginal, jnp.float32)
         return probs / jnp.sum(probs)
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         if self.transitions == "absorbing":
             return 1.0 - t
         return _keep_for_information(1.0 - t, self._probs())

@@ -22,10 +22,16 @@ class DiscretizedLogisticParameterization(ddiff.AbstractMeanParameterization):
     no cancellation at either tail.
     """
 
-    def output_channels(self, process):
+    def output_channels(self, process: ddiff.AbstractForwardProcess) -> int:
         return 2
 
-    def log_mean(self, output, x_t, t, process):
+    def log_mean(
+        self,
+        output: ddiff.NetworkOutput,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess,
+    ) -> ddiff.LogProbs:
         size = process.vocab_size
         log_scale, shift = output[:, 0], output[:, 1]
         location = jnp.tanh(2.0 * x_t / (size - 1) - 1.0 + shift)

@@ -1,8 +1,11 @@
 """D3PM's ancestral sampler on its grid of T steps, a step rule over :func:`ddiff.run_sampler`."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff import capabilities as caps
@@ -38,7 +41,7 @@ class D3PMAncestralSampler(ddiff.AbstractLoopSampler):
     def __check_init__(self):
         ddiff.check_at_least("steps", self.steps)
 
-    def reverse_chain(self):
+    def reverse_chain(self) -> ddiff.ReverseChain | None:
         """Steps from i/T to (i-1)/T for i = T..2, then x_0 ~ mu(x, 1/T) at every position."""
         top_p = ddiff.chain(*self.transforms).as_top_p()
         if top_p is None:
@@ -48,10 +51,24 @@ class D3PMAncestralSampler(ddiff.AbstractLoopSampler):
             step="posterior", reads="mean", times=times, final="mean", top_p=top_p
         )
 
-    def done(self, prediction, tokens, carry, index):
+    def done(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+    ) -> Bool[Array, ""]:
         return index >= self.steps - 1
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
         t = (self.steps - index).astype(jnp.float32) / self.steps
         s = (self.steps - index - 1).astype(jnp.float32) / self.steps
@@ -61,7 +78,14 @@ class D3PMAncestralSampler(ddiff.AbstractLoopSampler):
         )
         return jax.vmap(ddiff.categorical)(keys, log_probs), carry, calls
 
-    def finish(self, prediction, tokens, carry, *, keys):
+    def finish(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> ddiff.SampleOutput:
         log_mean, calls = prediction.log_mean(tokens, jnp.asarray(1.0 / self.steps, jnp.float32))
         drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
         return ddiff.SampleOutput(

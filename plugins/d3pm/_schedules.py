@@ -52,10 +52,10 @@ class JSDSchedule(ddiff.AbstractSchedule):
 
     provides = frozenset({caps.SCALAR})
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return 1.0 - t
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return -jnp.ones_like(t)
 
 
@@ -87,12 +87,12 @@ class D3PMCosineSchedule(ddiff.AbstractSchedule):
     def _angle(self, t):
         return 0.5 * math.pi * (t + self.offset) / (1.0 + self.offset)
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         # cos(pi/2) is -4e-8 in float32: clamp so that alpha(1) = 0.
         start = math.cos(0.5 * math.pi * self.offset / (1.0 + self.offset)) ** self.power
         return jnp.maximum(jnp.cos(self._angle(t)), 0.0) ** self.power / start
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         start = math.cos(0.5 * math.pi * self.offset / (1.0 + self.offset)) ** self.power
         cosine = jnp.maximum(jnp.cos(self._angle(t)), 0.0)
         slope = 0.5 * math.pi / (1.0 + self.offset)
@@ -141,16 +141,16 @@ class D3PMLinearSchedule(ddiff.AbstractSchedule):
         table = self.log_alpha.value
         return left, table[left], table[left + 1]
 
-    def total_noise(self, t: ddiff.Time) -> ddiff.Scalar:
+    def total_noise(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         """-log alpha(t), interpolated linearly between the tabulated grid times."""
         position = self._position(t)
         left, low, high = self._interval(position)
         return -(low + (position - left) * (high - low))
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return jnp.exp(-self.total_noise(t))
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         _, low, high = self._interval(self._position(t))
         return self.alpha(t) * self.steps * (high - low)
 

@@ -1,9 +1,13 @@
 """Confidence decoding (MaskGIT, Chang et al. 2022; LLaDA's low-confidence remasking)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Int
 
+import ddiff
 from ddiff_plugins.decoding._selection import (
     AbstractCountDecoder,
     Confidence,
@@ -45,11 +49,21 @@ class ConfidenceSampler(AbstractCountDecoder):
     schedule: CountSchedule = eqx.field(static=True, default="cosine")
     greedy: bool = eqx.field(static=True, default=False)
 
-    def init(self, prediction, tokens, *, keys):
+    def init(
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
+    ) -> Any:
         """M, the positions to decode of each sample."""
         return jnp.sum(still_to_decode(prediction, tokens), axis=-1)
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         masked = still_to_decode(prediction, tokens)
         count = jnp.sum(masked, axis=-1)
         unmask = jnp.where(count > 0, jnp.clip(count - self.masked_after(carry, index), 1, count), 0)

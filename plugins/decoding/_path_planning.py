@@ -1,11 +1,12 @@
 """Path planning P2 (Peng et al. 2025)."""
 
 import abc
-from typing import Literal
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Int
 
 import ddiff
 from ddiff_plugins.decoding._selection import (
@@ -63,12 +64,22 @@ class AbstractPathPlanningSampler(AbstractCountDecoder):
             The scores, and the network evaluations the planner made (an int32 scalar).
         """
 
-    def init(self, prediction, tokens, *, keys):
+    def init(
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
+    ) -> Any:
         """The log-probability each decoded token had when it was decoded (0 while
         masked), and which positions are to decode."""
         return jnp.zeros(tokens.shape, jnp.float32), still_to_decode(prediction, tokens)
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         recorded, to_decode = carry
         model, conditioning = prediction.model, prediction.conditioning
         mask_id = model.process.mask_id
@@ -121,7 +132,18 @@ class PathPlanningSampler(AbstractPathPlanningSampler):
     def __check_init__(self):
         ddiff.check_at_least("eta", self.eta, 0.0)
 
-    def planner_scores(self, model, x, proposal, log_mean, recorded, masked, conditioning, *, keys):
+    def planner_scores(
+        self,
+        model: ddiff.DiffusionModel,
+        x: ddiff.TokenBatch,
+        proposal: ddiff.TokenBatch,
+        log_mean: jax.Array,
+        recorded: jax.Array,
+        masked: jax.Array,
+        conditioning: ddiff.Conditioning,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[jax.Array, jax.Array]:
         if self.score == "random":
             log_uniform = -jax.vmap(lambda key: ddiff.standard_exponential(key, (x.shape[1],)))(keys)
             return jnp.where(masked, log_uniform, self.eta * log_uniform), jnp.int32(0)

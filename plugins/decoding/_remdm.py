@@ -1,6 +1,6 @@
 """ReMDM remasking (Wang et al. 2025)."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -121,7 +121,16 @@ class ReMDMSampler(ddiff.AbstractGridSampler):
             sigma = jnp.where((t <= self.t_on) & (t > self.t_off), sigma, 0.0)
         return time, alpha_s, alpha_t, sigma
 
-    def step(self, prediction, tokens, carry, t, s, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        t: ddiff.Time,
+        s: ddiff.Time,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         """Every position drawn from :func:`remdm_logits` (the driver sets the given ones
         again)."""
         process = prediction.model.process

@@ -2,11 +2,12 @@
 prediction at the time a masked fraction is typical, and the count decoders' step loop."""
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff import capabilities as caps
@@ -131,7 +132,13 @@ class AbstractCountDecoder(ddiff.AbstractLoopSampler):
     def __check_init__(self):
         ddiff.check_at_least("steps", self.steps)
 
-    def done(self, prediction, tokens, carry, index):
+    def done(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+    ) -> Bool[Array, ""]:
         return index >= self.steps
 
     def masked_after(self, total: jax.Array, index: jax.Array) -> jax.Array:

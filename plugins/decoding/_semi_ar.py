@@ -1,7 +1,10 @@
 """Semi-autoregressive block decoding (LLaDA, Nie et al. 2025)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff import capabilities as caps
@@ -50,14 +53,30 @@ class SemiAutoregressiveSampler(ddiff.AbstractLoopSampler):
             return f"its inner sampler does not fit: {error.message}"
         return None
 
-    def init(self, prediction, tokens, *, keys):
+    def init(
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
+    ) -> Any:
         """The caller's keys, which the blocks fold their index into."""
         return keys
 
-    def done(self, prediction, tokens, carry, index):
+    def done(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+    ) -> Bool[Array, ""]:
         return index >= -(-tokens.shape[1] // self.block_length)
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         """Block ``index`` decoded by the inner sampler, the earlier blocks given and the
         later ones held masked."""
         conditioning = prediction.conditioning

@@ -1,8 +1,11 @@
 """Threshold parallel decoding (Fast-dLLM, Wu et al. 2025)."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff_plugins.decoding._selection import (
@@ -42,10 +45,24 @@ class ThresholdSampler(ddiff.AbstractLoopSampler):
     confidence: Confidence = eqx.field(static=True, default="max_prob")
     greedy: bool = eqx.field(static=True, default=False)
 
-    def done(self, prediction, tokens, carry, index):
+    def done(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+    ) -> Bool[Array, ""]:
         return ~jnp.any(still_to_decode(prediction, tokens))
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         masked = still_to_decode(prediction, tokens)
         values, scores, selection_keys, calls = propose(prediction, tokens, keys, self.confidence, self.greedy)
         chosen = jax.vmap(threshold_selection, (0, 0, 0, None))(selection_keys, scores, masked, self.threshold)

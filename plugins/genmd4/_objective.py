@@ -35,7 +35,9 @@ def genmd4_integrand(
     return jnp.sum(jnp.where(masked, per_position, 0.0))
 
 
-def reconstruction(schedule: ddiff.AbstractSchedule, x0: ddiff.Tokens, t1: jax.Array) -> ddiff.Scalar:
+def reconstruction(
+    schedule: ddiff.AbstractSchedule, x0: ddiff.Tokens, t1: jax.Array
+) -> ddiff.Scalar:
     """The reconstruction term at t1, E_q[-log p(x_0 | x_t1)] with the reference's decoder:
     a clean token is kept, a masked one is decoded as v with probability proportional to
     1 - alpha_t1[v] (the posterior of the mask under a uniform prior over values):
@@ -105,11 +107,20 @@ class GenMD4ELBO(ddiff.AbstractObjective):
         if not 0.0 < self.t1 < 1.0:
             raise ddiff.RecipeError(f"t1 must be in (0, 1), got {self.t1}", path="t1")
 
-    def bound_form(self):
+    def bound_form(self) -> ddiff.BoundForm | None:
         """The integral over [t1, 1] with the data-free decoder at t1."""
         return ddiff.BoundForm(t_start=self.t1)
 
-    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+    def example_terms(
+        self,
+        model: ddiff.DiffusionModel,
+        x0: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        key: ddiff.Key,
+        label: ddiff.Label | None = None,
+        train: bool = True,
+    ) -> ddiff.ObjectiveTerms:
         process = model.process
         schedule = process.schedule
         span = 1.0 - self.t1

@@ -1,5 +1,7 @@
 """Ancestral sampling for per-value (state-dependent) masking schedules."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -44,7 +46,7 @@ class StateDependentAncestralSampler(ddiff.AbstractGridSampler):
     requires = {"parameterization": frozenset({caps.MEAN}), "process": frozenset({caps.MASKED})}
     transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
-    def reverse_chain(self):
+    def reverse_chain(self) -> ddiff.ReverseChain | None:
         top_p = ddiff.chain(*self.transforms).as_top_p()
         if top_p is None:
             return None
@@ -52,7 +54,16 @@ class StateDependentAncestralSampler(ddiff.AbstractGridSampler):
             step="posterior", reads="mean", times=self.times(), final="masked_mean", top_p=top_p
         )
 
-    def step(self, prediction, tokens, carry, t, s, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        t: ddiff.Time,
+        s: ddiff.Time,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
 
         def log_mask(time):

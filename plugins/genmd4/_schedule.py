@@ -83,10 +83,10 @@ class LearnablePolySchedule(ddiff.AbstractSchedule):
         """t^w per value, 0 at t = 0 (with finite gradients there)."""
         return jnp.where(t > 0, jnp.exp(self.powers() * self._log_time(t)), 0.0)
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return 1.0 - (1.0 - self.eps) * self._time_power(t)
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         w = self.powers()
         return -(1.0 - self.eps) * w * jnp.power(t, w - 1.0)
 
@@ -94,7 +94,7 @@ class LearnablePolySchedule(ddiff.AbstractSchedule):
         """The ELBO weight alpha'_t[v] / (1 - alpha_t[v]) in closed form, -w_v / t."""
         return -self.powers() / t
 
-    def log_mask_probability(self, t):
+    def log_mask_probability(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         log_time = jnp.where(t > 0, self._log_time(t), -jnp.inf)
         return jnp.log1p(-self.eps) + self.powers() * log_time
 

@@ -21,15 +21,27 @@ class MeanParameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractSco
     provides = frozenset({caps.MEAN, caps.SCORE})
     requires = {"process": frozenset({caps.MASKED})}
 
-    def output_channels(self, process):
+    def output_channels(self, process: ddiff.AbstractForwardProcess) -> int:
         return process.vocab_size
 
-    def log_mean(self, output, x_t, t, process):
+    def log_mean(
+        self,
+        output: ddiff.NetworkOutput,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess,
+    ) -> ddiff.LogProbs:
         masked = (x_t == process.vocab_size)[:, None]
         carried = jnp.where(
             jax.nn.one_hot(x_t, process.vocab_size, dtype=bool), 0.0, -jnp.inf
         )
         return jnp.where(masked, jax.nn.log_softmax(output, axis=-1), carried)
 
-    def log_score(self, output, x_t, t, process):
+    def log_score(
+        self,
+        output: ddiff.NetworkOutput,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess,
+    ) -> ddiff.StateLogProbs:
         return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)

@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 import ddiff
 from ddiff import capabilities as caps
@@ -41,21 +42,21 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
             return jnp.where(x == self.mask_id, 1.0, alpha)
         return jnp.where(x == self.mask_id, 1.0, alpha[jnp.minimum(x, self.vocab_size - 1)])
 
-    def marginal_probs(self, x0, t):
+    def marginal_probs(self, x0: ddiff.Tokens, t: ddiff.Time) -> ddiff.StateProbs:
         alpha = self.survival(x0, t)
         clean = jax.nn.one_hot(x0, self.num_states) * alpha[:, None]
         return clean.at[:, self.mask_id].add(1.0 - alpha)
 
-    def sample_marginal(self, x0, t, *, key):
+    def sample_marginal(self, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key) -> ddiff.Tokens:
         keep = jax.random.uniform(key, x0.shape) < self.survival(x0, t)
         return jnp.where(keep, x0, self.mask_id)
 
-    def prior_probs(self):
+    def prior_probs(self) -> Float[Array, " states"]:
         alpha_1 = jnp.mean(self.schedule.alpha(jnp.ones(())))
         probs = jnp.full((self.num_states,), alpha_1 / self.vocab_size)
         return probs.at[self.mask_id].set(1.0 - alpha_1)
 
-    def transition_probs(self, x_s, s, t):
+    def transition_probs(self, x_s: ddiff.Tokens, s: ddiff.Time, t: ddiff.Time) -> ddiff.StateProbs:
         ratio = self.survival(x_s, t) / self.survival(x_s, s)
         stay = jax.nn.one_hot(x_s, self.num_states) * ratio[:, None]
         return stay.at[:, self.mask_id].add(1.0 - ratio)
@@ -64,7 +65,9 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         values = jnp.arange(self.vocab_size)
         return self.survival(values, t) / self.survival(values, s)
 
-    def transition_likelihood(self, x_t, s, t):
+    def transition_likelihood(
+        self, x_t: ddiff.Tokens, s: ddiff.Time, t: ddiff.Time
+    ) -> ddiff.StateProbs:
         ratio = self._value_ratio(s, t)
         is_mask = (x_t == self.mask_id)[:, None]
         real = jnp.where(
@@ -72,7 +75,9 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         )
         return jnp.concatenate([real, is_mask.astype(real.dtype)], axis=-1)
 
-    def propagate(self, probs_s, s, t):
+    def propagate(
+        self, probs_s: ddiff.StateProbs, s: ddiff.Time, t: ddiff.Time
+    ) -> ddiff.StateProbs:
         ratio = self._value_ratio(s, t)
         real = probs_s[:, : self.vocab_size] * ratio
         masked = probs_s[:, self.mask_id] + jnp.sum(probs_s[:, : self.vocab_size] * (1.0 - ratio), -1)
@@ -84,17 +89,17 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         hazard = -self.schedule.alpha_derivative(t) / alpha
         return jnp.broadcast_to(hazard, (self.vocab_size,))
 
-    def forward_rates(self, x, t):
+    def forward_rates(self, x: ddiff.Tokens, t: ddiff.Time) -> ddiff.StateProbs:
         hazard = self._value_hazards(t)[jnp.minimum(x, self.vocab_size - 1)]
         hazard = jnp.where(x == self.mask_id, 0.0, hazard)
         rates = -hazard[:, None] * jax.nn.one_hot(x, self.num_states)
         return rates.at[:, self.mask_id].add(hazard)
 
-    def state_exit_rates(self, t):
+    def state_exit_rates(self, t: ddiff.Time) -> Float[Array, " states"]:
         """A clean value v leaves at its masking rate -alpha'_t[v]/alpha_t[v]; the mask never leaves."""
         return jnp.concatenate([self._value_hazards(t), jnp.zeros((1,))])
 
-    def incoming_rates(self, x, t):
+    def incoming_rates(self, x: ddiff.Tokens, t: ddiff.Time) -> ddiff.StateProbs:
         """Into the mask: R_t(v -> m) = -alpha'_t[v]/alpha_t[v] from every clean v (the mask
         never leaves, R_t(m -> m) = 0). Into a clean v: only its own diagonal, -hazard[v]."""
         hazard = self._value_hazards(t)
@@ -103,7 +108,9 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         own = -hazard[jnp.minimum(x, self.vocab_size - 1)][:, None] * jax.nn.one_hot(x, self.num_states)
         return jnp.where(masked, into_mask, own)
 
-    def log_marginal_from_mean(self, log_mean, t):
+    def log_marginal_from_mean(
+        self, log_mean: ddiff.LogProbs, t: ddiff.Time
+    ) -> ddiff.StateLogProbs:
         """Closed form, O(V) per position: a clean value y keeps its mass with probability
         alpha_t[y], so log q_t(y | mu) = log alpha_t[y] + log mu[y], and the mask collects
         the rest, log sum_v mu[v] (1 - alpha_t[v])."""
@@ -113,7 +120,7 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         masked = ddiff.log_sum_exp(log_mean + log_gone[None, :])
         return jnp.concatenate([clean, masked], axis=-1)
 
-    def log_marginal_likelihood(self, x_t, t):
+    def log_marginal_likelihood(self, x_t: ddiff.Tokens, t: ddiff.Time) -> ddiff.LogProbs:
         """Closed form: a masked token has likelihood 1 - alpha_t[v] under every value v;
         a clean token u only under v = u, with likelihood alpha_t[u]."""
         alpha = jnp.broadcast_to(self.schedule.alpha(t), (self.vocab_size,))
@@ -122,7 +129,9 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         clean = jnp.where(same, ddiff.safe_log(alpha)[None, :], -jnp.inf)
         return jnp.where((x_t == self.mask_id)[:, None], log_gone[None, :], clean)
 
-    def log_score_from_mean(self, log_mean, x_t, t):
+    def log_score_from_mean(
+        self, log_mean: ddiff.LogProbs, x_t: ddiff.Tokens, t: ddiff.Time
+    ) -> ddiff.StateLogProbs:
         """Closed form of the absorbing process (Lou et al. 2024, sec. 3): at a masked
         position s[y] = alpha_t[y] / (1 - alpha_t[y]) mu[y] for clean y (= r mu for a
         scalar schedule) and s[m] = 1; at a clean position v only x_0 = v is possible, so
@@ -138,7 +147,9 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         return jnp.where((x_t == self.mask_id)[:, None], masked_row, clean_row)
 
 
-    def log_mean_from_score(self, log_score, x_t, t):
+    def log_mean_from_score(
+        self, log_score: ddiff.StateLogProbs, x_t: ddiff.Tokens, t: ddiff.Time
+    ) -> ddiff.LogProbs:
         """Closed form (the inverse of :meth:`log_score_from_mean`): at a masked position
         mu[v] proportional to s[v] (1 - alpha_t[v]) / alpha_t[v], the Tweedie denoiser
         SEDD's absorbing graph uses; a clean position keeps its token."""
@@ -150,13 +161,15 @@ class MaskedProcess(ddiff.AbstractTransitionProcess, ddiff.AbstractRateProcess):
         )
         return jnp.where((x_t == self.mask_id)[:, None], masked, carried)
 
-    def unpropagate(self, values, s, t):
+    def unpropagate(
+        self, values: ddiff.StateProbs, s: ddiff.Time, t: ddiff.Time
+    ) -> ddiff.StateProbs:
         """Closed form: Q_{s->t}^{-1} is the transition from t back to s, keep a clean v
         with alpha_s[v] / alpha_t[v] and send the rest (a negative weight) to the mask, so
         it is :meth:`propagate` with the times exchanged."""
         return self.propagate(values, t, s)
 
-    def reconstruction_nll(self, x0):
+    def reconstruction_nll(self, x0: ddiff.Tokens) -> ddiff.Scalar:
         """Closed form: z is x_0^n itself (which only x_0^n produces, d = 1) or the mask,
         from which d(v) is proportional to 1 - alpha_0[v]; for a scalar schedule this is
         MD4's D (1 - alpha_0) log V."""

@@ -31,10 +31,10 @@ class AbstractClippedSchedule(ddiff.AbstractSchedule):
     def shape_derivative(self, t: ddiff.Time) -> ddiff.Scalar:
         """d a / dt (non-positive)."""
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return (1.0 - 2.0 * self.eps) * self.shape(t) + self.eps
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return (1.0 - 2.0 * self.eps) * self.shape_derivative(t)
 
 
@@ -51,10 +51,10 @@ class LinearSchedule(AbstractClippedSchedule):
     def __check_init__(self):
         _check_eps(self.eps)
 
-    def shape(self, t):
+    def shape(self, t: ddiff.Time) -> ddiff.Scalar:
         return 1.0 - t
 
-    def shape_derivative(self, t):
+    def shape_derivative(self, t: ddiff.Time) -> ddiff.Scalar:
         return -jnp.ones_like(t)
 
 
@@ -66,10 +66,10 @@ class CosineSchedule(AbstractClippedSchedule):
     def __check_init__(self):
         _check_eps(self.eps)
 
-    def shape(self, t):
+    def shape(self, t: ddiff.Time) -> ddiff.Scalar:
         return 1.0 - jnp.cos(0.5 * math.pi * (1.0 - t))
 
-    def shape_derivative(self, t):
+    def shape_derivative(self, t: ddiff.Time) -> ddiff.Scalar:
         return -0.5 * math.pi * jnp.sin(0.5 * math.pi * (1.0 - t))
 
 
@@ -91,8 +91,8 @@ class PolySchedule(AbstractClippedSchedule):
                 f"power must be positive, got {self.power}", path="power"
             )
 
-    def shape(self, t):
+    def shape(self, t: ddiff.Time) -> ddiff.Scalar:
         return 1.0 - t**self.power
 
-    def shape_derivative(self, t):
+    def shape_derivative(self, t: ddiff.Time) -> ddiff.Scalar:
         return -self.power * t ** (self.power - 1.0)

@@ -1,9 +1,12 @@
 """MD4's samplers: ancestral on a time grid (Alg. 2), its nucleus, two-draw and cached forms,
 first hitting; each a step rule over :func:`ddiff.run_sampler`."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff import capabilities as caps
@@ -40,7 +43,7 @@ class AbstractAncestralSampler(ddiff.AbstractGridSampler):
         """Whether a prediction is reused while the batch is unchanged."""
         return False
 
-    def reverse_chain(self):
+    def reverse_chain(self) -> ddiff.ReverseChain | None:
         """MD4 Alg. 2 on the grid, masked positions drawn from mu(x, 0) at the end (with
         caching, the same chain for a network that ignores t); the nucleus of a ``top_p``
         transform is part of the chain, other transforms are not (None)."""
@@ -62,7 +65,9 @@ class AbstractAncestralSampler(ddiff.AbstractGridSampler):
         one categorical over V+1 outcomes, drawn exactly)."""
         return ddiff.categorical(key, _ancestral_logits(log_mean, alpha_s, alpha_t))
 
-    def init(self, prediction, tokens, *, keys):
+    def init(
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
+    ) -> Any:
         """No carry; with :attr:`caches`, the last input and its prediction (refused for a
         time-conditioned network)."""
         if not self.caches:
@@ -92,14 +97,30 @@ class AbstractAncestralSampler(ddiff.AbstractGridSampler):
         )
         return log_mean, (tokens, log_mean), changed.astype(jnp.int32) * prediction.calls
 
-    def step(self, prediction, tokens, carry, t, s, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        t: ddiff.Time,
+        s: ddiff.Time,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         schedule = prediction.model.process.schedule
         log_mean, carry, calls = self._predict(prediction, tokens, t, carry)
         alpha_s, alpha_t = schedule.alpha(s), schedule.alpha(t)
         drawn = jax.vmap(lambda key, lm: self.draw(key, lm, alpha_s, alpha_t))(keys, log_mean)
         return jnp.where(tokens == prediction.model.process.mask_id, drawn, tokens), carry, calls
 
-    def finish(self, prediction, tokens, carry, *, keys):
+    def finish(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> ddiff.SampleOutput:
         def predict(x):
             log_mean, _, calls = self._predict(prediction, x, jnp.zeros(()), carry)
             return log_mean, calls
@@ -158,7 +179,9 @@ class TwoDrawSampler(AbstractAncestralSampler):
 
     transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
-    def draw(self, key, log_mean, alpha_s, alpha_t):
+    def draw(
+        self, key: ddiff.Key, log_mean: ddiff.LogProbs, alpha_s: ddiff.Scalar, alpha_t: ddiff.Scalar
+    ) -> ddiff.Tokens:
         value_key, reveal_key = jax.random.split(key)
         values = ddiff.categorical(value_key, log_mean)
         unmask = jnp.maximum(alpha_s - alpha_t, 0.0) / (1.0 - alpha_t)
@@ -216,7 +239,7 @@ class FirstHittingSampler(ddiff.AbstractLoopSampler):
     def __check_init__(self):
         ddiff.check_at_least("tokens_per_call", self.tokens_per_call)
 
-    def reverse_chain(self):
+    def reverse_chain(self) -> ddiff.ReverseChain | None:
         """The reverse CTMC, positions still masked at t = 0 drawn one at a time; with
         ``tokens_per_call`` > 1 no exact chain (the k tokens of a call are drawn
         independently)."""
@@ -227,15 +250,31 @@ class FirstHittingSampler(ddiff.AbstractLoopSampler):
             step="continuous", reads="mean", times=(1.0, 0.0), final="sequential", top_p=top_p
         )
 
-    def init(self, prediction, tokens, *, keys):
+    def init(
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
+    ) -> Any:
         """Every sample starts at t = 1."""
         return jnp.ones((tokens.shape[0],))
 
-    def done(self, prediction, tokens, carry, index):
+    def done(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+    ) -> Bool[Array, ""]:
         mask_id = prediction.model.process.mask_id
         return ~jnp.any(ddiff.still_masked(prediction.conditioning, tokens, mask_id))
 
-    def step(self, prediction, tokens, carry, index, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        index: Int[Array, ""],
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         schedule = prediction.model.process.schedule
         mask_id = prediction.model.process.mask_id
         num_samples, seq_len = tokens.shape

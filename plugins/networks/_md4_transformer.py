@@ -111,10 +111,17 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         self.num_classes = num_classes
         self.attention = attention
 
-    def flops_per_token(self, seq_len):
+    def flops_per_token(self, seq_len: int) -> float | None:
         return rotary_flops(self.blocks, seq_len) + 2.0 * nn.parameter_count(self.head.weight)
 
-    def __call__(self, x_t, t, *, label=None, key=None):
+    def __call__(
+        self,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None,
+    ) -> ddiff.NetworkOutput:
         k_embed, k_blocks = nn.dropout_keys(key, 2)
         cond = self.condition(t, label)
         x = nn.dropout(self.embedding[x_t], self.dropout, k_embed)
@@ -129,7 +136,15 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
     def _head_dim(self) -> int:
         return self.embedding.shape[1] // self.blocks.layers.heads
 
-    def block_causal_output(self, x_t, x0, *, block_size, label=None, key=None):
+    def block_causal_output(
+        self,
+        x_t: ddiff.Tokens,
+        x0: ddiff.Tokens,
+        *,
+        block_size: int,
+        label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None,
+    ) -> ddiff.NetworkOutput:
         k_embed, k_blocks = nn.dropout_keys(key, 2)
         seq = x_t.shape[0]
         cond = self.condition(jnp.zeros(()), label)
@@ -139,7 +154,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         x = run_rotary_blocks(self.blocks, x, cond, k_blocks, self.attention, tables=tables, mask=mask)
         return self._output(x[:seq], cond)
 
-    def init_cache(self, capacity, *, block_size):
+    def init_cache(self, capacity: int, *, block_size: int) -> Any:
         heads = self.blocks.layers.heads
         return nn.KVCache.empty(
             self.depth, capacity, heads, self._head_dim, block_size=block_size, dtype=self.embedding.dtype
@@ -160,10 +175,14 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         x, (keys, values) = self.blocks(self.embedding[tokens], step, (cache.keys, cache.values))
         return x, cond, keys, values
 
-    def extend_cache(self, cache, block, *, label=None):
+    def extend_cache(
+        self, cache: Any, block: ddiff.Tokens, *, label: ddiff.Label | None = None
+    ) -> Any:
         _, _, keys, values = self._after_cache(block, cache, label)
         return cache.extend(keys, values)
 
-    def cached_output(self, x_t, cache, *, label=None):
+    def cached_output(
+        self, x_t: ddiff.Tokens, cache: Any, *, label: ddiff.Label | None = None
+    ) -> ddiff.NetworkOutput:
         x, cond, _, _ = self._after_cache(x_t, cache, label)
         return self._output(x, cond)

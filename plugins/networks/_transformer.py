@@ -171,14 +171,21 @@ class Transformer(ddiff.AbstractNetwork):
         self.final_modulation = nn.zero_linear(dim, 2 * dim, key=keys[4])
         self.head = eqx.nn.Linear(dim, num_outputs, key=keys[5])
 
-    def flops_per_token(self, seq_len):
+    def flops_per_token(self, seq_len: int) -> float | None:
         block = self.blocks.layers
         weights = (block.attention.qkv.weight, block.attention.out.weight, block.mlp_in.weight, block.mlp_out.weight)
         dim = self.token_embedding.weight.shape[1]
         count = nn.parameter_count(*weights, self.head.weight)
         return nn.transformer_flops_per_token(count, self.blocks.count, dim, seq_len)
 
-    def __call__(self, x_t, t, *, label=None, key=None):
+    def __call__(
+        self,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None,
+    ) -> ddiff.NetworkOutput:
         x = self.token_embedding.weight[x_t]
         seq_len, dim = x.shape
         tables = None

@@ -286,7 +286,7 @@ class UNet(ddiff.AbstractNetwork):
         self.time_conditioned = time_conditioned
         self.num_classes = num_classes
 
-    def flops_per_token(self, seq_len):
+    def flops_per_token(self, seq_len: int) -> float | None:
         height, width, _ = self.image_shape
         pixels = height * width
         blocks = [self.down.layers, self.up.layers, self.middle_in, self.middle_out]
@@ -309,7 +309,14 @@ class UNet(ddiff.AbstractNetwork):
             flops += patches * per_patch
         return flops / seq_len
 
-    def __call__(self, x_t, t, *, label=None, key=None):
+    def __call__(
+        self,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None,
+    ) -> ddiff.NetworkOutput:
         height, width, colours = self.image_shape
         k_down, k_middle, k_up = nn.dropout_keys(key, 3)
         cond = self.condition(t, label)

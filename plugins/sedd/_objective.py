@@ -79,7 +79,16 @@ class ScoreEntropy(ddiff.AbstractObjective):
             "x0 parameterization or cross_entropy: 0"
         )
 
-    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+    def example_terms(
+        self,
+        model: ddiff.DiffusionModel,
+        x0: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        key: ddiff.Key,
+        label: ddiff.Label | None = None,
+        train: bool = True,
+    ) -> ddiff.ObjectiveTerms:
         process = model.process
         parameterization = model.parameterization
         noise_key, network_key = jax.random.split(key)

@@ -26,10 +26,16 @@ class ScoreParameterization(ddiff.AbstractScoreParameterization):
 
     absorbing_scale: bool = eqx.field(static=True, default=True)
 
-    def output_channels(self, process):
+    def output_channels(self, process: ddiff.AbstractForwardProcess) -> int:
         return process.num_states
 
-    def log_score(self, output, x_t, t, process):
+    def log_score(
+        self,
+        output: ddiff.NetworkOutput,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess,
+    ) -> ddiff.StateLogProbs:
         log_score = output
         if self.absorbing_scale and caps.MASKED in process.capabilities():
             noise = jnp.broadcast_to(total_noise(process.schedule, t), (process.vocab_size,))
@@ -40,7 +46,9 @@ class ScoreParameterization(ddiff.AbstractScoreParameterization):
         return jnp.where(current, 0.0, log_score)
 
 
-def _has_posterior(process: ddiff.AbstractForwardProcess, parameterization: ddiff.AbstractParameterization) -> bool:
+def _has_posterior(
+    process: ddiff.AbstractForwardProcess, parameterization: ddiff.AbstractParameterization
+) -> bool:
     """Whether the model gives a clean-token posterior with mass on every value: a mean
     parameterization, or scores on the masked process (whose Tweedie mean is a softmax; on
     other processes it clips negative values and can give x_0 no mass)."""

@@ -2,6 +2,7 @@
 over :func:`ddiff.run_sampler`."""
 
 import abc
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
     def step_rule(self) -> str:
         """The :class:`ddiff.ReverseChain` rule of :meth:`step_probs`."""
 
-    def reverse_chain(self):
+    def reverse_chain(self) -> ddiff.ReverseChain | None:
         return ddiff.ReverseChain(
             step=self.step_rule, reads="score", times=self.times(), final="tweedie"
         )
@@ -47,7 +48,16 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
         """Unnormalised probabilities of each position's state at time s < t, given the
         state x at t and its log scores (one example)."""
 
-    def step(self, prediction, tokens, carry, t, s, *, keys):
+    def step(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        t: ddiff.Time,
+        s: ddiff.Time,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
         log_score, calls = prediction.log_score(tokens, t)
         probs = jax.vmap(lambda x, log_score: self.step_probs(process, x, log_score, s, t))(
@@ -57,7 +67,14 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
         probs = jnp.where(stuck, jax.nn.one_hot(tokens, process.num_states), probs)
         return jax.vmap(ddiff.categorical_from_probs)(keys, probs), carry, calls
 
-    def finish(self, prediction, tokens, carry, *, keys):
+    def finish(
+        self,
+        prediction: ddiff.Prediction,
+        tokens: ddiff.TokenBatch,
+        carry: Any,
+        *,
+        keys: ddiff.KeyBatch,
+    ) -> ddiff.SampleOutput:
         process = prediction.model.process
         end = self.times()[-1]
         log_score, calls = prediction.log_score(tokens, end)
@@ -91,7 +108,14 @@ class EulerSampler(AbstractScoreSampler):
     def step_rule(self):
         return "euler"
 
-    def step_probs(self, process, x, log_score, s, t):
+    def step_probs(
+        self,
+        process: ddiff.AbstractForwardProcess,
+        x: ddiff.Tokens,
+        log_score: ddiff.StateLogProbs,
+        s: ddiff.Time,
+        t: ddiff.Time,
+    ) -> ddiff.StateProbs:
         incoming = process.incoming_rates(x, t)
         moving = (incoming > 0) & ~jax.nn.one_hot(x, process.num_states, dtype=bool)
         rates = jnp.where(moving, incoming * jnp.exp(jnp.where(moving, log_score, 0.0)), 0.0)
@@ -125,6 +149,13 @@ class AnalyticSampler(AbstractScoreSampler):
     def step_rule(self):
         return "tweedie"
 
-    def step_probs(self, process, x, log_score, s, t):
+    def step_probs(
+        self,
+        process: ddiff.AbstractForwardProcess,
+        x: ddiff.Tokens,
+        log_score: ddiff.StateLogProbs,
+        s: ddiff.Time,
+        t: ddiff.Time,
+    ) -> ddiff.StateProbs:
         staggered = process.unpropagate(jnp.exp(log_score), s, t)
         return jnp.maximum(staggered, 0.0) * process.transition_likelihood(x, s, t)

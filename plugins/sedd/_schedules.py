@@ -72,16 +72,16 @@ class GeometricSchedule(AbstractNoiseSchedule):
                 f"need 0 < sigma_min < sigma_max, got {self.sigma_min} and {self.sigma_max}"
             )
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return jnp.exp(-self.total_noise(t))
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return -self.alpha(t) * self.noise_rate(t)
 
-    def total_noise(self, t):
+    def total_noise(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return jnp.exp((1.0 - t) * math.log(self.sigma_min) + t * math.log(self.sigma_max))
 
-    def noise_rate(self, t):
+    def noise_rate(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return self.total_noise(t) * math.log(self.sigma_max / self.sigma_min)
 
 
@@ -110,17 +110,17 @@ class LogLinearSchedule(AbstractNoiseSchedule):
     def _tau(self, t):
         return self.t_min + (1.0 - self.t_min) * t
 
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         # 1 - (1 - eps) tau, written without the cancellation near tau = 1.
         return self.eps + (1.0 - self.eps) * (1.0 - self.t_min) * (1.0 - t)
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return -(1.0 - self.eps) * (1.0 - self.t_min) * jnp.ones_like(t)
 
-    def total_noise(self, t):
+    def total_noise(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return -jnp.log1p(-(1.0 - self.eps) * self._tau(t))
 
-    def noise_rate(self, t):
+    def noise_rate(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         return (1.0 - self.t_min) * (1.0 - self.eps) / self.alpha(t)
 
 

@@ -18,11 +18,23 @@ class X0Parameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractScore
 
     provides = frozenset({caps.MEAN, caps.SCORE})
 
-    def output_channels(self, process):
+    def output_channels(self, process: ddiff.AbstractForwardProcess) -> int:
         return process.vocab_size
 
-    def log_mean(self, output, x_t, t, process):
+    def log_mean(
+        self,
+        output: ddiff.NetworkOutput,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess,
+    ) -> ddiff.LogProbs:
         return jax.nn.log_softmax(output, axis=-1)
 
-    def log_score(self, output, x_t, t, process):
+    def log_score(
+        self,
+        output: ddiff.NetworkOutput,
+        x_t: ddiff.Tokens,
+        t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess,
+    ) -> ddiff.StateLogProbs:
         return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)

@@ -75,7 +75,16 @@ class AnyOrderELBO(ddiff.AbstractObjective):
     # --8<-- [end:class]
 
     # --8<-- [start:terms]
-    def example_terms(self, model, x0, t, *, key, label=None, train=True):
+    def example_terms(
+        self,
+        model: ddiff.DiffusionModel,
+        x0: ddiff.Tokens,
+        t: ddiff.Time,
+        *,
+        key: ddiff.Key,
+        label: ddiff.Label | None = None,
+        train: bool = True,
+    ) -> ddiff.ObjectiveTerms:
         process = model.process
         seq_len = x0.shape[0]
         num_masked = jnp.clip(jnp.ceil(t * seq_len), 1, seq_len).astype(jnp.int32)

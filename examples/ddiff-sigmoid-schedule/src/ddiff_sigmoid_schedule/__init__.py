@@ -61,12 +61,12 @@ class SigmoidSchedule(ddiff.AbstractSchedule):
     # --8<-- [end:check]
 
     # --8<-- [start:alpha]
-    def alpha(self, t):
+    def alpha(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         top, bottom = self._sigmoid_at(1.0), self._sigmoid_at(0.0)
         shape = (top - self._sigmoid_at(t)) / (top - bottom)
         return (1.0 - 2.0 * self.eps) * shape + self.eps
 
-    def alpha_derivative(self, t):
+    def alpha_derivative(self, t: ddiff.Time) -> ddiff.ScheduleValue:
         """Closed form: sigmoid'(x) = sigmoid(x) (1 - sigmoid(x)), times the chain rule's
         (end - start) / tau."""
         top, bottom = self._sigmoid_at(1.0), self._sigmoid_at(0.0)

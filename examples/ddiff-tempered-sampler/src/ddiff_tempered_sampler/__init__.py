@@ -45,10 +45,10 @@ class Tempered(ddiff.AbstractLogProbTransform):
                 f"temperature must be >= 0, got {self.temperature}", path="temperature"
             )
 
-    def __call__(self, log_probs):
+    def __call__(self, log_probs: ddiff.LogProbRows) -> ddiff.LogProbRows:
         return temper(log_probs, self.temperature)
 
-    def as_top_p(self):
+    def as_top_p(self) -> float | None:
         """At T = 1 the transform changes nothing, which a reverse chain states."""
         return 1.0 if self.temperature == 1.0 else None
 
