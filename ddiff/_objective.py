@@ -17,10 +17,10 @@ from ddiff._typing import (
     AbstractCheckedModule,
     Key,
     Label,
-    Labels,
+    LabelBatch,
     Scalar,
     Time,
-    Times,
+    TimeBatch,
     TokenBatch,
     Tokens,
 )
@@ -111,7 +111,7 @@ class AbstractObjective(AbstractCheckedModule, Capable):
             return BoundForm()
         return None
 
-    def sample_times(self, key: Key, batch_size: int) -> Times:
+    def sample_times(self, key: Key, batch_size: int) -> TimeBatch:
         """Antithetic times t_i = (u + i/B) mod 1 (MD4, sec. 4), one per example."""
         u = jax.random.uniform(key, ())
         return jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
@@ -144,7 +144,7 @@ class AbstractObjective(AbstractCheckedModule, Capable):
         x0: TokenBatch,
         *,
         key: Key,
-        labels: Labels | None = None,
+        labels: LabelBatch | None = None,
         train: bool = True,
         offset: Int[Array, ""] | int = 0,
         total: int | None = None,
@@ -174,7 +174,7 @@ class AbstractObjective(AbstractCheckedModule, Capable):
         x0: TokenBatch,
         *,
         key: Key,
-        labels: Labels | None = None,
+        labels: LabelBatch | None = None,
         train: bool = True,
     ) -> ObjectiveTerms:
         """Batch mean of :meth:`per_example_terms`."""
@@ -205,7 +205,7 @@ class AbstractDiscreteTimeObjective(AbstractObjective):
         """The bound of the ``steps``-step model with the data-free decoder at t = 0."""
         return BoundForm(steps=self.steps)
 
-    def sample_times(self, key: Key, batch_size: int) -> Times:
+    def sample_times(self, key: Key, batch_size: int) -> TimeBatch:
         """Grid times t_b = i_b / T, the step indices i_b antithetic across the batch."""
         u = jax.random.uniform(key, ())
         fraction = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)

@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int
 from ddiff._capabilities import MASKED, Capable
 from ddiff._model import DiffusionModel
 from ddiff._process import AbstractForwardProcess
-from ddiff._typing import AbstractCheckedModule, Key, KeyBatch, Labels, TokenBatch
+from ddiff._typing import AbstractCheckedModule, Key, KeyBatch, LabelBatch, TokenBatch
 
 
 class Conditioning(eqx.Module):
@@ -37,7 +37,7 @@ class Conditioning(eqx.Module):
             of starting from all-mask (:func:`initial_tokens`).
     """
 
-    labels: Labels | None = None
+    labels: LabelBatch | None = None
     fixed_tokens: TokenBatch | None = None
     fixed_mask: Bool[Array, "batch seq"] | None = None
     guidance: float = eqx.field(static=True, default=0.0)

@@ -23,11 +23,11 @@ TokenBatch = Int[Array, "batch seq"]
 """A batch of sequences of token ids (leading batch axis)."""
 Time = Float[Array, ""]
 """A scalar diffusion time in [0, 1] (t=0 clean, t=1 fully noised)."""
-Times = Float[Array, " batch"]
+TimeBatch = Float[Array, " batch"]
 """One diffusion time per example of a batch."""
 Label = Int[Array, ""]
 """A class label; ``num_classes`` is the null class used for classifier-free guidance."""
-Labels = Int[Array, " batch"]
+LabelBatch = Int[Array, " batch"]
 """One class label per example of a batch."""
 ScheduleValue = Float[Array, " *values"]
 """A schedule quantity: a scalar, or one value per token value (shape ``(V,)``)."""
