@@ -4,13 +4,14 @@ its bound, without changing the bound."""
 import jax
 from equinox import AbstractVar
 
+from ddiff._capabilities import Capable
 from ddiff._errors import DdiffError, check_at_least
 from ddiff._objective import ObjectiveTerms
 from ddiff._process import AbstractForwardProcess
 from ddiff._typing import AbstractCheckedModule, Scalar, Time
 
 
-class AbstractWeighting(AbstractCheckedModule):
+class AbstractWeighting(AbstractCheckedModule, Capable):
     """A training weighting of a continuous-time bound (the ``weighting:`` key of the
     objectives that accept one). With the bound's estimate written as
 

@@ -4,6 +4,7 @@ or one component's documentation, recipe keys and capabilities."""
 import argparse
 import difflib
 import inspect
+import sys
 import types
 import typing
 from typing import Any
@@ -72,11 +73,24 @@ def recipe_keys(cls: type) -> tuple[list[tuple[str, str, str]], list[str]]:
     return keys, set_by_ddiff
 
 
+def public_path(cls: type) -> str:
+    """Where a class is imported from: the shortest public module that exports it
+    (``ddiff_plugins.md4.TopPSampler`` rather than its private ``_samplers`` file)."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        if parts[end - 1].startswith("_"):
+            break
+        module = sys.modules.get(".".join(parts[:end]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{module.__name__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def describe_component(registry: Registry, slot: str, name: str) -> None:
     """Print a component's class, documentation, recipe keys and capabilities."""
     entry = registry.entry(slot, name)
     cls = entry.cls
-    print(f"{slot} {name}: {cls.__module__}.{cls.__qualname__}  [plugin: {entry.plugin}]\n")
+    print(f"{slot} {name}: {public_path(cls)}  [plugin: {entry.plugin}]\n")
     print(inspect.cleandoc(cls.__doc__ or "(no documentation)"))
     keys, derived = recipe_keys(cls)
     print("\nrecipe keys:" if keys else "\nrecipe keys: none")
@@ -109,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{slot}:")
         for entry in (e for e in entries if e.slot == slot):
             cls = entry.cls
-            print(f"  {entry.name:<22} {cls.__module__}.{cls.__qualname__}  [plugin: {entry.plugin}]")
+            print(f"  {entry.name:<22} {public_path(cls)}  [plugin: {entry.plugin}]")
     if registry.broken and args.slot is None:
         print("broken plugins (their components are unavailable):")
         for plugin in registry.broken:
