@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 
 from ddiff._errors import RecipeError
-from ddiff.runner.commands.options import SEED, add_specs, integer, output_path
+from ddiff.runner.commands.options import (
+    add_batch_size,
+    add_output,
+    add_seed,
+    add_specs,
+    add_target,
+    integer,
+    output_path,
+)
 from ddiff.runner.diagnose import diagnose, format_diagnosis, parse_objective
 from ddiff.runner.files import atomic_write_text, unused_path
 from ddiff.runner.model import initial_model
@@ -21,32 +29,27 @@ DESCRIPTION = HELP
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``diagnose`` command's arguments."""
-    parser.add_argument(
-        "target", help="a run directory (its trained model) or a recipe YAML (its untrained model)"
+    add_target(
+        parser,
+        "target",
+        "a run directory (its trained model) or a recipe YAML (its untrained model)",
+        "recipe overrides such as data.eval_split=test",
     )
-    parser.add_argument("overrides", nargs="*", help="recipe overrides such as data.eval_split=test")
     add_specs(parser, "objective", " (required, no default)")
     parser.add_argument("--batches", type=integer(1), default=8, help="eval batches to use")
-    parser.add_argument(
-        "--batch-size",
-        type=integer(1),
-        default=None,
-        help="sequences per batch (default: eval.batch_size)",
-    )
+    add_batch_size(parser, "sequences per batch (default: eval.batch_size)")
     parser.add_argument(
         "--repeats", type=integer(1), default=1, help="independent draws per batch (2+ gives the estimator std)"
     )
-    parser.add_argument("--seed", type=SEED, default=0, help="seed of the draws")
+    add_seed(parser, "seed of the draws")
     parser.add_argument(
         "--no-ema", action="store_true", help="a run's trained parameters rather than their EMA"
     )
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="JSON file (default: DIR/diagnose.json, or ./diagnose.json for a recipe; "
+    add_output(
+        parser,
+        "JSON file (default: DIR/diagnose.json, or ./diagnose.json for a recipe; "
         "numbered when it exists)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 def run(args: argparse.Namespace) -> None:

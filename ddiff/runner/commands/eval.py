@@ -6,7 +6,15 @@ import json
 import sys
 
 from ddiff._errors import RecipeError
-from ddiff.runner.commands.options import MAX_SAMPLES, integer, output_path, run_directory
+from ddiff.runner.commands.options import (
+    MAX_SAMPLES,
+    add_judge,
+    add_output,
+    add_target,
+    integer,
+    output_path,
+    run_directory,
+)
 from ddiff.runner.files import unused_path
 from ddiff.runner.quality import Judge
 from ddiff.runner.quality_sweep import load_judge
@@ -26,11 +34,11 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``eval`` command's arguments."""
-    parser.add_argument("workdir", help="run directory")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="overrides such as data.root=/data or data.eval_split=test, or "
+    add_target(
+        parser,
+        "workdir",
+        "run directory",
+        "overrides such as data.root=/data or data.eval_split=test, or "
         "'data={kind: zero_shot, name: wikitext103}' for another data set",
     )
     parser.add_argument(
@@ -42,10 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate at most this many sequences (default: eval.max_examples, null: all)",
     )
-    parser.add_argument(
-        "--output", default=None, help="JSON file, in DIR unless a path (default: eval_step<k>.json)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_output(parser, "JSON file, in DIR unless a path (default: eval_step<k>.json)")
     parser.add_argument(
         "--samples",
         type=integer(1, MAX_SAMPLES),
@@ -54,11 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also draw N samples with the run's sampler and report their quality under "
         "'samples' (sets eval.samples)",
     )
-    parser.add_argument(
-        "--judge",
-        default=None,
-        metavar="JUDGE_RUN",
-        help="a run trained on the same data (an autoregressive one: recipes/ar_quickstart.yaml) "
+    add_judge(
+        parser,
+        "a run trained on the same data (an autoregressive one: recipes/ar_quickstart.yaml) "
         "whose likelihood scores the samples: their generative perplexity (default: none)",
     )
 

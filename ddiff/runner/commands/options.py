@@ -1,6 +1,6 @@
 """What the commands' parsers share: argument types that refuse a bad value before
-anything is loaded, the help of recipe overrides, and the checks of output paths and run
-directories."""
+anything is loaded, the help of recipe overrides, the option groups several commands
+take, and the checks of output paths and run directories."""
 
 import argparse
 import math
@@ -59,6 +59,49 @@ def add_specs(parser: argparse.ArgumentParser, slot: str, note: str = "") -> Non
 
 SEED = integer(0, 2**32 - 1)
 """An argparse type: a seed, an integer in [0, 2^32 - 1]."""
+
+
+def add_target(
+    parser: argparse.ArgumentParser, name: str, text: str, overrides: str = OVERRIDES_HELP
+) -> None:
+    """The positional ``name`` (a run directory or a recipe file, ``text`` its help)
+    followed by the recipe overrides (``overrides`` their help)."""
+    parser.add_argument(name, help=text)
+    parser.add_argument("overrides", nargs="*", help=overrides)
+
+
+def add_seed(parser: argparse.ArgumentParser, text: str) -> None:
+    """The option ``--seed`` (default 0), ``text`` its help."""
+    parser.add_argument("--seed", type=SEED, default=0, help=text)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, text: str) -> None:
+    """The option ``--batch-size``, a positive integer (default None: the recipe's),
+    ``text`` its help."""
+    parser.add_argument("--batch-size", type=integer(1), default=None, help=text)
+
+
+def add_judge(parser: argparse.ArgumentParser, text: str) -> None:
+    """The option ``--judge JUDGE_RUN``: a run whose likelihood scores the samples
+    (``text`` its help)."""
+    parser.add_argument("--judge", default=None, metavar="JUDGE_RUN", help=text)
+
+
+def add_start_from_prior(parser: argparse.ArgumentParser) -> None:
+    """The flag ``--start-from-prior`` (:attr:`ddiff.Conditioning.start_from_prior`)."""
+    parser.add_argument(
+        "--start-from-prior",
+        action="store_true",
+        help="start a masked process from its prior draw instead of all-mask",
+    )
+
+
+def add_output(parser: argparse.ArgumentParser, text: str) -> None:
+    """The option ``--output`` (a JSON file, checked by :func:`output_path`) and the flag
+    ``--overwrite`` that lets it replace an existing file (``text`` the help of
+    ``--output``)."""
+    parser.add_argument("--output", default=None, help=text)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 def output_path(path: Path, option: str, overwrite: bool) -> Path:

@@ -8,8 +8,12 @@ from typing import Any
 from ddiff._errors import RecipeError
 from ddiff.runner.commands.options import (
     MAX_SAMPLES,
-    SEED,
+    add_judge,
+    add_output,
+    add_seed,
     add_specs,
+    add_start_from_prior,
+    add_target,
     integer,
     output_path,
     run_directory,
@@ -40,8 +44,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``quality`` command's arguments."""
-    parser.add_argument("workdir", help="run directory")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides such as data.eval_split=test")
+    add_target(parser, "workdir", "run directory", "recipe overrides such as data.eval_split=test")
     add_specs(parser, "sampler")
     parser.add_argument(
         "--steps",
@@ -53,24 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num", type=integer(2, MAX_SAMPLES), default=256, help="samples per sampler"
     )
-    parser.add_argument("--seed", type=SEED, default=0, help="seed of the samples' keys")
-    parser.add_argument(
-        "--judge",
-        default=None,
-        metavar="JUDGE_RUN",
-        help="a run on the same data that scores the samples (default: none)",
+    add_seed(parser, "seed of the samples' keys")
+    add_judge(parser, "a run on the same data that scores the samples (default: none)")
+    add_start_from_prior(parser)
+    add_output(
+        parser,
+        "JSON file (default: DIR/quality.json, numbered when it exists); the plot beside it as .png",
     )
-    parser.add_argument(
-        "--start-from-prior",
-        action="store_true",
-        help="start a masked process from its prior draw instead of all-mask",
-    )
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="JSON file (default: DIR/quality.json, numbered when it exists); the plot beside it as .png",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 def parse_sampler(text: str) -> dict[str, Any]:

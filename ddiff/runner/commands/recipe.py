@@ -2,7 +2,7 @@
 
 import argparse
 
-from ddiff.runner.commands.options import OVERRIDES_HELP
+from ddiff.runner.commands.options import add_target
 from ddiff.runner.recipe import load_recipe
 
 NAME = "recipe"
@@ -18,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``recipe`` command's subcommand ``show`` and its arguments."""
     subcommands = parser.add_subparsers(dest="recipe_command", required=True, metavar="COMMAND")
     show = subcommands.add_parser("show", help=SHOW, description=SHOW)
-    show.add_argument("recipe", help="recipe YAML file")
-    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    add_target(show, "recipe", "recipe YAML file")
 
 
 def run(args: argparse.Namespace) -> None:

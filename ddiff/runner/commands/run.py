@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from ddiff.runner.commands.options import OVERRIDES_HELP, integer
+from ddiff.runner.commands.options import add_target, integer
 from ddiff.runner.distributed import initialize
 from ddiff.runner.recipe import load_recipe
 from ddiff.runner.trainer.loop import Trainer
@@ -21,8 +21,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``run`` command's arguments."""
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    add_target(parser, "recipe", "recipe YAML file")
     parser.add_argument("--workdir", help="run directory (default: runs/<recipe file name>)")
     parser.add_argument(
         "--fresh",

@@ -9,7 +9,15 @@ import jax
 from tqdm import tqdm
 
 from ddiff._errors import RecipeError
-from ddiff.runner.commands.options import MAX_SAMPLES, SEED, finite, integer, run_directory
+from ddiff.runner.commands.options import (
+    MAX_SAMPLES,
+    add_batch_size,
+    add_seed,
+    add_start_from_prior,
+    finite,
+    integer,
+    run_directory,
+)
 from ddiff.runner.files import unused_path
 from ddiff.runner.recipe import read_recipe_file
 from ddiff.runner.sample_options import SampleOptions, build_conditioning, sample_length
@@ -41,16 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per sample, beyond the training length if wanted, for a sampler that "
         "stops at an end token (bd3lm); samples may end sooner (default: the data's length)",
     )
-    parser.add_argument(
-        "--batch-size",
-        type=integer(1),
-        default=None,
-        help="samples drawn at once (default: trainer.sample_batch_size)",
-    )
+    add_batch_size(parser, "samples drawn at once (default: trainer.sample_batch_size)")
     parser.add_argument(
         "--steps", type=integer(1), default=None, help="sampler steps (default: sampler.steps)"
     )
-    parser.add_argument("--seed", type=SEED, default=0, help="seed of the samples' keys")
+    add_seed(parser, "seed of the samples' keys")
     parser.add_argument(
         "--name",
         default=None,
@@ -64,11 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="class label of class-conditional models (default: unconditional)",
     )
-    parser.add_argument(
-        "--start-from-prior",
-        action="store_true",
-        help="start a masked process from its prior draw instead of all-mask",
-    )
+    add_start_from_prior(parser)
     parser.add_argument(
         "--guidance",
         type=finite,
