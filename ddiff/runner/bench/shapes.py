@@ -54,63 +54,43 @@ MD4_TRANSFORMER: dict[str, Any] = {
 }  # fmt: skip
 """The MD4 transformer's settings besides its width, depth and heads."""
 
+
+def _md4_recipe(num_symbols: int, length: int, network: dict[str, Any]) -> dict[str, Any]:
+    """:data:`MD4_RECIPE` with ``network`` and a synthetic Markov source of ``num_symbols``
+    symbols and ``length`` positions (64 train and 16 eval sequences)."""
+    data = {"kind": "markov", "num_symbols": num_symbols, "length": length, "num_train": 64, "num_eval": 16}
+    return {**MD4_RECIPE, "data": data, "network": network}
+
+
 SHAPES: dict[str, Shape] = {
     shape.name: shape
     for shape in (
         Shape(
             name="md4-text8-small",
             description="MD4 transformer 4 x 256 (4 heads, GLU, adaLN-zero), L=256, V=27",
-            recipe={
-                **MD4_RECIPE,
-                "data": {"kind": "markov", "num_symbols": 27, "length": 256, "num_train": 64, "num_eval": 16},
-                "network": {**MD4_TRANSFORMER, "dim": 256, "depth": 4, "heads": 4},
-            },
-            batch_size=16,
-            accelerator_batch_size=16,
-            sample_batch=8,
-            sample_steps=64,
+            recipe=_md4_recipe(27, 256, {**MD4_TRANSFORMER, "dim": 256, "depth": 4, "heads": 4}),
+            batch_size=16, accelerator_batch_size=16, sample_batch=8, sample_steps=64,
         ),
         Shape(
             name="md4-s",
             description="MD4-S: MD4 transformer 12 x 768 (12 heads), L=1024, V=50257 (GPT-2)",
-            recipe={
-                **MD4_RECIPE,
-                "data": {"kind": "markov", "num_symbols": 50257, "length": 1024, "num_train": 64, "num_eval": 16},
-                "network": {**MD4_TRANSFORMER, "dim": 768, "depth": 12, "heads": 12},
-            },
-            batch_size=2,
-            accelerator_batch_size=32,
-            sample_batch=2,
-            sample_steps=4,
-            repeats=3,
+            recipe=_md4_recipe(50257, 1024, {**MD4_TRANSFORMER, "dim": 768, "depth": 12, "heads": 12}),
+            batch_size=2, accelerator_batch_size=32, sample_batch=2, sample_steps=4, repeats=3,
         ),
         Shape(
             name="cifar-unet",
             description="MD4 CIFAR-10 UNet: 128 channels, 32 + 33 residual blocks, 32x32x3, V=256",
-            recipe={
-                **MD4_RECIPE,
-                "data": {"kind": "markov", "num_symbols": 256, "length": 3072, "num_train": 64, "num_eval": 16},
-                "network": {"kind": "unet", "image_shape": [32, 32, 3], "channels": 128, "num_blocks": 32, "dropout": 0.1},
-            },
-            batch_size=2,
-            accelerator_batch_size=64,
-            sample_batch=2,
-            sample_steps=4,
-            repeats=3,
+            recipe=_md4_recipe(
+                256, 3072,
+                {"kind": "unet", "image_shape": [32, 32, 3], "channels": 128, "num_blocks": 32, "dropout": 0.1},
+            ),
+            batch_size=2, accelerator_batch_size=64, sample_batch=2, sample_steps=4, repeats=3,
         ),
         Shape(
             name="tiny",
             description="MD4 transformer 2 x 32 (2 heads), L=16, V=5 (for tests)",
-            recipe={
-                **MD4_RECIPE,
-                "data": {"kind": "markov", "num_symbols": 5, "length": 16, "num_train": 64, "num_eval": 16},
-                "network": {**MD4_TRANSFORMER, "dim": 32, "depth": 2, "heads": 2},
-            },
-            batch_size=4,
-            accelerator_batch_size=4,
-            sample_batch=2,
-            sample_steps=4,
-            repeats=2,
+            recipe=_md4_recipe(5, 16, {**MD4_TRANSFORMER, "dim": 32, "depth": 2, "heads": 2}),
+            batch_size=4, accelerator_batch_size=4, sample_batch=2, sample_steps=4, repeats=2,
         ),
     )
 }  # fmt: skip
@@ -124,48 +104,28 @@ REQUIRED_SETTINGS: dict[str, dict[str, Any]] = {
 """Settings the bench gives components that have required keys (every shape's length is
 a multiple of 4)."""
 
+def _section(kind: str) -> dict[str, Any]:
+    """The section of component ``kind``, with the bench's settings of its required keys."""
+    return {"kind": kind, **REQUIRED_SETTINGS.get(kind, {})}
+
+
 FAMILIES: dict[str, dict[str, Any]] = {
-    "md4": {
-        "process": {"kind": "masked", "schedule": {"kind": "linear"}},
-        "parameterization": {"kind": "mean"},
-        "objective": {"kind": "md4_elbo"},
-        "sampler": {"kind": "ancestral"},
-    },
-    "genmd4": {
-        "process": {"kind": "masked", "schedule": {"kind": "learnable_poly"}},
-        "parameterization": {"kind": "mean"},
-        "objective": {"kind": "genmd4_elbo"},
-        "sampler": {"kind": "genmd4_ancestral"},
-    },
-    "sedd": {
-        "process": {"kind": "masked", "schedule": {"kind": "loglinear"}},
-        "parameterization": {"kind": "score"},
-        "objective": {"kind": "score_entropy"},
-        "sampler": {"kind": "analytic"},
-    },
-    "d3pm": {
-        "process": {"kind": "masked", "schedule": {"kind": "jsd"}},
-        "parameterization": {"kind": "mean"},
-        "objective": {"kind": "d3pm_vb"},
-        "sampler": {"kind": "d3pm_ancestral"},
-    },
-    "campbell": {
-        "process": {"kind": "masked", "schedule": {"kind": "linear"}},
-        "parameterization": {"kind": "mean"},
-        "objective": {"kind": "campbell_elbo"},
-        "sampler": {"kind": "tau_leaping"},
-    },
-    "uniform": {
-        "process": {"kind": "uniform", "schedule": {"kind": "geometric"}},
-        "parameterization": {"kind": "score"},
-        "objective": {"kind": "score_entropy"},
-        "sampler": {"kind": "analytic"},
-    },
-    "bd3lm": {
-        "process": {"kind": "masked", "schedule": {"kind": "linear"}},
-        "parameterization": {"kind": "mean"},
-        "objective": {"kind": "bd3lm_elbo", **REQUIRED_SETTINGS["bd3lm_elbo"]},
-        "sampler": {"kind": "bd3lm", **REQUIRED_SETTINGS["bd3lm"]},
+    **{
+        name: {
+            "process": {"kind": process, "schedule": {"kind": schedule}},
+            "parameterization": {"kind": parameterization},
+            "objective": _section(objective),
+            "sampler": _section(sampler),
+        }
+        for name, process, schedule, parameterization, objective, sampler in (
+            ("md4", "masked", "linear", "mean", "md4_elbo", "ancestral"),
+            ("genmd4", "masked", "learnable_poly", "mean", "genmd4_elbo", "genmd4_ancestral"),
+            ("sedd", "masked", "loglinear", "score", "score_entropy", "analytic"),
+            ("d3pm", "masked", "jsd", "mean", "d3pm_vb", "d3pm_ancestral"),
+            ("campbell", "masked", "linear", "mean", "campbell_elbo", "tau_leaping"),
+            ("uniform", "uniform", "geometric", "score", "score_entropy", "analytic"),
+            ("bd3lm", "masked", "linear", "mean", "bd3lm_elbo", "bd3lm"),
+        )
     },
     "autoregressive": {
         "process": {"kind": "left_to_right"},
