@@ -6,7 +6,7 @@ import importlib.metadata
 import inspect
 import os
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import pluggy
 
@@ -116,6 +116,18 @@ class Registry:
                 f"({cls.__qualname__}); rename one of them"
             )
         self._entries[slot][name] = Entry(slot, name, cls, self._current_plugin)
+
+    def register_all(self, components: Mapping[str, Mapping[str, type]]) -> None:
+        """Register a table ``{slot: {name: cls}}``: :meth:`register` for each entry, in
+        the table's order, with its checks and messages.
+
+        Raises:
+            RegistryError: as :meth:`register`, at the first entry it refuses (the entries
+                before it stay registered).
+        """
+        for slot, classes in components.items():
+            for name, cls in classes.items():
+                self.register(slot, name, cls)
 
     def get(self, slot: str, name: str) -> type:
         """The class registered as ``name`` in ``slot``; an unknown name lists the

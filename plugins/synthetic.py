@@ -217,7 +217,12 @@ class ToySource(AbstractSyntheticSource):
         return ddiff.ArraySplit(np.asarray(tokens), None if labels is None else np.asarray(labels))
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "data": {"markov": MarkovChainSource, "toy": ToySource},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("data", "markov", MarkovChainSource)
-    registry.register("data", "toy", ToySource)
+    registry.register_all(COMPONENTS)

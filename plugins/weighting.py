@@ -62,7 +62,12 @@ class UnweightedWeighting(ddiff.AbstractWeighting):
         return jnp.where(rate > 0, 1.0 / jnp.where(rate > 0, rate, 1.0), 0.0)
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "weighting": {"bound": BoundWeighting, "unweighted": UnweightedWeighting},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("weighting", "bound", BoundWeighting)
-    registry.register("weighting", "unweighted", UnweightedWeighting)
+    registry.register_all(COMPONENTS)

@@ -54,6 +54,19 @@ def test_refuses_wrong_base_and_abstract_and_unknown_slot():
         registry.register("scheduler", "s", _Schedule)
 
 
+def test_register_all_registers_a_table_in_order_with_the_same_refusals():
+    registry = ddiff.Registry()
+    registry.register_all({"schedule": {"s": _Schedule, "t": _Other}})
+    assert registry.get("schedule", "s") is _Schedule and registry.get("schedule", "t") is _Other
+    with pytest.raises(ddiff.RegistryError, match="registered twice"):
+        registry.register_all({"schedule": {"u": _Schedule, "s": _Other}})
+    assert registry.get("schedule", "u") is _Schedule
+    with pytest.raises(ddiff.RegistryError, match="not a subclass of AbstractForwardProcess"):
+        registry.register_all({"process": {"p": _Schedule}})
+    with pytest.raises(ddiff.RegistryError, match="unknown slot"):
+        registry.register_all({"scheduler": {"s": _Schedule}})
+
+
 def test_unknown_name_lists_available_and_closest(registry):
     with pytest.raises(ddiff.RegistryError) as info:
         registry.get("schedule", "cosin")

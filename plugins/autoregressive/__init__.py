@@ -31,6 +31,7 @@ from ddiff_plugins.autoregressive._process import (
 from ddiff_plugins.autoregressive._sampler import LeftToRightSampler
 
 __all__ = [
+    "COMPONENTS",
     "CAUSAL",
     "CausalBlock",
     "CausalTransformer",
@@ -46,10 +47,16 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "process": {"left_to_right": LeftToRightProcess},
+    "parameterization": {"next_token": NextTokenParameterization},
+    "network": {"causal_transformer": CausalTransformer},
+    "objective": {"next_token_nll": NextTokenNLL},
+    "sampler": {"left_to_right": LeftToRightSampler},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("process", "left_to_right", LeftToRightProcess)
-    registry.register("parameterization", "next_token", NextTokenParameterization)
-    registry.register("network", "causal_transformer", CausalTransformer)
-    registry.register("objective", "next_token_nll", NextTokenNLL)
-    registry.register("sampler", "left_to_right", LeftToRightSampler)
+    registry.register_all(COMPONENTS)

@@ -13,10 +13,16 @@ import ddiff
 from ddiff_plugins.bd3lm._objective import BD3LMELBO
 from ddiff_plugins.bd3lm._sampler import BD3LMSampler
 
-__all__ = ["BD3LMELBO", "BD3LMSampler"]
+__all__ = ["COMPONENTS", "BD3LMELBO", "BD3LMSampler"]
+
+
+COMPONENTS: dict[str, dict[str, type]] = {
+    "objective": {"bd3lm_elbo": BD3LMELBO},
+    "sampler": {"bd3lm": BD3LMSampler},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
 
 
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("objective", "bd3lm_elbo", BD3LMELBO)
-    registry.register("sampler", "bd3lm", BD3LMSampler)
+    registry.register_all(COMPONENTS)

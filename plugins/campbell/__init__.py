@@ -25,6 +25,7 @@ from ddiff_plugins.campbell._samplers import (
 )
 
 __all__ = [
+    "COMPONENTS",
     "AbstractCampbellELBO",
     "AbstractTauLeapingSampler",
     "CampbellELBO",
@@ -36,9 +37,16 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "objective": {
+        "campbell_elbo": CampbellELBO,
+        "campbell_elbo_single_jump": CampbellSingleJumpELBO,
+    },
+    "sampler": {"tau_leaping": TauLeapingSampler, "tau_leaping_pc": PredictorCorrectorSampler},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("objective", "campbell_elbo", CampbellELBO)
-    registry.register("objective", "campbell_elbo_single_jump", CampbellSingleJumpELBO)
-    registry.register("sampler", "tau_leaping", TauLeapingSampler)
-    registry.register("sampler", "tau_leaping_pc", PredictorCorrectorSampler)
+    registry.register_all(COMPONENTS)

@@ -29,6 +29,7 @@ from ddiff_plugins.d3pm._schedules import (
 )
 
 __all__ = [
+    "COMPONENTS",
     "D3PMAncestralSampler",
     "D3PMBound",
     "D3PMCosineSchedule",
@@ -44,15 +45,21 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "schedule": {
+        "jsd": JSDSchedule,
+        "d3pm_cosine": D3PMCosineSchedule,
+        "d3pm_linear": D3PMLinearSchedule,
+        "mutual_information": MutualInformationSchedule,
+    },
+    "process": {"discretized_gaussian": DiscretizedGaussianProcess},
+    "parameterization": {"discretized_logistic": DiscretizedLogisticParameterization},
+    "objective": {"d3pm_vb": D3PMBound},
+    "sampler": {"d3pm_ancestral": D3PMAncestralSampler},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("schedule", "jsd", JSDSchedule)
-    registry.register("schedule", "d3pm_cosine", D3PMCosineSchedule)
-    registry.register("schedule", "d3pm_linear", D3PMLinearSchedule)
-    registry.register("schedule", "mutual_information", MutualInformationSchedule)
-    registry.register("process", "discretized_gaussian", DiscretizedGaussianProcess)
-    registry.register(
-        "parameterization", "discretized_logistic", DiscretizedLogisticParameterization
-    )
-    registry.register("objective", "d3pm_vb", D3PMBound)
-    registry.register("sampler", "d3pm_ancestral", D3PMAncestralSampler)
+    registry.register_all(COMPONENTS)

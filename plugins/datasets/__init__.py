@@ -26,19 +26,20 @@ from ddiff_plugins.datasets.text_file import TextFileSource
 from ddiff_plugins.datasets.token_file import TokenFileSource
 from ddiff_plugins.datasets.zero_shot import ZeroShotSource
 
-_SOURCES = {
-    "cifar10": CIFAR10Source,
-    "text8": Text8Source,
-    "openwebtext": OpenWebTextSource,
-    "imagenet64": ImageNet64Source,
-    "text_file": TextFileSource,
-    "token_file": TokenFileSource,
-    "zero_shot": ZeroShotSource,
+COMPONENTS: dict[str, dict[str, type]] = {
+    "data": {
+        "cifar10": CIFAR10Source,
+        "text8": Text8Source,
+        "openwebtext": OpenWebTextSource,
+        "imagenet64": ImageNet64Source,
+        "text_file": TextFileSource,
+        "token_file": TokenFileSource,
+        "zero_shot": ZeroShotSource,
+    },
 }
-"""Registered name -> source."""
+"""Registry slot -> registered name -> class: what this plugin registers."""
 
 
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    for name, source in _SOURCES.items():
-        registry.register("data", name, source)
+    registry.register_all(COMPONENTS)

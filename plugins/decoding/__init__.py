@@ -39,6 +39,7 @@ from ddiff_plugins.decoding._semi_ar import SemiAutoregressiveSampler
 from ddiff_plugins.decoding._threshold import ThresholdSampler
 
 __all__ = [
+    "COMPONENTS",
     "AbstractCountDecoder",
     "AbstractPathPlanningSampler",
     "Confidence",
@@ -58,10 +59,18 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "sampler": {
+        "confidence": ConfidenceSampler,
+        "threshold": ThresholdSampler,
+        "semi_ar": SemiAutoregressiveSampler,
+        "remdm": ReMDMSampler,
+        "p2": PathPlanningSampler,
+    },
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("sampler", "confidence", ConfidenceSampler)
-    registry.register("sampler", "threshold", ThresholdSampler)
-    registry.register("sampler", "semi_ar", SemiAutoregressiveSampler)
-    registry.register("sampler", "remdm", ReMDMSampler)
-    registry.register("sampler", "p2", PathPlanningSampler)
+    registry.register_all(COMPONENTS)

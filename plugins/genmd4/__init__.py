@@ -18,6 +18,7 @@ from ddiff_plugins.genmd4._sampler import StateDependentAncestralSampler, revers
 from ddiff_plugins.genmd4._schedule import EPS, T1, LearnablePolySchedule
 
 __all__ = [
+    "COMPONENTS",
     "EPS",
     "GenMD4ELBO",
     "LearnablePolySchedule",
@@ -30,8 +31,14 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "schedule": {"learnable_poly": LearnablePolySchedule},
+    "objective": {"genmd4_elbo": GenMD4ELBO},
+    "sampler": {"genmd4_ancestral": StateDependentAncestralSampler},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("schedule", "learnable_poly", LearnablePolySchedule)
-    registry.register("objective", "genmd4_elbo", GenMD4ELBO)
-    registry.register("sampler", "genmd4_ancestral", StateDependentAncestralSampler)
+    registry.register_all(COMPONENTS)

@@ -17,6 +17,7 @@ from ddiff_plugins.masked._schedules import (
 )
 
 __all__ = [
+    "COMPONENTS",
     "AbstractClippedSchedule",
     "CosineSchedule",
     "EPS",
@@ -27,10 +28,14 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "schedule": {"linear": LinearSchedule, "cosine": CosineSchedule, "poly": PolySchedule},
+    "process": {"masked": MaskedProcess},
+    "parameterization": {"mean": MeanParameterization},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("schedule", "linear", LinearSchedule)
-    registry.register("schedule", "cosine", CosineSchedule)
-    registry.register("schedule", "poly", PolySchedule)
-    registry.register("process", "masked", MaskedProcess)
-    registry.register("parameterization", "mean", MeanParameterization)
+    registry.register_all(COMPONENTS)

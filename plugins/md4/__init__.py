@@ -15,6 +15,7 @@ from ddiff_plugins.md4._samplers import (
 )
 
 __all__ = [
+    "COMPONENTS",
     "AbstractAncestralSampler",
     "AncestralSampler",
     "CachedSampler",
@@ -27,13 +28,20 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "objective": {"md4_elbo": MD4ContinuousELBO, "md4_discrete_elbo": MD4DiscreteELBO},
+    "sampler": {
+        "ancestral": AncestralSampler,
+        "top_p": TopPSampler,
+        "two_draw": TwoDrawSampler,
+        "cached": CachedSampler,
+        "first_hitting": FirstHittingSampler,
+    },
+    "transform": {"top_p": ddiff.TopP},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("objective", "md4_elbo", MD4ContinuousELBO)
-    registry.register("objective", "md4_discrete_elbo", MD4DiscreteELBO)
-    registry.register("sampler", "ancestral", AncestralSampler)
-    registry.register("sampler", "top_p", TopPSampler)
-    registry.register("sampler", "two_draw", TwoDrawSampler)
-    registry.register("sampler", "cached", CachedSampler)
-    registry.register("sampler", "first_hitting", FirstHittingSampler)
-    registry.register("transform", "top_p", ddiff.TopP)
+    registry.register_all(COMPONENTS)

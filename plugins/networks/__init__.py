@@ -16,6 +16,7 @@ from ddiff_plugins.networks._unet import (
 )
 
 __all__ = [
+    "COMPONENTS",
     "ConditionEmbedding",
     "MD4Transformer",
     "PatchTransformer",
@@ -30,8 +31,12 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "network": {"transformer": Transformer, "md4_transformer": MD4Transformer, "unet": UNet},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("network", "transformer", Transformer)
-    registry.register("network", "md4_transformer", MD4Transformer)
-    registry.register("network", "unet", UNet)
+    registry.register_all(COMPONENTS)

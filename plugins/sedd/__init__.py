@@ -23,6 +23,7 @@ from ddiff_plugins.sedd._schedules import (
 )
 
 __all__ = [
+    "COMPONENTS",
     "AbstractNoiseSchedule",
     "AbstractScoreSampler",
     "AnalyticSampler",
@@ -37,11 +38,15 @@ __all__ = [
 ]
 
 
+COMPONENTS: dict[str, dict[str, type]] = {
+    "schedule": {"geometric": GeometricSchedule, "loglinear": LogLinearSchedule},
+    "parameterization": {"score": ScoreParameterization},
+    "objective": {"score_entropy": ScoreEntropy},
+    "sampler": {"euler": EulerSampler, "analytic": AnalyticSampler},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
+
+
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("schedule", "geometric", GeometricSchedule)
-    registry.register("schedule", "loglinear", LogLinearSchedule)
-    registry.register("parameterization", "score", ScoreParameterization)
-    registry.register("objective", "score_entropy", ScoreEntropy)
-    registry.register("sampler", "euler", EulerSampler)
-    registry.register("sampler", "analytic", AnalyticSampler)
+    registry.register_all(COMPONENTS)

@@ -8,10 +8,16 @@ import ddiff
 from ddiff_plugins.uniform._parameterization import X0Parameterization
 from ddiff_plugins.uniform._process import UniformProcess
 
-__all__ = ["UniformProcess", "X0Parameterization"]
+__all__ = ["COMPONENTS", "UniformProcess", "X0Parameterization"]
+
+
+COMPONENTS: dict[str, dict[str, type]] = {
+    "process": {"uniform": UniformProcess},
+    "parameterization": {"x0": X0Parameterization},
+}
+"""Registry slot -> registered name -> class: what this plugin registers."""
 
 
 @ddiff.hookimpl
 def ddiff_register_components(registry: ddiff.Registry) -> None:
-    registry.register("process", "uniform", UniformProcess)
-    registry.register("parameterization", "x0", X0Parameterization)
+    registry.register_all(COMPONENTS)
