@@ -1,6 +1,6 @@
 """The model: a network, a parameterization and a forward process, trained together."""
 
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -16,6 +16,16 @@ from ddiff._parameterization import (
 )
 from ddiff._process import AbstractForwardProcess
 from ddiff._typing import Key, Label, LogProbs, NetworkOutput, StateLogProbs, Time, Tokens
+
+
+class NetworkInputs(TypedDict, total=False):
+    """What a network call of :class:`DiffusionModel` reads besides x_t and t, each
+    optional: the class label (None: the null class), the dropout key (None:
+    deterministic) and a prefix of clean blocks (None: no prefix)."""
+
+    label: Label | None
+    key: Key | None
+    prefix: Any
 
 
 class DiffusionModel(eqx.Module):
@@ -73,57 +83,37 @@ class DiffusionModel(eqx.Module):
         return output if self.compute_dtype is None else output.astype(jnp.float32)
 
     def _network_call(
-        self, x_t: Tokens, t: Time, label: Label | None, key: Key | None, prefix: Any = None
+        self,
+        x_t: Tokens,
+        t: Time,
+        *,
+        label: Label | None = None,
+        key: Key | None = None,
+        prefix: Any = None,
     ) -> NetworkOutput:
         if prefix is None:
             return self._float32(self._computing_network()(x_t, t, label=label, key=key))
         return self._float32(self._block_network().prefix_output(x_t, prefix, label=label))
 
-    def network_output(
-        self,
-        x_t: Tokens,
-        t: Time,
-        *,
-        label: Label | None = None,
-        key: Key | None = None,
-        prefix: Any = None,
-    ) -> NetworkOutput:
+    def network_output(self, x_t: Tokens, t: Time, **inputs: Unpack[NetworkInputs]) -> NetworkOutput:
         """The raw network output for one example (float32 under mixed precision); with a
         ``prefix`` of clean blocks (:meth:`init_prefix`), ``x_t`` is the noisy block
         that follows them (:meth:`ddiff.AbstractBlockCausalNetwork.prefix_output`)."""
-        return self._network_call(x_t, t, label, key, prefix)
+        return self._network_call(x_t, t, **inputs)
 
-    def log_mean(
-        self,
-        x_t: Tokens,
-        t: Time,
-        *,
-        label: Label | None = None,
-        key: Key | None = None,
-        prefix: Any = None,
-    ) -> LogProbs:
+    def log_mean(self, x_t: Tokens, t: Time, **inputs: Unpack[NetworkInputs]) -> LogProbs:
         """log p_theta(x_0 | x_t) per position; needs a mean parameterization. With a
         ``prefix``, of the block ``x_t`` after its clean blocks."""
         parameterization = self.parameterization
         assert isinstance(parameterization, AbstractMeanParameterization)
-        output = self._network_call(x_t, t, label, key, prefix)
-        return parameterization.log_mean(output, x_t, t, self.process)
+        return parameterization.log_mean(self._network_call(x_t, t, **inputs), x_t, t, self.process)
 
-    def log_score(
-        self,
-        x_t: Tokens,
-        t: Time,
-        *,
-        label: Label | None = None,
-        key: Key | None = None,
-        prefix: Any = None,
-    ) -> StateLogProbs:
+    def log_score(self, x_t: Tokens, t: Time, **inputs: Unpack[NetworkInputs]) -> StateLogProbs:
         """log concentration ratios per position and state; needs a score parameterization.
         With a ``prefix``, of the block ``x_t`` after its clean blocks."""
         parameterization = self.parameterization
         assert isinstance(parameterization, AbstractScoreParameterization)
-        output = self._network_call(x_t, t, label, key, prefix)
-        return parameterization.log_score(output, x_t, t, self.process)
+        return parameterization.log_score(self._network_call(x_t, t, **inputs), x_t, t, self.process)
 
     def block_causal_log_mean(
         self,

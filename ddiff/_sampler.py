@@ -262,11 +262,12 @@ def _guided_prediction(
     x_t: Int[Array, "batch seq"],
     t: Float[Array, ""] | Float[Array, " batch"],
     conditioning: Conditioning,
-    guide: Callable[[jax.Array, jax.Array, float], jax.Array],
+    guide: Callable[[jax.Array, jax.Array, float, jax.Array], jax.Array],
 ) -> tuple[jax.Array, int]:
     """``predict(x, t, label=...)`` vmapped over a batch; under classifier-free guidance also
-    with the null class, the two combined by ``guide(conditional, unconditional, w)``.
-    Returns the prediction and the network calls it took."""
+    with the null class, the two combined by ``guide(conditional, unconditional, w,
+    finite)``, ``finite`` where both predictions are finite. Returns the prediction and the
+    network calls it took."""
     labels, prefix = conditioning.labels, conditioning.prefix
 
     def one(x, time, label, prefix):
@@ -278,7 +279,8 @@ def _guided_prediction(
         return conditional, 1
     null = jnp.full_like(labels, model.network.num_classes)
     unconditional = jax.vmap(one)(x_t, times, null, prefix)
-    return guide(conditional, unconditional, conditioning.guidance), 2
+    finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
+    return guide(conditional, unconditional, conditioning.guidance, finite), 2
 
 
 def initial_tokens(
@@ -330,8 +332,7 @@ def batched_log_mean(
     Guided: log mu_w = log_softmax((1 + w) log mu_c - w log mu_u) over the values both
     predictions allow (a carried-over one-hot position stays one-hot).
     """
-    def guide(conditional, unconditional, w):
-        finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
+    def guide(conditional, unconditional, w, finite):
         mixed = jnp.where(finite, (1.0 + w) * conditional - w * jnp.where(finite, unconditional, 0.0), -jnp.inf)
         return jax.nn.log_softmax(mixed, axis=-1)
 
@@ -352,8 +353,7 @@ def batched_log_score(
     p_c^(1+w) / p_u^w (ratios are not normalised, so no softmax); -inf where either
     prediction is -inf. The current state's entry stays log 1 = 0.
     """
-    def guide(conditional, unconditional, w):
-        finite = jnp.isfinite(conditional) & jnp.isfinite(unconditional)
+    def guide(conditional, unconditional, w, finite):
         mixed = (1.0 + w) * jnp.where(finite, conditional, 0.0) - w * jnp.where(finite, unconditional, 0.0)
         return jnp.where(finite, mixed, -jnp.inf)
 
