@@ -1,6 +1,6 @@
 """Layers for network authors, used by every built-in network: attention with a choice of
-backend and its masks, rotary position embeddings, normalisation in float32, adaptive
-layer norm, dropout, position-wise linear layers and their initialisation, the time
+backend and its masks, rotary position embeddings, token and class embeddings,
+normalisation in float32, adaptive layer norm, dropout, position-wise linear layers and their initialisation, the time
 features of diffusion, the key-value cache of block-by-block attention, and stacks of
 identical layers. Each works on one example; callers vmap."""
 
@@ -18,8 +18,15 @@ from ddiff.nn._dense import (
     zero_linear,
     zeroed,
 )
+from ddiff.nn._embedding import class_embedding, embed_class, token_table
 from ddiff.nn._init import compiled_init
-from ddiff.nn._norms import group_norm, layer_norm, modulate, timestep_features
+from ddiff.nn._norms import (
+    adaptive_layer_norm,
+    group_norm,
+    layer_norm,
+    modulate,
+    timestep_features,
+)
 from ddiff.nn._random import dropout, dropout_keys, stacked_dropout_keys
 from ddiff.nn._rotary import apply_rotary, rotary, rotary_tables
 
@@ -36,7 +43,12 @@ __all__ = [
     "apply_rotary",
     "rotary",
     "rotary_tables",
+    # embeddings
+    "class_embedding",
+    "embed_class",
+    "token_table",
     # normalisation and conditioning
+    "adaptive_layer_norm",
     "group_norm",
     "layer_norm",
     "modulate",

@@ -50,6 +50,15 @@ def modulate(
     return x * (1.0 + scale) + shift
 
 
+def adaptive_layer_norm(
+    x: Float[Array, "seq dim"], modulation: eqx.nn.Linear, cond: Float[Array, " cond"]
+) -> Float[Array, "seq dim"]:
+    """The adaLN output layer: :func:`modulate` of :func:`layer_norm` (x) by (shift, scale),
+    the two halves of ``modulation(cond)``."""
+    shift, scale = jnp.split(modulation(cond), 2)
+    return modulate(layer_norm(x), shift, scale)
+
+
 def timestep_features(t: Time, dim: int) -> Float[Array, " dim"]:
     """Sinusoidal features of 1000 t (the usual diffusion time embedding):
     sin(1000 t w_i) then cos(1000 t w_i), w_i = 10000^(-i / (dim / 2))."""

@@ -101,9 +101,7 @@ class CausalTransformer(ddiff.AbstractNetwork):
         keys = jax.random.split(key, depth + 4)
         self.token_embedding = eqx.nn.Embedding(num_states, dim, key=keys[0])
         self.position_embedding = 0.02 * jax.random.normal(keys[1], (seq_len, dim))
-        self.class_embedding = (
-            eqx.nn.Embedding(num_classes + 1, dim, key=keys[2]) if num_classes > 0 else None
-        )
+        self.class_embedding = nn.class_embedding(num_classes, dim, key=keys[2])
         self.blocks = nn.stack_layers(
             lambda k: CausalBlock(dim, heads, mlp_ratio, dropout, key=k), keys[4:]
         )
@@ -129,7 +127,7 @@ class CausalTransformer(ddiff.AbstractNetwork):
         shifted = jnp.concatenate([jnp.full((1,), self.start_token, x_t.dtype), x_t[:-1]])
         x = self.token_embedding.weight[shifted] + self.position_embedding[: x_t.shape[0]]
         if self.class_embedding is not None:
-            x = x + self.class_embedding(self.num_classes if label is None else label)
+            x = x + nn.embed_class(self.class_embedding, label)
         keys = nn.stacked_dropout_keys(key, self.blocks.count)
         x, _ = self.blocks(x, lambda block, h, k: (block(h, self.attention, key=k), None), keys)
         return nn.logits(self.head, _normalise(self.final_norm, x))

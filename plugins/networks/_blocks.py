@@ -27,9 +27,7 @@ class ConditionEmbedding(eqx.Module):
         self.dim = dim
         self.time_conditioned = time_conditioned
         self.num_classes = num_classes
-        self.class_embedding = (
-            eqx.nn.Embedding(num_classes + 1, dim, key=k1) if num_classes > 0 else None
-        )
+        self.class_embedding = nn.class_embedding(num_classes, dim, key=k1)
         inputs = dim * (int(time_conditioned) + int(num_classes > 0)) or dim
         self.mlp_in = nn.scaled_linear(inputs, 4 * dim, key=k2, use_bias=True)
         self.mlp_out = nn.scaled_linear(4 * dim, dim, key=k3, use_bias=True)
@@ -39,7 +37,7 @@ class ConditionEmbedding(eqx.Module):
         if self.time_conditioned:
             features.append(nn.timestep_features(t, self.dim))
         if self.class_embedding is not None:
-            features.append(self.class_embedding(self.num_classes if label is None else label))
+            features.append(nn.embed_class(self.class_embedding, label))
         x = jnp.concatenate(features) if features else jnp.zeros(self.dim)
         return self.mlp_out(jax.nn.silu(self.mlp_in(x.astype(self.mlp_in.weight.dtype))))
 

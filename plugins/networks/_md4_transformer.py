@@ -1,6 +1,5 @@
 """The MD4 paper's transformer: rotary positions, adaLN-zero, GLU feed-forward, depth-scaled initialisation."""
 
-import math
 from typing import Any
 
 import equinox as eqx
@@ -89,7 +88,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
             keys = jax.random.split(key, 5)
             head = eqx.nn.Linear(dim, num_outputs, use_bias=False, key=keys[4])
             return {
-                "embedding": jax.random.normal(keys[0], (num_states, dim)) / math.sqrt(num_states),
+                "embedding": nn.token_table(num_states, dim, key=keys[0]),
                 "condition": ConditionEmbedding(cond_dim, time_conditioned, num_classes, key=keys[1]),
                 "blocks": rotary_blocks(
                     dim, depth, heads, cond_dim, mlp, multiple_of, dropout, depth_scaled_init,
@@ -129,8 +128,8 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         return self._output(x, cond)
 
     def _output(self, x: Float[Array, "seq dim"], cond: Array) -> Float[Array, "seq out"]:
-        shift, scale = jnp.split(self.final_modulation(nn.GLU_ACTIVATIONS[self.mlp](cond)), 2)
-        return nn.logits(self.head, nn.modulate(nn.layer_norm(x), shift, scale))
+        activated = nn.GLU_ACTIVATIONS[self.mlp](cond)
+        return nn.logits(self.head, nn.adaptive_layer_norm(x, self.final_modulation, activated))
 
     @property
     def _head_dim(self) -> int:

@@ -160,9 +160,7 @@ class Transformer(ddiff.AbstractNetwork):
             if time_conditioned
             else None
         )
-        self.class_embedding = (
-            eqx.nn.Embedding(num_classes + 1, dim, key=keys[3]) if num_classes > 0 else None
-        )
+        self.class_embedding = nn.class_embedding(num_classes, dim, key=keys[3])
         self.conditioning_bias = jnp.zeros(dim)
         self.blocks = nn.stack_layers(
             lambda k: TransformerBlock(dim, heads, mlp_ratio, dropout, key=k), keys[6:], scan=scan_layers
@@ -197,12 +195,11 @@ class Transformer(ddiff.AbstractNetwork):
         if self.time_mlp is not None:
             cond = cond + self.time_mlp(nn.timestep_features(t, dim).astype(cond.dtype))
         if self.class_embedding is not None:
-            cond = cond + self.class_embedding(self.num_classes if label is None else label)
+            cond = cond + nn.embed_class(self.class_embedding, label)
         x, _ = self.blocks(
             x,
             lambda block, h, k: (block(h, cond, tables, self.attention, key=k), None),
             nn.stacked_dropout_keys(key, self.blocks.count),
         )
-        shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
-        x = nn.modulate(nn.layer_norm(x), shift, scale)
+        x = nn.adaptive_layer_norm(x, self.final_modulation, jax.nn.silu(cond))
         return nn.logits(self.head, x)

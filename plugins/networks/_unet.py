@@ -1,6 +1,5 @@
 """The single-resolution UNet of the MD4 paper's image experiments."""
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -148,8 +147,8 @@ class PatchTransformer(eqx.Module):
         dim = tokens.shape[0]
         tokens = tokens.reshape(dim, -1).T + self.position
         tokens = run_rotary_blocks(self.blocks, tokens, cond, key)
-        shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)), 2)
-        patches = nn.dense(self.patch_out, nn.modulate(nn.layer_norm(tokens), shift, scale))
+        final = nn.adaptive_layer_norm(tokens, self.final_modulation, jax.nn.silu(cond))
+        patches = nn.dense(self.patch_out, final)
         patches = patches.reshape(height // p, width // p, p, p, channels)
         return patches.transpose(4, 0, 2, 1, 3).reshape(channels, height, width)
 
@@ -260,8 +259,7 @@ class UNet(ddiff.AbstractNetwork):
                 middle["middle_out"] = block(channels)(k_out)
             conv_out = eqx.nn.Conv2d(channels, colours * num_outputs, 3, padding=1, key=keys[6])
             return {
-                "embedding": jax.random.normal(keys[0], (num_states, channels))
-                / math.sqrt(num_states),
+                "embedding": nn.token_table(num_states, channels, key=keys[0]),
                 "condition": ConditionEmbedding(channels, time_conditioned, num_classes, key=keys[1]),
                 "conv_in": eqx.nn.Conv2d(colours * channels, channels, 3, padding=1, key=keys[2]),
                 "down": nn.stack_layers(block(channels), jax.random.split(keys[3], num_blocks)),
