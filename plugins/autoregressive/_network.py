@@ -81,19 +81,9 @@ class CausalTransformer(ddiff.AbstractNetwork):
     attention: nn.AttentionKind = eqx.field(static=True)
 
     def __init__(
-        self,
-        *,
-        num_states: int,
-        num_outputs: int,
-        seq_len: int,
-        num_classes: int = 0,
-        key: ddiff.Key,
-        dim: int = 128,
-        depth: int = 4,
-        heads: int = 4,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        attention: nn.AttentionKind = "auto",
+        self, *, num_states: int, num_outputs: int, seq_len: int, num_classes: int = 0,
+        key: ddiff.Key, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 4,
+        dropout: float = 0.0, attention: nn.AttentionKind = "auto"
     ):
         if dim % heads != 0:
             raise ddiff.RecipeError(f"dim={dim} must be a multiple of heads={heads}", path="dim")
@@ -117,12 +107,8 @@ class CausalTransformer(ddiff.AbstractNetwork):
         return frozenset({caps.TIME_INDEPENDENT, CAUSAL, *classes})
 
     def __call__(
-        self,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        label: ddiff.Label | None = None,
-        key: ddiff.Key | None = None,
+        self, x_t: ddiff.Tokens, t: ddiff.Time, *, label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None
     ) -> ddiff.NetworkOutput:
         shifted = jnp.concatenate([jnp.full((1,), self.start_token, x_t.dtype), x_t[:-1]])
         x = self.token_embedding.weight[shifted] + self.position_embedding[: x_t.shape[0]]

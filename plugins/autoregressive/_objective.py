@@ -34,14 +34,8 @@ class NextTokenNLL(ddiff.AbstractObjective):
     }
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         process = model.process
         seq_len = x0.shape[0]

@@ -21,11 +21,8 @@ class NextTokenParameterization(ddiff.AbstractMeanParameterization):
         return process.vocab_size
 
     def log_mean(
-        self,
-        output: ddiff.NetworkOutput,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        process: ddiff.AbstractForwardProcess,
+        self, output: ddiff.NetworkOutput, x_t: ddiff.Tokens, t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess
     ) -> ddiff.LogProbs:
         masked = (x_t == process.vocab_size)[:, None]
         carried = jnp.where(jax.nn.one_hot(x_t, process.vocab_size, dtype=bool), 0.0, -jnp.inf)

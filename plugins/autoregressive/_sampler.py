@@ -36,22 +36,14 @@ class LeftToRightSampler(ddiff.AbstractLoopSampler):
     transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
     def done(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""]
     ) -> Bool[Array, ""]:
         return index >= tokens.shape[1]
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""], *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         batch, seq_len = tokens.shape
         given, given_tokens = prediction.conditioning.given(batch, seq_len)

@@ -79,14 +79,8 @@ class BD3LMELBO(ddiff.AbstractObjective):
         return None
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         process = model.process
         schedule = process.schedule

@@ -172,22 +172,14 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
         )
 
     def done(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""]
     ) -> Bool[Array, ""]:
         return (index >= tokens.shape[1] // self.block_size) | jnp.all(carry.stopped)
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""], *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         """Block ``index`` drawn by the inner sampler given the prefix, written into the
         tokens; the lengths of the samples whose first stop token it holds; the prefix
@@ -230,12 +222,8 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
         return tokens, carry, output.num_function_evals + calls
 
     def finish(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, *,
+        keys: ddiff.KeyBatch
     ) -> ddiff.SampleOutput:
         """With a stop token, ``ddiff.PAD_TOKEN`` after each sample's length, and the
         lengths."""

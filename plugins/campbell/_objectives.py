@@ -52,15 +52,9 @@ class AbstractCampbellELBO(ddiff.AbstractObjective):
 
     @abc.abstractmethod
     def diffusion(
-        self,
-        process: ddiff.AbstractRateProcess,
-        x0: ddiff.Tokens,
-        x_t: ddiff.Tokens,
-        x_tilde: ddiff.Tokens,
-        jump: tuple[jax.Array, jax.Array, jax.Array],
-        log_mean: ddiff.LogProbs,
-        log_mean_tilde: ddiff.LogProbs,
-        t: ddiff.Time,
+        self, process: ddiff.AbstractRateProcess, x0: ddiff.Tokens, x_t: ddiff.Tokens,
+        x_tilde: ddiff.Tokens, jump: tuple[jax.Array, jax.Array, jax.Array],
+        log_mean: ddiff.LogProbs, log_mean_tilde: ddiff.LogProbs, t: ddiff.Time
     ) -> ddiff.Scalar:
         """The estimate of the bound's integrand at t from one draw x_t and one forward
         jump from it, x~ = x_t^{n<-y} (x_t itself where Z_t(x_t) = 0), with ``jump`` =
@@ -71,14 +65,8 @@ class AbstractCampbellELBO(ddiff.AbstractObjective):
         return ddiff.BoundForm(decoder="model")
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         process = model.process
         noise_key, jump_key, start_key, network_key = jax.random.split(key, 4)
@@ -153,15 +141,9 @@ class CampbellELBO(AbstractCampbellELBO):
     weighting: ddiff.AbstractWeighting | None = None
 
     def diffusion(
-        self,
-        process: ddiff.AbstractRateProcess,
-        x0: ddiff.Tokens,
-        x_t: ddiff.Tokens,
-        x_tilde: ddiff.Tokens,
-        jump: tuple[jax.Array, jax.Array, jax.Array],
-        log_mean: ddiff.LogProbs,
-        log_mean_tilde: ddiff.LogProbs,
-        t: ddiff.Time,
+        self, process: ddiff.AbstractRateProcess, x0: ddiff.Tokens, x_t: ddiff.Tokens,
+        x_tilde: ddiff.Tokens, jump: tuple[jax.Array, jax.Array, jax.Array],
+        log_mean: ddiff.LogProbs, log_mean_tilde: ddiff.LogProbs, t: ddiff.Time
     ) -> ddiff.Scalar:
         exit_total = jump[2]
         reverse_exit = jnp.sum(reverse_rates(process, log_mean, x_t, t))
@@ -202,15 +184,9 @@ class CampbellSingleJumpELBO(AbstractCampbellELBO):
     weighting: ddiff.AbstractWeighting | None = None
 
     def diffusion(
-        self,
-        process: ddiff.AbstractRateProcess,
-        x0: ddiff.Tokens,
-        x_t: ddiff.Tokens,
-        x_tilde: ddiff.Tokens,
-        jump: tuple[jax.Array, jax.Array, jax.Array],
-        log_mean: ddiff.LogProbs,
-        log_mean_tilde: ddiff.LogProbs,
-        t: ddiff.Time,
+        self, process: ddiff.AbstractRateProcess, x0: ddiff.Tokens, x_t: ddiff.Tokens,
+        x_tilde: ddiff.Tokens, jump: tuple[jax.Array, jax.Array, jax.Array],
+        log_mean: ddiff.LogProbs, log_mean_tilde: ddiff.LogProbs, t: ddiff.Time
     ) -> ddiff.Scalar:
         position, new_state, exit_total = jump
         can_jump = exit_total > 0

@@ -50,13 +50,8 @@ class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
     steps: int = eqx.field(static=True, default=256)
 
     def correct(
-        self,
-        prediction: ddiff.Prediction,
-        x: ddiff.TokenBatch,
-        s: jax.Array,
-        tau: jax.Array,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, x: ddiff.TokenBatch, s: jax.Array, tau: jax.Array, *,
+        keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, jax.Array]:
         """Corrector moves at time s after a predictor step of length tau, sample i's
         randomness from ``keys[i]``; returns the tokens and the network calls made
@@ -64,14 +59,8 @@ class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
         return x, jnp.int32(0)
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        t: ddiff.Time,
-        s: ddiff.Time,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, t: ddiff.Time,
+        s: ddiff.Time, *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
         split = jax.vmap(jax.random.split)(keys)
@@ -89,12 +78,8 @@ class AbstractTauLeapingSampler(ddiff.AbstractGridSampler):
         return x, carry, calls + used
 
     def finish(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, *,
+        keys: ddiff.KeyBatch
     ) -> ddiff.SampleOutput:
         log_mean, calls = prediction.log_mean(tokens, jnp.zeros(()))
         drawn = jax.vmap(ddiff.categorical)(keys, log_mean)
@@ -165,13 +150,8 @@ class PredictorCorrectorSampler(AbstractTauLeapingSampler):
         )
 
     def correct(
-        self,
-        prediction: ddiff.Prediction,
-        x: ddiff.TokenBatch,
-        s: jax.Array,
-        tau: jax.Array,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, x: ddiff.TokenBatch, s: jax.Array, tau: jax.Array, *,
+        keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, jax.Array]:
         process = prediction.model.process
 

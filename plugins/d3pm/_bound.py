@@ -72,13 +72,8 @@ class D3PMBound(ddiff.AbstractDiscreteTimeObjective):
         return ddiff.BoundForm(steps=self.steps, decoder="model")
 
     def step_term(
-        self,
-        process: ddiff.AbstractTransitionProcess,
-        x0: ddiff.Tokens,
-        x_t: ddiff.Tokens,
-        log_mean: ddiff.LogProbs,
-        s: ddiff.Time,
-        t: ddiff.Time,
+        self, process: ddiff.AbstractTransitionProcess, x0: ddiff.Tokens, x_t: ddiff.Tokens,
+        log_mean: ddiff.LogProbs, s: ddiff.Time, t: ddiff.Time
     ) -> ddiff.Scalar:
         """The term of L_vb for the step from t back to s = t - 1/T, for one draw x_t:
         KL(q(x_s | x_t, x_0) || p_theta(x_s | x_t)) summed over positions, or at the first
@@ -88,14 +83,8 @@ class D3PMBound(ddiff.AbstractDiscreteTimeObjective):
         return jnp.where(s <= 0, -_clean_log_likelihood(log_mean, x0), categorical_kl(log_q, log_p))
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         process = model.process
         noise_key, network_key = jax.random.split(key)

@@ -26,11 +26,8 @@ class DiscretizedLogisticParameterization(ddiff.AbstractMeanParameterization):
         return 2
 
     def log_mean(
-        self,
-        output: ddiff.NetworkOutput,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        process: ddiff.AbstractForwardProcess,
+        self, output: ddiff.NetworkOutput, x_t: ddiff.Tokens, t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess
     ) -> ddiff.LogProbs:
         size = process.vocab_size
         log_scale, shift = output[:, 0], output[:, 1]

@@ -52,22 +52,14 @@ class D3PMAncestralSampler(ddiff.AbstractLoopSampler):
         )
 
     def done(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""]
     ) -> Bool[Array, ""]:
         return index >= self.steps - 1
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""], *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
         t = (self.steps - index).astype(jnp.float32) / self.steps
@@ -79,12 +71,8 @@ class D3PMAncestralSampler(ddiff.AbstractLoopSampler):
         return jax.vmap(ddiff.categorical)(keys, log_probs), carry, calls
 
     def finish(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, *,
+        keys: ddiff.KeyBatch
     ) -> ddiff.SampleOutput:
         log_mean, calls = prediction.log_mean(tokens, jnp.asarray(1.0 / self.steps, jnp.float32))
         drawn = jax.vmap(ddiff.categorical)(keys, log_mean)

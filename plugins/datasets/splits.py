@@ -24,14 +24,8 @@ class TokenWindows:
     and its position."""
 
     def __init__(
-        self,
-        tokens: np.ndarray,
-        *,
-        length: int,
-        stride: int,
-        vocab_size: int,
-        where: str,
-        offset: int = 0,
+        self, tokens: np.ndarray, *, length: int, stride: int, vocab_size: int, where: str,
+        offset: int = 0
     ):
         self.tokens = tokens
         self.length = length
@@ -62,10 +56,7 @@ class ImageRows:
     (memory-mapped or not). Examples are flattened in (H, W, C) order."""
 
     def __init__(
-        self,
-        parts: Sequence[np.ndarray],
-        labels: np.ndarray | None,
-        shape: tuple[int, int, int],
+        self, parts: Sequence[np.ndarray], labels: np.ndarray | None, shape: tuple[int, int, int]
     ):
         self.parts = list(parts)
         self.labels = labels
@@ -106,14 +97,8 @@ def check_held_out_keys(stride: int | None, eval_fraction: float) -> None:
 
 
 def tail_split(
-    tokens: np.ndarray,
-    name: str,
-    *,
-    cut: int,
-    length: int,
-    stride: int,
-    vocab_size: int,
-    where: str,
+    tokens: np.ndarray, name: str, *, cut: int, length: int, stride: int, vocab_size: int,
+    where: str
 ) -> TokenWindows:
     """Train on windows of ``tokens[:cut]`` starting every ``stride``; evaluate on
     disjoint windows of ``tokens[cut:]``."""
@@ -130,14 +115,8 @@ def tail_split(
 
 
 def held_out_tail(
-    tokens: np.ndarray,
-    name: str,
-    *,
-    eval_fraction: float,
-    length: int,
-    stride: int | None,
-    vocab_size: int,
-    where: str,
+    tokens: np.ndarray, name: str, *, eval_fraction: float, length: int, stride: int | None,
+    vocab_size: int, where: str
 ) -> TokenWindows:
     """:func:`tail_split` holding out the last ``eval_fraction`` of ``tokens`` (rounded to
     a whole token), training windows every ``stride`` (null: ``length``, disjoint)."""

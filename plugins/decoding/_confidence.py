@@ -56,13 +56,8 @@ class ConfidenceSampler(AbstractCountDecoder):
         return jnp.sum(still_to_decode(prediction, tokens), axis=-1)
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""], *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         masked = still_to_decode(prediction, tokens)
         count = jnp.sum(masked, axis=-1)

@@ -36,16 +36,9 @@ class AbstractPathPlanningSampler(AbstractCountDecoder):
 
     @abc.abstractmethod
     def planner_scores(
-        self,
-        model: ddiff.DiffusionModel,
-        x: ddiff.TokenBatch,
-        proposal: ddiff.TokenBatch,
-        log_mean: jax.Array,
-        recorded: jax.Array,
-        masked: jax.Array,
-        conditioning: ddiff.Conditioning,
-        *,
-        keys: ddiff.KeyBatch,
+        self, model: ddiff.DiffusionModel, x: ddiff.TokenBatch, proposal: ddiff.TokenBatch,
+        log_mean: jax.Array, recorded: jax.Array, masked: jax.Array,
+        conditioning: ddiff.Conditioning, *, keys: ddiff.KeyBatch
     ) -> tuple[jax.Array, jax.Array]:
         """How much each position should hold its token, shape (batch, seq): the lowest
         scores are masked next. Only positions to decode are compared.
@@ -72,13 +65,8 @@ class AbstractPathPlanningSampler(AbstractCountDecoder):
         return jnp.zeros(tokens.shape, jnp.float32), still_to_decode(prediction, tokens)
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""], *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         recorded, to_decode = carry
         model, conditioning = prediction.model, prediction.conditioning
@@ -133,16 +121,9 @@ class PathPlanningSampler(AbstractPathPlanningSampler):
         ddiff.check_at_least("eta", self.eta, 0.0)
 
     def planner_scores(
-        self,
-        model: ddiff.DiffusionModel,
-        x: ddiff.TokenBatch,
-        proposal: ddiff.TokenBatch,
-        log_mean: jax.Array,
-        recorded: jax.Array,
-        masked: jax.Array,
-        conditioning: ddiff.Conditioning,
-        *,
-        keys: ddiff.KeyBatch,
+        self, model: ddiff.DiffusionModel, x: ddiff.TokenBatch, proposal: ddiff.TokenBatch,
+        log_mean: jax.Array, recorded: jax.Array, masked: jax.Array,
+        conditioning: ddiff.Conditioning, *, keys: ddiff.KeyBatch
     ) -> tuple[jax.Array, jax.Array]:
         if self.score == "random":
             log_uniform = -jax.vmap(lambda key: ddiff.standard_exponential(key, (x.shape[1],)))(keys)

@@ -122,14 +122,8 @@ class ReMDMSampler(ddiff.AbstractGridSampler):
         return time, alpha_s, alpha_t, sigma
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        t: ddiff.Time,
-        s: ddiff.Time,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, t: ddiff.Time,
+        s: ddiff.Time, *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         """Every position drawn from :func:`remdm_logits` (the driver sets the given ones
         again)."""

@@ -69,9 +69,7 @@ def threshold_selection(
     return jnp.where(jnp.any(above), above, best)
 
 
-def network_times(
-    schedule: ddiff.AbstractSchedule, masked: jax.Array, seq_len: int
-) -> jax.Array:
+def network_times(schedule: ddiff.AbstractSchedule, masked: jax.Array, seq_len: int) -> jax.Array:
     """The time at which a sample with ``masked`` masked positions of ``seq_len`` is
     typical, one per sample: alpha_t = 1 - masked / seq_len (:func:`ddiff.time_of_alpha`).
     A time-conditioned network is evaluated there; count-based decoders have no grid."""
@@ -95,11 +93,8 @@ def predict_where_typical(
 
 
 def propose(
-    prediction: ddiff.Prediction,
-    tokens: ddiff.TokenBatch,
-    keys: ddiff.KeyBatch,
-    kind: Confidence,
-    greedy: bool,
+    prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, keys: ddiff.KeyBatch, kind: Confidence,
+    greedy: bool
 ) -> tuple[ddiff.TokenBatch, jax.Array, ddiff.KeyBatch, int]:
     """What a confidence decoder reads in one step (:func:`predict_where_typical`): a value
     for every position (a draw from mu_theta, or its mode under ``greedy``), the confidence
@@ -133,11 +128,8 @@ class AbstractCountDecoder(ddiff.AbstractLoopSampler):
         ddiff.check_at_least("steps", self.steps)
 
     def done(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""]
     ) -> Bool[Array, ""]:
         return index >= self.steps
 

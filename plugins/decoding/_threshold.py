@@ -46,22 +46,14 @@ class ThresholdSampler(ddiff.AbstractLoopSampler):
     greedy: bool = eqx.field(static=True, default=False)
 
     def done(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""]
     ) -> Bool[Array, ""]:
         return ~jnp.any(still_to_decode(prediction, tokens))
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""], *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         masked = still_to_decode(prediction, tokens)
         values, scores, selection_keys, calls = propose(prediction, tokens, keys, self.confidence, self.greedy)

@@ -112,14 +112,8 @@ class GenMD4ELBO(ddiff.AbstractObjective):
         return ddiff.BoundForm(t_start=self.t1)
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         process = model.process
         schedule = process.schedule

@@ -11,9 +11,8 @@ from ddiff import capabilities as caps
 
 
 def reverse_logits(
-    log_mean: Float[Array, "*batch seq vocab"],
-    log_mask_s: Float[Array, " vocab"],
-    log_mask_t: Float[Array, " vocab"],
+    log_mean: Float[Array, "*batch seq vocab"], log_mask_s: Float[Array, " vocab"],
+    log_mask_t: Float[Array, " vocab"]
 ) -> Float[Array, "*batch seq states"]:
     """Log-probabilities over V+1 outcomes of a masked position from t to s < t under a
     per-value schedule: value v with mu[v] (alpha_s[v] - alpha_t[v]) / (1 - alpha_t[v]),
@@ -55,14 +54,8 @@ class StateDependentAncestralSampler(ddiff.AbstractGridSampler):
         )
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        t: ddiff.Time,
-        s: ddiff.Time,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, t: ddiff.Time,
+        s: ddiff.Time, *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
 

@@ -43,11 +43,8 @@ class LearnablePolySchedule(ddiff.AbstractSchedule):
     eps: float = eqx.field(static=True)
 
     def __init__(
-        self,
-        vocab_size: int,
-        initial_power: float = 1.0,
-        initial_powers: tuple[float, ...] | None = None,
-        eps: float = EPS,
+        self, vocab_size: int, initial_power: float = 1.0,
+        initial_powers: tuple[float, ...] | None = None, eps: float = EPS
     ):
         if initial_powers is None:
             powers = (initial_power,) * vocab_size

@@ -25,11 +25,8 @@ class MeanParameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractSco
         return process.vocab_size
 
     def log_mean(
-        self,
-        output: ddiff.NetworkOutput,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        process: ddiff.AbstractForwardProcess,
+        self, output: ddiff.NetworkOutput, x_t: ddiff.Tokens, t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess
     ) -> ddiff.LogProbs:
         masked = (x_t == process.vocab_size)[:, None]
         carried = jnp.where(
@@ -38,10 +35,7 @@ class MeanParameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractSco
         return jnp.where(masked, jax.nn.log_softmax(output, axis=-1), carried)
 
     def log_score(
-        self,
-        output: ddiff.NetworkOutput,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        process: ddiff.AbstractForwardProcess,
+        self, output: ddiff.NetworkOutput, x_t: ddiff.Tokens, t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess
     ) -> ddiff.StateLogProbs:
         return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)

@@ -52,14 +52,8 @@ class MD4ContinuousELBO(ddiff.AbstractObjective):
     weighting: ddiff.AbstractWeighting | None = None
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         masked, every = _masked_terms(model, x0, t, key, label, train)
         terms = ddiff.bound_terms(model, x0, elbo_weight(model.process.schedule, t) * masked)
@@ -89,14 +83,8 @@ class MD4DiscreteELBO(ddiff.AbstractDiscreteTimeObjective):
     steps: int = eqx.field(static=True, default=1000)
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         schedule = model.process.schedule
         s = jnp.maximum(t - 1.0 / self.steps, 0.0)

@@ -55,11 +55,8 @@ class AbstractAncestralSampler(ddiff.AbstractGridSampler):
         )
 
     def draw(
-        self,
-        key: ddiff.Key,
-        log_mean: ddiff.LogProbs,
-        alpha_s: ddiff.Scalar,
-        alpha_t: ddiff.Scalar,
+        self, key: ddiff.Key, log_mean: ddiff.LogProbs, alpha_s: ddiff.Scalar,
+        alpha_t: ddiff.Scalar
     ) -> ddiff.Tokens:
         """New value (V = stays masked) of each position, were it masked at t (MD4 Alg. 2:
         one categorical over V+1 outcomes, drawn exactly)."""
@@ -98,14 +95,8 @@ class AbstractAncestralSampler(ddiff.AbstractGridSampler):
         return log_mean, (tokens, log_mean), changed.astype(jnp.int32) * prediction.calls
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        t: ddiff.Time,
-        s: ddiff.Time,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, t: ddiff.Time,
+        s: ddiff.Time, *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         schedule = prediction.model.process.schedule
         log_mean, carry, calls = self._predict(prediction, tokens, t, carry)
@@ -114,12 +105,8 @@ class AbstractAncestralSampler(ddiff.AbstractGridSampler):
         return jnp.where(tokens == prediction.model.process.mask_id, drawn, tokens), carry, calls
 
     def finish(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, *,
+        keys: ddiff.KeyBatch
     ) -> ddiff.SampleOutput:
         def predict(x):
             log_mean, _, calls = self._predict(prediction, x, jnp.zeros(()), carry)
@@ -180,7 +167,8 @@ class TwoDrawSampler(AbstractAncestralSampler):
     transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
 
     def draw(
-        self, key: ddiff.Key, log_mean: ddiff.LogProbs, alpha_s: ddiff.Scalar, alpha_t: ddiff.Scalar
+        self, key: ddiff.Key, log_mean: ddiff.LogProbs, alpha_s: ddiff.Scalar,
+        alpha_t: ddiff.Scalar
     ) -> ddiff.Tokens:
         value_key, reveal_key = jax.random.split(key)
         values = ddiff.categorical(value_key, log_mean)
@@ -257,23 +245,15 @@ class FirstHittingSampler(ddiff.AbstractLoopSampler):
         return jnp.ones((tokens.shape[0],))
 
     def done(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""]
     ) -> Bool[Array, ""]:
         mask_id = prediction.model.process.mask_id
         return ~jnp.any(ddiff.still_masked(prediction.conditioning, tokens, mask_id))
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        index: Int[Array, ""],
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any,
+        index: Int[Array, ""], *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         schedule = prediction.model.process.schedule
         mask_id = prediction.model.process.mask_id

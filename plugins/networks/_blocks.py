@@ -62,16 +62,8 @@ class RotaryBlock(eqx.Module):
     dropout: float = eqx.field(static=True)
 
     def __init__(
-        self,
-        dim: int,
-        heads: int,
-        hidden: int,
-        cond_dim: int,
-        mlp: str,
-        dropout: float,
-        ffn_scale: float,
-        *,
-        key: ddiff.Key,
+        self, dim: int, heads: int, hidden: int, cond_dim: int, mlp: str, dropout: float,
+        ffn_scale: float, *, key: ddiff.Key
     ):
         keys = jax.random.split(key, 8)
         self.wq, self.wk, self.wv, self.wo = (nn.scaled_linear(dim, dim, key=k) for k in keys[:4])
@@ -84,14 +76,9 @@ class RotaryBlock(eqx.Module):
         self.dropout = dropout
 
     def attention(
-        self,
-        x: Float[Array, "seq dim"],
-        tables: tuple[Array, Array],
-        kind: nn.AttentionKind,
-        *,
-        key: ddiff.Key | None,
-        mask: Bool[Array, "seq keys"] | None = None,
-        past: nn.PastKeys | None = None,
+        self, x: Float[Array, "seq dim"], tables: tuple[Array, Array], kind: nn.AttentionKind, *,
+        key: ddiff.Key | None, mask: Bool[Array, "seq keys"] | None = None,
+        past: nn.PastKeys | None = None
     ) -> tuple[Float[Array, "seq dim"], tuple[Array, Array]]:
         """Attention of ``x`` (to itself, as ``mask`` allows, and to the ``past`` keys
         and values of earlier positions where they are valid); returns the output and the
@@ -123,15 +110,9 @@ class RotaryBlock(eqx.Module):
         return nn.dropout(nn.dense(self.w2, gate * nn.dense(self.w3, x)), self.dropout, key)
 
     def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        cond: Float[Array, " cond"],
-        tables: tuple[Array, Array],
-        kind: nn.AttentionKind = "auto",
-        *,
-        key: ddiff.Key | None,
-        mask: Bool[Array, "seq keys"] | None = None,
-        past: nn.PastKeys | None = None,
+        self, x: Float[Array, "seq dim"], cond: Float[Array, " cond"], tables: tuple[Array, Array],
+        kind: nn.AttentionKind = "auto", *, key: ddiff.Key | None,
+        mask: Bool[Array, "seq keys"] | None = None, past: nn.PastKeys | None = None
     ) -> tuple[Float[Array, "seq dim"], tuple[Array, Array]]:
         """One block on ``x``, conditioned on ``cond``, with the rotary ``tables`` of
         :func:`ddiff.nn.rotary_tables`, the attention ``kind`` of :func:`ddiff.nn.attention`
@@ -157,18 +138,8 @@ def _glu_hidden(dim: int, multiple_of: int) -> int:
 
 
 def rotary_blocks(
-    dim: int,
-    depth: int,
-    heads: int,
-    cond_dim: int,
-    mlp: str,
-    multiple_of: int,
-    dropout: float,
-    depth_scaled_init: bool,
-    *,
-    key: ddiff.Key,
-    path: str,
-    scan: bool = True,
+    dim: int, depth: int, heads: int, cond_dim: int, mlp: str, multiple_of: int, dropout: float,
+    depth_scaled_init: bool, *, key: ddiff.Key, path: str, scan: bool = True
 ) -> nn.LayerStack:
     """``depth`` :class:`RotaryBlock` blocks in a layer stack, the feed-forward weights'
     variance scaled by 2 / ``depth`` when ``depth_scaled_init``."""
@@ -186,14 +157,9 @@ def rotary_blocks(
 
 
 def run_rotary_blocks(
-    blocks: nn.LayerStack,
-    x: Float[Array, "seq dim"],
-    cond: Array,
-    key: ddiff.Key | None,
-    kind: nn.AttentionKind = "auto",
-    *,
-    tables: tuple[Array, Array] | None = None,
-    mask: Bool[Array, "seq seq"] | None = None,
+    blocks: nn.LayerStack, x: Float[Array, "seq dim"], cond: Array, key: ddiff.Key | None,
+    kind: nn.AttentionKind = "auto", *, tables: tuple[Array, Array] | None = None,
+    mask: Bool[Array, "seq seq"] | None = None
 ) -> Float[Array, "seq dim"]:
     """The :class:`RotaryBlock` stack on ``x``, with the rotary tables computed once (of
     positions 0..seq-1 unless given) and the attention ``mask`` (None: bidirectional)."""

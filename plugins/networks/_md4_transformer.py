@@ -62,24 +62,11 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
     attention: nn.AttentionKind = eqx.field(static=True)
 
     def __init__(
-        self,
-        *,
-        num_states: int,
-        num_outputs: int,
-        seq_len: int,
-        num_classes: int = 0,
-        key: ddiff.Key,
-        dim: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        cond_dim: int = 64,
-        mlp: nn.GLUKind = "glu",
-        multiple_of: int = 32,
-        dropout: float = 0.0,
-        depth_scaled_init: bool = True,
-        time_conditioned: bool = True,
-        scan_layers: bool = False,
-        attention: nn.AttentionKind = "auto",
+        self, *, num_states: int, num_outputs: int, seq_len: int, num_classes: int = 0,
+        key: ddiff.Key, dim: int = 768, depth: int = 12, heads: int = 12, cond_dim: int = 64,
+        mlp: nn.GLUKind = "glu", multiple_of: int = 32, dropout: float = 0.0,
+        depth_scaled_init: bool = True, time_conditioned: bool = True, scan_layers: bool = False,
+        attention: nn.AttentionKind = "auto"
     ):
         del seq_len
         ddiff.check_at_least("depth", depth)
@@ -114,12 +101,8 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         return rotary_flops(self.blocks, seq_len) + 2.0 * nn.parameter_count(self.head.weight)
 
     def __call__(
-        self,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        label: ddiff.Label | None = None,
-        key: ddiff.Key | None = None,
+        self, x_t: ddiff.Tokens, t: ddiff.Time, *, label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None
     ) -> ddiff.NetworkOutput:
         k_embed, k_blocks = nn.dropout_keys(key, 2)
         cond = self.condition(t, label)
@@ -136,13 +119,8 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         return self.embedding.shape[1] // self.blocks.layers.heads
 
     def block_causal_output(
-        self,
-        x_t: ddiff.Tokens,
-        x0: ddiff.Tokens,
-        *,
-        block_size: int,
-        label: ddiff.Label | None = None,
-        key: ddiff.Key | None = None,
+        self, x_t: ddiff.Tokens, x0: ddiff.Tokens, *, block_size: int,
+        label: ddiff.Label | None = None, key: ddiff.Key | None = None
     ) -> ddiff.NetworkOutput:
         k_embed, k_blocks = nn.dropout_keys(key, 2)
         seq = x_t.shape[0]

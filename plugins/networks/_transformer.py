@@ -28,12 +28,8 @@ class SelfAttention(eqx.Module):
         self.dropout = dropout
 
     def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        tables: tuple[Array, Array] | None,
-        kind: nn.AttentionKind = "auto",
-        *,
-        key: ddiff.Key | None,
+        self, x: Float[Array, "seq dim"], tables: tuple[Array, Array] | None,
+        kind: nn.AttentionKind = "auto", *, key: ddiff.Key | None
     ) -> Float[Array, "seq dim"]:
         """Attention over ``x``, with rotary positions when given their ``tables``
         (:func:`ddiff.nn.rotary_tables`), by the ``kind`` of :func:`ddiff.nn.attention`."""
@@ -66,13 +62,9 @@ class TransformerBlock(eqx.Module):
         self.dropout = dropout
 
     def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        cond: Float[Array, " dim"],
-        tables: tuple[Array, Array] | None,
-        kind: nn.AttentionKind = "auto",
-        *,
-        key: ddiff.Key | None,
+        self, x: Float[Array, "seq dim"], cond: Float[Array, " dim"],
+        tables: tuple[Array, Array] | None, kind: nn.AttentionKind = "auto", *,
+        key: ddiff.Key | None
     ) -> Float[Array, "seq dim"]:
         """One block; ``tables`` and ``kind`` as in :class:`SelfAttention`."""
         k_attn, k_mlp = nn.dropout_keys(key, 2)
@@ -124,22 +116,11 @@ class Transformer(ddiff.AbstractNetwork):
     attention: nn.AttentionKind = eqx.field(static=True)
 
     def __init__(
-        self,
-        *,
-        num_states: int,
-        num_outputs: int,
-        seq_len: int,
-        num_classes: int = 0,
-        key: ddiff.Key,
-        dim: int = 128,
-        depth: int = 4,
-        heads: int = 4,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        time_conditioned: bool = True,
-        positions: Literal["rotary", "learned"] = "rotary",
-        scan_layers: bool = False,
-        attention: nn.AttentionKind = "auto",
+        self, *, num_states: int, num_outputs: int, seq_len: int, num_classes: int = 0,
+        key: ddiff.Key, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 4,
+        dropout: float = 0.0, time_conditioned: bool = True,
+        positions: Literal["rotary", "learned"] = "rotary", scan_layers: bool = False,
+        attention: nn.AttentionKind = "auto"
     ):
         ddiff.check_at_least("depth", depth)
         if dim % heads != 0 or (positions == "rotary" and (dim // heads) % 2):
@@ -177,12 +158,8 @@ class Transformer(ddiff.AbstractNetwork):
         return nn.transformer_flops_per_token(count, self.blocks.count, dim, seq_len)
 
     def __call__(
-        self,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        label: ddiff.Label | None = None,
-        key: ddiff.Key | None = None,
+        self, x_t: ddiff.Tokens, t: ddiff.Time, *, label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None
     ) -> ddiff.NetworkOutput:
         x = self.token_embedding.weight[x_t]
         seq_len, dim = x.shape

@@ -33,14 +33,8 @@ class ResidualBlock(eqx.Module):
     dropout: float = eqx.field(static=True)
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        cond_dim: int,
-        groups: int,
-        dropout: float,
-        *,
-        key: ddiff.Key,
+        self, in_channels: int, out_channels: int, cond_dim: int, groups: int, dropout: float, *,
+        key: ddiff.Key
     ):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         self.norm1 = eqx.nn.GroupNorm(groups, in_channels)
@@ -111,16 +105,8 @@ class PatchTransformer(eqx.Module):
     depth: int = eqx.field(static=True)
 
     def __init__(
-        self,
-        channels: int,
-        grid: int,
-        patch: int,
-        dim: int,
-        depth: int,
-        heads: int,
-        dropout: float,
-        *,
-        key: ddiff.Key,
+        self, channels: int, grid: int, patch: int, dim: int, depth: int, heads: int,
+        dropout: float, *, key: ddiff.Key
     ):
         if dim % 4:
             raise ddiff.RecipeError(
@@ -202,23 +188,11 @@ class UNet(ddiff.AbstractNetwork):
     num_classes: int = eqx.field(static=True)
 
     def __init__(
-        self,
-        *,
-        num_states: int,
-        num_outputs: int,
-        seq_len: int,
-        num_classes: int = 0,
-        key: ddiff.Key,
-        image_shape: tuple[int, int, int] = (32, 32, 3),
-        channels: int = 128,
-        num_blocks: int = 32,
-        dropout: float = 0.1,
-        groups: int = 32,
-        transformer_depth: int = 0,
-        transformer_dim: int = 768,
-        transformer_heads: int = 12,
-        patch_size: int = 2,
-        time_conditioned: bool = True,
+        self, *, num_states: int, num_outputs: int, seq_len: int, num_classes: int = 0,
+        key: ddiff.Key, image_shape: tuple[int, int, int] = (32, 32, 3), channels: int = 128,
+        num_blocks: int = 32, dropout: float = 0.1, groups: int = 32, transformer_depth: int = 0,
+        transformer_dim: int = 768, transformer_heads: int = 12, patch_size: int = 2,
+        time_conditioned: bool = True
     ):
         height, width, colours = image_shape
         if height * width * colours != seq_len:
@@ -308,12 +282,8 @@ class UNet(ddiff.AbstractNetwork):
         return flops / seq_len
 
     def __call__(
-        self,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        label: ddiff.Label | None = None,
-        key: ddiff.Key | None = None,
+        self, x_t: ddiff.Tokens, t: ddiff.Time, *, label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None
     ) -> ddiff.NetworkOutput:
         height, width, colours = self.image_shape
         k_down, k_middle, k_up = nn.dropout_keys(key, 3)

@@ -9,11 +9,8 @@ from ddiff_plugins.sedd._parameterization import _has_posterior
 
 
 def score_entropy(
-    process: ddiff.AbstractRateProcess,
-    log_score: ddiff.StateLogProbs,
-    x0: ddiff.Tokens,
-    x_t: ddiff.Tokens,
-    t: ddiff.Time,
+    process: ddiff.AbstractRateProcess, log_score: ddiff.StateLogProbs, x0: ddiff.Tokens,
+    x_t: ddiff.Tokens, t: ddiff.Time
 ) -> ddiff.Scalar:
     """The denoising score entropy integrand at (x_0, x_t, t) (Lou et al. 2024, eq. 9 and
     Thm. 3.6), summed over positions:
@@ -80,14 +77,8 @@ class ScoreEntropy(ddiff.AbstractObjective):
         )
 
     def example_terms(
-        self,
-        model: ddiff.DiffusionModel,
-        x0: ddiff.Tokens,
-        t: ddiff.Time,
-        *,
-        key: ddiff.Key,
-        label: ddiff.Label | None = None,
-        train: bool = True,
+        self, model: ddiff.DiffusionModel, x0: ddiff.Tokens, t: ddiff.Time, *, key: ddiff.Key,
+        label: ddiff.Label | None = None, train: bool = True
     ) -> ddiff.ObjectiveTerms:
         process = model.process
         parameterization = model.parameterization

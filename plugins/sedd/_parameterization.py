@@ -30,11 +30,8 @@ class ScoreParameterization(ddiff.AbstractScoreParameterization):
         return process.num_states
 
     def log_score(
-        self,
-        output: ddiff.NetworkOutput,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        process: ddiff.AbstractForwardProcess,
+        self, output: ddiff.NetworkOutput, x_t: ddiff.Tokens, t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess
     ) -> ddiff.StateLogProbs:
         log_score = output
         if self.absorbing_scale and caps.MASKED in process.capabilities():

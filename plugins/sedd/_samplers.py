@@ -38,25 +38,15 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
 
     @abc.abstractmethod
     def step_probs(
-        self,
-        process: ddiff.AbstractForwardProcess,
-        x: ddiff.Tokens,
-        log_score: ddiff.StateLogProbs,
-        s: ddiff.Time,
-        t: ddiff.Time,
+        self, process: ddiff.AbstractForwardProcess, x: ddiff.Tokens,
+        log_score: ddiff.StateLogProbs, s: ddiff.Time, t: ddiff.Time
     ) -> ddiff.StateProbs:
         """Unnormalised probabilities of each position's state at time s < t, given the
         state x at t and its log scores (one example)."""
 
     def step(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        t: ddiff.Time,
-        s: ddiff.Time,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, t: ddiff.Time,
+        s: ddiff.Time, *, keys: ddiff.KeyBatch
     ) -> tuple[ddiff.TokenBatch, Any, ddiff.Calls]:
         process = prediction.model.process
         log_score, calls = prediction.log_score(tokens, t)
@@ -68,12 +58,8 @@ class AbstractScoreSampler(ddiff.AbstractGridSampler):
         return jax.vmap(ddiff.categorical_from_probs)(keys, probs), carry, calls
 
     def finish(
-        self,
-        prediction: ddiff.Prediction,
-        tokens: ddiff.TokenBatch,
-        carry: Any,
-        *,
-        keys: ddiff.KeyBatch,
+        self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, *,
+        keys: ddiff.KeyBatch
     ) -> ddiff.SampleOutput:
         process = prediction.model.process
         end = self.times()[-1]
@@ -109,12 +95,8 @@ class EulerSampler(AbstractScoreSampler):
         return "euler"
 
     def step_probs(
-        self,
-        process: ddiff.AbstractForwardProcess,
-        x: ddiff.Tokens,
-        log_score: ddiff.StateLogProbs,
-        s: ddiff.Time,
-        t: ddiff.Time,
+        self, process: ddiff.AbstractForwardProcess, x: ddiff.Tokens,
+        log_score: ddiff.StateLogProbs, s: ddiff.Time, t: ddiff.Time
     ) -> ddiff.StateProbs:
         incoming = process.incoming_rates(x, t)
         moving = (incoming > 0) & ~jax.nn.one_hot(x, process.num_states, dtype=bool)
@@ -150,12 +132,8 @@ class AnalyticSampler(AbstractScoreSampler):
         return "tweedie"
 
     def step_probs(
-        self,
-        process: ddiff.AbstractForwardProcess,
-        x: ddiff.Tokens,
-        log_score: ddiff.StateLogProbs,
-        s: ddiff.Time,
-        t: ddiff.Time,
+        self, process: ddiff.AbstractForwardProcess, x: ddiff.Tokens,
+        log_score: ddiff.StateLogProbs, s: ddiff.Time, t: ddiff.Time
     ) -> ddiff.StateProbs:
         staggered = process.unpropagate(jnp.exp(log_score), s, t)
         return jnp.maximum(staggered, 0.0) * process.transition_likelihood(x, s, t)

@@ -22,19 +22,13 @@ class X0Parameterization(ddiff.AbstractMeanParameterization, ddiff.AbstractScore
         return process.vocab_size
 
     def log_mean(
-        self,
-        output: ddiff.NetworkOutput,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        process: ddiff.AbstractForwardProcess,
+        self, output: ddiff.NetworkOutput, x_t: ddiff.Tokens, t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess
     ) -> ddiff.LogProbs:
         return jax.nn.log_softmax(output, axis=-1)
 
     def log_score(
-        self,
-        output: ddiff.NetworkOutput,
-        x_t: ddiff.Tokens,
-        t: ddiff.Time,
-        process: ddiff.AbstractForwardProcess,
+        self, output: ddiff.NetworkOutput, x_t: ddiff.Tokens, t: ddiff.Time,
+        process: ddiff.AbstractForwardProcess
     ) -> ddiff.StateLogProbs:
         return process.log_score_from_mean(self.log_mean(output, x_t, t, process), x_t, t)
