@@ -119,6 +119,49 @@ def test_confidence_measures_and_count_schedules():
     np.testing.assert_allclose(decoding.remaining_fraction("cosine", done), [1.0, math.sqrt(0.5), 0.0], atol=1e-6)
 
 
+def _decoded_per_step(kind, steps, total):
+    """The confidence and p2 decoders' recurrence: positions unmasked at each step
+    (at least one while any is left), from ``total`` to decode, one row per total."""
+    left = np.asarray(total).copy()
+    per_step = []
+    for i in range(1, steps + 1):
+        after = np.asarray(decoding.masked_count(kind, steps, jnp.asarray(total), jnp.int32(i)))
+        unmask = np.where(left > 0, np.clip(left - after, 1, left), 0)
+        per_step.append(unmask)
+        left = left - unmask
+    return np.stack(per_step, axis=1), left
+
+
+def test_unmasking_counts_follow_the_schedule_exactly():
+    """For every 1 <= T <= M <= 64 (2080 pairs): the counts sum to M; with the linear
+    schedule exactly floor(M (T - i) / T) positions (integer arithmetic) stay masked after
+    step i, so T = M unmasks one position per step; the cosine counts equal
+    floor(M cos(pi/2 i/T)) computed in float64 (1/2 exactly at i = 2T/3). Float32
+    fractions put 92 of the 528 pairs with T <= M <= 32 one below (M = T = 3 gave [2, 1, 0])."""
+    for steps in range(1, 65):
+        total = np.arange(steps, 65, dtype=np.int32)
+        for kind in ("linear", "cosine"):
+            per_step, left = _decoded_per_step(kind, steps, total)
+            assert (per_step.sum(axis=1) == total).all() and (left == 0).all()
+            for i in range(1, steps + 1):
+                counted = np.asarray(decoding.masked_count(kind, steps, jnp.asarray(total), jnp.int32(i)))
+                if kind == "linear":
+                    exact = (total.astype(np.int64) * (steps - i)) // steps
+                else:
+                    fraction = 0.5 if 3 * i == 2 * steps else math.cos(0.5 * math.pi * i / steps)
+                    exact = np.floor(total * (0.0 if i == steps else fraction)).astype(np.int64)
+                assert (counted == exact).all(), (kind, steps, i)
+        linear, _ = _decoded_per_step("linear", steps, np.asarray([steps], np.int32))
+        assert (linear == 1).all()
+
+
+def test_one_position_per_call_at_as_many_steps_as_positions(counting_model):
+    """T = M = 4: confidence decoding makes 4 network calls, one position each."""
+    sampler = build("sampler", {"kind": "confidence", "steps": D, "schedule": "linear"})
+    output = run(sampler, counting_model, jax.random.PRNGKey(0), ddiff.Conditioning(), 2)
+    assert int(output.num_function_evals) == D
+
+
 def test_highest_breaks_ties_uniformly():
     """Two of four equal scores (and one higher): the higher one always, the others equally
     often, 2^12 draws, within 5 standard errors."""

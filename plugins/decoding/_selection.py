@@ -7,6 +7,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
 import ddiff
@@ -46,6 +47,27 @@ def remaining_fraction(kind: CountSchedule, done: jax.Array) -> jax.Array:
     else:
         left = jnp.cos(0.5 * math.pi * done)
     return jnp.where(done >= 1.0, 0.0, jnp.clip(left, 0.0, 1.0))
+
+
+def masked_count(
+    kind: CountSchedule, steps: int, total: Int[Array, "*batch"], done: Int[Array, ""]
+) -> Int[Array, "*batch"]:
+    """floor(M g(i/T)) for M = ``total`` positions to decode after step i = ``done`` of
+    T = ``steps`` (:data:`CountSchedule`; 0 from step T on), without rounding the fraction
+    first. ``linear``: (M (T - i)) // T in integers, exact. ``cosine``: g(i/T) =
+    cos(pi/2 i/T) tabulated in float64 for the T + 1 steps (exactly 1, 1/2 and 0 where the
+    cosine is rational), one float32 product with M; float32's fraction i/T rounded before
+    the cosine or the subtraction is what put counts one below the schedule (M = T = 3 gave
+    [2, 1, 0])."""
+    done = jnp.clip(done, 0, steps)
+    if kind == "linear":
+        return (total * (steps - done)) // steps
+    fractions = np.cos(0.5 * np.pi * np.arange(steps + 1) / steps)
+    fractions[[0, -1]] = 1.0, 0.0
+    if steps % 3 == 0:
+        fractions[2 * steps // 3] = 0.5
+    table = jnp.asarray(fractions, jnp.float32)
+    return jnp.floor(total.astype(jnp.float32) * table[done]).astype(jnp.int32)
 
 
 def highest(key: ddiff.Key, scores: jax.Array, count: jax.Array) -> jax.Array:
@@ -135,6 +157,6 @@ class AbstractCountDecoder(ddiff.AbstractLoopSampler):
 
     def masked_after(self, total: jax.Array, index: jax.Array) -> jax.Array:
         """floor(total g((index + 1) / T)): how many of ``total`` positions to decode
-        (one count per sample) are masked after step ``index`` (from 0)."""
-        fraction = (index + 1).astype(jnp.float32) / self.steps
-        return jnp.floor(total * remaining_fraction(self.schedule, fraction)).astype(jnp.int32)
+        (one count per sample) are masked after step ``index`` (from 0), computed by
+        :func:`masked_count` without rounding the fraction first."""
+        return masked_count(self.schedule, self.steps, total, index + 1)
