@@ -179,9 +179,9 @@ def test_fresh_moves_the_old_run_aside(tiny_recipe, tmp_path, capsys):
     for number in (1, 2):
         prepare_workdir(workdir, tiny_recipe, fresh=True).release()
         assert f"aside to {workdir}.old-{number}" in capsys.readouterr().out
-        assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE, "recipe.yaml"]
+        assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE, "checkpoints", "recipe.yaml"]
     assert (tmp_path / "run.old-1" / "metrics.jsonl").read_text() == "{}\n"
-    assert sorted(p.name for p in (tmp_path / "run.old-2").iterdir()) == [LOCK_FILE, "recipe.yaml"]
+    assert sorted(p.name for p in (tmp_path / "run.old-2").iterdir()) == [LOCK_FILE, "checkpoints", "recipe.yaml"]
 
 
 def test_workdir_that_is_a_file(tiny_overrides, tmp_path, capsys):

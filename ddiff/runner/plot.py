@@ -9,6 +9,16 @@ from ddiff._data import METRICS
 from ddiff._errors import RunDirectoryError
 
 PLOT_FILE = "curves.png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    """Whether the file ``path`` begins with the 8-byte PNG signature."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

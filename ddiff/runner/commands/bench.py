@@ -11,6 +11,7 @@ import jax
 from ddiff._registry import default_registry
 from ddiff.runner.bench import SHAPES, BenchError, bench_peak, bench_shape, shape_recipe
 from ddiff.runner.bench.report import results_json
+from ddiff.runner.commands.options import add_output, output_path
 from ddiff.runner.files import atomic_write_text
 from ddiff.runner.model import check_precision_runs
 
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SHAPE",
         help=f"named shapes (default md4-text8-small): {', '.join(SHAPES)}",
     )
-    parser.add_argument("--output", help="also write every measurement to this JSON file")
+    add_output(parser, "also write every measurement to this JSON file")
     parser.add_argument("--batch-size", type=int, help="train batch (default: the shape's)")
     parser.add_argument("--sample-batch", type=int, help="sampling batch (default: the shape's)")
     parser.add_argument(
@@ -54,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run ``ddiff bench``: each shape's lines on the terminal, everything in ``--output``."""
+    """Run ``ddiff bench``: each shape's lines on the terminal, everything in ``--output``
+    (its folder checked, and an existing file refused without ``--overwrite``, before
+    anything is measured)."""
     names = args.shapes or ["md4-text8-small"]
+    if args.output:
+        output_path(Path(args.output), "--output", overwrite=args.overwrite)
     for name in names:
         if name not in SHAPES:
             raise BenchError(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")

@@ -17,16 +17,18 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddiff._constant import trainable
-from ddiff._errors import RunDirectoryError
-from ddiff.runner.checkpoint import CHECKPOINT_DIR, checkpoint_manager, restore_latest
+from ddiff._errors import DdiffError, RunDirectoryError
+from ddiff.runner.checkpoint import CHECKPOINT_DIR, checkpoint_reader, restore_latest
 from ddiff.runner.files import atomic_write_text, unused_path
-from ddiff.runner.recipe import Recipe, load_recipe, parse_yaml
+from ddiff.runner.recipe import Recipe, dump_yaml, load_recipe, parse_yaml
 from ddiff.runner.trainer.engine import Engine
 from ddiff.runner.trainer.state import TrainState
 
 RECIPE_FILE = "recipe.yaml"
 EVAL_FILE = "eval.json"
 LOCK_FILE = ".ddiff.lock"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
 
 RESUMABLE = (
     "trainer.steps",
@@ -95,7 +97,17 @@ class RunLock:
         if jax.process_index() != 0:
             return self
         path = self.workdir / LOCK_FILE
-        handle = open(path, "a+")  # noqa: SIM115 - held open while the lock is held
+        if path.is_dir():
+            raise RunDirectoryError(
+                f"{path} is a directory where ddiff keeps its lock file; move it away"
+            )
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 - held open while the lock is held
+        except OSError as error:
+            raise RunDirectoryError(
+                f"cannot write the lock file {path} ({error.strerror}); make {self.workdir} "
+                f"writable, or use another --workdir"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -145,17 +157,24 @@ def prepare_workdir(
     workdir: Path, recipe: Recipe, *, fresh: bool = False, note: Callable[[str], None] = print
 ) -> RunLock:
     """Lock the run directory (creating it) and check the recipe against the one that
-    made it, then write the recipe there. Returns the held lock.
+    made it, then write the recipe there (and create ``checkpoints/``, which from then on
+    marks the directory as a run's). Returns the held lock.
 
     - A directory whose run has a checkpoint resumes only with changes at the keys of
       :data:`RESUMABLE` (each is ``note``-d); any other change is refused, naming every
       differing key with its old and new value.
     - A directory whose run never reached a checkpoint starts afresh with the new recipe.
+    - A directory with the records of a run but whose checkpoints are gone is refused
+      (:func:`check_history`): resuming would restart at step 0 and drop the history.
+    - A ``recipe.yaml`` that ddiff did not write (:func:`written_by_ddiff`) is moved
+      aside to ``recipe.user.yaml`` (``note``-d), never overwritten.
     - With ``fresh``, an existing run is first moved aside to ``DIR.old-N`` (never deleted).
 
     Raises:
-        RunDirectoryError: DIR is a file, is locked by another process, was made by a
-            different recipe, or holds checkpoints without a recipe.
+        RunDirectoryError: DIR is a file, is locked by another process, cannot be
+            written, was made by a different recipe, holds checkpoints without a recipe,
+            holds a run's records without its checkpoints, or holds a directory or a file
+            where ddiff keeps the other.
     """
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -169,19 +188,158 @@ def prepare_workdir(
         return lock  # process 0 moves the old run aside; the trainer waits for it
     try:
         if fresh and any(p.name != LOCK_FILE for p in workdir.iterdir()):
-            aside = _moved_aside(workdir)
+            aside = _moved_aside(_movable(workdir))
             os.replace(workdir, aside)
             note(f"ddiff: moved the earlier run in {workdir} aside to {aside}")
             workdir.mkdir(exist_ok=True)
             lock.release()
             lock = RunLock(workdir).acquire()
+        check_layout(workdir)
         _check_recipe(workdir, recipe, note)
+        if jax.process_index() == 0:
+            _write_recipe(workdir, recipe, note)
     except BaseException:
         lock.release()
         raise
-    if jax.process_index() == 0:
-        atomic_write_text(workdir / RECIPE_FILE, recipe.to_yaml())
     return lock
+
+
+def _movable(workdir: Path) -> Path:
+    """``workdir`` as an absolute path that may be renamed: not the current directory
+    nor one that holds it (the process would go on working in the moved directory)."""
+    absolute = workdir.absolute()
+    here = Path.cwd()
+    if here == absolute or absolute in here.parents:
+        raise RunDirectoryError(
+            f"--fresh cannot move {workdir} aside while ddiff runs inside it; run from its "
+            f"parent directory with --workdir {absolute.name or absolute}"
+        )
+    return absolute
+
+
+def check_layout(workdir: Path) -> None:
+    """Refuse a directory where ddiff keeps a file (``recipe.yaml``), a file where it
+    keeps a directory (``checkpoints``, ``samples``), or a ``checkpoints`` link to
+    nothing (a volume not mounted, a target removed)."""
+    workdir = Path(workdir)
+    recipe_path = workdir / RECIPE_FILE
+    if recipe_path.is_dir():
+        raise RunDirectoryError(
+            f"{recipe_path} is a directory where ddiff keeps the run's recipe; move it away"
+        )
+    for name in (CHECKPOINT_DIR, SAMPLES_DIR):
+        path = workdir / name
+        if path.is_symlink() and not path.exists():
+            raise RunDirectoryError(
+                f"{path} links to {os.readlink(path)}, which does not exist (a volume not "
+                f"mounted?); restore it, or remove the link"
+            )
+        if path.exists() and not path.is_dir():
+            raise RunDirectoryError(
+                f"{path} is a file where ddiff keeps the run's {name}; move it away"
+            )
+
+
+def written_by_ddiff(text: str) -> bool:
+    """Whether ``text`` is a resolved recipe as ddiff writes it: YAML of a mapping with
+    a ``trainer`` and a ``data`` section that is exactly ddiff's dump of itself (a
+    recipe of one's own, with comments, another order or flow style, differs)."""
+    try:
+        mapping = parse_yaml(text, RECIPE_FILE)
+    except DdiffError:
+        return False
+    return (
+        isinstance(mapping, dict)
+        and isinstance(mapping.get("trainer"), dict)
+        and isinstance(mapping.get("data"), dict)
+        and dump_yaml(mapping) == text
+    )
+
+
+def _read_text(path: Path) -> str | None:
+    """The text of ``path``, or None when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _write_recipe(workdir: Path, recipe: Recipe, note: Callable[[str], None]) -> None:
+    """Write the resolved recipe (a user's own ``recipe.yaml`` moved aside first) and
+    create ``checkpoints/``."""
+    path = workdir / RECIPE_FILE
+    text = recipe.to_yaml()
+    try:
+        if path.exists():
+            old = _read_text(path)
+            if old != text and (old is None or not written_by_ddiff(old)):
+                aside = unused_path(path.with_name("recipe.user.yaml"))
+                os.replace(path, aside)
+                note(
+                    f"ddiff: {path} is not a recipe ddiff wrote; moved it to {aside} "
+                    f"({RECIPE_FILE} is the run's resolved recipe)"
+                )
+        atomic_write_text(path, text)
+        (workdir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    except OSError as error:
+        raise RunDirectoryError(
+            f"cannot write in the run directory {workdir} ({error.strerror}); make it "
+            f"writable, or use another --workdir"
+        ) from None
+
+
+def _last_step(path: Path) -> int | None:
+    """The largest step recorded in a metrics.jsonl (lines that are not records are
+    passed over), or None when it records none."""
+    steps = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            steps.append(record["step"])
+    return max(steps, default=None)
+
+
+def check_history(workdir: Path, saved: Any) -> None:
+    """Refuse a directory without a checkpoint that holds a run's records: training it
+    would restart at step 0 and drop them. A run has its past when its ``checkpoints/``
+    is missing (ddiff creates it with the recipe) beside a recipe ddiff wrote,
+    metrics, evaluations or samples; or when ``checkpoints/`` is empty beside an
+    ``eval.json`` (written after the final checkpoint) or metrics past twice
+    ``trainer.checkpoint_every`` of ``saved`` (a save waits for the previous one, so
+    the first checkpoint was complete). ``saved`` is the parsed recipe.yaml, if any."""
+    workdir = Path(workdir)
+    step = _last_step(workdir / METRICS_FILE)
+    evaluated = sorted(p.name for p in workdir.glob("eval*.json"))
+    sampled = (workdir / SAMPLES_DIR).is_dir() and any((workdir / SAMPLES_DIR).iterdir())
+    recipe_path = workdir / RECIPE_FILE
+    recorded = recipe_path.is_file() and written_by_ddiff(_read_text(recipe_path) or "")
+    found = [
+        *([f"{METRICS_FILE} (to step {step})"] if step is not None else []),
+        *evaluated,
+        *([f"{SAMPLES_DIR}/"] if sampled else []),
+        *([RECIPE_FILE] if recorded else []),
+    ]
+    if (workdir / CHECKPOINT_DIR).is_dir():
+        trainer = saved.get("trainer") if isinstance(saved, dict) else None
+        every = trainer.get("checkpoint_every") if isinstance(trainer, dict) else None
+        past = isinstance(every, int) and step is not None and step > 2 * every
+        if not (EVAL_FILE in evaluated or past):
+            return
+    elif not found:
+        return
+    raise RunDirectoryError(
+        f"{workdir} holds {', '.join(found)} but no checkpoint in {workdir / CHECKPOINT_DIR} "
+        f"(removed, or on a volume not mounted?); training would restart at step 0 and "
+        f"drop that history. Restore the checkpoints to resume, or add --fresh to move the "
+        f"old files aside to {workdir.name}.old-N and start over"
+    )
 
 
 def _check_recipe(workdir: Path, recipe: Recipe, note: Callable[[str], None]) -> None:
@@ -192,15 +350,23 @@ def _check_recipe(workdir: Path, recipe: Recipe, note: Callable[[str], None]) ->
             raise RunDirectoryError(
                 f"{workdir} has checkpoints but no {RECIPE_FILE}; use another --workdir"
             )
+        check_history(workdir, None)
         return
-    try:
-        saved = parse_yaml(recipe_path.read_text(encoding="utf-8"), str(recipe_path)) or {}
-    except UnicodeDecodeError:
-        saved = None
+    text = _read_text(recipe_path)
+    saved = None
+    if text is not None:
+        try:
+            saved = parse_yaml(text, str(recipe_path)) or {}
+        except DdiffError:
+            saved = None
+    if not checkpointed:
+        check_history(workdir, saved)
     if not isinstance(saved, dict):
         if checkpointed:
             raise RunDirectoryError(f"{recipe_path} is damaged; use another --workdir")
         return
+    if not checkpointed and not written_by_ddiff(text):
+        return  # a recipe of the user's own, moved aside before the run's is written
     changes = recipe_changes(saved, recipe.resolved)
     if not changes:
         return
@@ -322,6 +488,7 @@ def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Reci
     vocabulary or length) and its latest intact checkpointed state."""
     workdir = Path(workdir)
     recipe_path = workdir / RECIPE_FILE
+    check_layout(workdir)
     if not recipe_path.exists():
         raise RunDirectoryError(
             f"{workdir} is not a ddiff run directory (no {RECIPE_FILE}); "
@@ -331,7 +498,7 @@ def load_run(workdir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Reci
     if overrides:
         check_same_shape(load_recipe(recipe_path), recipe)
     engine = Engine(recipe)
-    manager = checkpoint_manager(workdir, recipe.trainer.keep_checkpoints)
+    manager = checkpoint_reader(workdir)
     try:
         restored = restore_latest(manager, engine.init_state(), warn=warn)
     finally:
