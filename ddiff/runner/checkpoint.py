@@ -4,8 +4,13 @@ first with a fall-back past damaged ones.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so
 a run killed mid-save leaves only a temporary directory, which is removed at the next
-start and never loaded. The seal additionally catches later damage (a truncated or
-altered file), which is named when the checkpoint is refused.
+start (by the training run, which holds the run's lock) and never loaded. The seal
+additionally catches later damage (a truncated or altered file), which is named when the
+checkpoint is refused.
+
+Readers (eval, sample, quality, diagnose: :func:`checkpoint_reader`) open the directory
+read-only: they remove, create and write nothing under it, so they may run beside the
+training run that writes it.
 """
 
 import hashlib
@@ -28,11 +33,22 @@ SEAL_FILE = "ddiff_seal.json"
 
 
 def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
-    """An orbax manager for ``workdir/checkpoints`` that keeps ``keep`` checkpoints and
-    removes temporary directories left by an interrupted save."""
+    """The training run's orbax manager for ``workdir/checkpoints``: keeps ``keep``
+    checkpoints and removes temporary directories left by an interrupted save (only the
+    run holding the run's lock may open it)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True
     )
+    return ocp.CheckpointManager(
+        (Path(workdir) / CHECKPOINT_DIR).absolute(), options=options, item_names=("state", "data")
+    )
+
+
+def checkpoint_reader(workdir: Path) -> ocp.CheckpointManager:
+    """A read-only orbax manager for ``workdir/checkpoints``: it restores, and removes,
+    creates or writes nothing (a save in flight beside it, its temporary directory
+    included, is left alone)."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None)
     return ocp.CheckpointManager(
         (Path(workdir) / CHECKPOINT_DIR).absolute(), options=options, item_names=("state", "data")
     )
@@ -140,10 +156,28 @@ def _restore_step(
     return eqx.combine(jax.tree.unflatten(treedef, arrays), static), restored.data
 
 
+def _try_restore(
+    manager: ocp.CheckpointManager, step: int, template: Any
+) -> tuple[tuple[Any, dict] | None, str | None]:
+    """(state, iterator state) of checkpoint ``step``, or None with what is wrong with it
+    (None as well when the checkpoint was removed meanwhile: the training run beside
+    dropped its oldest)."""
+    directory = _step_dir(manager, step)
+    try:
+        problem = verify_seal(directory)
+        if problem is None:
+            return _restore_step(manager, step, template), None
+    except Exception as error:  # noqa: BLE001 - any failure means unusable
+        problem = f"it cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    return None, None if not directory.exists() else problem
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, template: Any, *, warn: Callable[[str], None] = print
 ) -> tuple[Any, dict, int] | None:
-    """Restore the newest checkpoint that is intact, warning about each damaged one.
+    """Restore the newest checkpoint that is intact, warning about each damaged one. A
+    checkpoint removed while it was read (by the training run beside a reader, keeping
+    its newest) sends the search back to the newest checkpoint then present.
 
     Returns:
         (state, iterator state, step), or None when there is no checkpoint.
@@ -151,21 +185,25 @@ def restore_latest(
     Raises:
         RunDirectoryError: checkpoints exist but none can be restored.
     """
-    steps = sorted(manager.all_steps(), reverse=True)
+    tried: set[int] = set()
     problems = []
-    for step in steps:
-        directory = _step_dir(manager, step)
-        problem = verify_seal(directory)
-        if problem is None:
-            try:
-                state, data = _restore_step(manager, step, template)
-            except Exception as error:  # noqa: BLE001 - any failure means unusable
-                problem = f"it cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-            else:
-                return state, data, step
-        problems.append(step)
-        warn(f"ddiff: warning: checkpoint {step} in {manager.directory} is damaged: {problem}")
-    if steps:
+    while True:
+        steps = [step for step in sorted(manager.all_steps(), reverse=True) if step not in tried]
+        removed = False
+        for step in steps:
+            tried.add(step)
+            restored, problem = _try_restore(manager, step, template)
+            if restored is not None:
+                return *restored, step
+            if problem is None:
+                removed = True
+                break
+            problems.append(step)
+            warn(f"ddiff: warning: checkpoint {step} in {manager.directory} is damaged: {problem}")
+        if not removed:
+            break
+        manager.reload()
+    if problems:
         raise RunDirectoryError(
             f"no checkpoint in {manager.directory} can be restored (tried {', '.join(map(str, problems))}); "
             f"move that directory aside to train from scratch"

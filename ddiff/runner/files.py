@@ -1,8 +1,11 @@
 """Files written whole or not at all: a reader never sees half a file, and a crash mid-write
-leaves the previous version in place."""
+leaves the previous version in place; and numbered output names reserved atomically, so
+that two commands writing beside each other never pick the same one."""
 
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +41,55 @@ def numbered(path: Path, number: int) -> Path:
     return path if number == 1 else path.with_name(f"{path.stem}-{number}{path.suffix}")
 
 
+def _reservation(path: Path) -> Path:
+    """The hidden marker that reserves ``path``'s name while its files are written."""
+    return path.with_name(f".{path.name}.reserved")
+
+
+def _taken(path: Path, suffixes: tuple[str, ...]) -> bool:
+    return any(Path(f"{path}{suffix}").exists() for suffix in suffixes)
+
+
 def unused_path(path: Path, suffixes: tuple[str, ...] = ("",)) -> Path:
     """The first of ``path``, ``path-2``, ``path-3``, ... (the number before the
-    extension) for which no file ``path + suffix`` exists for any of ``suffixes``: a
-    result is never written over an earlier one. ``suffixes`` serves results written as
-    several files (``.txt``, ``.npy``, ``.json`` of one stem)."""
+    extension) for which no file ``path + suffix`` exists for any of ``suffixes`` and
+    that no running command has reserved (:func:`reserved_path`): a result is never
+    written over an earlier one. ``suffixes`` serves results written as several files
+    (``.txt``, ``.npy``, ``.json`` of one stem)."""
     number = 1
-    while any(Path(f"{numbered(path, number)}{suffix}").exists() for suffix in suffixes):
+    while _taken(numbered(path, number), suffixes) or _reservation(numbered(path, number)).exists():
         number += 1
     return numbered(path, number)
+
+
+@contextmanager
+def reserved_path(path: Path, suffixes: tuple[str, ...] = ("",), *, reserve: bool = True) -> Iterator[Path]:
+    """:func:`unused_path`, held for the ``with`` block: its name is reserved by creating
+    a hidden marker beside it exclusively (``O_CREAT | O_EXCL``, atomic on every local
+    file system), so two commands started together get two names; the block writes the
+    files, and the marker is removed after it. A name whose files appeared between the
+    look and the reservation (a command that had just finished) is passed over. The
+    folder is created if missing. ``reserve=False`` (the processes of a multi-process run
+    that write nothing) only looks."""
+    if not reserve:
+        yield unused_path(path, suffixes)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        candidate = numbered(path, number)
+        marker = _reservation(candidate)
+        if not _taken(candidate, suffixes):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                pass
+            else:
+                if not _taken(candidate, suffixes):
+                    break
+                marker.unlink(missing_ok=True)
+        number += 1
+    try:
+        yield candidate
+    finally:
+        marker.unlink(missing_ok=True)

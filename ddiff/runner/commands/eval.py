@@ -4,6 +4,9 @@ quality of samples drawn from it."""
 import argparse
 import json
 import sys
+from contextlib import nullcontext
+
+import jax
 
 from ddiff._errors import RecipeError
 from ddiff.runner.commands.options import (
@@ -15,7 +18,7 @@ from ddiff.runner.commands.options import (
     output_path,
     run_directory,
 )
-from ddiff.runner.files import unused_path
+from ddiff.runner.files import reserved_path
 from ddiff.runner.quality import Judge
 from ddiff.runner.quality_sweep import load_judge
 from ddiff.runner.recipe import Recipe
@@ -90,11 +93,13 @@ def run(args: argparse.Namespace) -> None:
     recipe, state = load_run(workdir, tuple(overrides))
     judge = _judge(args, recipe)
     step = int(state.step)
-    output = args.output or unused_path(workdir / f"eval_step{step:08d}.json").name
-    engine = Engine(recipe)
-    result = engine.evaluate(state.ema)
-    if recipe.eval.samples:
-        result["samples"] = engine.sample_quality(state.ema, recipe.eval.samples, judge=judge)
-    path = write_eval(workdir, recipe, result, step, name=output)
+    default = workdir / f"eval_step{step:08d}.json"
+    name = nullcontext() if args.output else reserved_path(default, reserve=jax.process_index() == 0)
+    with name as reserved:
+        engine = Engine(recipe)
+        result = engine.evaluate(state.ema)
+        if recipe.eval.samples:
+            result["samples"] = engine.sample_quality(state.ema, recipe.eval.samples, judge=judge)
+        path = write_eval(workdir, recipe, result, step, name=args.output or reserved.name)
     print(json.dumps(json.loads(path.read_text()), indent=2))
     print(f"wrote {path}", file=sys.stderr)

@@ -3,6 +3,7 @@ the run's ``samples/`` folder."""
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ from ddiff.runner.commands.options import (
     integer,
     run_directory,
 )
-from ddiff.runner.files import unused_path
+from ddiff.runner.files import reserved_path
 from ddiff.runner.recipe import read_recipe_file
 from ddiff.runner.sample_options import SampleOptions, build_conditioning, sample_length
 from ddiff.runner.trainer.engine import Engine
@@ -133,33 +134,37 @@ def run(args: argparse.Namespace) -> None:
     conditioning, info = build_conditioning(options, recipe, args.num, seq_len)
     engine = Engine(recipe)
     step = int(state.step)
-    name = args.name or unused_path(directory / f"sample_step{step:08d}_seed{args.seed}", SUFFIXES).name
-    batch_size = args.batch_size or recipe.trainer.sample_batch_size
-    size = engine.sample_batch(args.num, batch_size)
-    writer = SampleWriter(workdir, recipe, name, args.num, conditioning=info, seq_len=seq_len)
-    bar = tqdm(
-        total=args.num, unit="sample", disable=not sys.stderr.isatty() or size >= args.num, dynamic_ncols=True
-    )
-    shortest, longest = seq_len, 0
-    try:
-        for tokens, evals, lengths in engine.sample_batches(
-            state.ema,
-            key=jax.random.PRNGKey(args.seed),
-            num_samples=args.num,
-            conditioning=conditioning,
-            batch_size=batch_size,
-            seq_len=seq_len,
-        ):
-            writer.add(tokens, evals, lengths)
-            shortest = min(shortest, int(lengths.min()))
-            longest = max(longest, int(lengths.max()))
-            bar.update(len(tokens))
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    path = writer.close()
+    default = directory / f"sample_step{step:08d}_seed{args.seed}"
+    first = jax.process_index() == 0
+    chosen = nullcontext() if args.name else reserved_path(default, SUFFIXES, reserve=first)
+    with chosen as reserved:
+        name = args.name or reserved.name
+        batch_size = args.batch_size or recipe.trainer.sample_batch_size
+        size = engine.sample_batch(args.num, batch_size)
+        writer = SampleWriter(workdir, recipe, name, args.num, conditioning=info, seq_len=seq_len)
+        bar = tqdm(
+            total=args.num, unit="sample", disable=not sys.stderr.isatty() or size >= args.num, dynamic_ncols=True
+        )
+        shortest, longest = seq_len, 0
+        try:
+            for tokens, evals, lengths in engine.sample_batches(
+                state.ema,
+                key=jax.random.PRNGKey(args.seed),
+                num_samples=args.num,
+                conditioning=conditioning,
+                batch_size=batch_size,
+                seq_len=seq_len,
+            ):
+                writer.add(tokens, evals, lengths)
+                shortest = min(shortest, int(lengths.min()))
+                longest = max(longest, int(lengths.max()))
+                bar.update(len(tokens))
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        path = writer.close()
     shown = f", lengths {shortest}..{longest}" if shortest < seq_len else ""
     print(
         f"wrote {args.num} samples in {writer.num_batches} batch(es) of {size} "

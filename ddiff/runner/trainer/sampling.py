@@ -17,7 +17,7 @@ from jaxtyping import Array, Int
 from ddiff._layers import gather_for_forward
 from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput, sample_keys
 from ddiff._sharding import BATCH_AXES
-from ddiff.runner.files import atomic_write_bytes, atomic_write_text
+from ddiff.runner.files import atomic_write_bytes, npy_bytes
 from ddiff.runner.images import image_grid, png_bytes
 from ddiff.runner.mesh import BATCH_SPEC, replicated, tree_specs
 from ddiff.runner.recipe import Recipe
@@ -74,6 +74,9 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
 
 GRID_IMAGES = 256
 """Samples of image data drawn into the PNG grid (the first ones)."""
+
+REMOVALS = 3
+"""Times a sample file is written again when ``samples/`` is removed under it."""
 
 
 def _row_hashes(tokens: np.ndarray) -> np.ndarray:
@@ -150,8 +153,10 @@ class SampleWriter:
     :data:`GRID_IMAGES`. Samples of a variable-length sampler (``seq_len``: their most
     positions) are written up to their length in the text, hold ``ddiff.PAD_TOKEN`` (-1)
     after it in the .npy, and list their ``lengths`` in the .json when some are shorter. Every file is written beside its place and renamed into it when
-    complete (:meth:`close`): an interrupted run leaves no half-written file. Process 0
-    writes; the others only count."""
+    complete (:meth:`close`): an interrupted run leaves no half-written file. A
+    ``samples/`` folder removed meanwhile (its temporary files with it) is made again and
+    the files written whole from what the writer holds open. Process 0 writes; the others
+    only count."""
 
     def __init__(
         self,
@@ -181,7 +186,7 @@ class SampleWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         tag = f".tmp-{os.getpid()}"
         self.temporary = {ext: self.directory / f".{name}{ext}{tag}" for ext in (".txt", ".npy")}
-        self.text = open(self.temporary[".txt"], "w", encoding="utf-8")  # noqa: SIM115
+        self.text = open(self.temporary[".txt"], "w+", encoding="utf-8")  # noqa: SIM115
         self.array = np.lib.format.open_memmap(
             self.temporary[".npy"], mode="w+", dtype=np.int32, shape=(num_samples, self.seq_len)
         )
@@ -221,8 +226,10 @@ class SampleWriter:
             return self.path
         self.text.flush()
         os.fsync(self.text.fileno())
-        self.text.close()
         self.array.flush()
+        self._place(".txt", self._text_bytes)
+        self._place(".npy", lambda: npy_bytes(np.asarray(self.array)))
+        self.text.close()
         del self.array
         stats: dict[str, Any] = dict(self.statistics.result())
         stats["num_function_evals"] = self.num_function_evals
@@ -234,13 +241,35 @@ class SampleWriter:
             stats["lengths"] = [int(length) for length in lengths]
         if self.conditioning:
             stats["conditioning"] = self.conditioning
-        for ext, temporary in self.temporary.items():
-            os.replace(temporary, self.directory / f"{self.name}{ext}")
-        atomic_write_text(self.directory / f"{self.name}.json", json.dumps(stats, indent=2) + "\n")
+        self._write(".json", (json.dumps(stats, indent=2) + "\n").encode())
         if self.grid:
-            grid = image_grid(np.concatenate(self.grid), self.recipe.data.image_shape)
-            atomic_write_bytes(self.directory / f"{self.name}.png", png_bytes(grid))
+            self._write(".png", png_bytes(image_grid(np.concatenate(self.grid), self.recipe.data.image_shape)))
         return self.path
+
+    def _text_bytes(self) -> bytes:
+        self.text.seek(0)
+        return self.text.read().encode()
+
+    def _place(self, ext: str, content: Callable[[], bytes]) -> None:
+        """Rename the temporary ``ext`` file into place; when ``samples/`` was removed
+        since it was opened, write ``content()`` whole instead."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.temporary[ext], self.directory / f"{self.name}{ext}")
+        except FileNotFoundError:
+            self._write(ext, content())
+
+    def _write(self, ext: str, data: bytes) -> None:
+        """:func:`atomic_write_bytes` of ``name + ext`` into ``samples/``, made again (up to
+        :data:`REMOVALS` times) if it is removed while the file is written."""
+        for attempt in range(REMOVALS + 1):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write_bytes(self.directory / f"{self.name}{ext}", data)
+                return
+            except FileNotFoundError:
+                if attempt == REMOVALS:
+                    raise
 
     def abort(self) -> None:
         """Remove the temporary files (the earlier results stay as they were)."""
