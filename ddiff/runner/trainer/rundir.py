@@ -265,8 +265,9 @@ def _read_text(path: Path) -> str | None:
 
 
 def _write_recipe(workdir: Path, recipe: Recipe, note: Callable[[str], None]) -> None:
-    """Write the resolved recipe (a user's own ``recipe.yaml`` moved aside first) and
-    create ``checkpoints/``."""
+    """Create ``checkpoints/`` and write the resolved recipe (a user's own
+    ``recipe.yaml`` moved aside first); in that order, so that another process of the
+    run never sees the recipe without the directory (:func:`check_history`)."""
     path = workdir / RECIPE_FILE
     text = recipe.to_yaml()
     try:
@@ -279,8 +280,8 @@ def _write_recipe(workdir: Path, recipe: Recipe, note: Callable[[str], None]) ->
                     f"ddiff: {path} is not a recipe ddiff wrote; moved it to {aside} "
                     f"({RECIPE_FILE} is the run's resolved recipe)"
                 )
+        (workdir / CHECKPOINT_DIR).mkdir(exist_ok=True)  # first: a recipe always has it
         atomic_write_text(path, text)
-        (workdir / CHECKPOINT_DIR).mkdir(exist_ok=True)
     except OSError as error:
         raise RunDirectoryError(
             f"cannot write in the run directory {workdir} ({error.strerror}); make it "
