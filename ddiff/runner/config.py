@@ -13,6 +13,9 @@ from ddiff._errors import RecipeError, check_at_least
 from ddiff._layers import COMPUTE_DTYPES
 from ddiff._objective import AbstractObjective
 
+MAX_SEED = 2**32 - 1
+"""Seeds (``seed``, ``eval.seed``) are in 0..2^32 - 1, as ``ddiff``'s ``--seed`` options."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ParameterGroupConfig:
@@ -156,6 +159,9 @@ class EvalConfig:
         check_at_least("batch_size", self.batch_size)
         check_at_least("time_draws", self.time_draws)
         check_at_least("samples", self.samples, 0)
+        if self.max_examples is not None:
+            check_at_least("max_examples", self.max_examples)
+        _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}, got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True)

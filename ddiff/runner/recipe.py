@@ -9,7 +9,9 @@ path and what is accepted.
 
 import dataclasses
 import inspect
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from ddiff._process import AbstractForwardProcess
 from ddiff._registry import SLOTS, Registry, default_registry
 from ddiff._sampler import AbstractSampler
 from ddiff.runner.config import (
+    MAX_SEED,
     EvalConfig,
     LoggingConfig,
     OptimizerConfig,
@@ -38,9 +41,44 @@ from ddiff.runner.mesh import MeshConfig
 # --------------------------------------------------------------------------- YAML
 
 
+MAX_RECIPE_BYTES = 4 * 2**20
+"""The largest recipe file read (4 MiB; the shipped recipes are a few KiB)."""
+
+MAX_NODES = 100_000
+"""The most values (mappings, lists, keys and scalars) a recipe or an override value
+may hold once its YAML aliases are expanded (a billion-laughs alias bomb is refused)."""
+
+MAX_DEPTH = 64
+"""The deepest nesting of mappings and lists in a recipe, aliases expanded."""
+
+_MAX_INTEGER_CHARACTERS = 80
+"""Longer integer literals are refused before conversion (64 bits take at most 66)."""
+
+_INTEGER_RANGE = (-(2**63), 2**64 - 1)
+"""Recipe integers fit in 64 bits, signed or unsigned."""
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _Loader(yaml.SafeLoader):
     """Safe YAML with the YAML 1.2 core schema's numbers and booleans: ``1e-4`` is a
-    float, ``no``/``on`` stay strings, duplicate keys are errors."""
+    float, ``no``/``on`` stay strings, duplicate keys are errors, merge keys (``<<:``)
+    are taken, and nesting is bounded while the document is composed."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.level = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.level += 1
+        try:
+            if self.level > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} deep", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.level -= 1
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -65,10 +103,20 @@ _Loader.add_implicit_resolver(
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose own keys are hashable and distinct (keys merged in by ``<<:`` may
+    be set again, as YAML's merge keys allow)."""
     seen: set = set()
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:
+            continue
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            repeated = key in seen
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a {type(key).__name__} cannot be a key; keys are names", key_node.start_mark
+            ) from None
+        if repeated:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
@@ -76,26 +124,94 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
+def _construct_integer(loader: _Loader, node: yaml.ScalarNode) -> int:
+    """An integer of at most 64 bits, its literal's length checked before conversion."""
+    low, high = _INTEGER_RANGE
+    if len(node.value) > _MAX_INTEGER_CHARACTERS:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(node.value)} characters; integers fit in 64 bits", node.start_mark
+        )
+    value = loader.construct_yaml_int(node)
+    if not low <= value <= high:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"integer {value} does not fit in 64 bits", node.start_mark
+        )
+    return value
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_integer)
+
+
+def _check_expanded_size(node: yaml.Node) -> None:
+    """Refuse a document of more than :data:`MAX_NODES` values or :data:`MAX_DEPTH`
+    levels once its aliases are expanded, or one whose alias refers to a node that holds
+    it, counting each shared node once (the work is the size of the text)."""
+    measured: dict[int, tuple[int, int]] = {}
+    open_nodes: set[int] = set()
+
+    def refuse(problem: str, mark: Any) -> None:
+        raise yaml.composer.ComposerError(None, None, problem, mark)
+
+    def measure(node: yaml.Node, level: int) -> tuple[int, int]:
+        known = measured.get(id(node))
+        if known is not None:
+            if level + known[1] - 1 > MAX_DEPTH:
+                refuse(f"nested more than {MAX_DEPTH} deep once its aliases are expanded", node.start_mark)
+            return known
+        if id(node) in open_nodes:
+            refuse("an alias refers to the list or mapping that holds it", node.start_mark)
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        open_nodes.add(id(node))
+        size, height = 1, 1
+        for child in children:
+            child_size, child_height = measure(child, level + 1)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_NODES:
+                refuse(
+                    f"more than {MAX_NODES} values once its aliases are expanded (an alias bomb?)",
+                    node.start_mark,
+                )
+        open_nodes.discard(id(node))
+        measured[id(node)] = (size, height)
+        return size, height
+
+    measure(node, 1)
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text safely; errors become one-line :class:`RecipeError`."""
+    """Parse YAML text safely; errors become one-line :class:`RecipeError`. Nesting and
+    the size with aliases expanded are bounded (:data:`MAX_DEPTH`, :data:`MAX_NODES`);
+    every list and mapping of the result is its own object (aliases are copies)."""
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return _deep_copy(loader.construct_document(node))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise RecipeError(f"invalid YAML at {where}: {problem}", source=source) from None
+    finally:
+        loader.dispose()
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file into a plain mapping."""
+    """Read a recipe file into a plain mapping: a regular file (not a device or a FIFO)
+    of at most :data:`MAX_RECIPE_BYTES`."""
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = _read_regular_file(path, MAX_RECIPE_BYTES)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError("no such recipe file; check the path", source=source) from None
     except IsADirectoryError:
@@ -115,6 +231,27 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
             f"a recipe is a mapping of sections, got {type(raw).__name__}", source=source
         )
     return raw
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, refused (:class:`RecipeError`) unless it is a regular file
+    of at most ``limit`` bytes; opened without blocking, so a FIFO never hangs."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise RecipeError(
+                "is not a regular file (a device, FIFO or socket); give a recipe YAML file",
+                source=str(path),
+            )
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise RecipeError(
+            f"larger than {limit // 2**20} MiB; a recipe is a short YAML text file", source=str(path)
+        )
+    return data
 
 
 def apply_overrides(
@@ -171,6 +308,10 @@ def _parse_override(override: str) -> tuple[list[str], Any]:
     parts = dotted.strip().split(".")
     if not all(parts):
         raise RecipeError(f"override {override!r} has an empty key", source="command line")
+    if len(parts) >= MAX_DEPTH:
+        raise RecipeError(
+            f"override {dotted[:40]!r}... is nested more than {MAX_DEPTH} deep", source="command line"
+        )
     value = parse_yaml(text, "command line") if text.strip() else None
     return parts, value
 
@@ -274,6 +415,8 @@ def build_recipe(
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise builder.error("seed", f"expected an integer, got {builder.describe(seed)}")
+    if not 0 <= seed <= MAX_SEED:
+        raise builder.error("seed", f"must be in 0..{MAX_SEED}, got {seed}")
     resolved: dict[str, Any] = {"seed": seed}
     names: dict[str, str] = {}
     built: dict[str, Any] = {}
