@@ -9,10 +9,13 @@ Recipe overrides (``key.path=value``) may stand before or after the options.
 
 import argparse
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+import jax
 
 import ddiff
 from ddiff._config import set_typecheck
@@ -116,6 +119,36 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
+def _check_backend() -> None:
+    """Refuse a ``JAX_PLATFORMS`` that names a backend this machine cannot start
+    (``tpu`` on a CPU machine, a misspelt name), before the command does anything."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if not platforms:
+        return
+    try:
+        jax.devices()
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0].split(" (set JAX_PLATFORMS")[0].rstrip(". ")
+        raise DdiffError(
+            f"JAX_PLATFORMS={platforms}: {reason}; unset JAX_PLATFORMS (or name a backend this "
+            f"machine has, e.g. cpu)"
+        ) from None
+
+
+def _quiet_broken_pipe() -> int:
+    """The output pipe was closed (``ddiff plugins | head -1``): stop quietly, with the
+    status of a process ended by SIGPIPE, and point stdout at /dev/null so that the
+    interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout for the rest of the process
+    finally:
+        os.close(devnull)
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ddiff`` command: parse ``argv`` (default: the command line), run the command,
     and return the exit status (2 with one line on stderr for a user's mistake)."""
@@ -129,7 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in QUIET_ABOUT_PLUGINS:
             for plugin in default_registry().broken:
                 print(f"ddiff: warning: {plugin}", file=sys.stderr)
+            _check_backend()
         args.handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except DdiffError as error:
         status = getattr(error, "exit_status", 2)
         prefix = "ddiff: " if status != 2 else "ddiff: error: "

@@ -1,5 +1,7 @@
 """A UTF-8 text file modelled character by character."""
 
+import os
+import stat
 from pathlib import Path
 
 import equinox as eqx
@@ -8,6 +10,33 @@ import numpy as np
 import ddiff
 from ddiff_plugins.datasets.splits import TokenWindows, check_held_out_keys, held_out_tail
 from ddiff_plugins.datasets.windows import AbstractCharacterSource
+
+
+MAX_TEXT_BYTES = 2**30
+"""The largest text file read into memory (1 GiB, 4 GiB once encoded); larger corpora
+are written as a ``token_file``."""
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse a path that is not a regular file (a device such as /dev/zero, a FIFO) or is
+    larger than :data:`MAX_TEXT_BYTES`, before anything is read."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise ddiff.DataError(f"text_file: {path} is missing") from None
+    except OSError as error:
+        raise ddiff.DataError(f"text_file: cannot read {path}: {error.strerror}") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise ddiff.DataError(f"text_file: {path} is a directory; give data.path a text file")
+    if not stat.S_ISREG(status.st_mode):
+        raise ddiff.DataError(
+            f"text_file: {path} is not a regular file (a device, FIFO or socket); give data.path a text file"
+        )
+    if status.st_size > MAX_TEXT_BYTES:
+        raise ddiff.DataError(
+            f"text_file: {path} has {status.st_size / 2**30:.1f} GiB, more than the "
+            f"{MAX_TEXT_BYTES // 2**30} GiB read into memory; write its tokens as a token_file"
+        )
 
 
 class TextFileSource(AbstractCharacterSource):
@@ -51,6 +80,7 @@ class TextFileSource(AbstractCharacterSource):
     def _encoded(self) -> tuple[np.ndarray, str]:
         """(the text as token ids, the alphabet)."""
         path = Path(self.path).expanduser().absolute()
+        _check_regular_file(path)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -1,5 +1,7 @@
 """A file of token ids, memory-mapped."""
 
+import os
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +59,15 @@ class TokenFileSource(AbstractWindowSource):
 
     @ddiff.cached_load
     def _tokens(self) -> np.ndarray:
-        return token_memmap(Path(self.path).expanduser().absolute(), self.dtype, "token_file")
+        path = Path(self.path).expanduser().absolute()
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+            raise ddiff.DataError(f"token_file: {path} is {kind}; give data.path a token file")
+        return token_memmap(path, self.dtype, "token_file")
 
     def split(self, name: str) -> TokenWindows:
         return held_out_tail(

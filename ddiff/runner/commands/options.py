@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from ddiff._errors import RecipeError, RunDirectoryError
 
 OVERRIDES_HELP = (
@@ -17,17 +19,31 @@ OVERRIDES_HELP = (
 MAX_SAMPLES = 2**31 - 1
 """Sample indices fold into 32-bit keys (:func:`ddiff.sample_keys`)."""
 
+MAX_INTEGER = 2**63 - 1
+"""The largest integer an option takes (a signed 64-bit integer)."""
+
+MAX_MAGNITUDE = float(np.finfo(np.float32).max)
+"""The largest magnitude of a real-valued option: the device computes in float32."""
+
 
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [minimum, maximum]."""
+    """An argparse type: an integer in [minimum, maximum] (``maximum`` at most
+    :data:`MAX_INTEGER`), its length bounded before conversion."""
+    highest = MAX_INTEGER if maximum is None else min(maximum, MAX_INTEGER)
 
     def parse(text: str) -> int:
+        digits = text.strip()
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        if len(digits) > len(str(MAX_INTEGER)) + 1 and digits.lstrip("+-").isdigit():
+            raise argparse.ArgumentTypeError(
+                f"must be >= {minimum}{upper}, got an integer of {len(digits)} characters"
+            )
         try:
-            value = int(text.strip())
+            value = int(digits)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and <= {maximum}" if maximum is not None else ""
+        if value < minimum or value > highest:
+            upper = f" and <= {highest}" if maximum is not None or value > highest else ""
             raise argparse.ArgumentTypeError(f"must be >= {minimum}{upper}, got {value}")
         return value
 
@@ -35,13 +51,16 @@ def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
 
 
 def finite(text: str) -> float:
-    """An argparse type: a finite real number."""
+    """An argparse type: a finite real number of magnitude at most :data:`MAX_MAGNITUDE`,
+    checked in float64."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if abs(value) > MAX_MAGNITUDE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_MAGNITUDE:.3g} in magnitude, got {text!r}")
     return value
 
 
