@@ -61,6 +61,9 @@ def test_a_users_recipe_in_the_run_directory_is_moved_aside(tiny_recipe, tmp_pat
     assert (workdir / "recipe.yaml").read_text() == tiny_recipe.to_yaml()
     prepare_workdir(workdir, tiny_recipe).release()  # its own recipe now: nothing moved
     assert "moved" not in capsys.readouterr().out and not (workdir / "recipe.user-2.yaml").exists()
+    (workdir / "metrics.jsonl").write_text('{"step": 2, "split": "train", "loss": 1.0}\n')
+    prepare_workdir(workdir, tiny_recipe).release()  # died before its first checkpoint: said
+    assert "never reached a checkpoint; starting it afresh (the attempt's metrics.jsonl lines to step 2 are dropped)" in capsys.readouterr().out
 
 
 def test_plot_never_writes_over_a_file_without_overwrite_nor_over_data(run_copy, capsys):

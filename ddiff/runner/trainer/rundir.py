@@ -370,6 +370,12 @@ def _check_recipe(workdir: Path, recipe: Recipe, note: Callable[[str], None]) ->
         return  # a recipe of the user's own, moved aside before the run's is written
     changes = recipe_changes(saved, recipe.resolved)
     if not changes:
+        step = None if checkpointed else _last_step(workdir / METRICS_FILE)
+        if step is not None:
+            note(
+                f"ddiff: {workdir} never reached a checkpoint; starting it afresh (the "
+                f"attempt's {METRICS_FILE} lines to step {step} are dropped)"
+            )
         return
     if not checkpointed:
         note(
