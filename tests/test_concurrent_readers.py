@@ -12,7 +12,7 @@ import numpy as np
 from conftest import TINY_OVERRIDES
 
 import ddiff.runner
-from ddiff.runner import main
+from ddiff.runner import checkpoint, main
 from ddiff.runner.files import atomic_write_text, reserved_path, unused_path
 from ddiff.runner.trainer import loop, sampling
 
@@ -40,11 +40,33 @@ def test_readers_remove_create_and_write_nothing_under_checkpoints(full_run, tmp
     assert int(state.step) == 6
     assert main(["eval", str(workdir), "--output", "mine.json"]) == 0
     assert _tree(workdir / "checkpoints") == before
+    busy = workdir / "samples" / "sample_step00000006_seed0"
+    with reserved_path(busy, (".txt", ".npy", ".json")):
+        assert main(["sample", str(workdir), "--num", "4"]) == 0
+    assert sorted(p.name for p in (workdir / "samples").glob("sample_step*")) == [
+        f"sample_step00000006_seed0-2{ext}" for ext in (".json", ".npy", ".txt")
+    ]
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "recipe.yaml").write_text((workdir / "recipe.yaml").read_text())
     assert main(["eval", str(empty)]) == 2
     assert sorted(p.name for p in empty.iterdir()) == ["recipe.yaml"]
+
+
+def test_a_checkpoint_dropped_while_read_sends_the_reader_to_the_newest(full_run, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run[0], workdir)
+    shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / "7")
+    restore = checkpoint._restore_step
+
+    def dropped_by_the_trainer(manager, step, template):
+        if step == 7:
+            shutil.rmtree(Path(manager.directory) / "7")
+        return restore(manager, step, template)
+
+    monkeypatch.setattr(checkpoint, "_restore_step", dropped_by_the_trainer)
+    assert int(ddiff.runner.load_run(workdir)[1].step) == 6
+    assert "damaged" not in capsys.readouterr().err
 
 
 def test_concurrent_reservations_get_distinct_names(tmp_path):
