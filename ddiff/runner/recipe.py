@@ -188,8 +188,9 @@ def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text safely; errors become one-line :class:`RecipeError`. Nesting and
     the size with aliases expanded are bounded (:data:`MAX_DEPTH`, :data:`MAX_NODES`);
     every list and mapping of the result is its own object (aliases are copies)."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -201,7 +202,8 @@ def parse_yaml(text: str, source: str) -> Any:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise RecipeError(f"invalid YAML at {where}: {problem}", source=source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,8 @@ and turned into a :class:`ddiff.Conditioning`. Every refusal is one
 :class:`~ddiff.RecipeError` naming the option."""
 
 import dataclasses
+import os
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +40,38 @@ class SampleOptions:
     max_length: int | None = None
 
 
+MAX_GUIDANCE = 1e6
+"""The largest guidance weight |w|: (1 + w) cond - w uncond stays finite in float32."""
+
+
 def _refuse(message: str) -> RecipeError:
     return RecipeError(message, source="command line")
+
+
+def _check_token_range(low: int, high: int, vocab_size: int) -> None:
+    if low < -1 or high >= vocab_size:
+        raise _refuse(
+            f"given token ids must be in 0..{vocab_size - 1} (or -1 for a free position), "
+            f"got {low}..{high}"
+        )
+
+
+def _load_fixed(path: str) -> np.ndarray:
+    """The ``--fixed`` array: a regular .npy file (not a device, FIFO or .npz archive)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise _refuse(f"--fixed {path}: cannot read a .npy array ({error.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise _refuse(f"--fixed {path}: not a regular file; give a .npy array file")
+    try:
+        given = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise _refuse(f"--fixed {path}: cannot read a .npy array ({error})") from None
+    if not isinstance(given, np.ndarray):
+        given.close()
+        raise _refuse(f"--fixed {path}: an .npz archive; give one .npy array (np.save)")
+    return given
 
 
 def given_tokens(
@@ -54,13 +86,11 @@ def given_tokens(
             raise _refuse(f"--prefix {options.prefix!r} is not a list of token ids") from None
         if not prefix or len(prefix) > seq_len:
             raise _refuse(f"--prefix needs 1 to {seq_len} token ids, got {len(prefix)}")
+        _check_token_range(min(prefix), max(prefix), vocab_size)
         given = np.full((1, seq_len), -1, np.int64)
         given[0, : len(prefix)] = prefix
     elif options.fixed is not None:
-        try:
-            given = np.load(options.fixed, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise _refuse(f"--fixed {options.fixed}: cannot read a .npy array ({error})") from None
+        given = _load_fixed(options.fixed)
         if not np.issubdtype(given.dtype, np.integer):
             raise _refuse(f"--fixed {options.fixed}: needs integer token ids, got {given.dtype}")
         if given.shape not in ((seq_len,), (num, seq_len)):
@@ -71,11 +101,7 @@ def given_tokens(
         given = given.reshape(-1, seq_len)
     else:
         return None
-    if given.min() < -1 or given.max() >= vocab_size:
-        raise _refuse(
-            f"given token ids must be in 0..{vocab_size - 1} (or -1 for a free position), "
-            f"got {int(given.min())}..{int(given.max())}"
-        )
+    _check_token_range(int(given.min()), int(given.max()), vocab_size)
     return np.maximum(given, 0).astype(np.int32), given >= 0
 
 
@@ -88,6 +114,8 @@ def build_conditioning(
     data = recipe.data
     info: dict[str, object] = {}
     labels = None
+    if not abs(options.guidance) <= MAX_GUIDANCE:
+        raise _refuse(f"--guidance must be in -{MAX_GUIDANCE:g}..{MAX_GUIDANCE:g}, got {options.guidance:g}")
     if options.label is not None:
         if data.num_classes == 0:
             raise _refuse(
