@@ -2,6 +2,7 @@
 reserved atomically, and a samples/ folder removed mid-run is made again."""
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import numpy as np
+import pytest
 from conftest import TINY_OVERRIDES
 
 import ddiff.runner
-from ddiff.runner import checkpoint, main
+from ddiff.runner import RunDirectoryError, checkpoint, main
 from ddiff.runner.files import atomic_write_text, reserved_path, unused_path
 from ddiff.runner.trainer import loop, sampling
 
@@ -90,6 +92,16 @@ def test_concurrent_reservations_get_distinct_names(tmp_path):
     with reserved_path(tmp_path / "s", (".txt", ".npy")) as first, reserved_path(tmp_path / "s", (".txt", ".npy")) as second:
         assert first != second and unused_path(tmp_path / "s", (".txt",)) not in (first, second)
     assert not list(tmp_path.glob(".*"))
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(RunDirectoryError, match=r"cannot write in .* \(Permission denied\); make it writable"):
+        with reserved_path(tmp_path / "eval_step00000006.json"):
+            pass
 
 
 def test_eval_beside_training_then_the_run_is_bitwise_an_uninterrupted_one(full_run, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ training run that writes it.
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -47,11 +48,20 @@ def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
 def checkpoint_reader(workdir: Path) -> ocp.CheckpointManager:
     """A read-only orbax manager for ``workdir/checkpoints``: it restores, and removes,
     creates or writes nothing (a save in flight beside it, its temporary directory
-    included, is left alone)."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None)
-    return ocp.CheckpointManager(
-        (Path(workdir) / CHECKPOINT_DIR).absolute(), options=options, item_names=("state", "data")
+    included, is left alone). Orbax's warnings that the directory is read-only, which is
+    what is asked, are not shown."""
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, max_to_keep=None, save_interval_steps=0
     )
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(
+            (Path(workdir) / CHECKPOINT_DIR).absolute(), options=options, item_names=("state", "data")
+        )
+    finally:
+        absl.setLevel(level)
 
 
 def _leaves(state: Any) -> dict[str, jax.Array]:

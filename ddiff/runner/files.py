@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddiff._errors import RunDirectoryError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, and rename it
@@ -69,21 +71,26 @@ def reserved_path(path: Path, suffixes: tuple[str, ...] = ("",), *, reserve: boo
     file system), so two commands started together get two names; the block writes the
     files, and the marker is removed after it. A name whose files appeared between the
     look and the reservation (a command that had just finished) is passed over. The
-    folder is created if missing. ``reserve=False`` (the processes of a multi-process run
+    folder is created if missing; one that cannot be written raises
+    ``RunDirectoryError``. ``reserve=False`` (the processes of a multi-process run
     that write nothing) only looks."""
     if not reserve:
         yield unused_path(path, suffixes)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     number = 1
     while True:
         candidate = numbered(path, number)
         marker = _reservation(candidate)
         if not _taken(candidate, suffixes):
             try:
+                candidate.parent.mkdir(parents=True, exist_ok=True)
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             except FileExistsError:
                 pass
+            except OSError as error:
+                raise RunDirectoryError(
+                    f"cannot write in {candidate.parent} ({error.strerror}); make it writable"
+                ) from None
             else:
                 if not _taken(candidate, suffixes):
                     break
