@@ -96,12 +96,12 @@ def test_devices_fifos_and_large_files_are_refused_without_reading(tiny_override
     with open(large, "wb") as file:
         file.truncate(5 * 2**20)
     for path, expected in (
-        ("/dev/zero", "not a regular file"),
-        ("/dev/urandom", "not a regular file"),
-        (str(fifo), "not a regular file"),
+        ("/dev/zero", "is not a regular file"),
+        ("/dev/urandom", "is not a regular file"),
+        (str(fifo), "is not a regular file"),
         (str(large), "larger than 4 MiB"),
     ):
-        _one_line(capsys, main(["recipe", "show", path]), f"{path}: ")
+        _one_line(capsys, main(["recipe", "show", path]), f"{path}: {expected}")
     workdir = tmp_path / "run"
     for kind in ("text_file", "token_file"):
         for path in ("/dev/zero", str(fifo)):

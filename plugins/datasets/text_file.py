@@ -11,7 +11,6 @@ import ddiff
 from ddiff_plugins.datasets.splits import TokenWindows, check_held_out_keys, held_out_tail
 from ddiff_plugins.datasets.windows import AbstractCharacterSource
 
-
 MAX_TEXT_BYTES = 2**30
 """The largest text file read into memory (1 GiB, 4 GiB once encoded); larger corpora
 are written as a ``token_file``."""
