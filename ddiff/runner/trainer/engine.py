@@ -16,6 +16,7 @@ from ddiff._errors import RecipeError
 from ddiff._model import DiffusionModel
 from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput
 from ddiff.runner.mesh import global_batch, make_mesh, to_host
+from ddiff.runner.model import initial_model
 from ddiff.runner.quality import Judge, sample_key, score_samples
 from ddiff.runner.recipe import Recipe
 from ddiff.runner.trainer.compiled import Bound, compiled
@@ -79,6 +80,13 @@ class Engine:
         }
 
     # ------------------------------------------------------------------ state and batches
+
+    def check_model(self) -> None:
+        """Build the recipe's model abstractly (``eqx.filter_eval_shape``: shapes only, no
+        parameter allocated), so that what only the built network can tell (its
+        capabilities against the objective's and the sampler's) is refused before
+        anything is written."""
+        eqx.filter_eval_shape(initial_model, self.recipe)
 
     def init_state(self) -> TrainState:
         """A fresh state of the recipe's seed, laid out on the mesh."""

@@ -75,6 +75,7 @@ class Trainer:
         The directory is locked for the run (:class:`~ddiff.runner.trainer.rundir.RunLock`).
         SIGTERM or SIGINT saves a checkpoint and raises :class:`Stopped`. Ends with a
         summary of where the results are."""
+        self.engine.check_model()
         lock = self.prepare_workdir(fresh=fresh)
         try:
             state = self._run(stop_at_step)
