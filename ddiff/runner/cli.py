@@ -10,6 +10,7 @@ Recipe overrides (``key.path=value``) may stand before or after the options.
 import argparse
 import difflib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -22,6 +23,7 @@ from ddiff._config import set_typecheck
 from ddiff._errors import DdiffError
 from ddiff._registry import default_registry
 from ddiff.runner.commands import COMMANDS
+from ddiff.runner.trainer.signals import CommandSignals
 
 QUIET_ABOUT_PLUGINS = ("plot", "plugins")
 """Commands that never warn about plugins that failed to import (``plugins`` lists them)."""
@@ -151,7 +153,19 @@ def _quiet_broken_pipe() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ddiff`` command: parse ``argv`` (default: the command line), run the command,
-    and return the exit status (2 with one line on stderr for a user's mistake)."""
+    and return the exit status (2 with one line on stderr for a user's mistake). SIGINT
+    or SIGTERM at any moment ends it with one line and status 128 + the signal's number,
+    its temporary files removed (:class:`~ddiff.runner.trainer.signals.CommandSignals`)."""
+    with CommandSignals():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as error:
+            signum = getattr(error, "signum", signal.SIGINT)
+            print(f"ddiff: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         try:
             args = _parse(build_parser(), argv)
@@ -173,9 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).replace("\r", "\\r").replace("\n", "\\n")
         print(f"{prefix}{message}", file=sys.stderr)
         return status
-    except KeyboardInterrupt:
-        print("ddiff: interrupted", file=sys.stderr)
-        return 130
     return 0
 
 

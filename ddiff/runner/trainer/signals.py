@@ -1,4 +1,6 @@
-"""Stopping on SIGTERM or SIGINT at a step boundary, after a checkpoint."""
+"""Stopping on SIGTERM or SIGINT: at once outside a training loop (:class:`Interrupted`,
+which unwinds through every command's clean-up), at a step boundary after a checkpoint
+within one (:class:`StopSignals`)."""
 
 import signal
 import threading
@@ -20,12 +22,56 @@ class Stopped(DdiffError):
         )
 
 
-class StopSignals:
-    """Within the block, the first SIGTERM or SIGINT sets ``received`` (the loop saves and
-    stops at the next step boundary); a second one interrupts at once."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM received outside a training loop (``signum``): the command
+    stops, removing its temporary files on the way out as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_first_received: list[int] = []
+"""The first stop signal this process received under :class:`CommandSignals` (empty: none)."""
+
+
+class CommandSignals:
+    """Within the block (a whole ``ddiff`` command, from its first line), SIGTERM and
+    SIGINT raise :class:`Interrupted`, even where the process was started with SIGINT
+    ignored (a background job of a script), and the first one is remembered: a signal
+    whose exception some library swallowed still stops a training loop at its first step
+    boundary (:class:`StopSignals`). The previous handlers come back after the block."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not _first_received:
+            _first_received.append(signum)
+        raise Interrupted(signum)
+
+    def __enter__(self) -> "CommandSignals":
+        _first_received.clear()
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        _first_received.clear()
+
+
+class StopSignals:
+    """Within the block, the first SIGTERM or SIGINT sets ``received`` (the loop saves and
+    stops at the next step boundary); a second one interrupts at once. A signal received
+    earlier in the command (:class:`CommandSignals`) counts as the first."""
+
+    def __init__(self) -> None:
+        self.received: int | None = _first_received[0] if _first_received else None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -35,7 +81,7 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -1,0 +1,62 @@
+"""Ctrl-C and SIGTERM at any moment of a command, sizes and names that cannot be written:
+each one line, nothing half-written left behind."""
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from conftest import TINY_OVERRIDES
+from ddiff.runner.cli import main
+from ddiff.runner.commands import run as run_command
+from ddiff.runner.trainer import sampling
+
+TINY_RUN = ["recipes/quickstart.yaml", *TINY_OVERRIDES]
+
+
+def _leftovers(directory):
+    return sorted(path.name for path in directory.iterdir() if ".tmp" in path.name or path.name.endswith(".reserved"))
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_command, "load_recipe", interrupted)
+    assert main(["run", *TINY_RUN, "--workdir", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.splitlines() == ["ddiff: interrupted by SIGINT"]
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_run_at_its_first_step(tmp_path, monkeypatch, capsys):
+    """A library that catches the interrupt of an early Ctrl-C cannot make the run go on."""
+    load_recipe = run_command.load_recipe
+
+    def swallowed(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        return load_recipe(*args, **kwargs)
+
+    monkeypatch.setattr(run_command, "load_recipe", swallowed)
+    assert main(["run", *TINY_RUN, "--workdir", str(tmp_path / "run")]) == 130
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ddiff:")]
+    assert line.startswith("ddiff: stopped by SIGINT at step 0; checkpoint saved")
+
+
+def test_sigterm_during_sample_removes_its_temporary_files(full_run, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run[0], workdir)
+    before = sorted(path.name for path in (workdir / "samples").iterdir())
+    add = sampling.SampleWriter.add
+
+    def terminated(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sampling.SampleWriter, "add", terminated)
+    assert main(["sample", str(workdir), "--num", "4", "--batch-size", "2"]) == 143
+    assert capsys.readouterr().err.splitlines() == ["ddiff: interrupted by SIGTERM"]
+    assert sorted(path.name for path in (workdir / "samples").iterdir()) == before
+    assert _leftovers(workdir / "samples") == []
