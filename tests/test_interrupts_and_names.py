@@ -60,3 +60,15 @@ def test_sigterm_during_sample_removes_its_temporary_files(full_run, tmp_path, m
     assert capsys.readouterr().err.splitlines() == ["ddiff: interrupted by SIGTERM"]
     assert sorted(path.name for path in (workdir / "samples").iterdir()) == before
     assert _leftovers(workdir / "samples") == []
+
+
+def test_sample_num_beyond_the_disk_is_one_line_before_any_file(full_run, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run[0], workdir)
+    before = sorted(path.name for path in (workdir / "samples").iterdir())
+    monkeypatch.setattr(sampling.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**31, 2**30, 2**30))
+    assert main(["sample", str(workdir), "--num", "2147483647"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("ddiff: error: 2147483647 samples of 8 tokens need 64.0 GiB for sample_step")
+    assert line.endswith("has 1.0 GiB free; draw fewer samples (--num) or free disk space")
+    assert sorted(path.name for path in (workdir / "samples").iterdir()) == before

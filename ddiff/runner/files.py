@@ -2,13 +2,10 @@
 leaves the previous version in place; and numbered output names reserved atomically, so
 that two commands writing beside each other never pick the same one."""
 
-import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
 
 from ddiff._errors import RunDirectoryError
 
@@ -29,11 +26,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """The ``.npy`` file of ``array``, in memory."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
+def gibibytes(size: int) -> str:
+    """``size`` bytes in GiB, as a user reads it (``256.0 GiB``)."""
+    return f"{size / 2**30:.1f} GiB"
 
 
 def numbered(path: Path, number: int) -> Path:

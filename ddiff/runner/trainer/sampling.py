@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
+from ddiff._errors import RunDirectoryError
 from ddiff._layers import gather_for_forward
 from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput, sample_keys
 from ddiff._sharding import BATCH_AXES
-from ddiff.runner.files import atomic_write_bytes, npy_bytes
+from ddiff.runner.files import atomic_write_bytes, gibibytes
 from ddiff.runner.images import image_grid, png_bytes
 from ddiff.runner.mesh import BATCH_SPEC, replicated, tree_specs
 from ddiff.runner.recipe import Recipe
@@ -153,7 +155,10 @@ class SampleWriter:
     :data:`GRID_IMAGES`. Samples of a variable-length sampler (``seq_len``: their most
     positions) are written up to their length in the text, hold ``ddiff.PAD_TOKEN`` (-1)
     after it in the .npy, and list their ``lengths`` in the .json when some are shorter. Every file is written beside its place and renamed into it when
-    complete (:meth:`close`): an interrupted run leaves no half-written file. A
+    complete (:meth:`close`): an interrupted run leaves no half-written file. Both are
+    appended to batch by batch (nothing of the size of all samples is mapped or held),
+    and a run whose .npy alone would not fit on the disk is refused before any file is
+    made. A
     ``samples/`` folder removed meanwhile (its temporary files with it) is made again and
     the files written whole from what the writer holds open. Process 0 writes; the others
     only count."""
@@ -184,12 +189,25 @@ class SampleWriter:
         if not self.writing:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._check_space()
         tag = f".tmp-{os.getpid()}"
         self.temporary = {ext: self.directory / f".{name}{ext}{tag}" for ext in (".txt", ".npy")}
         self.text = open(self.temporary[".txt"], "w+", encoding="utf-8")  # noqa: SIM115
-        self.array = np.lib.format.open_memmap(
-            self.temporary[".npy"], mode="w+", dtype=np.int32, shape=(num_samples, self.seq_len)
-        )
+        self.array = open(self.temporary[".npy"], "w+b")  # noqa: SIM115
+        header = {"descr": np.dtype("<i4").str, "fortran_order": False, "shape": (num_samples, self.seq_len)}
+        np.lib.format.write_array_header_1_0(self.array, header)
+
+    def _check_space(self) -> None:
+        """Refuse samples whose .npy (N x D x 4 bytes) the disk under ``samples/`` cannot
+        hold, before any file is made."""
+        needed = self.num_samples * self.seq_len * 4
+        free = shutil.disk_usage(self.directory).free
+        if needed > free:
+            raise RunDirectoryError(
+                f"{self.num_samples} samples of {self.seq_len} tokens need {gibibytes(needed)} "
+                f"for {self.name}.npy and {self.directory} has {gibibytes(free)} free; draw fewer "
+                f"samples (--num) or free disk space"
+            )
 
     @property
     def path(self) -> Path:
@@ -208,7 +226,7 @@ class SampleWriter:
             return
         self.statistics.add(tokens, lengths)
         self.lengths.append(lengths)
-        self.array[self.written : self.written + len(tokens)] = tokens
+        self.array.write(np.ascontiguousarray(tokens, np.dtype("<i4")).tobytes())
         self.text.write(
             "".join(self.recipe.data.decode(row[:length]) + "\n" for row, length in zip(tokens, lengths, strict=True))
         )
@@ -227,10 +245,11 @@ class SampleWriter:
         self.text.flush()
         os.fsync(self.text.fileno())
         self.array.flush()
+        os.fsync(self.array.fileno())
         self._place(".txt", self._text_bytes)
-        self._place(".npy", lambda: npy_bytes(np.asarray(self.array)))
+        self._place(".npy", self._array_bytes)
         self.text.close()
-        del self.array
+        self.array.close()
         stats: dict[str, Any] = dict(self.statistics.result())
         stats["num_function_evals"] = self.num_function_evals
         stats["num_samples"] = self.num_samples
@@ -249,6 +268,10 @@ class SampleWriter:
     def _text_bytes(self) -> bytes:
         self.text.seek(0)
         return self.text.read().encode()
+
+    def _array_bytes(self) -> bytes:
+        self.array.seek(0)
+        return self.array.read()
 
     def _place(self, ext: str, content: Callable[[], bytes]) -> None:
         """Rename the temporary ``ext`` file into place; when ``samples/`` was removed
@@ -276,7 +299,7 @@ class SampleWriter:
         if not self.writing:
             return
         self.text.close()
-        self.array = None
+        self.array.close()
         for temporary in self.temporary.values():
             temporary.unlink(missing_ok=True)
 
