@@ -4,12 +4,14 @@ each one line, nothing half-written left behind."""
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
 from conftest import TINY_OVERRIDES
 from ddiff.runner.cli import main
 from ddiff.runner.commands import run as run_command
+from ddiff.runner.files import reserved_path
 from ddiff.runner.trainer import sampling
 
 TINY_RUN = ["recipes/quickstart.yaml", *TINY_OVERRIDES]
@@ -72,3 +74,34 @@ def test_sample_num_beyond_the_disk_is_one_line_before_any_file(full_run, tmp_pa
     assert line.startswith("ddiff: error: 2147483647 samples of 8 tokens need 64.0 GiB for sample_step")
     assert line.endswith("has 1.0 GiB free; draw fewer samples (--num) or free disk space")
     assert sorted(path.name for path in (workdir / "samples").iterdir()) == before
+
+
+def test_quality_and_diagnose_pass_over_a_name_another_command_holds(full_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run[0], workdir)
+    with reserved_path(workdir / "quality", (".json", ".png")) as held:
+        assert main(["quality", str(workdir), "--sampler", "ancestral", "--steps", "2", "--num", "4"]) == 0
+        assert not Path(f"{held}.json").exists()
+    assert (workdir / "quality-2.json").exists() and (workdir / "quality-2.png").exists()
+    with reserved_path(workdir / "diagnose.json") as held:
+        assert main(["diagnose", str(workdir), "--objective", "md4_elbo", "--batches", "1"]) == 0
+        assert not held.exists()
+    assert (workdir / "diagnose-2.json").exists()
+    assert _leftovers(workdir) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "{run}", "--name", "s" * 250],
+        ["diagnose", "{run}", "--objective", "md4_elbo", "--output", "{run}/" + "d" * 250 + ".json"],
+        ["eval", "{run}", "--output", "e" * 300 + ".json"],
+    ],
+    ids=["sample", "diagnose", "eval"],
+)
+def test_a_name_too_long_for_the_file_system_is_one_line(full_run, command, capsys):
+    before = sorted(path.name for path in full_run[0].rglob("*"))
+    assert main([part.replace("{run}", str(full_run[0])) for part in command]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("ddiff: error: ") and "too long" in line and line.endswith("choose a shorter name")
+    assert sorted(path.name for path in full_run[0].rglob("*")) == before

@@ -9,6 +9,7 @@ Recipe overrides (``key.path=value``) may stand before or after the options.
 
 import argparse
 import difflib
+import errno
 import os
 import signal
 import sys
@@ -181,6 +182,16 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        name = os.fsdecode(error.filename or "")
+        print(
+            f"ddiff: error: {os.path.basename(name)[:32]}...: file name too long for the file "
+            f"system of {os.path.dirname(name) or '.'}; choose a shorter name",
+            file=sys.stderr,
+        )
+        return 2
     except DdiffError as error:
         status = getattr(error, "exit_status", 2)
         prefix = "ddiff: " if status != 2 else "ddiff: error: "

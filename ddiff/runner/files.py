@@ -7,13 +7,40 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ddiff._errors import RunDirectoryError
+from ddiff._errors import RecipeError, RunDirectoryError
+
+PID_DIGITS = 7
+"""Most digits of a process id (Linux's ``pid_max`` is at most 2**22)."""
+
+
+def _temporary_name(name: str, pid: str) -> str:
+    return f".{name}.tmp-{pid}"
+
+
+def check_name_fits(path: Path, option: str, suffix: str = "") -> None:
+    """Refuse an output ``path`` (written as ``path + suffix``) whose name, or that of the
+    temporary file written beside it (:func:`atomic_write_bytes`), is longer than its
+    folder's file system allows (``NAME_MAX``, 255 bytes on most), before anything is
+    computed."""
+    try:
+        limit = os.pathconf(path.parent if str(path.parent) else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(os.fsencode(_temporary_name(path.name + suffix, "9" * PID_DIGITS)))
+    if longest > limit:
+        allowed = len(os.fsencode(path.name)) - (longest - limit)
+        raise RecipeError(
+            f"{option} {path.name[:32]}...: a name of {len(os.fsencode(path.name))} bytes is too long "
+            f"for the file system of {path.parent} (at most {allowed} here, with the temporary name "
+            f"written beside it); choose a shorter name",
+            source="command line",
+        )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, and rename it
     over ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(_temporary_name(path.name, str(os.getpid())))
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()

@@ -16,7 +16,7 @@ from ddiff.runner.commands.options import (
     output_path,
 )
 from ddiff.runner.diagnose import diagnose, format_diagnosis, parse_objective
-from ddiff.runner.files import atomic_write_text, unused_path
+from ddiff.runner.files import atomic_write_text, check_name_fits, reserved_path
 from ddiff.runner.model import initial_model
 from ddiff.runner.recipe import load_recipe
 from ddiff.runner.trainer.rundir import load_run
@@ -61,9 +61,15 @@ def run(args: argparse.Namespace) -> None:
     if not target.exists():
         raise RecipeError("no such run directory or recipe file", source=str(target))
     if args.output is not None:
-        output = output_path(Path(args.output), "--output", args.overwrite)
-    else:
-        output = unused_path((target if target.is_dir() else Path(".")) / "diagnose.json")
+        check_name_fits(Path(args.output), "--output")
+        _diagnose(args, target, overrides, output_path(Path(args.output), "--output", args.overwrite))
+        return
+    with reserved_path((target if target.is_dir() else Path(".")) / "diagnose.json") as output:
+        _diagnose(args, target, overrides, output)
+
+
+def _diagnose(args: argparse.Namespace, target: Path, overrides: list[str], output: Path) -> None:
+    """Diagnose and write the result to ``output``."""
     if target.is_dir():
         recipe, state = load_run(target, tuple(overrides))
         model = state.model if args.no_ema else state.ema

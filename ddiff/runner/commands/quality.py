@@ -18,7 +18,7 @@ from ddiff.runner.commands.options import (
     output_path,
     run_directory,
 )
-from ddiff.runner.files import unused_path
+from ddiff.runner.files import check_name_fits, reserved_path
 from ddiff.runner.quality_sweep import (
     QUALITY_FILE,
     format_table,
@@ -102,10 +102,19 @@ def run(args: argparse.Namespace) -> None:
     specs = [parse_sampler(text) for text in args.sampler]
     steps = parse_steps(args.steps)
     if args.output is not None:
+        check_name_fits(Path(args.output), "--output")
+        check_name_fits(Path(args.output).with_suffix(".png"), "--output")
         output = output_path(Path(args.output), "--output", args.overwrite)
-    else:
-        stem = unused_path(workdir / Path(QUALITY_FILE).stem, (".json", ".png"))
-        output = stem.with_name(f"{stem.name}.json")
+        _sweep(args, workdir, specs, steps, output)
+        return
+    with reserved_path(workdir / Path(QUALITY_FILE).stem, (".json", ".png")) as stem:
+        _sweep(args, workdir, specs, steps, stem.with_name(f"{stem.name}.json"))
+
+
+def _sweep(
+    args: argparse.Namespace, workdir: Path, specs: list[dict[str, Any]], steps: tuple[int, ...], output: Path
+) -> None:
+    """Sweep and write the table to ``output`` and its plot beside it."""
     recipe, state = load_run(workdir, tuple(args.overrides))
     judge = load_judge(args.judge, recipe) if args.judge else None
     about = {

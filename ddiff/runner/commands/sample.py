@@ -19,7 +19,7 @@ from ddiff.runner.commands.options import (
     integer,
     run_directory,
 )
-from ddiff.runner.files import reserved_path
+from ddiff.runner.files import check_name_fits, reserved_path
 from ddiff.runner.recipe import read_recipe_file
 from ddiff.runner.sample_options import SampleOptions, build_conditioning, sample_length
 from ddiff.runner.trainer.engine import Engine
@@ -104,6 +104,7 @@ def _check_name(args: argparse.Namespace, directory: Path) -> None:
     --overwrite)."""
     if not args.name or Path(args.name).name != args.name:
         raise RecipeError(f"--name {args.name!r} must be a plain file name", source="command line")
+    check_name_fits(directory / args.name, "--name", max(SUFFIXES, key=len))
     taken = [directory / f"{args.name}{suffix}" for suffix in SUFFIXES]
     if not args.overwrite and any(path.exists() for path in taken):
         raise RecipeError(
