@@ -3,6 +3,7 @@ enumerable toy distributions of :mod:`ddiff.testing` (optionally class-condition
 
 import abc
 import math
+import os
 from typing import Literal
 
 import equinox as eqx
@@ -51,13 +52,57 @@ class AbstractSyntheticSource(ddiff.AbstractDataSource):
         return self._splits[name]
 
 
+DRAW_BYTES_PER_TOKEN = 12
+"""A draw holds each token as an int32 beside the float64 uniform it is drawn from."""
+
+CHAIN_BYTES_PER_ENTRY = 48
+"""Building the chain holds about six V x V float64 tables: the Dirichlet draws, the
+transition matrix, its cumulative sums and the complex eigenvectors of the stationary
+distribution."""
+
+
+def _machine_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _in_units(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024:
+            return f"{count:.3g} {unit}"
+        count /= 1024
+    return f"{count:.3g} PiB"
+
+
+def check_fits(name: str, count: float, what: str) -> None:
+    """Refuse a table of ``count`` bytes (``what`` it is) larger than this machine's
+    physical memory, before anything of it is allocated.
+
+    Raises:
+        RecipeError: at ``name``, the size to lower.
+    """
+    available = _machine_bytes()
+    if count > available:
+        raise ddiff.RecipeError(
+            f"{what} needs about {_in_units(count)}, more than this machine's {_in_units(available)} "
+            f"of memory; lower {name}",
+            path=name,
+        )
+
+
 def _check_sizes(source: AbstractSyntheticSource) -> None:
-    """Refuse sizes that make no data set (the first check of every synthetic source,
-    since its others read the distribution those sizes define)."""
+    """Refuse sizes that make no data set, or draws that cannot fit in memory (the first
+    check of every synthetic source, since its others read the distribution those sizes
+    define)."""
     ddiff.check_at_least("num_symbols", source.num_symbols, 2)
     ddiff.check_at_least("length", source.length)
     ddiff.check_at_least("num_train", source.num_train)
     ddiff.check_at_least("num_eval", source.num_eval)
+    count = max(source.num_train, source.num_eval)
+    check_fits(
+        "length" if source.length >= count else ("num_train" if count == source.num_train else "num_eval"),
+        DRAW_BYTES_PER_TOKEN * count * source.length,
+        f"drawing {count} sequences of {source.length} tokens",
+    )
 
 
 class MarkovChainSource(AbstractSyntheticSource):
@@ -87,6 +132,11 @@ class MarkovChainSource(AbstractSyntheticSource):
 
     def __check_init__(self) -> None:
         _check_sizes(self)
+        check_fits(
+            "num_symbols",
+            CHAIN_BYTES_PER_ENTRY * self.num_symbols**2,
+            f"the {self.num_symbols} x {self.num_symbols} transition matrix",
+        )
         if not self.concentration > 0:
             raise ddiff.RecipeError(
                 f"concentration must be positive, got {self.concentration}", path="concentration"

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 from ddiff._errors import RecipeError
 from ddiff._model import DiffusionModel
 from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput
+from ddiff.runner.memory import check_training_fits, mesh_bytes
 from ddiff.runner.mesh import global_batch, make_mesh, to_host
 from ddiff.runner.model import initial_model
 from ddiff.runner.quality import Judge, sample_key, score_samples
@@ -85,8 +86,10 @@ class Engine:
         """Build the recipe's model abstractly (``eqx.filter_eval_shape``: shapes only, no
         parameter allocated), so that what only the built network can tell (its
         capabilities against the objective's and the sampler's) is refused before
-        anything is written."""
-        eqx.filter_eval_shape(initial_model, self.recipe)
+        anything is written, and so is a training step too large for this machine's
+        memory (:func:`~ddiff.runner.memory.check_training_fits`)."""
+        shapes = eqx.filter_eval_shape(initial_model, self.recipe)
+        check_training_fits(self.recipe, shapes, mesh_bytes(list(self.mesh.devices.flat)))
 
     def init_state(self) -> TrainState:
         """A fresh state of the recipe's seed, laid out on the mesh."""
