@@ -1,24 +1,33 @@
 """Ctrl-C and SIGTERM at any moment of a command, sizes and names that cannot be written:
 each one line, nothing half-written left behind."""
 
+import io
 import os
 import shutil
 import signal
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
-
 from conftest import TINY_OVERRIDES
+
+import ddiff
 from ddiff.runner.cli import main
 from ddiff.runner.commands import run as run_command
 from ddiff.runner.files import reserved_path
 from ddiff.runner.trainer import sampling
+from ddiff_plugins import datasets
 
 TINY_RUN = ["recipes/quickstart.yaml", *TINY_OVERRIDES]
 
 
 def _leftovers(directory):
-    return sorted(path.name for path in directory.iterdir() if ".tmp" in path.name or path.name.endswith(".reserved"))
+    return sorted(
+        path.name
+        for path in directory.iterdir()
+        if ".tmp" in path.name or path.name.endswith(".reserved")
+    )
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
@@ -64,14 +73,20 @@ def test_sigterm_during_sample_removes_its_temporary_files(full_run, tmp_path, m
     assert _leftovers(workdir / "samples") == []
 
 
-def test_sample_num_beyond_the_disk_is_one_line_before_any_file(full_run, tmp_path, monkeypatch, capsys):
+def test_sample_num_beyond_the_disk_is_one_line_before_any_file(
+    full_run, tmp_path, monkeypatch, capsys
+):
     workdir = tmp_path / "run"
     shutil.copytree(full_run[0], workdir)
     before = sorted(path.name for path in (workdir / "samples").iterdir())
-    monkeypatch.setattr(sampling.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**31, 2**30, 2**30))
+    monkeypatch.setattr(
+        sampling.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**31, 2**30, 2**30)
+    )
     assert main(["sample", str(workdir), "--num", "2147483647"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("ddiff: error: 2147483647 samples of 8 tokens need 64.0 GiB for sample_step")
+    assert line.startswith(
+        "ddiff: error: 2147483647 samples of 8 tokens need 64.0 GiB for sample_step"
+    )
     assert line.endswith("has 1.0 GiB free; draw fewer samples (--num) or free disk space")
     assert sorted(path.name for path in (workdir / "samples").iterdir()) == before
 
@@ -80,7 +95,10 @@ def test_quality_and_diagnose_pass_over_a_name_another_command_holds(full_run, t
     workdir = tmp_path / "run"
     shutil.copytree(full_run[0], workdir)
     with reserved_path(workdir / "quality", (".json", ".png")) as held:
-        assert main(["quality", str(workdir), "--sampler", "ancestral", "--steps", "2", "--num", "4"]) == 0
+        assert (
+            main(["quality", str(workdir), "--sampler", "ancestral", "--steps", "2", "--num", "4"])
+            == 0
+        )
         assert not Path(f"{held}.json").exists()
     assert (workdir / "quality-2.json").exists() and (workdir / "quality-2.png").exists()
     with reserved_path(workdir / "diagnose.json") as held:
@@ -94,7 +112,14 @@ def test_quality_and_diagnose_pass_over_a_name_another_command_holds(full_run, t
     "command",
     [
         ["sample", "{run}", "--name", "s" * 250],
-        ["diagnose", "{run}", "--objective", "md4_elbo", "--output", "{run}/" + "d" * 250 + ".json"],
+        [
+            "diagnose",
+            "{run}",
+            "--objective",
+            "md4_elbo",
+            "--output",
+            "{run}/" + "d" * 250 + ".json",
+        ],
         ["eval", "{run}", "--output", "e" * 300 + ".json"],
     ],
     ids=["sample", "diagnose", "eval"],
@@ -103,5 +128,32 @@ def test_a_name_too_long_for_the_file_system_is_one_line(full_run, command, caps
     before = sorted(path.name for path in full_run[0].rglob("*"))
     assert main([part.replace("{run}", str(full_run[0])) for part in command]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("ddiff: error: ") and "too long" in line and line.endswith("choose a shorter name")
+    assert (
+        line.startswith("ddiff: error: ")
+        and "too long" in line
+        and line.endswith("choose a shorter name")
+    )
     assert sorted(path.name for path in full_run[0].rglob("*")) == before
+
+
+def test_a_zlib_corrupt_cifar10_tarball_is_one_data_error(tmp_path):
+    """A deflate stream damaged inside a member's data (the tar headers intact)."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("data_batch_1", "data_batch_2"):
+            content = rng.integers(0, 16, 40000, dtype=np.uint8).tobytes()
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    data = bytearray(buffer.getvalue())
+    start = len(data) // 5
+    data[start : start + 64] = bytes((i * 37 + 20) % 256 for i in range(64))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(bytes(data))
+    source = datasets.CIFAR10Source(root=str(tmp_path), download=False)
+    with pytest.raises(
+        ddiff.DataError,
+        match=r"is corrupt \(zlib: .*\), a damaged download; delete it and download it again",
+    ):
+        source.split("train")

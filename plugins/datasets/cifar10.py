@@ -2,6 +2,7 @@
 
 import io
 import tarfile
+import zlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -105,6 +106,11 @@ class CIFAR10Source(AbstractImageSource):
                     n: (tar.extractfile(found[n]).read(), f"{archive}:{found[n].name}")
                     for n in names
                 }
+        except zlib.error as error:
+            raise ddiff.DataError(
+                f"cifar10: {archive} is corrupt (zlib: {error}), a damaged download; delete it and "
+                f"download it again from {CIFAR10_URL} (with data.download=true ddiff does)"
+            ) from None
         except (tarfile.TarError, OSError, EOFError) as error:
             raise ddiff.DataError(
                 f"cifar10: {archive} is not a gzip-compressed tar archive ({error}); "
