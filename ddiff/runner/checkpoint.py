@@ -124,6 +124,18 @@ def seal_finished(manager: ocp.CheckpointManager) -> None:
         os.replace(temporary, seal)
 
 
+def _is_seal(value: Any) -> bool:
+    """Whether ``value`` has the seal's form: {relative path: [size in bytes, SHA-256 hex]}."""
+    return isinstance(value, dict) and all(
+        isinstance(entry, list)
+        and len(entry) == 2
+        and isinstance(entry[0], int)
+        and not isinstance(entry[0], bool)
+        and isinstance(entry[1], str)
+        for entry in value.values()
+    )
+
+
 def verify_seal(directory: Path) -> str | None:
     """None if the checkpoint matches its seal (or has none yet); else what is wrong."""
     seal = directory / SEAL_FILE
@@ -133,6 +145,8 @@ def verify_seal(directory: Path) -> str | None:
         expected = json.loads(seal.read_text())
     except (OSError, ValueError):
         return f"its seal {seal} is unreadable"
+    if not _is_seal(expected):
+        return f"its seal {seal} is not an object of [size, sha256] per file"
     actual = _digests(directory)
     for name, (size, digest) in expected.items():
         if name not in actual:
@@ -144,6 +158,33 @@ def verify_seal(directory: Path) -> str | None:
     return None
 
 
+class CheckpointShapeError(RunDirectoryError):
+    """A checkpoint of another network (width, depth, vocabulary or dtype) than the recipe's."""
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, leaves: list[jax.Array]) -> None:
+    """Refuse checkpoint ``step`` when its saved arrays (read from their metadata, before
+    any array is read) differ in number, shape or dtype from ``leaves``."""
+    saved = ocp.StandardCheckpointHandler().metadata(_step_dir(manager, step) / "state")
+    found = {name: (tuple(entry.shape), str(entry.dtype)) for name, entry in saved.items()}
+    expected = {f"leaf_{i:05d}": (tuple(a.shape), str(a.dtype)) for i, a in enumerate(leaves)}
+    if found == expected:
+        return
+    if len(found) != len(expected):
+        difference = f"it holds {len(found)} arrays, this recipe's state has {len(expected)}"
+    else:
+        name = next(name for name in expected if found.get(name) != expected[name])
+        (have, have_dtype), (want, want_dtype) = found.get(name, ((), "none")), expected[name]
+        difference = (
+            f"array {int(name.split('_')[1])} is {have_dtype}{list(have)} there, "
+            f"this recipe's is {want_dtype}{list(want)}"
+        )
+    raise CheckpointShapeError(
+        f"checkpoint {step} in {manager.directory} is of another network ({difference}); "
+        f"use the recipe it was trained with (its recipe.yaml), or another --workdir"
+    )
+
+
 def _restore_step(
     manager: ocp.CheckpointManager, step: int, template: Any
 ) -> tuple[Any, dict]:
@@ -153,6 +194,7 @@ def _restore_step(
         f"leaf_{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
         for i, a in enumerate(leaves)
     }
+    _check_shapes(manager, step, leaves)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
@@ -177,6 +219,8 @@ def _try_restore(
         problem = verify_seal(directory)
         if problem is None:
             return _restore_step(manager, step, template), None
+    except CheckpointShapeError:
+        raise
     except Exception as error:  # noqa: BLE001 - any failure means unusable
         problem = f"it cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
     return None, None if not directory.exists() else problem

@@ -12,6 +12,7 @@ import jax
 
 from ddiff._errors import DdiffError
 from ddiff.runner.files import atomic_write_text
+from ddiff.runner.plot import metric_lines
 from ddiff.runner.recipe import Recipe
 
 METRICS_FILE = "metrics.jsonl"
@@ -44,12 +45,19 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after ``step`` (by a run that died before checkpointing)."""
+    """Drop metrics lines written after ``step`` (by a run that died before checkpointing)
+    and a last line cut short by a kill (with a note).
+
+    Raises:
+        RunDirectoryError: another line is not a metrics record (named by its number).
+    """
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    records, cut_short = metric_lines(path)
+    kept = [line for _, line, record in records if record["step"] <= step]
+    if cut_short:
+        print(f"ddiff: dropped the last line of {path}: cut short by a run killed while writing it", flush=True)
+    if cut_short or len(kept) != len(records) or not path.read_bytes().endswith(b"\n"):
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
