@@ -72,3 +72,26 @@ def test_malformed_seal_is_named(full_run, tmp_path, capsys, seal):
 def test_checkpoint_of_another_width_is_one_line_with_no_dump(full_run, tmp_path, capsys):
     workdir = _copy(full_run, tmp_path)
     _one_line(capsys, main(["eval", str(workdir), "network.dim=32"]), "checkpoint 6", "of another network", "[6, 16]", "[6, 32]")
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_overrides, capsys, monkeypatch):
+    """A save whose file write fails with ENOSPC (in orbax's background thread) stops the
+    run with one line naming the checkpoint left intact; a rerun resumes from it."""
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    original = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def full_disk(self, item, directory):
+        if "6.orbax-checkpoint-tmp" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self, item, directory)
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk)
+    workdir = tmp_path / "run"
+    status = main(["run", "recipes/quickstart.yaml", "--workdir", str(workdir), *tiny_overrides])
+    _one_line(capsys, status, "cannot save checkpoint 6", "No space left on device", "checkpoint 4 is intact")
+    monkeypatch.undo()
+    _, state = ddiff.runner.load_run(workdir)
+    assert int(state.step) == 4

@@ -33,10 +33,57 @@ CHECKPOINT_DIR = "checkpoints"
 SEAL_FILE = "ddiff_seal.json"
 
 
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError (a full disk, a lost volume) behind ``error``, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _FailedSaveFilter(logging.Filter):
+    """Drops orbax's error logs of a save that failed on the file system (and those of its
+    background threads that follow): ddiff reports that save in one line."""
+
+    failed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and _os_error(record.exc_info[1]) is not None:
+            type(self).failed = True
+        return not type(self).failed
+
+
+_FAILED_SAVES = _FailedSaveFilter()
+logging.getLogger("absl").addFilter(_FAILED_SAVES)
+
+
+def _saving(manager: ocp.CheckpointManager, step: int, action: Callable[[], None]) -> None:
+    """Run a save ``action``; an OSError behind its failure becomes one line."""
+    try:
+        action()
+    except Exception as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        _FailedSaveFilter.failed = True
+        kept = [s for s in manager.all_steps() if s != step and _step_dir(manager, s).is_dir()]
+        previous = f"checkpoint {max(kept)} is intact" if kept else "no earlier checkpoint was saved"
+        raise RunDirectoryError(
+            f"cannot save checkpoint {step} in {manager.directory} ({cause.strerror or cause}); "
+            f"{previous}: free space (or fix the volume) and rerun to resume"
+        ) from None
+
+
 def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
     """The training run's orbax manager for ``workdir/checkpoints``: keeps ``keep``
     checkpoints and removes temporary directories left by an interrupted save (only the
     run holding the run's lock may open it)."""
+    _FailedSaveFilter.failed = False
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True
     )
@@ -73,20 +120,20 @@ def _leaves(state: Any) -> dict[str, jax.Array]:
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: Any, iterator_state: dict) -> None:
     """Start saving ``state`` and seal every earlier checkpoint that has finished."""
-    manager.check_for_errors()
+    pending = manager.latest_step()
+    _saving(manager, pending, manager.check_for_errors)
     seal_finished(manager)
-    manager.save(
-        int(state.step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_leaves(state)), data=ocp.args.JsonSave(iterator_state)
-        ),
+    arguments = ocp.args.Composite(
+        state=ocp.args.StandardSave(_leaves(state)), data=ocp.args.JsonSave(iterator_state)
     )
+    _saving(manager, int(state.step), lambda: manager.save(int(state.step), args=arguments))
 
 
 def finish_saving(manager: ocp.CheckpointManager) -> None:
     """Wait for pending saves, raise their errors, and seal them."""
-    manager.wait_until_finished()
-    manager.check_for_errors()
+    pending = manager.latest_step()
+    _saving(manager, pending, manager.wait_until_finished)
+    _saving(manager, pending, manager.check_for_errors)
     seal_finished(manager)
 
 
