@@ -24,6 +24,7 @@ from ddiff._config import set_typecheck
 from ddiff._errors import DdiffError
 from ddiff._registry import default_registry
 from ddiff.runner.commands import COMMANDS
+from ddiff.runner.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from ddiff.runner.trainer.signals import CommandSignals
 
 QUIET_ABOUT_PLUGINS = ("plot", "plugins")
@@ -122,11 +123,23 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
-def _check_backend() -> None:
+def _joins_a_distributed_run(args: argparse.Namespace) -> bool:
+    """Whether the command starts ``jax.distributed`` (which must come before anything
+    starts a backend): options of ``ddiff run`` or the ``DDIFF_*`` variables."""
+    options = ("coordinator_address", "num_processes", "process_id", "distributed")
+    variables = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+    return any(getattr(args, name, None) not in (None, False) for name in options) or any(
+        name in os.environ for name in variables
+    )
+
+
+def _check_backend(args: argparse.Namespace) -> None:
     """Refuse a ``JAX_PLATFORMS`` that names a backend this machine cannot start
-    (``tpu`` on a CPU machine, a misspelt name), before the command does anything."""
+    (``tpu`` on a CPU machine, a misspelt name), before the command does anything. A
+    process joining a distributed run is not checked here: starting the backend first
+    would stop ``jax.distributed`` from starting (it reports a bad backend itself)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
-    if not platforms:
+    if not platforms or _joins_a_distributed_run(args):
         return
     try:
         jax.devices()
@@ -177,7 +190,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command not in QUIET_ABOUT_PLUGINS:
             for plugin in default_registry().broken:
                 print(f"ddiff: warning: {plugin}", file=sys.stderr)
-            _check_backend()
+            _check_backend(args)
         args.handler(args)
         sys.stdout.flush()
     except BrokenPipeError:
