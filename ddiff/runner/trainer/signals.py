@@ -37,6 +37,20 @@ _first_received: list[int] = []
 """The first stop signal this process received under :class:`CommandSignals` (empty: none)."""
 
 
+def _install(handler: Any) -> dict[int, Any]:
+    """Handle STOP_SIGNALS with ``handler`` (in the main thread only, where Python allows
+    it); returns the handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`_install` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 class CommandSignals:
     """Within the block (a whole ``ddiff`` command, from its first line), SIGTERM and
     SIGINT raise :class:`Interrupted`, even where the process was started with SIGINT
@@ -54,14 +68,11 @@ class CommandSignals:
 
     def __enter__(self) -> "CommandSignals":
         _first_received.clear()
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous = _install(self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        _restore(self._previous)
         _first_received.clear()
 
 
@@ -80,11 +91,8 @@ class StopSignals:
         self.received = signum
 
     def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous = _install(self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        _restore(self._previous)
