@@ -50,7 +50,20 @@ def initial_state(recipe: Recipe, optimizer: optax.GradientTransformation, mesh:
     return place_state(state, mesh)
 
 
+def is_array_or_abstract(leaf: Any) -> bool:
+    """An array, or the shape and dtype of one (``jax.ShapeDtypeStruct``: a state built
+    abstractly, as ``ddiff compile`` lowers it)."""
+    return eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def state_specs(state: TrainState, mesh: Mesh) -> Any:
+    """The ``PartitionSpec`` of every array of ``state`` on ``mesh`` (None elsewhere), for
+    a state of arrays or of ``jax.ShapeDtypeStruct`` leaves alike: how
+    :func:`place_state` lays it out."""
+    return tree_specs(eqx.filter(state, is_array_or_abstract), mesh)
+
+
 def place_state(state: TrainState, mesh: Mesh) -> TrainState:
     """Lay every array of ``state`` out on ``mesh`` (fsdp-sharded where large)."""
     dynamic, static = eqx.partition(state, eqx.is_array)
-    return eqx.combine(place(dynamic, mesh, tree_specs(dynamic, mesh)), static)
+    return eqx.combine(place(dynamic, mesh, state_specs(dynamic, mesh)), static)
