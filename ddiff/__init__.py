@@ -9,7 +9,7 @@ The layers networks are built from are :mod:`ddiff.nn`; the conformance kit is
 is :mod:`ddiff.runner`, which nothing here imports.
 """
 
-from ddiff import capabilities, nn
+from ddiff import _platform, capabilities, nn  # _platform first: it quiets libtpu (see there)
 from ddiff._builder import NetworkSpec, SectionBuilder, build_component, constructor_hints
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled

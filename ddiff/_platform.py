@@ -1,0 +1,35 @@
+"""Keep libtpu quiet on a host without TPU chips.
+
+With libtpu installed (``pip install -e '.[tpu]'``, for ``ddiff compile``'s ahead-of-time
+TPU compilation on any machine), JAX tries to start a TPU client at its first use of a
+device, and on a host without TPU chips libtpu prints several lines of warnings and a C++
+error before JAX falls back to the CPU. Where this host has no TPU chip, libtpu is told
+what it would otherwise look up and complain about (``TPU_ACCELERATOR_TYPE`` and
+``TPU_WORKER_HOSTNAMES``, unless already set), so it fails quietly; compiling for a TPU
+topology (``jax.experimental.topologies``) is unaffected. A host with TPU chips is left
+alone.
+"""
+
+import importlib.util
+import os
+
+QUIET_TPU_ENVIRONMENT = {"TPU_ACCELERATOR_TYPE": "v5litepod-1", "TPU_WORKER_HOSTNAMES": "localhost"}
+"""What libtpu is told on a host without TPU chips (it looks these up and warns otherwise)."""
+
+
+def has_tpu_chips() -> bool:
+    """Whether this host has TPU chips (JAX's own PCI probe)."""
+    from jax._src import hardware_utils  # JAX's probe; nothing public says the same
+
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
+def quiet_absent_tpu() -> None:
+    """Set :data:`QUIET_TPU_ENVIRONMENT` where libtpu is installed and no TPU chip is."""
+    if importlib.util.find_spec("libtpu") is None or has_tpu_chips():
+        return
+    for name, value in QUIET_TPU_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
+quiet_absent_tpu()
