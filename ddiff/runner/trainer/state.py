@@ -35,11 +35,17 @@ def _own_copy(tree: Any) -> Any:
 def initial_state(recipe: Recipe, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """A fresh state for ``recipe``, laid out on ``mesh``."""
     check_precision_runs(recipe)
+    return place_state(fresh_state(recipe, optimizer), mesh)
+
+
+def fresh_state(recipe: Recipe, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh state for ``recipe`` on the default device (``eqx.filter_eval_shape`` of
+    it: the state's shapes, nothing allocated)."""
     model_key, train_key = initial_keys(recipe.seed)
     # The recipe's components hold arrays of their own (learnable schedules, constants);
     # the donated step must own copies, so the recipe stays usable for another Trainer.
     model = _own_copy(build_model(recipe, model_key))
-    state = TrainState(
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         model=model,
         opt_state=optimizer.init(trainable(model)),
@@ -47,7 +53,6 @@ def initial_state(recipe: Recipe, optimizer: optax.GradientTransformation, mesh:
         key=train_key,
         skipped_steps=jnp.zeros((), jnp.int32),
     )
-    return place_state(state, mesh)
 
 
 def is_array_or_abstract(leaf: Any) -> bool:
