@@ -5,7 +5,8 @@ TPU compilation on any machine), JAX tries to start a TPU client at its first us
 device, and on a host without TPU chips libtpu prints several lines of warnings and a C++
 error before JAX falls back to the CPU. Where this host has no TPU chip, libtpu is told
 what it would otherwise look up and complain about (``TPU_ACCELERATOR_TYPE`` and
-``TPU_WORKER_HOSTNAMES``, unless already set), so it fails quietly; compiling for a TPU
+``TPU_WORKER_HOSTNAMES``, unless already set), so it fails quietly, and that processes
+may load it side by side (``ALLOW_MULTIPLE_LIBTPU_LOAD``); compiling for a TPU
 topology (``jax.experimental.topologies``) is unaffected. A host with TPU chips is left
 alone.
 """
@@ -13,8 +14,15 @@ alone.
 import importlib.util
 import os
 
-QUIET_TPU_ENVIRONMENT = {"TPU_ACCELERATOR_TYPE": "v5litepod-1", "TPU_WORKER_HOSTNAMES": "localhost"}
-"""What libtpu is told on a host without TPU chips (it looks these up and warns otherwise)."""
+QUIET_TPU_ENVIRONMENT = {
+    "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+"""What libtpu is told on a host without TPU chips: what it looks up and warns about
+otherwise, and that several processes may load it at once (its lock file guards chips
+this host does not have; without this, two processes compiling for TPU topologies at
+the same time, e.g. two test workers, fail)."""
 
 
 def has_tpu_chips() -> bool:
