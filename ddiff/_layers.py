@@ -1,6 +1,7 @@
 """Stacks of identical layers, applied with one ``lax.scan`` (or unrolled) and, under fully
 sharded data parallelism, gathered one layer at a time; and the casts of mixed precision."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -62,11 +63,14 @@ class LayerStack(eqx.Module):
         layers: the stacked layer module.
         count: the number of layers.
         scan: apply the layers with ``lax.scan`` (True) or unrolled (False).
+        traced_out: unrolled even when sharded (:func:`traced_out`), for XLA's cost
+            analysis, which counts a loop's body once whatever its trip count.
     """
 
     layers: Any
     count: int = eqx.field(static=True)
     scan: bool = eqx.field(static=True, default=True)
+    traced_out: bool = eqx.field(static=True, default=False)
 
     def __call__(self, carry: Any, step: Callable[[Any, Any, Any], tuple[Any, Any]], xs: Any = None) -> tuple[Any, Any]:
         """Run ``carry, out = step(layer, carry, x)`` for each layer with the matching slice
@@ -81,7 +85,7 @@ class LayerStack(eqx.Module):
 
         if sharded:
             body = jax.checkpoint(body, policy=_save_products)
-        if self.scan or sharded:
+        if (self.scan or sharded) and not self.traced_out:
             return jax.lax.scan(body, carry, (params, xs))
         outputs = []
         for index in range(self.count):
@@ -103,6 +107,19 @@ def _is_layer_stack(node: Any) -> bool:
     return isinstance(node, LayerStack)
 
 
+def traced_out(tree: Any) -> Any:
+    """``tree`` (a model, a train state) with every :class:`LayerStack` unrolled, sharded
+    or not (the same values): the program XLA's cost analysis counts fully (it counts a
+    ``lax.scan`` body once), at the memory cost of an unrolled stack."""
+
+    def one(node: Any) -> Any:
+        if not _is_layer_stack(node):
+            return node
+        return dataclasses.replace(node, layers=traced_out(node.layers), traced_out=True)
+
+    return jax.tree.map(one, tree, is_leaf=_is_layer_stack)
+
+
 def gather_for_forward(params: Any, specs: Any) -> Any:
     """Inside ``shard_map``: all-gather every fsdp-sharded leaf outside a
     :class:`LayerStack`; inside one, wrap it as a :class:`ShardedLeaf` so the stack gathers
@@ -119,7 +136,7 @@ def gather_for_forward(params: Any, specs: Any) -> Any:
     def one(node: Any, spec: Any) -> Any:
         if _is_layer_stack(node):
             layers = jax.tree.map(defer, node.layers, spec.layers)
-            return LayerStack(layers=layers, count=node.count, scan=node.scan)
+            return dataclasses.replace(node, layers=layers)
         return gather(node, spec)
 
     return jax.tree.map(one, params, specs, is_leaf=_is_layer_stack)
