@@ -1,0 +1,38 @@
+"""Ahead-of-time compilation of a recipe's programs for TPU topologies (or this machine)
+from abstract state, and what the compiler reports of them (``ddiff compile``)."""
+
+from ddiff.runner.compile.hlo import Collective, collectives
+from ddiff.runner.compile.programs import (
+    PROGRAMS,
+    CompiledProgram,
+    abstract_state,
+    compile_program,
+    compile_recipe,
+)
+from ddiff.runner.compile.report import Target, mfu, report_json, table
+from ddiff.runner.compile.topology import (
+    GENERATIONS,
+    INSTALL_COMMAND,
+    Generation,
+    Topology,
+    load_topology,
+)
+
+__all__ = [
+    "GENERATIONS",
+    "INSTALL_COMMAND",
+    "PROGRAMS",
+    "Collective",
+    "CompiledProgram",
+    "Generation",
+    "Target",
+    "Topology",
+    "abstract_state",
+    "collectives",
+    "compile_program",
+    "compile_recipe",
+    "load_topology",
+    "mfu",
+    "report_json",
+    "table",
+]

@@ -1,0 +1,198 @@
+"""A recipe's programs compiled ahead of time for a device mesh from abstract inputs:
+the train step, the evaluation step and the sampling loop, each lowered from
+``jax.ShapeDtypeStruct`` leaves laid out as a run lays out its arrays (no parameter is
+allocated) and compiled by the mesh's backend, with what the compiler reports of it."""
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddiff._layers import LayerStack, traced_out
+from ddiff._sampler import Conditioning
+from ddiff.runner.compile.hlo import Collective, collectives
+from ddiff.runner.mesh import BATCH_SPEC
+from ddiff.runner.recipe import Recipe
+from ddiff.runner.throughput import train_flops_per_token
+from ddiff.runner.trainer.compiled import Bound
+from ddiff.runner.trainer.engine import Engine
+from ddiff.runner.trainer.state import TrainState, fresh_state, is_array_or_abstract, state_specs
+
+PROGRAMS = ("train_step", "eval_step", "sample")
+"""The programs a recipe runs, in the order they are compiled and reported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledProgram:
+    """What the compiler says of one program on one device of the mesh.
+
+    Attributes:
+        name: one of :data:`PROGRAMS`.
+        batch: the global batch it was compiled for.
+        argument_bytes, output_bytes, alias_bytes, temp_bytes, code_bytes: per device,
+            from ``memory_analysis()`` (aliased bytes are outputs written into donated
+            arguments, counted once).
+        xla_flops: FLOPs of one execution summed over the devices (``cost_analysis()``
+            of the program with its layer stacks traced out, :func:`ddiff._layers.traced_out`:
+            XLA counts a loop body once; a sampling loop's body, one step, is still
+            counted once).
+        bytes_accessed: HBM bytes of one execution on one device (the same analysis).
+        optimal_seconds: the cost model's time of one execution (the same analysis;
+            None where the backend has no cost model, as on CPU).
+        model_flops: the network's model FLOPs of one execution (train step: 3 x the
+            forward FLOPs per token x tokens; None for the other programs or a network
+            that does not state its FLOPs).
+        collectives: cross-device operations per execution.
+        compile_seconds: lowering and compiling.
+    """
+
+    name: str
+    batch: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    xla_flops: float
+    bytes_accessed: float
+    optimal_seconds: float | None
+    model_flops: float | None
+    collectives: tuple[Collective, ...]
+    compile_seconds: float
+
+    @property
+    def device_bytes(self) -> int:
+        """Memory one device needs while the program runs: arguments, outputs not
+        written into donated arguments, temporaries and code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+
+def _abstract(leaf: Any, mesh: Mesh, spec: P) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _replicated(tree: Any, mesh: Mesh) -> Any:
+    """Every array (or abstract array) of ``tree`` as an abstract array held whole by
+    every device of ``mesh``."""
+    return jax.tree.map(lambda leaf: _abstract(leaf, mesh, P()), tree)
+
+
+def abstract_state(engine: Engine) -> TrainState:
+    """The recipe's fresh train state as ``jax.ShapeDtypeStruct`` leaves laid out on the
+    engine's mesh as :func:`~ddiff.runner.trainer.state.place_state` lays out the real
+    one (nothing computed or allocated)."""
+    state = eqx.filter_eval_shape(fresh_state, engine.recipe, engine.optimizer)
+    specs = state_specs(state, engine.mesh)
+    arrays, static = eqx.partition(state, is_array_or_abstract)
+    placed = jax.tree.map(lambda leaf, spec: _abstract(leaf, engine.mesh, spec), arrays, specs)
+    return eqx.combine(placed, static)
+
+
+def _batch(rows: int, columns: int | None, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    shape = (rows,) if columns is None else (rows, columns)
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, BATCH_SPEC))
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else {}
+    return dict(analysis or {})
+
+
+def _has_stacks(tree: Any) -> bool:
+    return any(isinstance(node, LayerStack) for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, LayerStack)))
+
+
+def lower_and_compile(bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, donate: tuple[int, ...] = ()) -> Any:
+    """Lower ``bound`` (a compiled function with its components' arrays bound) on ``args``
+    (arrays, abstract arrays and static leaves) and compile it for ``mesh``.
+
+    The function runs inside one ``jax.jit`` of the abstract leaves only (the static
+    leaves closed over), so abstract leaves are traced where the function's own
+    ``eqx.filter_jit`` would have taken them for static; ``donate`` names the arguments
+    whose buffers a run donates."""
+    arguments = (bound.arrays, *args)
+    dynamic, static = eqx.partition(arguments, is_array_or_abstract)
+    dynamic = (_replicated(dynamic[0], mesh), *dynamic[1:])
+
+    def run(*dynamic: Any) -> Any:
+        return eqx.filter(bound.function(*eqx.combine(dynamic, static)), eqx.is_array)
+
+    return jax.jit(run, donate_argnums=tuple(1 + index for index in donate)).lower(*dynamic).compile()
+
+
+def compile_program(
+    name: str, bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, batch: int,
+    donate: tuple[int, ...] = (), model_flops: float | None = None,
+) -> CompiledProgram:
+    """:func:`lower_and_compile` ``bound`` on ``args`` and read what the compiler says of
+    it; where ``args`` hold layer stacks, the FLOPs and the cost model's time come from a
+    second compilation with every stack traced out (XLA counts a scan's body once)."""
+    start = time.perf_counter()
+    compiled = lower_and_compile(bound, args, mesh=mesh, donate=donate)
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    counted = lower_and_compile(bound, traced_out(args), mesh=mesh, donate=donate) if _has_stacks(args) else compiled
+    cost = _cost(counted)
+    optimal = cost.get("optimal_seconds")
+    return CompiledProgram(
+        name=name,
+        batch=batch,
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        code_bytes=int(memory.generated_code_size_in_bytes),
+        xla_flops=float(cost.get("flops", 0.0)) * mesh.size,
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        optimal_seconds=None if optimal is None or optimal <= 0 else float(optimal),
+        model_flops=model_flops,
+        collectives=tuple(collectives(compiled.as_text())),
+        compile_seconds=seconds,
+    )
+
+
+def compile_recipe(
+    recipe: Recipe, mesh: Mesh, *, programs: tuple[str, ...] = PROGRAMS, sample_batch: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[CompiledProgram]:
+    """Compile ``programs`` of ``recipe`` for ``mesh`` from its abstract fresh state: the
+    train step on a ``trainer.batch_size`` batch, the evaluation step of the recipe's
+    objective on an ``eval.batch_size`` batch, the recipe's sampler on ``sample_batch``
+    samples (default ``trainer.batch_size``) of ``data.seq_len`` positions."""
+    engine = Engine(recipe, mesh=mesh)
+    state = abstract_state(engine)
+    seq_len = recipe.data.seq_len
+    classes = recipe.data.num_classes > 0
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
+    results = []
+    for name in programs:
+        if progress is not None:
+            progress(name)
+        if name == "train_step":
+            batch = recipe.trainer.batch_size
+            flops = train_flops_per_token(state.model, seq_len)
+            args = (state, _batch(batch, seq_len, mesh), _batch(batch, None, mesh) if classes else None)
+            results.append(compile_program(
+                name, engine.train_step, args, mesh=mesh, batch=batch, donate=(0,),
+                model_flops=None if flops is None else flops * batch * seq_len,
+            ))
+        elif name == "eval_step":
+            batch = recipe.eval.batch_size
+            args = (state.model, _batch(batch, seq_len, mesh), _batch(batch, None, mesh) if classes else None, key)
+            results.append(compile_program(name, engine.eval_steps[""], args, mesh=mesh, batch=batch))
+        elif name == "sample":
+            batch = engine.sample_batch(sample_batch or recipe.trainer.batch_size)
+            first = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+            args = (state.model, key, first, batch, Conditioning())
+            results.append(compile_program(name, engine.sample_program(), args, mesh=mesh, batch=batch))
+        else:
+            raise ValueError(f"unknown program {name!r}; known: {', '.join(PROGRAMS)}")
+    return results
