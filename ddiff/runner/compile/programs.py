@@ -106,8 +106,15 @@ def _cost(compiled: Any) -> dict[str, float]:
     return dict(analysis or {})
 
 
-def _has_stacks(tree: Any) -> bool:
-    return any(isinstance(node, LayerStack) for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, LayerStack)))
+def _scans_layers(tree: Any, mesh: Mesh) -> bool:
+    """Whether a layer stack of ``tree`` runs as a loop on ``mesh``: it scans, or it may
+    be sharded over ``fsdp`` (a sharded stack always scans)."""
+    stacks = [
+        node
+        for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, LayerStack))
+        if isinstance(node, LayerStack)
+    ]
+    return any(stack.scan or mesh.shape.get("fsdp", 1) > 1 for stack in stacks)
 
 
 def lower_and_compile(bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, donate: tuple[int, ...] = ()) -> Any:
@@ -133,13 +140,14 @@ def compile_program(
     donate: tuple[int, ...] = (), model_flops: float | None = None,
 ) -> CompiledProgram:
     """:func:`lower_and_compile` ``bound`` on ``args`` and read what the compiler says of
-    it; where ``args`` hold layer stacks, the FLOPs and the cost model's time come from a
-    second compilation with every stack traced out (XLA counts a scan's body once)."""
+    it; where a layer stack of ``args`` runs as a loop, the FLOPs and the cost model's
+    time come from a second compilation with every stack traced out (XLA counts a loop's
+    body once)."""
     start = time.perf_counter()
     compiled = lower_and_compile(bound, args, mesh=mesh, donate=donate)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    counted = lower_and_compile(bound, traced_out(args), mesh=mesh, donate=donate) if _has_stacks(args) else compiled
+    counted = lower_and_compile(bound, traced_out(args), mesh=mesh, donate=donate) if _scans_layers(args, mesh) else compiled
     cost = _cost(counted)
     optimal = cost.get("optimal_seconds")
     return CompiledProgram(
