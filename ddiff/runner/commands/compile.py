@@ -5,7 +5,6 @@ abstract state (nothing of the model allocated), for the devices of a TPU topolo
 per program what it needs per device and what the compiler's cost model says of it."""
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -111,18 +110,23 @@ def run(args: argparse.Namespace) -> None:
     )
     programs = compile_recipe(
         recipe, mesh, programs=tuple(dict.fromkeys(args.programs)), sample_batch=args.sample_batch,
-        progress=lambda program: print(f"compiling {program} ...", file=sys.stderr, flush=True),
+        progress=lambda program: print(f"compiling {program} ...", flush=True),
     )  # fmt: skip
     print(table(programs, target), flush=True)
     if args.output:
         context = {"recipe": args.recipe, "overrides": overrides, "jax_version": jax.__version__}
         atomic_write_text(Path(args.output), report_json(programs, target, **context))
-    too_large = [program for program in programs if program.device_bytes > memory]
+    too_large = [program for program in programs if program.refused or program.device_bytes > memory]
     if too_large:
         program = max(too_large, key=lambda p: p.device_bytes)
+        needs = (
+            f"{format_bytes(program.temp_bytes)} of temporaries"
+            if program.refused
+            else f"{format_bytes(program.device_bytes)} ({format_bytes(program.argument_bytes)} arguments, "
+            f"{format_bytes(program.temp_bytes)} temporaries)"
+        )
         raise DdiffError(
-            f"{program.name} needs {format_bytes(program.device_bytes)} per device "
-            f"({format_bytes(program.argument_bytes)} arguments, {format_bytes(program.temp_bytes)} temporaries), "
-            f"more than the {format_bytes(memory)} of a {target.device_kind}; shard more (mesh.fsdp, mesh.model), "
-            f"rematerialise (network.remat) or lower {'trainer' if program.name != 'eval_step' else 'eval'}.batch_size"
+            f"{program.name} needs {needs} per device, more than the {format_bytes(memory)} of a "
+            f"{target.device_kind}; shard more (mesh.fsdp, mesh.model), rematerialise (network.remat) or "
+            f"lower {'eval' if program.name == 'eval_step' else 'trainer'}.batch_size"
         )

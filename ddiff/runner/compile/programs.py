@@ -4,6 +4,7 @@ the train step, the evaluation step and the sampling loop, each lowered from
 allocated) and compiled by the mesh's backend, with what the compiler reports of it."""
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,8 @@ class CompiledProgram:
             that does not state its FLOPs).
         collectives: cross-device operations per execution.
         compile_seconds: lowering and compiling.
+        refused: the compiler's reason where it refused the program for want of device
+            memory (the byte counts then hold what its message states, the rest zero).
     """
 
     name: str
@@ -65,6 +68,7 @@ class CompiledProgram:
     model_flops: float | None
     collectives: tuple[Collective, ...]
     compile_seconds: float
+    refused: str | None = None
 
     @property
     def device_bytes(self) -> int:
@@ -132,7 +136,39 @@ def lower_and_compile(bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, donate
     def run(*dynamic: Any) -> Any:
         return eqx.filter(bound.function(*eqx.combine(dynamic, static)), eqx.is_array)
 
-    return jax.jit(run, donate_argnums=tuple(1 + index for index in donate)).lower(*dynamic).compile()
+    lowered = jax.jit(run, donate_argnums=tuple(1 + index for index in donate)).lower(*dynamic)
+    if all(device.process_index == jax.process_index() and device in _local_devices() for device in mesh.devices.flat):
+        return lowered.compile()
+    # A topology's devices have no client: its executables cannot be read back from
+    # JAX's persistent compilation cache, so they are neither looked up nor stored.
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def _local_devices() -> set[jax.Device]:
+    return set(jax.local_devices())
+
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_TEMPORARIES = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)")
+
+
+def _refused(name: str, batch: int, message: str, seconds: float, model_flops: float | None) -> CompiledProgram:
+    """The report of a program the compiler refused for want of device memory, with the
+    temporaries its message states."""
+    reason = next((line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message)
+    reason = reason.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    found = _TEMPORARIES.search(message)
+    temporaries = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else 0
+    return CompiledProgram(
+        name=name, batch=batch, argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=temporaries,
+        code_bytes=0, xla_flops=0.0, bytes_accessed=0.0, optimal_seconds=None, model_flops=model_flops,
+        collectives=(), compile_seconds=seconds, refused=reason,
+    )  # fmt: skip
 
 
 def compile_program(
@@ -144,7 +180,12 @@ def compile_program(
     time come from a second compilation with every stack traced out (XLA counts a loop's
     body once)."""
     start = time.perf_counter()
-    compiled = lower_and_compile(bound, args, mesh=mesh, donate=donate)
+    try:
+        compiled = lower_and_compile(bound, args, mesh=mesh, donate=donate)
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return _refused(name, batch, str(error), time.perf_counter() - start, model_flops)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     counted = lower_and_compile(bound, traced_out(args), mesh=mesh, donate=donate) if _scans_layers(args, mesh) else compiled

@@ -37,7 +37,7 @@ def program_record(program: CompiledProgram, target: Target) -> dict[str, Any]:
     record = dataclasses.asdict(program)
     record["collectives"] = [dataclasses.asdict(collective) for collective in program.collectives]
     record["device_bytes"] = program.device_bytes
-    record["fits"] = program.device_bytes <= target.memory_per_device
+    record["fits"] = program.refused is None and program.device_bytes <= target.memory_per_device
     record["memory_fraction"] = program.device_bytes / target.memory_per_device
     record["mfu"] = mfu(program, target)
     return record
@@ -92,7 +92,7 @@ def table(programs: list[CompiledProgram], target: Target) -> str:
         rows.append((
             program.name,
             str(program.batch),
-            format_bytes(program.device_bytes),
+            (">" if program.refused else "") + format_bytes(program.device_bytes),
             f"{program.device_bytes / target.memory_per_device:.0%}",
             format_bytes(program.argument_bytes),
             format_bytes(program.temp_bytes),
@@ -106,6 +106,9 @@ def table(programs: list[CompiledProgram], target: Target) -> str:
     lines = [header(target)]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     for program in programs:
+        if program.refused is not None:
+            lines.append(f"{program.name} refused by the compiler: {program.refused}")
+            continue
         parts = [f"{c.kind} x{c.count} ({format_bytes(c.bytes)})" for c in program.collectives] or ["none"]
         lines.append(f"collectives per {program.name}: {', '.join(parts)}")
     return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""``ddiff compile``: a recipe's programs compiled ahead of time from abstract state, for
+a TPU topology (libtpu, installed by the test command) and for this machine's 8
+simulated devices, and its refusals."""
+
+import importlib.util
+import json
+
+import jax
+import pytest
+
+import ddiff.runner
+from ddiff.runner.cli import main
+from ddiff.runner.compile import PROGRAMS, collectives, compile_recipe
+from ddiff.runner.compile.hlo import shape_bytes
+from ddiff.runner.mesh import make_mesh
+
+QUICKSTART = "recipes/quickstart.yaml"
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+
+RECORD_FIELDS = {
+    "name", "batch", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes",
+    "xla_flops", "bytes_accessed", "optimal_seconds", "model_flops", "collectives", "compile_seconds",
+    "refused", "device_bytes", "fits", "memory_fraction", "mfu",
+}  # fmt: skip
+
+
+def _one_line(capsys, status, expected):
+    captured = capsys.readouterr()
+    assert status == 2, captured
+    assert captured.err.startswith("ddiff: error: ") and captured.err.count("\n") == 1, captured.err
+    assert expected in captured.err, captured.err
+    return captured.err
+
+
+@pytest.fixture(scope="module")
+def tpu_report(tiny_overrides, tmp_path_factory):
+    """The JSON report of the tiny recipe's three programs compiled for v5e:2x2 (4 chips)
+    on a data x fsdp = 2 x 2 mesh."""
+    output = tmp_path_factory.mktemp("compile") / "report.json"
+    status = main([
+        "compile", QUICKSTART, *tiny_overrides, "--topology", "v5e:2x2", "--mesh", "data=2,fsdp=2",
+        "--output", str(output),
+    ])  # fmt: skip
+    assert status == 0
+    return json.loads(output.read_text())
+
+
+@needs_libtpu
+def test_tiny_recipe_compiles_for_a_tpu_topology_with_every_field(tpu_report):
+    target = tpu_report["target"]
+    assert target["device_kind"] == "TPU v5 lite" and target["devices"] == 4
+    assert target["memory_per_device"] == 16 * 1024**3 and target["peak_per_device"] == 197e12
+    assert target["mesh"] == {"data": 2, "fsdp": 2, "model": 1}
+    records = {record["name"]: record for record in tpu_report["programs"]}
+    assert list(records) == list(PROGRAMS)
+    for record in records.values():
+        assert set(record) == RECORD_FIELDS
+        assert record["refused"] is None
+        assert record["fits"] and 0 < record["device_bytes"] < target["memory_per_device"]
+        assert record["argument_bytes"] > 0 and record["xla_flops"] > 0 and record["optimal_seconds"] > 0
+    train = records["train_step"]
+    assert train["batch"] == 8 and records["eval_step"]["batch"] == 16
+    # Donated: the new state is written over the old one.
+    assert train["alias_bytes"] > 0
+    # Data parallelism reduces gradients across the mesh; the model FLOPs are 3 x the
+    # forward FLOPs of 8 x 8 tokens, and the cost model's time implies an MFU in (0, 1].
+    kinds = {collective["kind"] for collective in train["collectives"]}
+    assert "all-reduce" in kinds
+    assert train["model_flops"] > 0 and 0 < train["mfu"] <= 1
+    assert records["eval_step"]["mfu"] is None
+
+
+@needs_libtpu
+def test_the_table_names_every_program(tiny_overrides, capsys):
+    assert main(["compile", QUICKSTART, *tiny_overrides, "--topology", "v5e:2x2", "--mesh", "data=4",
+                 "--programs", "sample"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "v5e:2x2: 4 x TPU v5 lite" in out and "collectives per sample" in out
+    assert "train_step" not in out
+
+
+@needs_libtpu
+def test_a_program_too_large_for_a_chip_is_one_line_after_the_report(tiny_overrides, capsys):
+    # 2^22 sequences of 8 tokens: about 40 GiB of logits and activations per chip of 16 GiB.
+    status = main(["compile", QUICKSTART, *tiny_overrides, "trainer.batch_size=4194304", "--topology", "v5e:2x2",
+                   "--mesh", "data=4", "--programs", "train_step"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 2 and "train_step" in captured.out
+    assert captured.err.count("\n") == 1 and "per device" in captured.err
+    assert "mesh.fsdp" in captured.err and "network.remat" in captured.err and "trainer.batch_size" in captured.err
+
+
+def test_compiles_for_this_machines_devices_from_abstract_state(tiny_overrides):
+    """No topology: the 8 simulated CPU devices, data x fsdp = 4 x 2; the state is never
+    allocated (the programs take ShapeDtypeStructs)."""
+    recipe = ddiff.runner.load_recipe(QUICKSTART, [*tiny_overrides, "mesh.data=4", "mesh.fsdp=2", "network.dim=32"])
+    (train,) = compile_recipe(recipe, make_mesh(recipe.mesh, jax.devices()), programs=("train_step",))
+    assert train.argument_bytes > 0 and train.alias_bytes > 0
+    kinds = {collective.kind for collective in train.collectives}
+    assert "all-gather" in kinds  # fsdp gathers the sharded parameters
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--topology", "v9x:2x2"], "unknown TPU generation 'v9x'"),
+        (["--topology", "v5p:2x2"], "a v5p topology has 3 sizes"),
+        (["--topology", "banana"], "not a topology name"),
+        (["--mesh", "data=2,pipeline=2"], "'pipeline=2' is not AXIS=SIZE"),
+    ],
+)
+def test_bad_topologies_and_meshes_are_one_line(arguments, expected, tiny_overrides, capsys):
+    error = _one_line(capsys, main(["compile", QUICKSTART, *tiny_overrides, *arguments]), expected)
+    if "topology" in arguments[0]:
+        assert "v5e:2x2" in error and "v5p:2x2x1" in error  # the known ones are listed
+
+
+@needs_libtpu
+def test_a_mesh_or_batch_that_does_not_split_is_one_line(tiny_overrides, capsys):
+    _one_line(capsys, main(["compile", QUICKSTART, *tiny_overrides, "--topology", "v5e:2x2", "--mesh",
+                            "data=3,fsdp=1"]), "mesh")  # fmt: skip
+    _one_line(capsys, main(["compile", QUICKSTART, *tiny_overrides, "trainer.batch_size=6", "--topology",
+                            "v5e:2x2", "--mesh", "data=4"]), "trainer.batch_size")  # fmt: skip
+
+
+def test_without_libtpu_the_install_command_is_one_line(tiny_overrides, capsys, monkeypatch):
+    monkeypatch.setattr("ddiff.runner.compile.topology.libtpu_installed", lambda: False)
+    _one_line(capsys, main(["compile", QUICKSTART, *tiny_overrides, "--topology", "v5e:2x2"]),
+              "pip install -e '.[tpu]'")  # fmt: skip
+
+
+HLO = """HloModule jit_step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %p = (s32[], f32[8,4]{1,0}) parameter(0)
+  %x = f32[8,4]{1,0} get-tuple-element(%p), index=1
+  %g = bf16[16,4]{1,0:T(8,128)} all-gather(%x), dimensions={0}, replica_groups={{0,1}}
+  %r = f32[8,4]{1,0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[], f32[8,4]{1,0}) tuple(%i, %r)
+}
+
+%cond (p: (s32[], f32[8,4])) -> pred[] {
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[8,4], /*index=1*/y: f32[2]) -> (f32[8,4], f32[2]) {
+  %x = f32[8,4]{1,0} parameter(0)
+  %w = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %s = (f32[2]{0}, f32[2]{0}) all-reduce-start(%y, %y), replica_groups={{0,1}}, to_apply=%add
+  %d = (f32[2]{0}, f32[2]{0}) all-reduce-done(%s)
+  ROOT %o = (f32[8,4], f32[2]) tuple(%x, %y)
+}
+"""
+
+
+def test_collectives_count_loop_bodies_once_per_iteration():
+    """A gather and a reduce in a loop of 12 iterations, one asynchronous reduce outside:
+    exact counts and bytes (bf16 16 x 4 = 128 bytes, f32 8 x 4 = 128, 2 x f32 2 = 16)."""
+    found = {collective.kind: collective for collective in collectives(HLO)}
+    assert set(found) == {"all-gather", "all-reduce"}
+    assert found["all-gather"].count == 12 and found["all-gather"].bytes == 12 * 128
+    assert found["all-reduce"].count == 13 and found["all-reduce"].bytes == 12 * 128 + 16
+    assert shape_bytes("(s32[], f32[3,5]{1,0}, pred[7])") == 4 + 60 + 7
