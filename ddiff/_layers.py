@@ -3,13 +3,14 @@ sharded data parallelism, gathered one layer at a time; and the casts of mixed p
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ddiff._errors import RecipeError
 from ddiff._sharding import FSDP, gather, sharded_dim
 
 SAVED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
@@ -20,6 +21,23 @@ recomputed (gathering them again), so no layer's full parameters outlive its ste
 
 def _save_products(primitive: Any, *_: Any, **__: Any) -> bool:
     return primitive.name in SAVED_PRIMITIVES
+
+
+RematPolicy = Literal["none", "block", "dots", "dots_no_batch"]
+"""What a :class:`LayerStack`'s backward pass keeps of each layer's forward pass."""
+
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": _save_products,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+"""The ``jax.checkpoint`` policy of each :data:`RematPolicy`: ``none`` no
+rematerialisation (every intermediate the backward pass needs is kept); ``block``
+nothing saved, each layer recomputed whole from its input; ``dots`` the outputs of matrix
+products and convolutions saved (:data:`SAVED_PRIMITIVES`), the rest recomputed;
+``dots_no_batch`` the outputs of matrix products without batch dimensions saved (the
+projections, not attention's per-head products q k^T and p v)."""
 
 
 class ShardedLeaf(eqx.Module):
@@ -59,18 +77,28 @@ class LayerStack(eqx.Module):
     time (ZeRO-3). A sharded stack is always scanned, whatever ``scan`` says: unrolled,
     the compiler would be free to gather every layer at once.
 
+    ``remat`` trades compute for memory (:data:`REMAT_POLICIES`): each layer's body is
+    wrapped in ``jax.checkpoint`` with the policy named, so the backward pass recomputes
+    what the policy does not save; the values are the same. Under FSDP ``none`` means
+    ``dots``, the least the layer-by-layer gathering needs.
+
     Attributes:
         layers: the stacked layer module.
         count: the number of layers.
         scan: apply the layers with ``lax.scan`` (True) or unrolled (False).
         traced_out: unrolled even when sharded (:func:`traced_out`), for XLA's cost
             analysis, which counts a loop's body once whatever its trip count.
+        remat: the rematerialisation policy of each layer (:data:`RematPolicy`).
     """
 
     layers: Any
     count: int = eqx.field(static=True)
     scan: bool = eqx.field(static=True, default=True)
     traced_out: bool = eqx.field(static=True, default=False)
+    remat: RematPolicy = eqx.field(static=True, default="none")
+
+    def __check_init__(self):
+        check_remat(self.remat)
 
     def __call__(self, carry: Any, step: Callable[[Any, Any, Any], tuple[Any, Any]], xs: Any = None) -> tuple[Any, Any]:
         """Run ``carry, out = step(layer, carry, x)`` for each layer with the matching slice
@@ -83,9 +111,12 @@ class LayerStack(eqx.Module):
             layer = _gather_layer(eqx.combine(layer_params, static))
             return step(layer, carry, x)
 
-        if sharded:
-            body = jax.checkpoint(body, policy=_save_products)
-        if (self.scan or sharded) and not self.traced_out:
+        remat = "dots" if sharded and self.remat == "none" else self.remat
+        scanned = (self.scan or sharded) and not self.traced_out
+        if remat != "none":
+            # A scan merges nothing across iterations, so CSE need not be blocked there.
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scanned)
+        if scanned:
             return jax.lax.scan(body, carry, (params, xs))
         outputs = []
         for index in range(self.count):
@@ -94,13 +125,28 @@ class LayerStack(eqx.Module):
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
 
+def check_remat(remat: str) -> None:
+    """Refuse a ``remat`` that is not a :data:`RematPolicy`, naming those that are.
+
+    Raises:
+        RecipeError: an unknown policy (path ``remat``).
+    """
+    if remat not in REMAT_POLICIES:
+        raise RecipeError(
+            f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}", path="remat"
+        )
+
+
 def stack_layers(
-    make: Callable[[jax.Array], eqx.Module], keys: jax.Array, *, scan: bool = True
+    make: Callable[[jax.Array], eqx.Module], keys: jax.Array, *, scan: bool = True,
+    remat: RematPolicy = "none",
 ) -> LayerStack:
     """One layer ``make(key)`` per key of ``keys`` (e.g. ``jax.random.split(key, depth)``),
     stacked into a :class:`LayerStack` (applied with ``lax.scan`` or, with ``scan=False``,
-    unrolled); the values equal those of calling ``make`` on each key in turn."""
-    return LayerStack(layers=eqx.filter_vmap(make)(keys), count=len(keys), scan=scan)
+    unrolled, each layer rematerialised as ``remat`` says); the values equal those of
+    calling ``make`` on each key in turn."""
+    check_remat(remat)
+    return LayerStack(layers=eqx.filter_vmap(make)(keys), count=len(keys), scan=scan, remat=remat)
 
 
 def _is_layer_stack(node: Any) -> bool:

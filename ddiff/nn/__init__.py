@@ -4,7 +4,7 @@ normalisation in float32, adaptive layer norm, dropout, position-wise linear lay
 features of diffusion, the key-value cache of block-by-block attention, and stacks of
 identical layers. Each works on one example; callers vmap."""
 
-from ddiff._layers import LayerStack, stack_layers
+from ddiff._layers import REMAT_POLICIES, LayerStack, RematPolicy, stack_layers
 from ddiff.nn._attention import AttentionKind, attention, block_causal_mask, causal_mask
 from ddiff.nn._cache import KVCache, PastKeys
 from ddiff.nn._dense import (
@@ -71,5 +71,7 @@ __all__ = [
     "transformer_flops_per_token",
     # stacks of layers
     "LayerStack",
+    "REMAT_POLICIES",
+    "RematPolicy",
     "stack_layers",
 ]

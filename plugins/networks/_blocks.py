@@ -139,10 +139,12 @@ def _glu_hidden(dim: int, multiple_of: int) -> int:
 
 def rotary_blocks(
     dim: int, depth: int, heads: int, cond_dim: int, mlp: str, multiple_of: int, dropout: float,
-    depth_scaled_init: bool, *, key: ddiff.Key, path: str, scan: bool = True
+    depth_scaled_init: bool, *, key: ddiff.Key, path: str, scan: bool = True,
+    remat: nn.RematPolicy = "none"
 ) -> nn.LayerStack:
-    """``depth`` :class:`RotaryBlock` blocks in a layer stack, the feed-forward weights'
-    variance scaled by 2 / ``depth`` when ``depth_scaled_init``."""
+    """``depth`` :class:`RotaryBlock` blocks in a layer stack (rematerialised as ``remat``
+    says, :data:`ddiff.nn.REMAT_POLICIES`), the feed-forward weights' variance scaled by
+    2 / ``depth`` when ``depth_scaled_init``."""
     if dim % heads or (dim // heads) % 2:
         raise ddiff.RecipeError(
             f"width {dim} must split into {heads} heads of even size", path=path
@@ -153,6 +155,7 @@ def rotary_blocks(
         lambda k: RotaryBlock(dim, heads, hidden, cond_dim, mlp, dropout, ffn_scale, key=k),
         jax.random.split(key, depth),
         scan=scan,
+        remat=remat,
     )
 
 

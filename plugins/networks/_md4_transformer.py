@@ -41,6 +41,9 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
             unrolled (the default: about 1.2x faster train steps on CPU, measured in
             docs/performance.md); same values either way.
+        remat: what each block's backward pass recomputes (:data:`ddiff.nn.REMAT_POLICIES`):
+            ``none`` (the default), ``block`` (everything), ``dots`` (all but the matrix
+            products), ``dots_no_batch`` (all but the projections); same values.
         attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`ddiff.nn.attention`).
 
     Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
@@ -66,7 +69,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         key: ddiff.Key, dim: int = 768, depth: int = 12, heads: int = 12, cond_dim: int = 64,
         mlp: nn.GLUKind = "glu", multiple_of: int = 32, dropout: float = 0.0,
         depth_scaled_init: bool = True, time_conditioned: bool = True, scan_layers: bool = False,
-        attention: nn.AttentionKind = "auto"
+        attention: nn.AttentionKind = "auto", remat: nn.RematPolicy = "none"
     ):
         del seq_len
         ddiff.check_at_least("depth", depth)
@@ -79,7 +82,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
                 "condition": ConditionEmbedding(cond_dim, time_conditioned, num_classes, key=keys[1]),
                 "blocks": rotary_blocks(
                     dim, depth, heads, cond_dim, mlp, multiple_of, dropout, depth_scaled_init,
-                    key=keys[2], path="heads", scan=scan_layers,
+                    key=keys[2], path="heads", scan=scan_layers, remat=remat,
                 ),  # fmt: skip
                 "final_modulation": nn.zero_linear(cond_dim, 2 * dim, key=keys[3]),
                 "head": nn.zeroed(head),

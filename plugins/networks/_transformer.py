@@ -95,6 +95,9 @@ class Transformer(ddiff.AbstractNetwork):
             (an absolute embedding added to the tokens).
         scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
             unrolled (the default, faster to run); same values either way.
+        remat: what each block's backward pass recomputes (:data:`ddiff.nn.REMAT_POLICIES`):
+            ``none`` (the default), ``block`` (everything), ``dots`` (all but the matrix
+            products), ``dots_no_batch`` (all but the projections); same values.
         attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`ddiff.nn.attention`).
 
     Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
@@ -120,7 +123,7 @@ class Transformer(ddiff.AbstractNetwork):
         key: ddiff.Key, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 4,
         dropout: float = 0.0, time_conditioned: bool = True,
         positions: Literal["rotary", "learned"] = "rotary", scan_layers: bool = False,
-        attention: nn.AttentionKind = "auto"
+        attention: nn.AttentionKind = "auto", remat: nn.RematPolicy = "none"
     ):
         ddiff.check_at_least("depth", depth)
         if dim % heads != 0 or (positions == "rotary" and (dim // heads) % 2):
@@ -144,7 +147,8 @@ class Transformer(ddiff.AbstractNetwork):
         self.class_embedding = nn.class_embedding(num_classes, dim, key=keys[3])
         self.conditioning_bias = jnp.zeros(dim)
         self.blocks = nn.stack_layers(
-            lambda k: TransformerBlock(dim, heads, mlp_ratio, dropout, key=k), keys[6:], scan=scan_layers
+            lambda k: TransformerBlock(dim, heads, mlp_ratio, dropout, key=k), keys[6:],
+            scan=scan_layers, remat=remat,
         )
         self.attention = attention
         self.final_modulation = nn.zero_linear(dim, 2 * dim, key=keys[4])

@@ -106,7 +106,7 @@ class PatchTransformer(eqx.Module):
 
     def __init__(
         self, channels: int, grid: int, patch: int, dim: int, depth: int, heads: int,
-        dropout: float, *, key: ddiff.Key
+        dropout: float, *, key: ddiff.Key, remat: nn.RematPolicy = "none"
     ):
         if dim % 4:
             raise ddiff.RecipeError(
@@ -117,7 +117,7 @@ class PatchTransformer(eqx.Module):
         self.position = sincos_2d(grid, dim)
         self.blocks = rotary_blocks(
             dim, depth, heads, channels, "swiglu", 32, dropout, True, key=k2,
-            path="transformer_heads",
+            path="transformer_heads", remat=remat,
         )  # fmt: skip
         self.final_modulation = nn.zero_linear(channels, 2 * dim, key=k3)
         self.patch_out = nn.zero_linear(dim, patch * patch * channels, key=k4)
@@ -162,6 +162,10 @@ class UNet(ddiff.AbstractNetwork):
         transformer_depth: blocks of the middle patch transformer (0: self-attention).
         transformer_dim, transformer_heads, patch_size: its width, heads and patch side.
         time_conditioned: whether the output depends on t.
+        remat: what each residual (and middle transformer) block's backward pass recomputes
+            (:data:`ddiff.nn.REMAT_POLICIES`): ``none`` (the default), ``block``
+            (everything), ``dots`` (all but the convolutions and matrix products),
+            ``dots_no_batch``; same values.
 
     Model FLOPs per sub-pixel (:meth:`flops_per_token`): over the H x W pixels, 2 x the
     weights of every convolution applied at every pixel (the embedding's 3x3 conv, the
@@ -192,7 +196,7 @@ class UNet(ddiff.AbstractNetwork):
         key: ddiff.Key, image_shape: tuple[int, int, int] = (32, 32, 3), channels: int = 128,
         num_blocks: int = 32, dropout: float = 0.1, groups: int = 32, transformer_depth: int = 0,
         transformer_dim: int = 768, transformer_heads: int = 12, patch_size: int = 2,
-        time_conditioned: bool = True
+        time_conditioned: bool = True, remat: nn.RematPolicy = "none"
     ):
         height, width, colours = image_shape
         if height * width * colours != seq_len:
@@ -224,7 +228,7 @@ class UNet(ddiff.AbstractNetwork):
             if transformer_depth:
                 middle["middle_transformer"] = PatchTransformer(
                     channels, height // patch_size, patch_size, transformer_dim,
-                    transformer_depth, transformer_heads, dropout, key=keys[4],
+                    transformer_depth, transformer_heads, dropout, key=keys[4], remat=remat,
                 )  # fmt: skip
             else:
                 k_in, k_attention, k_out = jax.random.split(keys[4], 3)
@@ -236,9 +240,11 @@ class UNet(ddiff.AbstractNetwork):
                 "embedding": nn.token_table(num_states, channels, key=keys[0]),
                 "condition": ConditionEmbedding(channels, time_conditioned, num_classes, key=keys[1]),
                 "conv_in": eqx.nn.Conv2d(colours * channels, channels, 3, padding=1, key=keys[2]),
-                "down": nn.stack_layers(block(channels), jax.random.split(keys[3], num_blocks)),
+                "down": nn.stack_layers(block(channels), jax.random.split(keys[3], num_blocks), remat=remat),
                 **middle,
-                "up": nn.stack_layers(block(2 * channels), jax.random.split(keys[5], num_blocks + 1)),
+                "up": nn.stack_layers(
+                    block(2 * channels), jax.random.split(keys[5], num_blocks + 1), remat=remat
+                ),
                 "norm_out": eqx.nn.GroupNorm(groups, channels),
                 "conv_out": nn.zeroed(conv_out),
             }
