@@ -9,7 +9,7 @@ The layers networks are built from are :mod:`ddiff.nn`; the conformance kit is
 is :mod:`ddiff.runner`, which nothing here imports.
 """
 
-from ddiff import _platform, capabilities, nn  # _platform first: it quiets libtpu (see there)
+from ddiff import _startup, capabilities, nn  # _startup first: signals and libtpu (see there)
 from ddiff._builder import NetworkSpec, SectionBuilder, build_component, constructor_hints
 from ddiff._categorical import categorical, categorical_from_probs, gumbel, standard_exponential
 from ddiff._config import set_typecheck, typecheck, typecheck_enabled
@@ -88,6 +88,7 @@ from ddiff._sampling import (
 )
 from ddiff._sampling_transforms import AbstractLogProbTransform, Chain, TopP, chain
 from ddiff._schedule import AbstractSchedule, time_of_alpha
+from ddiff._tables import check_table_fits
 from ddiff._typing import (
     AbstractCheckedModule,
     Calls,
@@ -194,6 +195,7 @@ __all__ = [
     "RecipeError",
     "RegistryError",
     "check_at_least",
+    "check_table_fits",
     # shared numerics and sampling helpers
     "COMPUTE_DTYPES",
     "METRICS",

@@ -5,7 +5,10 @@ import io
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,25 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run_command, "load_recipe", interrupted)
     assert main(["run", *TINY_RUN, "--workdir", str(tmp_path / "run")]) == 130
     assert capsys.readouterr().err.splitlines() == ["ddiff: interrupted by SIGINT"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_is_still_importing_is_one_line(signum):
+    """The signal arrives once the command's process has begun loading JAX (its shared
+    library is mapped), seconds before ``main`` runs: one line, status 128 + signal, no
+    traceback. Should the import be done first, ``main``'s own handlers give the same."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ddiff", "plugins"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        with open(f"/proc/{process.pid}/maps") as maps:
+            if "jaxlib" in maps.read():
+                break
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    assert err.decode().splitlines() == [f"ddiff: interrupted by {signal.Signals(signum).name}"]
 
 
 def test_a_swallowed_ctrl_c_still_stops_the_run_at_its_first_step(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,14 @@
-"""Keep libtpu quiet on a host without TPU chips.
+"""What must happen before anything heavy is imported: a ``ddiff`` command stopped by
+Ctrl-C or SIGTERM while it is still importing says so in one line, and libtpu stays quiet
+on a host without TPU chips.
+
+A ``ddiff`` command installs its signal handling when its ``main`` starts
+(:class:`ddiff.runner.trainer.signals.CommandSignals`), after about two seconds of
+importing JAX and the plugins; a signal in those seconds would end in a raw
+``KeyboardInterrupt`` traceback, or be swallowed by a library catching it. Until then the
+command's process (the ``ddiff`` script or ``python -m ddiff``, nothing that merely
+imports ddiff) ends at once on SIGINT or SIGTERM with one line and status 128 + the
+signal's number: nothing has been written yet.
 
 With libtpu installed (``pip install -e '.[tpu]'``, for ``ddiff compile``'s ahead-of-time
 TPU compilation on any machine), JAX tries to start a TPU client at its first use of a
@@ -13,6 +23,8 @@ alone.
 
 import importlib.util
 import os
+import signal
+import sys
 
 QUIET_TPU_ENVIRONMENT = {
     "TPU_ACCELERATOR_TYPE": "v5litepod-1",
@@ -40,4 +52,26 @@ def quiet_absent_tpu() -> None:
         os.environ.setdefault(name, value)
 
 
+def is_ddiff_command() -> bool:
+    """Whether this process is the ``ddiff`` command (its script, or ``python -m ddiff``)."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "ddiff":
+        return True
+    arguments = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b == "ddiff" for a, b in zip(arguments, arguments[1:], strict=False))
+
+
+def _interrupted_while_starting(signum: int, _frame: object) -> None:
+    os.write(2, f"ddiff: interrupted by {signal.Signals(signum).name}\n".encode())
+    os._exit(128 + signum)
+
+
+def stop_cleanly_while_starting() -> None:
+    """In the ``ddiff`` command, end on SIGINT or SIGTERM with one line until the command's
+    own handlers replace these."""
+    if is_ddiff_command():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupted_while_starting)
+
+
+stop_cleanly_while_starting()
 quiet_absent_tpu()
