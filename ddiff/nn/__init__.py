@@ -5,7 +5,15 @@ features of diffusion, the key-value cache of block-by-block attention, and stac
 identical layers. Each works on one example; callers vmap."""
 
 from ddiff._layers import REMAT_POLICIES, LayerStack, RematPolicy, stack_layers
-from ddiff.nn._attention import AttentionKind, attention, block_causal_mask, causal_mask
+from ddiff.nn._attention import (
+    AttentionKind,
+    AttentionMask,
+    attention,
+    block_causal_mask,
+    causal_mask,
+    splash_attention,
+    splash_block,
+)
 from ddiff.nn._cache import KVCache, PastKeys
 from ddiff.nn._dense import (
     GLU_ACTIVATIONS,
@@ -33,9 +41,12 @@ from ddiff.nn._rotary import apply_rotary, rotary, rotary_tables
 __all__ = [
     # attention
     "AttentionKind",
+    "AttentionMask",
     "attention",
     "block_causal_mask",
     "causal_mask",
+    "splash_attention",
+    "splash_block",
     # block-by-block attention
     "KVCache",
     "PastKeys",

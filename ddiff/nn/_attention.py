@@ -1,19 +1,44 @@
-"""Multi-head attention with a choice of backend, and the masks of causal and
-block-causal attention."""
+"""Multi-head attention with a choice of backend (written-out products, XLA's fused
+formulation, cuDNN's kernel on GPU, the Pallas splash kernel on TPU), and the masks of
+causal and block-causal attention."""
 
+import hashlib
+import logging
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jaxtyping import Array, Bool, Float
 
 from ddiff._typing import Key
 from ddiff.nn._random import dropout
 
-AttentionKind = Literal["auto", "dot_product_attention", "einsum"]
+AttentionKind = Literal["auto", "dot_product_attention", "einsum", "cudnn", "splash"]
 """How :func:`attention` computes: ``auto`` picks per backend."""
+
+AttentionMask = Bool[Array, "seq keys"] | Bool[np.ndarray, "seq keys"]
+"""True where a query (row) may attend to a key (column). A numpy mask is static: the
+splash kernel reads its structure and skips the tiles it masks out entirely."""
+
+SPLASH_TILE = 128
+"""The splash kernel's tile sizes are multiples of this, and so must its sequences be."""
+
+SPLASH_MAX_BLOCK = 512
+"""The largest query and key block of the splash kernel (:func:`splash_block`)."""
+
+_LOGGER = logging.getLogger("ddiff")
+_WARNED: set[str] = set()
+_SPLASH_KERNELS: dict[tuple, Callable[..., Array]] = {}
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        _LOGGER.warning(message)
 
 
 def attention(
@@ -24,31 +49,88 @@ def attention(
     kind: AttentionKind = "auto",
     dropout_rate: float = 0.0,
     key: Key | None = None,
-    mask: Bool[Array, "seq keys"] | None = None,
+    mask: AttentionMask | None = None,
 ) -> Float[Array, "seq heads head_dim"]:
     """softmax(q k^T / sqrt(head_dim)) v per head, with the scores and the softmax in
     float32 whatever the dtype of q, k, v: bidirectional, or with a ``mask`` only over the
     keys it allows for each query (each query must allow at least one: causal attention,
     :func:`causal_mask`; block-causal attention, :func:`block_causal_mask`).
 
-    ``dot_product_attention`` goes through ``jax.nn.dot_product_attention`` (a GPU's fused
-    kernel where available); ``einsum`` writes the two products out, heads first (on CPU,
-    where no fused kernel exists, it runs faster than the former's XLA formulation);
-    ``auto`` picks the first on accelerators and the second on CPU. Dropout on the
-    attention probabilities (training with ``dropout_rate`` > 0 and a key, :func:`dropout`)
-    needs the probabilities themselves, so it always takes the ``einsum`` path.
+    ``einsum`` writes the two products out, heads first (on CPU, where no fused kernel
+    exists, the fastest); ``dot_product_attention`` goes through XLA's formulation of
+    ``jax.nn.dot_product_attention``; ``cudnn`` through its cuDNN flash-attention kernel
+    (GPU, bfloat16 or float16, head_dim a multiple of 8 up to 128; the causal mask as the
+    kernel's own); ``splash`` through the Pallas splash kernel on TPU
+    (:func:`splash_attention`: sequences a multiple of 128 and a static, numpy mask,
+    whose fully masked tiles it skips). ``auto`` picks ``splash`` on TPU, ``cudnn`` on
+    GPU and ``einsum`` on CPU, and the dense path of the backend (``einsum`` on CPU,
+    ``dot_product_attention`` elsewhere) where the kernel cannot take the call (a mask
+    computed inside the program, as a key-value cache's; a shape or dtype it lacks). An
+    explicit ``cudnn`` or ``splash`` that cannot run says so once, in one logged warning,
+    and takes the same dense path; an explicit ``splash`` on a host without TPU stays in
+    the program for TPU (``jax.lax.platform_dependent``), so a program compiled ahead of
+    time for a TPU topology uses the kernel. Dropout on the attention probabilities
+    (training with ``dropout_rate`` > 0 and a key, :func:`dropout`) needs the
+    probabilities themselves, so it always takes the ``einsum`` path.
     """
-    head_dim = q.shape[-1]
-    dropping = key is not None and dropout_rate > 0.0
+    if key is not None and dropout_rate > 0.0:
+        return _einsum(q, k, v, mask, dropout_rate, key)
+    backend = jax.default_backend()
+    explicit = kind != "auto"
     if kind == "auto":
-        kind = "einsum" if jax.default_backend() == "cpu" else "dot_product_attention"
-    if kind == "dot_product_attention" and not dropping:
-        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None])
+        kind = {"cpu": "einsum", "tpu": "splash", "gpu": "cudnn"}.get(backend, "dot_product_attention")
+    if kind == "einsum":
+        return _einsum(q, k, v, mask)
+    if kind == "dot_product_attention":
+        return _xla(q, k, v, mask)
+    static = _static(mask)
+    if kind == "cudnn":
+        refusal = _cudnn_refusal(q, backend)
+        if refusal is None:
+            return _cudnn(q, k, v, mask, static)
+    else:
+        refusal = _splash_refusal(q, k, mask, static)
+        if refusal is None:
+            if backend == "tpu":
+                return splash_attention(q, k, v, mask=static)
+            if explicit:
+                _warn_once(f"attention 'splash' is a TPU kernel: programs for {backend} take the dense path")
+                return jax.lax.platform_dependent(
+                    q, k, v,
+                    tpu=lambda *a: splash_attention(*a, mask=static),
+                    default=lambda *a: _dense(*a, mask, backend),
+                )  # fmt: skip
+    if explicit:
+        _warn_once(f"attention {kind!r} cannot take this call ({refusal}): it takes the dense path")
+    return _dense(q, k, v, mask, backend)
+
+
+def _static(mask: AttentionMask | None) -> np.ndarray | None:
+    """``mask`` as a numpy array where its values are known while tracing, else None."""
+    if mask is None:
+        return None
+    try:
+        return np.asarray(mask, bool)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _dense(q: Array, k: Array, v: Array, mask: AttentionMask | None, backend: str) -> Array:
+    """The dense path of ``backend``: ``einsum`` on CPU, ``dot_product_attention`` elsewhere."""
+    return _einsum(q, k, v, mask) if backend == "cpu" else _xla(q, k, v, mask)
+
+
+def _xla(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None])
+
+
+def _einsum(
+    q: Array, k: Array, v: Array, mask: AttentionMask | None, dropout_rate: float = 0.0,
+    key: Key | None = None,
+) -> Array:
     # Heads first, as the products want them (jnp.einsum would order the second
     # product's operands as v^T p^T, which runs at half the speed on CPU).
-    q, k, v = (
-        jnp.swapaxes(a, 0, 1) for a in (q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype), k, v)
-    )
+    q, k, v = (jnp.swapaxes(a, 0, 1) for a in (_prescaled(q), k, v))
     scores = jnp.matmul(q, jnp.swapaxes(k, 1, 2), preferred_element_type=jnp.float32)
     if mask is not None:
         scores = jnp.where(mask[None], scores, -jnp.inf)
@@ -56,9 +138,110 @@ def attention(
     return jnp.swapaxes(jnp.matmul(probs, v), 0, 1)
 
 
-def causal_mask(seq_len: int) -> Bool[Array, "seq seq"]:
-    """The mask of causal attention, true where query n may attend to key m: m <= n."""
-    return jnp.tril(jnp.ones((seq_len, seq_len), bool))
+def _prescaled(q: Array) -> Array:
+    return q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+
+
+def _is_causal(mask: np.ndarray | None) -> bool:
+    return mask is not None and mask.shape[0] == mask.shape[1] and np.array_equal(mask, np.tri(len(mask), dtype=bool))
+
+
+def _cudnn_refusal(q: Array, backend: str) -> str | None:
+    """Why cuDNN's kernel cannot take queries ``q``, or None where it can."""
+    if backend != "gpu":
+        return f"a GPU kernel, on {backend}"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs bfloat16 or float16, got {q.dtype}"
+    if q.shape[-1] % 8 or q.shape[-1] > 128:
+        return f"head_dim {q.shape[-1]} is not a multiple of 8 up to 128"
+    return None
+
+
+def _cudnn(q: Array, k: Array, v: Array, mask: AttentionMask | None, static: np.ndarray | None) -> Array:
+    causal = _is_causal(static)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if mask is None or causal else mask[None], is_causal=causal,
+        implementation="cudnn",
+    )
+
+
+def _splash_refusal(q: Array, k: Array, mask: AttentionMask | None, static: np.ndarray | None) -> str | None:
+    """Why the splash kernel cannot take queries ``q`` and keys ``k`` under ``mask``
+    (``static`` its numpy value, where known), or None where it can."""
+    if mask is not None and static is None:
+        return "a mask computed inside the program"
+    if q.shape[0] % SPLASH_TILE or k.shape[0] % SPLASH_TILE:
+        return f"sequences of {q.shape[0]} and {k.shape[0]}, not multiples of {SPLASH_TILE}"
+    return None
+
+
+def splash_block(length: int) -> int:
+    """The splash kernel's block along a sequence of ``length`` (a multiple of 128): the
+    largest multiple of 128 that divides it, up to :data:`SPLASH_MAX_BLOCK`."""
+    block = min(length, SPLASH_MAX_BLOCK) // SPLASH_TILE * SPLASH_TILE
+    while length % block:
+        block -= SPLASH_TILE
+    return block
+
+
+def _splash_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> splash.Mask:
+    """The kernel's mask of one head: full, causal (computed per tile) or from the array."""
+    if mask is None:
+        return splash.FullMask(shape)
+    if _is_causal(mask):
+        return splash.CausalMask(shape)
+    return splash.NumpyMask(mask)
+
+
+def _splash_kernel(
+    mask: np.ndarray | None, shape: tuple[int, int], heads: int, block: int | None, interpret: bool
+) -> Callable[..., Array]:
+    """The splash kernel of ``heads`` heads under ``mask``, built once per mask, shape and
+    block (its tile map is computed on the host, outside any trace)."""
+    digest = None if mask is None else hashlib.sha1(np.packbits(mask)).hexdigest()
+    cache_key = (digest, shape, heads, block, interpret)
+    if cache_key not in _SPLASH_KERNELS:
+        q_block, kv_block = (block or splash_block(n) for n in shape)
+        blocks = splash.BlockSizes(
+            block_q=q_block, block_kv=kv_block, block_kv_compute=kv_block,
+            block_q_dkv=q_block, block_kv_dkv=kv_block, block_kv_dkv_compute=kv_block,
+            block_q_dq=q_block, block_kv_dq=kv_block,
+        )  # fmt: skip
+        with jax.ensure_compile_time_eval():
+            _SPLASH_KERNELS[cache_key] = splash.make_splash_mha(
+                splash.MultiHeadMask([_splash_mask(mask, shape)] * heads), block_sizes=blocks,
+                head_shards=1, q_seq_shards=1, interpret=interpret,
+            )  # fmt: skip
+    return _SPLASH_KERNELS[cache_key]
+
+
+def splash_attention(
+    q: Float[Array, "seq heads head_dim"],
+    k: Float[Array, "keys heads head_dim"],
+    v: Float[Array, "keys heads head_dim"],
+    *,
+    mask: Bool[np.ndarray, "seq keys"] | None = None,
+    block: int | None = None,
+    interpret: bool = False,
+) -> Float[Array, "seq heads head_dim"]:
+    """softmax(q k^T / sqrt(head_dim)) v per head by the Pallas splash-attention kernel
+    (TPU): queries scaled by 1 / sqrt(head_dim), heads first, tiles of ``block`` queries
+    by ``block`` keys (a multiple of 128 dividing both sequences; None: :func:`splash_block`
+    of each), and the static ``mask`` (None: bidirectional; the causal mask as the
+    kernel's own) turned into a block-sparse map of the tiles, so that those it masks out
+    entirely are never computed.
+    ``interpret`` runs the kernel in Pallas's interpreter, on any backend (slowly)."""
+    heads = q.shape[1]
+    shape = (q.shape[0], k.shape[0])
+    kernel = _splash_kernel(None if mask is None else np.asarray(mask, bool), shape, heads, block, interpret)
+    out = kernel(*(jnp.swapaxes(a, 0, 1) for a in (_prescaled(q), k, v)))
+    return jnp.swapaxes(out, 0, 1)
+
+
+def causal_mask(seq_len: int) -> Bool[np.ndarray, "seq seq"]:
+    """The mask of causal attention, true where query n may attend to key m: m <= n (a
+    numpy array: static, so the splash and cuDNN kernels skip the masked tiles)."""
+    return np.tri(seq_len, dtype=bool)
 
 
 def block_causal_mask(seq_len: int, block_size: int) -> np.ndarray:

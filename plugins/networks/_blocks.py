@@ -4,7 +4,7 @@ conditioning embedding and the rotary adaLN-zero block with a gated feed-forward
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Float
 
 import ddiff
 from ddiff import nn
@@ -77,7 +77,7 @@ class RotaryBlock(eqx.Module):
 
     def attention(
         self, x: Float[Array, "seq dim"], tables: tuple[Array, Array], kind: nn.AttentionKind, *,
-        key: ddiff.Key | None, mask: Bool[Array, "seq keys"] | None = None,
+        key: ddiff.Key | None, mask: nn.AttentionMask | None = None,
         past: nn.PastKeys | None = None
     ) -> tuple[Float[Array, "seq dim"], tuple[Array, Array]]:
         """Attention of ``x`` (to itself, as ``mask`` allows, and to the ``past`` keys
@@ -112,7 +112,7 @@ class RotaryBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "seq dim"], cond: Float[Array, " cond"], tables: tuple[Array, Array],
         kind: nn.AttentionKind = "auto", *, key: ddiff.Key | None,
-        mask: Bool[Array, "seq keys"] | None = None, past: nn.PastKeys | None = None
+        mask: nn.AttentionMask | None = None, past: nn.PastKeys | None = None
     ) -> tuple[Float[Array, "seq dim"], tuple[Array, Array]]:
         """One block on ``x``, conditioned on ``cond``, with the rotary ``tables`` of
         :func:`ddiff.nn.rotary_tables`, the attention ``kind`` of :func:`ddiff.nn.attention`
@@ -162,7 +162,7 @@ def rotary_blocks(
 def run_rotary_blocks(
     blocks: nn.LayerStack, x: Float[Array, "seq dim"], cond: Array, key: ddiff.Key | None,
     kind: nn.AttentionKind = "auto", *, tables: tuple[Array, Array] | None = None,
-    mask: Bool[Array, "seq seq"] | None = None
+    mask: nn.AttentionMask | None = None
 ) -> Float[Array, "seq dim"]:
     """The :class:`RotaryBlock` stack on ``x``, with the rotary tables computed once (of
     positions 0..seq-1 unless given) and the attention ``mask`` (None: bidirectional)."""

@@ -44,7 +44,9 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         remat: what each block's backward pass recomputes (:data:`ddiff.nn.REMAT_POLICIES`):
             ``none`` (the default), ``block`` (everything), ``dots`` (all but the matrix
             products), ``dots_no_batch`` (all but the projections); same values.
-        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`ddiff.nn.attention`).
+        attention: ``auto``, ``einsum``, ``dot_product_attention``, ``cudnn`` (GPU) or
+            ``splash`` (TPU; skips the masked tiles of the block-diffusion mask)
+            (:func:`ddiff.nn.attention`).
 
     Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
     blocks' attention and feed-forward products and the output head (not the embedding
@@ -130,7 +132,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         cond = self.condition(jnp.zeros(()), label)
         x = nn.dropout(self.embedding[jnp.concatenate([x_t, x0])], self.dropout, k_embed)
         tables = tuple(jnp.concatenate([a, a]) for a in nn.rotary_tables(seq, self._head_dim))
-        mask = jnp.asarray(nn.block_causal_mask(seq, block_size))
+        mask = nn.block_causal_mask(seq, block_size)
         x = run_rotary_blocks(self.blocks, x, cond, k_blocks, self.attention, tables=tables, mask=mask)
         return self._output(x[:seq], cond)
 

@@ -98,7 +98,8 @@ class Transformer(ddiff.AbstractNetwork):
         remat: what each block's backward pass recomputes (:data:`ddiff.nn.REMAT_POLICIES`):
             ``none`` (the default), ``block`` (everything), ``dots`` (all but the matrix
             products), ``dots_no_batch`` (all but the projections); same values.
-        attention: ``auto``, ``dot_product_attention`` or ``einsum`` (:func:`ddiff.nn.attention`).
+        attention: ``auto``, ``einsum``, ``dot_product_attention``, ``cudnn`` (GPU) or
+            ``splash`` (TPU) (:func:`ddiff.nn.attention`).
 
     Model FLOPs per position (:meth:`flops_per_token`): 2 N + 4 L d T, N the weights of the
     attention projections, MLPs and output head (not the embeddings nor the per-sequence
