@@ -39,6 +39,12 @@ def gaussian_transition_matrix(beta: float, vocab_size: int) -> np.ndarray:
     return matrix
 
 
+TABLE_BYTES_PER_ENTRY = 8
+"""Each entry of the tables is a float32 logarithm held twice: the NumPy table and the
+device array made from it (the few float64 V x V work matrices of the products come on
+top: the estimate is a lower bound)."""
+
+
 class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
     """D3PM's discretized Gaussian process for ordinal data such as pixels (App. A.2.3):
     step i applies Q_i = :func:`gaussian_transition_matrix` (beta_i), the Gaussian's
@@ -49,7 +55,8 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
     The matrices exist only for the T = ``steps`` grid times: log Q_i and log Qbar_i are
     tabulated when the process is built (float64 products, stored as float32 logarithms
     in :class:`ddiff.Constant`, never trained), (2T + 1) V^2 numbers (0.5 GB for V = 256,
-    T = 1000; a few seconds to build). Any time is read as the nearest grid time;
+    T = 1000; a few seconds to build), refused before any is allocated when twice their
+    bytes exceed the machine's memory (:func:`ddiff.check_table_fits`). Any time is read as the nearest grid time;
     transitions between grid times i < j multiply Q_{i+1} ... Q_j. An objective or
     sampler whose steps do not divide T is refused at load time.
 
@@ -76,6 +83,7 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
                 f"the discretized Gaussian process needs at least 2 token values, got {vocab_size}"
             )
         schedule_steps = schedule.steps if isinstance(schedule, D3PMLinearSchedule) else None
+        explicit_steps = steps is not None
         if steps is None:
             if schedule_steps is None:
                 raise ddiff.RecipeError(
@@ -91,6 +99,15 @@ class DiscretizedGaussianProcess(ddiff.AbstractTransitionProcess):
                 f"grid times i/{steps} fall between the schedule's; use a divisor of {schedule_steps}",
                 path="steps",
             )
+        given = "steps" if explicit_steps else "schedule.steps"
+        ddiff.check_table_fits(
+            (2 * steps + 1, vocab_size, vocab_size),
+            TABLE_BYTES_PER_ENTRY,
+            what=f"building the {2 * steps + 1} transition tables of {vocab_size} x {vocab_size} "
+            f"(log Q_i and log Qbar_i for T = {steps} steps)",
+            path=given,
+            change=f"lower {given} or the data's vocabulary ({vocab_size} values)",
+        )
         self.schedule, self.vocab_size, self.steps = schedule, vocab_size, steps
         times = jnp.arange(steps + 1, dtype=jnp.float32) / steps
         noise = np.asarray(jax.vmap(lambda t: _total_noise(schedule, t))(times), np.float64)
