@@ -3,12 +3,15 @@ targets belong to the benchmark itself), refuses bad input in one line, and runs
 tokens/s and MFU in metrics.jsonl. The suite sets DDIFF_PEAK_FLOPS=1e11 (conftest)."""
 
 import json
+import types
 
+import jax.numpy as jnp
 import pytest
 
 import ddiff.runner
 from ddiff.runner import model as model_module
-from ddiff.runner.bench import measure
+from ddiff.runner import throughput
+from ddiff.runner.bench import SHAPES, measure, shape_recipe
 
 PEAK = 1e11
 
@@ -26,7 +29,7 @@ RESULT_KEYS = {
     "shape", "description", "network", "precision", "batch_size", "seq_len", "vocab_size", "parameters",
     "flops_per_token", "forward_flops_per_token", "flops_formula", "model_flops_per_step", "step_seconds",
     "step_times", "compile_seconds", "tokens_per_second", "xla_flops_per_step", "xla_check_program", "memory",
-    "xla_over_model_flops", "peak_flops", "mfu", "sampling",
+    "xla_over_model_flops", "peak_flops", "peak_precision", "peak_source", "mfu", "sampling",
 }  # fmt: skip
 MEMORY_KEYS = {
     "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes", "peak_bytes",
@@ -53,6 +56,8 @@ def test_bench_at_the_tiny_shape_writes_every_field(tmp_path, capsys):
     assert result["model_flops_per_step"] == TINY_FLOPS_PER_TOKEN * 4 * 16
     assert result["tokens_per_second"] == pytest.approx(4 * 16 / result["step_seconds"], rel=1e-12)
     assert result["mfu"] == pytest.approx(result["model_flops_per_step"] / result["step_seconds"] / PEAK, rel=1e-12)
+    assert (result["peak_flops"], result["peak_precision"], result["peak_source"]) == (PEAK, "float32", "DDIFF_PEAK_FLOPS")
+    assert "of the float32 peak 100 GFLOP/s (DDIFF_PEAK_FLOPS)" in shown
     # XLA also counts the element-wise work the formula leaves out, a large share at this size.
     assert 1.0 < result["xla_over_model_flops"] < 2.0
     assert result["xla_check_program"] == "train step (the one timed)"
@@ -99,6 +104,69 @@ def test_bench_refuses_a_precision_the_backend_cannot_run(monkeypatch, capsys):
         "ddiff: error: bench shape tiny: precision.compute: bfloat16 compute cannot run on this cpu "
         "backend (UNIMPLEMENTED: bfloat16 dot); set precision.compute: float32\n"
     )
+
+
+def test_bfloat16_mfu_is_against_the_measured_bfloat16_peak(monkeypatch, tmp_path, capsys):
+    """Without DDIFF_PEAK_FLOPS on CPU the bench measures the peak with products in the
+    compute dtype (here a stand-in: 100 GFLOP/s in float32, 400 in bfloat16), and MFU at
+    --precision bfloat16 is against the bfloat16 peak, named in the line and the file."""
+    measured = []
+
+    def stand_in(dtype, *, size, repeats):
+        measured.append(jnp.dtype(dtype).name)
+        return {"float32": 1e11, "bfloat16": 4e11}[jnp.dtype(dtype).name]
+
+    monkeypatch.delenv("DDIFF_PEAK_FLOPS")
+    monkeypatch.setattr(measure, "measure_matmul_peak", stand_in)
+    monkeypatch.setattr(measure, "_MEASURED_PEAKS", {})
+    output = tmp_path / "bench.json"
+    args = ["bench", "tiny", "--precision", "bfloat16", "--repeats", "1", "--samplers", "--output", str(output)]
+    assert ddiff.runner.main(args) == 0
+    shown = capsys.readouterr().out
+    assert set(measured) == {"bfloat16"} and len(measured) == 2  # n = 1024 and 2048, once
+    assert "cpu (cpu) bfloat16 peak 400.0 GFLOP/s (measured)" in shown
+    assert "of the bfloat16 peak 400 GFLOP/s (measured)" in shown
+    run = json.loads(output.read_text())
+    assert (run["precision"], run["peak_flops"], run["peak_source"]) == ("bfloat16", 4e11, "measured")
+    (result,) = run["results"]
+    assert (result["precision"], result["peak_precision"], result["peak_flops"]) == ("bfloat16", "bfloat16", 4e11)
+    assert result["mfu"] == pytest.approx(result["model_flops_per_step"] / result["step_seconds"] / 4e11, rel=1e-12)
+
+
+def test_peaks_are_those_of_the_compute_dtype(monkeypatch):
+    """The table of known devices is read by compute dtype (a stand-in device kind), and
+    DDIFF_PEAK_FLOPS gives one number for every dtype or one per dtype."""
+    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    tpu = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")
+    monkeypatch.delenv("DDIFF_PEAK_FLOPS")
+    assert throughput.peak_flops("bfloat16", h100) == (989e12, "table: H100")
+    assert throughput.peak_flops("float32", h100) == (494e12, "table: H100")
+    assert throughput.peak_flops("float16", tpu) == (
+        None, "no known float16 peak for 'TPU v5 lite'; set DDIFF_PEAK_FLOPS"
+    )
+    monkeypatch.setenv("DDIFF_PEAK_FLOPS", "float32=494e12, bfloat16=989e12")
+    assert throughput.peak_flops("bfloat16", h100) == (989e12, "DDIFF_PEAK_FLOPS (bfloat16)")
+    assert throughput.peak_flops("float32") == (494e12, "DDIFF_PEAK_FLOPS (float32)")
+    assert throughput.peak_flops("float16") == (
+        None, "DDIFF_PEAK_FLOPS='float32=494e12, bfloat16=989e12' gives no float16 peak"
+    )
+    monkeypatch.setenv("DDIFF_PEAK_FLOPS", "bfloat16=fast")
+    assert throughput.peak_flops("bfloat16") == (
+        None, "DDIFF_PEAK_FLOPS='bfloat16=fast': 'bfloat16=fast' is not dtype=number"
+    )
+    monkeypatch.setenv("DDIFF_PEAK_FLOPS", "2e11")
+    assert throughput.peak_flops("bfloat16", h100) == (2e11, "DDIFF_PEAK_FLOPS")
+
+
+def test_every_shape_builds_without_a_vocabulary_sized_table():
+    """md4-s's 50,257 symbols come from random_tokens, which builds nothing of V x V (a
+    Markov source of that size is refused as 113 GiB of work tables)."""
+    for shape in SHAPES.values():
+        recipe = shape_recipe(shape)
+        assert recipe.names["data"] == "random_tokens"
+        assert recipe.data.vocab_size == shape.recipe["data"]["num_symbols"]
+    md4_s = shape_recipe(SHAPES["md4-s"])
+    assert (md4_s.data.vocab_size, md4_s.data.seq_len) == (50257, 1024)
 
 
 def test_bench_refuses_what_does_not_fit_before_running(monkeypatch, capsys):

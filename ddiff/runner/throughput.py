@@ -4,10 +4,12 @@ FLOPs utilisation (MFU), as a run's metrics and ``ddiff bench`` report them.
 MFU = train-step model FLOPs per token x tokens per second / peak FLOP/s of the devices.
 Model FLOPs per token are three times the network's forward FLOPs per position
 (:meth:`ddiff.AbstractNetwork.flops_per_token`; the backward pass costs two forward
-passes). The peak comes from, in order: the environment variable ``DDIFF_PEAK_FLOPS``
-(FLOP/s of one device; on CPU, of the host's cores together); on GPU and TPU a table of
-the dense peaks of known devices (:data:`ACCELERATOR_PEAKS`); on CPU a measurement, the
-fastest of a few 1024 x 1024 matrix products in the compute dtype, made once per process.
+passes). The peak is always that of the compute dtype (``precision.compute``), and comes
+from, in order: the environment variable ``DDIFF_PEAK_FLOPS`` (FLOP/s of one device; on
+CPU, of the host's cores together), either one number for every dtype or one per dtype
+(``float32=494e12,bfloat16=989e12``); on GPU and TPU a table of the dense peaks of known
+devices (:data:`ACCELERATOR_PEAKS`); on CPU a measurement, the fastest of a few
+1024 x 1024 matrix products in the compute dtype, made once per process and dtype.
 """
 
 import os
@@ -67,23 +69,43 @@ def measure_matmul_peak(dtype: Any = jnp.float32, *, size: int = 1024, repeats: 
     return 2.0 * size**3 / best
 
 
-def peak_flops(compute: str = "float32") -> tuple[float | None, str]:
-    """Peak FLOP/s of one device for products in ``compute`` and where it comes from
-    (``env``, ``table: <kind>``, ``measured``), or None and the reason when unknown."""
+def _peak_from_environment(text: str, compute: str) -> tuple[float | None, str]:
+    """The peak ``DDIFF_PEAK_FLOPS`` gives for ``compute``: one number for every dtype, or
+    ``dtype=number`` pairs separated by commas."""
+    if "=" not in text:
+        try:
+            return float(text), PEAK_ENV
+        except ValueError:
+            return None, f"{PEAK_ENV}={text!r} is not a number"
+    peaks = {}
+    for pair in text.split(","):
+        name, _, value = pair.partition("=")
+        try:
+            peaks[name.strip()] = float(value)
+        except ValueError:
+            return None, f"{PEAK_ENV}={text!r}: {pair.strip()!r} is not dtype=number"
+    if compute not in peaks:
+        return None, f"{PEAK_ENV}={text!r} gives no {compute} peak"
+    return peaks[compute], f"{PEAK_ENV} ({compute})"
+
+
+def peak_flops(compute: str = "float32", device: Any = None) -> tuple[float | None, str]:
+    """Peak FLOP/s of one device (default: the first) for products in ``compute`` and where
+    it comes from (``DDIFF_PEAK_FLOPS``, ``table: <kind>``, ``measured``), or None and the
+    reason when unknown."""
     override = os.environ.get(PEAK_ENV)
     if override:
-        try:
-            return float(override), PEAK_ENV
-        except ValueError:
-            return None, f"{PEAK_ENV}={override!r} is not a number"
-    device = jax.devices()[0]
+        return _peak_from_environment(override, compute)
+    device = jax.devices()[0] if device is None else device
     if device.platform == "cpu":
         if compute not in _MEASURED:
             _MEASURED[compute] = measure_matmul_peak(COMPUTE_DTYPES[compute])
         return _MEASURED[compute], "measured"
     for fragment, peaks in ACCELERATOR_PEAKS.items():
-        if fragment.lower() in device.device_kind.lower() and compute in peaks:
-            return peaks[compute], f"table: {fragment}"
+        if fragment.lower() in device.device_kind.lower():
+            if compute in peaks:
+                return peaks[compute], f"table: {fragment}"
+            return None, f"no known {compute} peak for {device.device_kind!r}; set {PEAK_ENV}"
     return None, f"no known peak for {device.device_kind!r}; set {PEAK_ENV}"
 
 

@@ -13,8 +13,10 @@ Times are medians over repeated calls after compilation, each ended by
   against XLA's cost analysis of the compiled step. XLA counts the body of a loop once,
   so the check compiles (without running) the step of the same model with its layer
   stacks unrolled when the timed one scans them.
-- MFU is model FLOPs per second over the peak of :func:`ddiff.runner.throughput.peak_flops`
-  (on CPU measured here, the fastest of ten n x n products, n = 1024 and 2048).
+- MFU is model FLOPs per second over the peak of the shape's compute dtype
+  (``precision.compute``; :func:`ddiff.runner.throughput.peak_flops`, on CPU measured
+  here, the fastest of ten n x n products in that dtype, n = 1024 and 2048); each
+  result names the peak it used (``peak_precision``, ``peak_source``).
 - Peak memory is XLA's memory analysis of the compiled step (arguments + outputs -
   aliased + temporaries); a batch that would not fit is refused before it runs.
 - Every registered sampler is run on the shape's network (with a process and

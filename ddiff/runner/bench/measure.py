@@ -19,7 +19,7 @@ import numpy as np
 
 from ddiff import _capabilities as caps
 from ddiff._constant import trainable
-from ddiff._layers import LayerStack
+from ddiff._layers import COMPUTE_DTYPES, LayerStack
 from ddiff._model import DiffusionModel
 from ddiff._registry import default_registry
 from ddiff._sampler import (
@@ -52,16 +52,22 @@ def median_time(
     return statistics.median(times), times
 
 
+_MEASURED_PEAKS: dict[str, float] = {}
+"""The CPU peaks the bench measured in this process, by compute dtype."""
+
+
 def bench_peak(compute: str) -> tuple[float | None, str]:
-    """The peak FLOP/s the bench divides by: :func:`ddiff.runner.throughput.peak_flops`,
-    except on CPU without ``DDIFF_PEAK_FLOPS``, where it is measured more carefully (the
-    fastest of ten products at n = 1024 and n = 2048)."""
+    """The peak FLOP/s of products in the compute dtype ``compute`` that the bench divides
+    by: :func:`ddiff.runner.throughput.peak_flops`, except on CPU without
+    ``DDIFF_PEAK_FLOPS``, where it is measured more carefully (the fastest of ten
+    products in ``compute`` at n = 1024 and n = 2048, once per process and dtype)."""
     if jax.default_backend() != "cpu" or os.environ.get(PEAK_ENV):
         return peak_flops(compute)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[compute]
-    return max(
-        measure_matmul_peak(dtype, size=size, repeats=10) for size in (1024, 2048)
-    ), "measured"
+    if compute not in _MEASURED_PEAKS:
+        _MEASURED_PEAKS[compute] = max(
+            measure_matmul_peak(COMPUTE_DTYPES[compute], size=size, repeats=10) for size in (1024, 2048)
+        )
+    return _MEASURED_PEAKS[compute], "measured"
 
 
 def available_bytes() -> int | None:
@@ -332,7 +338,6 @@ def bench_sampler(name: str, shape: Shape, raw: dict[str, Any], *, repeats: int)
 def bench_shape(
     shape: Shape,
     *,
-    peak: float | None,
     batch_size: int | None = None,
     sample_batch: int | None = None,
     overrides: Sequence[str] = (),
@@ -342,7 +347,9 @@ def bench_shape(
     report: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every measurement of one shape (the module docstring), as a JSON-ready mapping;
-    each part's lines of the terminal table go to ``report`` as soon as measured."""
+    each part's lines of the terminal table go to ``report`` as soon as measured. MFU is
+    against the peak of the recipe's compute dtype (:func:`bench_peak`), which the result
+    names (``peak_precision``, ``peak_source``)."""
     if sample_batch is not None:
         shape = dataclasses.replace(shape, sample_batch=sample_batch)
     recipe = shape_recipe(shape, batch_size=batch_size, overrides=overrides)
@@ -356,6 +363,7 @@ def bench_shape(
             ) from None
         raise
     batch, seq_len = recipe.trainer.batch_size, recipe.data.seq_len
+    peak, peak_source = bench_peak(recipe.precision.compute)
     forward = state.model.network.flops_per_token(seq_len)
     flops_per_token = None if forward is None else 3.0 * forward
     step_flops = None if flops_per_token is None else flops_per_token * batch * seq_len
@@ -380,6 +388,8 @@ def bench_shape(
             else None
         ),
         "peak_flops": peak,
+        "peak_precision": recipe.precision.compute,
+        "peak_source": peak_source,
         "mfu": None
         if step_flops is None or not peak
         else step_flops / train["step_seconds"] / peak,

@@ -10,7 +10,11 @@ def format_result(result: dict[str, Any]) -> str:
     """The train-step lines of the terminal table."""
     memory = result["memory"].get("peak_bytes", 0) / 2**20
     mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
-    peak = "n/a" if not result["peak_flops"] else f"{result['peak_flops'] / 1e9:.0f} GFLOP/s"
+    peak = (
+        f"the {result['peak_precision']} peak, unknown ({result['peak_source']})"
+        if not result["peak_flops"]
+        else f"the {result['peak_precision']} peak {result['peak_flops'] / 1e9:.0f} GFLOP/s ({result['peak_source']})"
+    )
     ratio = (
         "n/a" if result["xla_over_model_flops"] is None else f"{result['xla_over_model_flops']:.3f}"
     )

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
     results = []
     for name in names:
         result = bench_shape(
-            SHAPES[name], peak=peak, batch_size=args.batch_size, sample_batch=args.sample_batch,
+            SHAPES[name], batch_size=args.batch_size, sample_batch=args.sample_batch,
             overrides=overrides, repeats=args.repeats, sample_repeats=args.sample_repeats,
             samplers=args.samplers, report=lambda line: print(line, flush=True),
         )  # fmt: skip
