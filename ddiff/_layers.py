@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ddiff._errors import RecipeError
-from ddiff._sharding import FSDP, gather, sharded_dim
+from ddiff._sharding import MODEL, gather, gather_leaf, sharded_dim
 
 SAVED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 """What the backward pass of a sharded layer keeps from its forward pass: the outputs of
@@ -42,11 +42,13 @@ projections, not attention's per-head products q k^T and p v)."""
 
 class ShardedLeaf(eqx.Module):
     """A stacked parameter that is still sharded over the ``fsdp`` mesh axis: each layer's
-    slice is gathered along ``dim`` right before the layer runs. Made by the trainer
+    slice is gathered along ``dim`` right before the layer runs (and stays split over
+    ``model`` along ``model_dim``, tensor parallelism, when not None). Made by the trainer
     inside its ``shard_map``; a network never builds one."""
 
     shard: Array
     dim: int = eqx.field(static=True)
+    model_dim: int | None = eqx.field(static=True, default=None)
 
 
 def _is_sharded_leaf(node: Any) -> bool:
@@ -57,7 +59,7 @@ def _gather_layer(layer: Any) -> Any:
     def one(node: Any) -> Any:
         if not isinstance(node, ShardedLeaf):
             return node
-        return jax.lax.all_gather(node.shard, FSDP, axis=node.dim, tiled=True)
+        return gather_leaf(node.shard, node.dim, node.model_dim)
 
     return jax.tree.map(one, layer, is_leaf=_is_sharded_leaf)
 
@@ -169,15 +171,16 @@ def traced_out(tree: Any) -> Any:
 def gather_for_forward(params: Any, specs: Any) -> Any:
     """Inside ``shard_map``: all-gather every fsdp-sharded leaf outside a
     :class:`LayerStack`; inside one, wrap it as a :class:`ShardedLeaf` so the stack gathers
-    it layer by layer (a leaf sharded along the layer axis itself is gathered now)."""
+    it layer by layer (a leaf sharded along the layer axis itself is gathered now).
+    ``specs`` are the leaves' global specs: a leaf split over ``model`` stays split."""
 
     def defer(leaf: Any, spec: Any) -> Any:
-        dim = sharded_dim(spec)
+        dim, model_dim = sharded_dim(spec), sharded_dim(spec, MODEL)
         if dim is None:
             return leaf
         if dim == 0:
-            return jax.lax.all_gather(leaf, FSDP, axis=0, tiled=True)
-        return ShardedLeaf(shard=leaf, dim=dim - 1)
+            return gather_leaf(leaf, 0, model_dim)
+        return ShardedLeaf(shard=leaf, dim=dim - 1, model_dim=None if model_dim is None else model_dim - 1)
 
     def one(node: Any, spec: Any) -> Any:
         if _is_layer_stack(node):

@@ -1,8 +1,8 @@
 """Layers for network authors, used by every built-in network: attention with a choice of
 backend and its masks, rotary position embeddings, token and class embeddings,
 normalisation in float32, adaptive layer norm, dropout, position-wise linear layers and their initialisation, the time
-features of diffusion, the key-value cache of block-by-block attention, and stacks of
-identical layers. Each works on one example; callers vmap."""
+features of diffusion, the key-value cache of block-by-block attention, stacks of
+identical layers, and the declaration of their tensor-parallel split. Each works on one example; callers vmap."""
 
 from ddiff._layers import REMAT_POLICIES, LayerStack, RematPolicy, stack_layers
 from ddiff.nn._attention import (
@@ -35,6 +35,7 @@ from ddiff.nn._norms import (
     modulate,
     timestep_features,
 )
+from ddiff.nn._parallel import AbstractTensorParallel, TensorSplit, split_over_model
 from ddiff.nn._random import dropout, dropout_keys, stacked_dropout_keys
 from ddiff.nn._rotary import apply_rotary, rotary, rotary_tables
 
@@ -85,4 +86,8 @@ __all__ = [
     "REMAT_POLICIES",
     "RematPolicy",
     "stack_layers",
+    # tensor parallelism
+    "AbstractTensorParallel",
+    "TensorSplit",
+    "split_over_model",
 ]

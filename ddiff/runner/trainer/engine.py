@@ -16,7 +16,7 @@ from ddiff._errors import RecipeError
 from ddiff._model import DiffusionModel
 from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput
 from ddiff.runner.memory import check_training_fits, mesh_bytes
-from ddiff.runner.mesh import global_batch, make_mesh, to_host
+from ddiff.runner.mesh import batch_shards, check_tensor_parallel, global_batch, make_mesh, to_host
 from ddiff.runner.model import initial_model
 from ddiff.runner.quality import Judge, sample_key, score_samples
 from ddiff.runner.recipe import Recipe
@@ -29,7 +29,8 @@ from ddiff.runner.trainer.step import make_train_step
 
 
 def check_divisible(recipe: Recipe, devices: int) -> None:
-    """Batch sizes must split evenly over the mesh's devices."""
+    """Batch sizes must split evenly over the ``devices`` a batch is split over (data x
+    fsdp: those along ``model`` share their rows)."""
     for path, value in (
         ("trainer.batch_size", recipe.trainer.batch_size),
         ("eval.batch_size", recipe.eval.batch_size),
@@ -62,7 +63,7 @@ class Engine:
     def __init__(self, recipe: Recipe, *, mesh: Mesh | None = None):
         self.recipe = recipe
         self.mesh = make_mesh(recipe.mesh) if mesh is None else mesh
-        check_divisible(recipe, self.mesh.size)
+        check_divisible(recipe, batch_shards(self.mesh))
         self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
         self.train_step = compiled(
             make_train_step,
@@ -86,9 +87,11 @@ class Engine:
         """Build the recipe's model abstractly (``eqx.filter_eval_shape``: shapes only, no
         parameter allocated), so that what only the built network can tell (its
         capabilities against the objective's and the sampler's) is refused before
-        anything is written, and so is a training step too large for this machine's
-        memory (:func:`~ddiff.runner.memory.check_training_fits`)."""
+        anything is written, and so are heads that do not split over ``mesh.model`` and a
+        training step too large for this machine's memory
+        (:func:`~ddiff.runner.memory.check_training_fits`)."""
         shapes = eqx.filter_eval_shape(initial_model, self.recipe)
+        check_tensor_parallel(shapes, self.mesh)
         check_training_fits(self.recipe, shapes, mesh_bytes(list(self.mesh.devices.flat)))
 
     def init_state(self) -> TrainState:
@@ -140,9 +143,11 @@ class Engine:
 
     def sample_batch(self, num_samples: int, batch_size: int | None = None) -> int:
         """The size of the batches :meth:`sample_batches` draws: ``batch_size`` (default
-        all), at most ``num_samples``, rounded up to a multiple of the devices."""
+        all), at most ``num_samples``, rounded up to a multiple of the devices a batch is
+        split over (data x fsdp)."""
         size = min(batch_size or num_samples, num_samples)
-        return -(-size // self.mesh.size) * self.mesh.size
+        shards = batch_shards(self.mesh)
+        return -(-size // shards) * shards
 
     def sample_batches(
         self,

@@ -14,15 +14,23 @@ from ddiff._layers import gather_for_forward
 from ddiff._model import DiffusionModel
 from ddiff._objective import AbstractObjective
 from ddiff._sharding import BATCH_AXES
-from ddiff.runner.mesh import BATCH_SPEC, replicated, to_host, tree_specs
+from ddiff.runner.mesh import (
+    BATCH_SPEC,
+    batch_shards,
+    manual_specs,
+    replicated,
+    to_host,
+    tree_specs,
+)
 from ddiff.runner.pipeline import eval_batches, metric_report, validate_batch
 from ddiff.runner.recipe import Recipe
 
 
 def make_eval(objective: AbstractObjective, *, batch_size: int, mesh: Mesh) -> Callable:
     """``(arrays, model, tokens, labels, key) -> nelbo`` per example of a global eval batch,
-    for the static parts of ``objective`` (its arrays come in ``arrays``)."""
-    local_batch = batch_size // mesh.size
+    for the static parts of ``objective`` (its arrays come in ``arrays``), split over the
+    mesh's data x fsdp devices (tensor-parallel over ``model``, as the train step)."""
+    local_batch = batch_size // batch_shards(mesh)
 
     @eqx.filter_jit
     def evaluate(arrays, model, tokens, labels, key) -> Float[Array, " batch"]:
@@ -42,8 +50,9 @@ def make_eval(objective: AbstractObjective, *, batch_size: int, mesh: Mesh) -> C
         return jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(replicated(objective_arrays), specs, BATCH_SPEC, BATCH_SPEC),
+            in_specs=(replicated(objective_arrays), manual_specs(specs), BATCH_SPEC, BATCH_SPEC),
             out_specs=BATCH_SPEC,
+            axis_names=frozenset(BATCH_AXES),
             check_vma=False,
         )(objective_arrays, params, tokens, labels)
 

@@ -20,6 +20,7 @@ from ddiff._constant import trainable
 from ddiff._errors import DdiffError, RunDirectoryError
 from ddiff.runner.checkpoint import CHECKPOINT_DIR, checkpoint_reader, restore_latest
 from ddiff.runner.files import atomic_write_text, unused_path
+from ddiff.runner.mesh import batch_shards
 from ddiff.runner.recipe import Recipe, dump_yaml, load_recipe, parse_yaml
 from ddiff.runner.trainer.engine import Engine
 from ddiff.runner.trainer.state import TrainState
@@ -484,7 +485,7 @@ def print_header(recipe: Recipe, state: TrainState, mesh: Mesh, start: int, end:
         f"({count:,} parameters); data {names['data']} (V={recipe.data.vocab_size}, "
         f"D={recipe.data.seq_len})\n"
         f"ddiff: mesh {shape} over {mesh.size} devices in {jax.process_count()} processes; "
-        f"global batch {batch}, {batch // mesh.size} per device; "
+        f"global batch {batch}, {batch // batch_shards(mesh)} per device; "
         f"steps {start} -> {end} of {recipe.trainer.steps}",
         flush=True,
     )

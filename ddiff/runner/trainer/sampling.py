@@ -21,7 +21,7 @@ from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput, sample_k
 from ddiff._sharding import BATCH_AXES
 from ddiff.runner.files import atomic_write_bytes, gibibytes
 from ddiff.runner.images import image_grid, png_bytes
-from ddiff.runner.mesh import BATCH_SPEC, replicated, tree_specs
+from ddiff.runner.mesh import BATCH_SPEC, batch_shards, manual_specs, replicated, tree_specs
 from ddiff.runner.recipe import Recipe
 
 SAMPLES_DIR = "samples"
@@ -31,7 +31,8 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
     """``(arrays, model, key, first, num_samples, conditioning) -> SampleOutput`` for the
     static parts of ``sampler`` (its arrays come in ``arrays``): samples ``first`` ..
     ``first + num_samples - 1`` of a sampling run, of ``seq_len`` positions (at most, for
-    a variable-length sampler), split over the mesh's devices, with every sample's length
+    a variable-length sampler), split over the mesh's data x fsdp devices (tensor-parallel
+    over ``model``, as the train step), with every sample's length
     (``seq_len`` unless the sampler stopped it). Sample
     i is drawn from ``fold_in(key, i)`` (:func:`ddiff.sample_keys`), each device passing
     the keys of its slice, so the samples depend neither on the mesh nor on how a run is
@@ -44,7 +45,7 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
         (sampler_arrays,) = arrays
         params, static = eqx.partition(model, eqx.is_array)
         specs = tree_specs(params, mesh)
-        local_samples = num_samples // mesh.size
+        local_samples = num_samples // batch_shards(mesh)
 
         def local(sampler_arrays, params, conditioning):
             local_sampler = eqx.combine(sampler_arrays, sampler)
@@ -66,8 +67,9 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
         return jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(replicated(sampler_arrays), specs, condition_specs),
+            in_specs=(replicated(sampler_arrays), manual_specs(specs), condition_specs),
             out_specs=SampleOutput(tokens=BATCH_SPEC, num_function_evals=P(), lengths=BATCH_SPEC),
+            axis_names=frozenset(BATCH_AXES),
             check_vma=False,
         )(sampler_arrays, params, conditioning)
 

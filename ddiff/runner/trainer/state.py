@@ -64,11 +64,18 @@ def is_array_or_abstract(leaf: Any) -> bool:
 def state_specs(state: TrainState, mesh: Mesh) -> Any:
     """The ``PartitionSpec`` of every array of ``state`` on ``mesh`` (None elsewhere), for
     a state of arrays or of ``jax.ShapeDtypeStruct`` leaves alike: how
-    :func:`place_state` lays it out."""
+    :func:`place_state` lays it out (large arrays sharded over ``fsdp``, the weights the
+    network declares split over ``model`` in the Megatron layout, the same for their
+    AdamW moments and EMA).
+
+    Raises:
+        RecipeError: heads (or a split width) that do not divide by ``mesh.model``.
+    """
     return tree_specs(eqx.filter(state, is_array_or_abstract), mesh)
 
 
 def place_state(state: TrainState, mesh: Mesh) -> TrainState:
-    """Lay every array of ``state`` out on ``mesh`` (fsdp-sharded where large)."""
+    """Lay every array of ``state`` out on ``mesh`` (fsdp-sharded where large, split over
+    ``model`` where the network declares it)."""
     dynamic, static = eqx.partition(state, eqx.is_array)
     return eqx.combine(place(dynamic, mesh, state_specs(dynamic, mesh)), static)

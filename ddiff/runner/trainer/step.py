@@ -1,6 +1,8 @@
 """The compiled train step: objective, gradients reduced over the mesh, global-norm
 clipping, AdamW, EMA and a guard that never applies a non-finite update, in one
-``eqx.filter_jit`` with donated buffers around one ``jax.shard_map``."""
+``eqx.filter_jit`` with donated buffers around one ``jax.shard_map``, manual over the
+mesh's ``data`` and ``fsdp`` axes and leaving ``model`` (tensor parallelism) to the
+compiler."""
 
 import math
 from collections.abc import Callable
@@ -17,7 +19,16 @@ from ddiff._layers import gather_for_forward
 from ddiff._objective import AbstractObjective
 from ddiff._sharding import BATCH_AXES
 from ddiff.runner.config import OptimizerConfig
-from ddiff.runner.mesh import BATCH_SPEC, global_norm, reduce_gradients, replicated, tree_specs
+from ddiff.runner.mesh import (
+    BATCH_SPEC,
+    batch_shards,
+    constrain,
+    global_norm,
+    manual_specs,
+    reduce_gradients,
+    replicated,
+    tree_specs,
+)
 from ddiff.runner.trainer.optimizer import ema_decay_at, learning_rate_schedule, make_optimizer
 from ddiff.runner.trainer.state import TrainState
 
@@ -61,10 +72,13 @@ def make_train_step(
     """The step ``(arrays, state, tokens, labels) -> (state, metrics, diagnostics)`` for
     the static parts of ``objective`` (its arrays come in ``arrays``, see
     :func:`ddiff.runner.trainer.compiled.compiled`). The randomness of step k is
-    ``fold_in(state.key, k)``; the batch is split over the mesh's devices, each taking its
-    slice of the global batch's times and noise keys, so no draw depends on the split."""
+    ``fold_in(state.key, k)``; the batch is split over the mesh's data x fsdp devices, each
+    taking its slice of the global batch's times and noise keys, so no draw depends on the
+    split. Inside the ``shard_map`` each array is whole along ``model``, as the compiler
+    sees it: the parameters a layer declares split over ``model`` stay split (the new state
+    is laid out as the old), and the compiler partitions their products."""
     transform = make_optimizer(optimizer, total_steps)
-    count = mesh.size
+    count = batch_shards(mesh)
     local_batch = batch_size // count
     learning_rate = learning_rate_schedule(optimizer, total_steps)
 
@@ -134,15 +148,17 @@ def make_train_step(
         (objective_arrays,) = arrays
         dynamic, static = eqx.partition(state, eqx.is_array)
         specs = tree_specs(dynamic, mesh)
+        manual = manual_specs(specs)
         param_specs = tree_specs(trainable(state.model), mesh)
         sharded = jax.shard_map(
             lambda o, d, x, y: local_step(o, d, static, param_specs, x, y),
             mesh=mesh,
-            in_specs=(replicated(objective_arrays), specs, BATCH_SPEC, BATCH_SPEC),
-            out_specs=(specs, P(), P()),
+            in_specs=(replicated(objective_arrays), manual, BATCH_SPEC, BATCH_SPEC),
+            out_specs=(manual, P(), P()),
+            axis_names=frozenset(BATCH_AXES),
             check_vma=False,
         )
         new_dynamic, metrics, diagnostics = sharded(objective_arrays, dynamic, tokens, labels)
-        return eqx.combine(new_dynamic, static), metrics, diagnostics
+        return eqx.combine(constrain(new_dynamic, mesh, specs), static), metrics, diagnostics
 
     return step
