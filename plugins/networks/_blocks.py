@@ -42,12 +42,14 @@ class ConditionEmbedding(eqx.Module):
         return self.mlp_out(jax.nn.silu(self.mlp_in(x.astype(self.mlp_in.weight.dtype))))
 
 
-class RotaryBlock(eqx.Module):
+class RotaryBlock(nn.AbstractTensorParallel):
     """One block of the MD4 transformer: pre-norm multi-head self-attention with rotary
     position embeddings, then a gated feed-forward w2(act(w1 x) * w3 x), each residual
     branch shifted, scaled and gated by the conditioning vector (adaptive layer norm zero:
     the modulation starts at zero, so the block starts as the identity). Dropout acts on
-    the attention probabilities and on both branches' outputs."""
+    the attention probabilities and on both branches' outputs. Under tensor parallelism
+    (Megatron layout) the heads and the hidden width are split: wq, wk, wv, w1 and w3 are
+    column-parallel, wo and w2 row-parallel; the modulation is whole."""
 
     wq: eqx.nn.Linear
     wk: eqx.nn.Linear
@@ -60,10 +62,11 @@ class RotaryBlock(eqx.Module):
     heads: int = eqx.field(static=True)
     mlp: str = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
+    heads_key: str = eqx.field(static=True)
 
     def __init__(
         self, dim: int, heads: int, hidden: int, cond_dim: int, mlp: str, dropout: float,
-        ffn_scale: float, *, key: ddiff.Key
+        ffn_scale: float, *, key: ddiff.Key, heads_key: str = "heads"
     ):
         keys = jax.random.split(key, 8)
         self.wq, self.wk, self.wv, self.wo = (nn.scaled_linear(dim, dim, key=k) for k in keys[:4])
@@ -74,6 +77,13 @@ class RotaryBlock(eqx.Module):
         self.heads = heads
         self.mlp = mlp
         self.dropout = dropout
+        self.heads_key = heads_key
+
+    def tensor_split(self) -> nn.TensorSplit:
+        return nn.TensorSplit(
+            column=("wq", "wk", "wv", "w1", "w3"), row=("wo", "w2"), heads=self.heads,
+            heads_key=self.heads_key,
+        )
 
     def attention(
         self, x: Float[Array, "seq dim"], tables: tuple[Array, Array], kind: nn.AttentionKind, *,
@@ -152,7 +162,9 @@ def rotary_blocks(
     ffn_scale = 2.0 / depth if depth_scaled_init else 1.0
     hidden = _glu_hidden(dim, multiple_of)
     return nn.stack_layers(
-        lambda k: RotaryBlock(dim, heads, hidden, cond_dim, mlp, dropout, ffn_scale, key=k),
+        lambda k: RotaryBlock(
+            dim, heads, hidden, cond_dim, mlp, dropout, ffn_scale, key=k, heads_key=path
+        ),
         jax.random.split(key, depth),
         scan=scan,
         remat=remat,

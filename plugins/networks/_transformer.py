@@ -11,9 +11,13 @@ import ddiff
 from ddiff import nn
 
 
-class SelfAttention(eqx.Module):
+class SelfAttention(nn.AbstractTensorParallel):
     """Bidirectional multi-head self-attention with optional rotary position embeddings
-    (:func:`ddiff.nn.rotary`), dropout on its probabilities."""
+    (:func:`ddiff.nn.rotary`), dropout on its probabilities. Under tensor parallelism the
+    heads are split: the output projection is row-parallel, and the fused q/k/v projection,
+    whose three blocks of rows are not one contiguous split of its weight, is stored whole
+    on every model device and computed split by heads (:func:`ddiff.nn.split_over_model`
+    on a view of its weight)."""
 
     qkv: eqx.nn.Linear
     out: eqx.nn.Linear
@@ -27,6 +31,9 @@ class SelfAttention(eqx.Module):
         self.heads = heads
         self.dropout = dropout
 
+    def tensor_split(self) -> nn.TensorSplit:
+        return nn.TensorSplit(row=("out",), heads=self.heads)
+
     def __call__(
         self, x: Float[Array, "seq dim"], tables: tuple[Array, Array] | None,
         kind: nn.AttentionKind = "auto", *, key: ddiff.Key | None
@@ -34,18 +41,20 @@ class SelfAttention(eqx.Module):
         """Attention over ``x``, with rotary positions when given their ``tables``
         (:func:`ddiff.nn.rotary_tables`), by the ``kind`` of :func:`ddiff.nn.attention`."""
         seq_len, dim = x.shape
-        q, k, v = jnp.split(nn.dense(self.qkv, x), 3, axis=-1)
-        q, k, v = (a.reshape(seq_len, self.heads, dim // self.heads) for a in (q, k, v))
+        weight = self.qkv.weight.reshape(3, self.heads, dim // self.heads, dim)
+        q, k, v = jnp.einsum("sd,thed->tshe", x, nn.split_over_model(weight, 1))
         if tables is not None:
             q, k = nn.apply_rotary(q, *tables), nn.apply_rotary(k, *tables)
         attended = nn.attention(q, k, v, kind=kind, dropout_rate=self.dropout, key=key)
         return nn.dense(self.out, attended.reshape(seq_len, dim))
 
 
-class TransformerBlock(eqx.Module):
+class TransformerBlock(nn.AbstractTensorParallel):
     """Pre-norm attention and MLP, each gated and modulated by the conditioning vector
     (adaptive layer norm zero: the modulation starts at zero, so each block starts as
-    the identity); dropout on the attention probabilities and the MLP's output."""
+    the identity); dropout on the attention probabilities and the MLP's output. Under
+    tensor parallelism the MLP's hidden width is split (``mlp_in`` column-parallel,
+    ``mlp_out`` row-parallel), the attention as :class:`SelfAttention` says."""
 
     attention: SelfAttention
     mlp_in: eqx.nn.Linear
@@ -60,6 +69,9 @@ class TransformerBlock(eqx.Module):
         self.mlp_out = eqx.nn.Linear(mlp_ratio * dim, dim, key=k3)
         self.modulation = nn.zero_linear(dim, 6 * dim, key=k4)
         self.dropout = dropout
+
+    def tensor_split(self) -> nn.TensorSplit:
+        return nn.TensorSplit(column=("mlp_in",), row=("mlp_out",))
 
     def __call__(
         self, x: Float[Array, "seq dim"], cond: Float[Array, " dim"],
