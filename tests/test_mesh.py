@@ -1,7 +1,8 @@
 """Training under shard_map on named meshes: 8 simulated CPU devices (conftest), and two
-processes joined through jax.distributed."""
+processes joined through jax.distributed; tensor parallelism over the mesh's model axis."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,10 +11,12 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import ddiff
 import ddiff.runner
 from ddiff.runner.mesh import MeshConfig, leaf_spec, make_mesh, tree_specs
+from ddiff_plugins.networks import MD4Transformer, Transformer
 
 # Different meshes sum gradients in different orders: float32 round-off only. 3 steps of
 # AdamW on a 30k-parameter model keep every parameter within this of the 1-device run.
@@ -67,8 +70,11 @@ def test_fsdp_trains_as_one_device_and_resumes_under_another_mesh(mesh_recipe, s
 
 
 def test_mesh_errors_are_recipe_errors(tiny_overrides):
-    with pytest.raises(ddiff.RecipeError, match="needs data x fsdp = 3 x -1"):
+    with pytest.raises(ddiff.RecipeError, match="needs data x fsdp x model = 3 x -1 x 1"):
         make_mesh(MeshConfig(3, -1))
+    with pytest.raises(ddiff.RecipeError, match="at most one of mesh.data, mesh.fsdp and mesh.model"):
+        MeshConfig(-1, 1, -1)
+    assert dict(make_mesh(MeshConfig(-1, 1, 2)).shape) == {"data": 4, "fsdp": 1, "model": 2}
     with pytest.raises(ddiff.RecipeError, match="mesh.data"):
         ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=0"])
     recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.data=-1", "trainer.batch_size=12"])
@@ -96,6 +102,10 @@ def test_samples_do_not_depend_on_the_mesh_or_the_batch(tiny_recipe):
     sharded = eight.place(state).ema
     np.testing.assert_array_equal(np.asarray(eight.sample(sharded, key=key, num_samples=8).tokens)[:4], reference)
     np.testing.assert_array_equal(np.asarray(eight.sample(sharded, key=key, num_samples=4).tokens), reference)
+    tensor_parallel = ddiff.runner.Engine(tiny_recipe, mesh=make_mesh(MeshConfig(2, 2, 2)))
+    split = tensor_parallel.place(state).ema
+    assert "model" in split.network.blocks.layers.attention.out.weight.sharding.spec
+    np.testing.assert_array_equal(np.asarray(tensor_parallel.sample(split, key=key, num_samples=4).tokens), reference)
 
 
 def test_fsdp_specs_shard_the_largest_divisible_dimension():
@@ -205,3 +215,101 @@ def _scan_outputs(jaxpr, found=None):
                 if hasattr(inner, "eqns"):
                     _scan_outputs(inner, found)
     return found
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+
+def _replica_groups(text):
+    """The device groups of an HLO collective's ``replica_groups``, written out
+    ({{0,1},{2,3}}) or as an iota ([4,2]<=[8], [2,4]<=[2,2,2]T(1,0,2))."""
+    listed = re.match(r"\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", text)
+    if listed:
+        return {frozenset(int(i) for i in group.split(",") if i) for group in re.findall(r"\{([\d,]*)\}", listed.group(1))}
+    iota = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    shape, dims = [int(i) for i in iota.group(1).split(",")], [int(i) for i in iota.group(2).split(",")]
+    ids = np.arange(np.prod(dims)).reshape(dims)
+    if iota.group(3):
+        ids = ids.transpose([int(i) for i in iota.group(3).split(",")])
+    return {frozenset(row.tolist()) for row in ids.reshape(shape)}
+
+
+def _collectives(hlo, kind):
+    """(device groups, in the backward pass) of every ``kind`` collective on arrays of
+    floats in an HLO module's text."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(rf"= \(?f32\[.* {kind}\(.*replica_groups=(\S+)", line)
+        if match:
+            found.append((_replica_groups(match.group(1)), "transpose(" in line))
+    return found
+
+
+def test_tensor_parallel_trains_as_one_device(mesh_recipe, single):
+    """Three steps on a 2 x 2 x 2 mesh (data x fsdp x model: heads and hidden width split
+    over model, the large parameters also sharded over fsdp) give the losses and gradient
+    norms of one device at every step and its parameters after three steps of AdamW;
+    evaluation agrees too. The compiled step all-reduces over the model groups (devices
+    2i, 2i+1) once per attention and once per MLP in the forward pass, and in the
+    backward pass, and never all-gathers a split weight over model in the forward pass
+    (each device gathers only its own slice over fsdp)."""
+    one = ddiff.runner.Engine(mesh_recipe, mesh=make_mesh(MeshConfig(1, 1)))
+    split = ddiff.runner.Engine(mesh_recipe, mesh=make_mesh(MeshConfig(2, 2, 2)))
+    reference, state = one.init_state(), split.init_state()
+    layers = state.model.network.blocks.layers
+    assert layers.mlp_in.weight.sharding.spec == P(None, "model", "fsdp")
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    batches = [jax.random.randint(k, (16, 8), 0, mesh_recipe.data.vocab_size) for k in keys]
+    tokens, _ = split.device_batch({"tokens": np.asarray(batches[0])})
+    hlo = split.train_step.lower(state, tokens, None).compile().compiled.as_text()
+    for batch in batches:
+        reference, expected, _ = one.train_step(reference, batch, None)
+        state, metrics, _ = split.train_step(state, split.device_batch({"tokens": np.asarray(batch)})[0], None)
+        for name in ("loss", "grad_norm"):
+            np.testing.assert_allclose(float(metrics[name]), float(expected[name]), rtol=RTOL)
+    _assert_close(state, reference)
+    assert "model" in state.model.network.blocks.layers.mlp_out.weight.sharding.spec
+    evaluated = split.evaluate(split.place(reference).ema, max_batches=1)
+    np.testing.assert_allclose(evaluated["bits_per_token"], one.evaluate(reference.ema, max_batches=1)["bits_per_token"], rtol=RTOL)
+    model_groups = {frozenset(ids.tolist()) for ids in np.arange(8).reshape(4, 2)}
+    reduces = [backward for groups, backward in _collectives(hlo, "all-reduce") if groups == model_groups]
+    assert reduces.count(False) >= 2 and reduces.count(True) >= 1, reduces
+    gathers = [backward for groups, backward in _collectives(hlo, "all-gather") if groups == model_groups]
+    assert False not in gathers, "a split weight is gathered over model in the forward pass"
+
+
+def _shapes(tree):
+    return eqx.filter(tree, lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct))
+
+
+def test_tensor_parallel_splits_heads_and_hidden_width_in_the_megatron_layout():
+    """The specs of each block on a 2 x 2 x 2 mesh: q, k, v, w1, w3 split along their output
+    features, wo and w2 along their input features, over model, each also sharded over fsdp
+    on its other dimension; the fused q/k/v projection of ``transformer`` (no contiguous
+    split of its rows) and the modulation stay whole over model."""
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    key = jax.random.PRNGKey(0)
+    md4 = eqx.filter_eval_shape(
+        lambda k: MD4Transformer(num_states=6, num_outputs=5, seq_len=8, key=k, dim=32, depth=2, heads=2, cond_dim=16), key
+    )
+    block = tree_specs(_shapes(md4), mesh).blocks.layers
+    for name in ("wq", "wk", "wv", "w1", "w3"):
+        assert getattr(block, name).weight == P(None, "model", "fsdp"), name
+    for name in ("wo", "w2"):
+        assert getattr(block, name).weight == P(None, "fsdp", "model"), name
+    assert "model" not in tuple(block.modulation.weight)
+    dit = eqx.filter_eval_shape(lambda k: Transformer(num_states=6, num_outputs=5, seq_len=8, key=k, dim=32, depth=2, heads=2), key)
+    block = tree_specs(_shapes(dit), mesh).blocks.layers
+    assert block.attention.out.weight == P(None, "fsdp", "model") and block.attention.out.bias == P()
+    assert block.mlp_in.weight == P(None, "model", "fsdp") and block.mlp_in.bias == P(None, "model")
+    assert block.mlp_out.weight == P(None, "fsdp", "model")
+    assert "model" not in tuple(block.attention.qkv.weight)
+    whole = tree_specs(_shapes(md4), make_mesh(MeshConfig(2, 4))).blocks.layers
+    assert whole.wq.weight == P(None, "fsdp", None), "without a model axis the fsdp rule alone"
+
+
+def test_heads_that_do_not_split_over_the_model_axis_are_one_line(tiny_overrides):
+    recipe = ddiff.runner.load_recipe("recipes/quickstart.yaml", [*tiny_overrides, "mesh.model=4"])
+    engine = ddiff.runner.Engine(recipe)
+    with pytest.raises(ddiff.RecipeError, match=r"^network\.heads: 2 attention heads do not split over mesh\.model=4;"):
+        engine.check_model()
