@@ -13,7 +13,7 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _in_units(count: float) -> str:
+def format_bytes(count: float) -> str:
     """``count`` bytes in binary units (``7.45 GiB``)."""
     if count < 1024:
         return f"{count:.0f} B"
@@ -53,7 +53,7 @@ def check_table_fits(
     available = physical_memory_bytes()
     if needed > available:
         raise RecipeError(
-            f"{what} needs about {_in_units(needed)}, more than this machine's "
-            f"{_in_units(available)} of memory; {change or f'lower {path}'}",
+            f"{what} needs about {format_bytes(needed)}, more than this machine's "
+            f"{format_bytes(available)} of memory; {change or f'lower {path}'}",
             path=path,
         )

@@ -4,7 +4,6 @@ train state (or anything else of the model) is allocated."""
 
 import inspect
 import math
-import os
 from dataclasses import dataclass
 
 import jax
@@ -12,6 +11,8 @@ import jax.numpy as jnp
 
 from ddiff._errors import RecipeError
 from ddiff._model import DiffusionModel
+from ddiff._tables import format_bytes
+from ddiff._tables import physical_memory_bytes as machine_bytes
 from ddiff.runner.recipe import Recipe
 
 COPIES_OF_PARAMETERS = 5
@@ -24,11 +25,6 @@ each block's input and output. Real networks keep several times more; the estima
 lower bound, so that what it refuses cannot fit, whatever the network's kernels."""
 
 
-def machine_bytes() -> int:
-    """Physical memory of this machine (``SC_PHYS_PAGES * SC_PAGE_SIZE``)."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def mesh_bytes(devices: list[jax.Device]) -> int:
     """Memory of ``devices`` together: each accelerator's ``bytes_limit``, the host's
     physical memory for CPU devices (or where a device does not say)."""
@@ -39,15 +35,6 @@ def mesh_bytes(devices: list[jax.Device]) -> int:
     if any(limit is None for limit in limits):
         return machine_bytes()
     return sum(limits)
-
-
-def format_bytes(count: float) -> str:
-    """``count`` bytes in binary units (``7.45 GiB``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if count < 1024 or unit == "PiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.3g} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
