@@ -213,6 +213,14 @@ def _is_spec(node: Any) -> bool:
     return isinstance(node, P)
 
 
+def manual_axes(mesh: Mesh) -> frozenset[str]:
+    """The axes the trainer's ``shard_map`` is manual over: ``data`` and ``fsdp``, and
+    ``model`` too where it has one device. Only a real model split is left to the
+    compiler: a Pallas kernel (TPU splash attention) cannot be partitioned automatically,
+    even over an axis of size one."""
+    return frozenset(BATCH_AXES) | (frozenset({MODEL}) if mesh.shape[MODEL] == 1 else frozenset())
+
+
 def manual_specs(specs: Any) -> Any:
     """``specs`` over the axes the trainer's ``shard_map`` is manual over (``data`` and
     ``fsdp``): ``model`` is left to the compiler, which keeps each array's model split."""

@@ -17,6 +17,7 @@ from ddiff._sharding import BATCH_AXES
 from ddiff.runner.mesh import (
     BATCH_SPEC,
     batch_shards,
+    manual_axes,
     manual_specs,
     replicated,
     to_host,
@@ -52,7 +53,7 @@ def make_eval(objective: AbstractObjective, *, batch_size: int, mesh: Mesh) -> C
             mesh=mesh,
             in_specs=(replicated(objective_arrays), manual_specs(specs), BATCH_SPEC, BATCH_SPEC),
             out_specs=BATCH_SPEC,
-            axis_names=frozenset(BATCH_AXES),
+            axis_names=manual_axes(mesh),
             check_vma=False,
         )(objective_arrays, params, tokens, labels)
 

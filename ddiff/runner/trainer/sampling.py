@@ -21,7 +21,14 @@ from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput, sample_k
 from ddiff._sharding import BATCH_AXES
 from ddiff.runner.files import atomic_write_bytes, gibibytes
 from ddiff.runner.images import image_grid, png_bytes
-from ddiff.runner.mesh import BATCH_SPEC, batch_shards, manual_specs, replicated, tree_specs
+from ddiff.runner.mesh import (
+    BATCH_SPEC,
+    batch_shards,
+    manual_axes,
+    manual_specs,
+    replicated,
+    tree_specs,
+)
 from ddiff.runner.recipe import Recipe
 
 SAMPLES_DIR = "samples"
@@ -69,7 +76,7 @@ def make_sample(sampler: AbstractSampler, *, seq_len: int, mesh: Mesh) -> Callab
             mesh=mesh,
             in_specs=(replicated(sampler_arrays), manual_specs(specs), condition_specs),
             out_specs=SampleOutput(tokens=BATCH_SPEC, num_function_evals=P(), lengths=BATCH_SPEC),
-            axis_names=frozenset(BATCH_AXES),
+            axis_names=manual_axes(mesh),
             check_vma=False,
         )(sampler_arrays, params, conditioning)
 

@@ -24,6 +24,7 @@ from ddiff.runner.mesh import (
     batch_shards,
     constrain,
     global_norm,
+    manual_axes,
     manual_specs,
     reduce_gradients,
     replicated,
@@ -155,7 +156,7 @@ def make_train_step(
             mesh=mesh,
             in_specs=(replicated(objective_arrays), manual, BATCH_SPEC, BATCH_SPEC),
             out_specs=(manual, P(), P()),
-            axis_names=frozenset(BATCH_AXES),
+            axis_names=manual_axes(mesh),
             check_vma=False,
         )
         new_dynamic, metrics, diagnostics = sharded(objective_arrays, dynamic, tokens, labels)
