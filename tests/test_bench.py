@@ -172,7 +172,8 @@ def test_every_shape_builds_without_a_vocabulary_sized_table():
 def test_bench_refuses_what_does_not_fit_before_running(monkeypatch, capsys):
     """With 1 MiB available, the tiny shape's parameters, EMA and Adam moments (89,184
     float32 parameters, 4 copies: 1.4 MB) are refused before anything is allocated; with
-    2 MiB, its train step (XLA memory analysis of the compiled step, nothing run) is."""
+    2 MiB, its train step (XLA memory analysis of the step compiled from the abstract
+    state, before the state is allocated) is."""
     monkeypatch.setattr(measure, "available_bytes", lambda: 2**20)
     assert ddiff.runner.main(["bench", "tiny", "--samplers"]) == 2
     assert capsys.readouterr().err == (
@@ -186,8 +187,8 @@ def test_bench_refuses_what_does_not_fit_before_running(monkeypatch, capsys):
     assert ddiff.runner.main(["bench", "tiny", "--samplers"]) == 2
     assert capsys.readouterr().err == (
         "ddiff: error: not enough memory for the train step of bench shape tiny at batch 4: about "
-        "8.0 MiB needed (XLA memory analysis), 2.0 MiB available; lower --batch-size (about 1 may "
-        "fit)\n"
+        "8.0 MiB needed (XLA memory analysis, compiled before allocating), 2.0 MiB available; lower "
+        "--batch-size (about 1 may fit)\n"
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ddiff import _capabilities as caps
 from ddiff._constant import trainable
-from ddiff._layers import COMPUTE_DTYPES, LayerStack
+from ddiff._layers import COMPUTE_DTYPES, LayerStack, traced_out
 from ddiff._model import DiffusionModel
 from ddiff._registry import default_registry
 from ddiff._sampler import (
@@ -32,7 +32,8 @@ from ddiff._sampler import (
 from ddiff.runner.bench.recipes import BenchError, component_recipe, sampler_section, shape_recipe
 from ddiff.runner.bench.report import format_result, format_sampler
 from ddiff.runner.bench.shapes import FLOPS_FORMULAS, Shape
-from ddiff.runner.model import build_model, check_precision_runs, model_shapes
+from ddiff.runner.compile.programs import AheadOfTime, abstract_batch, abstract_state
+from ddiff.runner.model import build_model, check_precision_runs
 from ddiff.runner.recipe import Recipe, apply_overrides
 from ddiff.runner.throughput import PEAK_ENV, measure_matmul_peak, peak_flops
 from ddiff.runner.trainer.engine import Engine
@@ -143,17 +144,6 @@ def _cost_flops(compiled_program: Any) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _unroll(tree: Any) -> Any:
-    """``tree`` with every :class:`ddiff.LayerStack` unrolled (the same values)."""
-
-    def one(node: Any) -> Any:
-        if isinstance(node, LayerStack):
-            return LayerStack(layers=_unroll(node.layers), count=node.count, scan=False)
-        return node
-
-    return jax.tree.map(one, tree, is_leaf=lambda node: isinstance(node, LayerStack))
-
-
 def _scans(tree: Any) -> bool:
     stacks = [
         n
@@ -164,29 +154,54 @@ def _scans(tree: Any) -> bool:
 
 
 def _compile(function: Any, *args: Any) -> Any:
-    """The compiled program of ``function`` (a Bound compiled function) for ``args``; the
-    donation warnings a direct lower gives (the step donates its batch, which no output
-    can reuse, and suppresses them when called) are dropped here too."""
+    """The compiled program of ``function`` (a Bound compiled function) for ``args``,
+    without the donation warnings of a direct lower."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         program = function.lower(*args).compile()
     return getattr(program, "compiled", program)
 
 
+def _ahead_of_time(function: Any, args: tuple[Any, ...], mesh: Any) -> AheadOfTime:
+    """``function`` (a Bound compiled function) compiled from the abstract ``args``; the
+    donation warnings of a direct lower (the step donates its batch, which no output can
+    reuse, and suppresses them when called) are dropped here too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        return AheadOfTime(function, args, mesh=mesh, donate=(0,))
+
+
 def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], Any]:
-    """Compile and time the engine's jitted train step on a batch of random tokens;
-    returns the measurements and the final state."""
+    """Compile the engine's train step ahead of time from the abstract state (nothing of
+    the model allocated: :class:`~ddiff.runner.compile.AheadOfTime`, as ``ddiff compile``
+    does), refuse it in one line if XLA's memory analysis exceeds what is available, and
+    only then allocate the state and time that same executable on a batch of random
+    tokens; returns the measurements and the final state."""
     batch, seq_len = recipe.trainer.batch_size, recipe.data.seq_len
     engine = Engine(recipe)
     check_precision_runs(recipe)
-    shapes = jax.tree.leaves(model_shapes(recipe))
-    floating = [a for a in shapes if jnp.issubdtype(a.dtype, jnp.inexact)]
-    model_bytes = sum(a.size * a.dtype.itemsize for a in floating)
+    shapes = abstract_state(engine)
+    floating = [a for a in jax.tree.leaves(shapes.model) if jnp.issubdtype(a.dtype, jnp.inexact)]
     check_fits(
         f"the parameters, EMA and Adam moments of {recipe.source}",
-        4 * model_bytes,
+        4 * sum(a.size * a.dtype.itemsize for a in floating),
         "4 x the float32 parameters",
     )
+    tokens_shape = abstract_batch(batch, seq_len, engine.mesh)
+    labels_shape = None if not recipe.data.num_classes else abstract_batch(batch, None, engine.mesh)
+    start = time.perf_counter()
+    step = _ahead_of_time(engine.train_step, (shapes, tokens_shape, labels_shape), engine.mesh)
+    compile_seconds = time.perf_counter() - start
+    memory = memory_of(step.compiled)
+    if memory:
+        check_fits(
+            f"the train step of {recipe.source}",
+            sum(memory[key] for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
+            - memory["alias_size_in_bytes"],
+            "XLA memory analysis, compiled before allocating",
+            batch=batch,
+            flag="--batch-size",
+        )
     state = engine.init_state()
     tokens = np.asarray(
         jax.random.randint(jax.random.key(0), (batch, seq_len), 0, recipe.data.vocab_size)
@@ -195,39 +210,17 @@ def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], A
     tokens, labels = engine.device_batch(
         {"tokens": tokens, **({} if labels is None else {"label": labels})}
     )
-    start = time.perf_counter()
-    program = _compile(engine.train_step, state, tokens, labels)
-    compile_seconds = time.perf_counter() - start
-    memory = memory_of(program)
-    if memory:
-        needed = (
-            memory["output_size_in_bytes"]
-            - memory["alias_size_in_bytes"]
-            + memory["temp_size_in_bytes"]
-        )
-        check_fits(
-            f"the train step of {recipe.source}",
-            needed,
-            "XLA memory analysis",
-            batch=batch,
-            flag="--batch-size",
-        )
     if _scans(state.model):
-        unrolled = dataclasses.replace(
-            state,
-            model=_unroll(state.model),
-            ema=_unroll(state.ema),
-            opt_state=_unroll(state.opt_state),
-        )
-        xla_flops = _cost_flops(_compile(engine.train_step, unrolled, tokens, labels))
-        check_program = "train step, layer stacks unrolled (compiled, not run)"
+        counted = _ahead_of_time(engine.train_step, traced_out((shapes, tokens_shape, labels_shape)), engine.mesh)
+        xla_flops = _cost_flops(counted.compiled)
+        check_program = "train step, layer stacks traced out (compiled, not run)"
     else:
-        xla_flops = _cost_flops(program)
+        xla_flops = _cost_flops(step.compiled)
         check_program = "train step (the one timed)"
     holder = [state]
 
     def run() -> None:
-        new_state, metrics, _ = engine.train_step(holder[0], tokens, labels)
+        new_state, metrics, _ = step(holder[0], tokens, labels)
         jax.block_until_ready((new_state, metrics))
         holder[0] = new_state
 

@@ -4,6 +4,7 @@ from abstract state, and what the compiler reports of them (``ddiff compile``)."
 from ddiff.runner.compile.hlo import Collective, collectives
 from ddiff.runner.compile.programs import (
     PROGRAMS,
+    AheadOfTime,
     CompiledProgram,
     abstract_state,
     compile_program,
@@ -22,6 +23,7 @@ __all__ = [
     "GENERATIONS",
     "INSTALL_COMMAND",
     "PROGRAMS",
+    "AheadOfTime",
     "Collective",
     "CompiledProgram",
     "Generation",

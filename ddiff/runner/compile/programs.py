@@ -98,7 +98,8 @@ def abstract_state(engine: Engine) -> TrainState:
     return eqx.combine(placed, static)
 
 
-def _batch(rows: int, columns: int | None, mesh: Mesh) -> jax.ShapeDtypeStruct:
+def abstract_batch(rows: int, columns: int | None, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    """An abstract int32 batch of ``rows`` (x ``columns``), split over the batch axes."""
     shape = (rows,) if columns is None else (rows, columns)
     return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=NamedSharding(mesh, BATCH_SPEC))
 
@@ -121,23 +122,51 @@ def _scans_layers(tree: Any, mesh: Mesh) -> bool:
     return any(stack.scan or mesh.shape.get("fsdp", 1) > 1 for stack in stacks)
 
 
-def lower_and_compile(bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, donate: tuple[int, ...] = ()) -> Any:
-    """Lower ``bound`` (a compiled function with its components' arrays bound) on ``args``
-    (arrays, abstract arrays and static leaves) and compile it for ``mesh``.
+class AheadOfTime:
+    """``bound`` (a compiled function with its components' arrays bound) compiled for
+    ``mesh`` from ``args`` (arrays, abstract arrays and static leaves), and callable on
+    concrete arguments of the same shapes, layouts and static parts (where the mesh's
+    devices are this process's): a program whose memory was known before anything it
+    runs on was allocated.
 
-    The function runs inside one ``jax.jit`` of the abstract leaves only (the static
-    leaves closed over), so abstract leaves are traced where the function's own
+    The function runs inside one ``jax.jit`` of the array leaves only (the static leaves
+    closed over), so abstract leaves are traced where the function's own
     ``eqx.filter_jit`` would have taken them for static; ``donate`` names the arguments
-    whose buffers a run donates."""
-    arguments = (bound.arrays, *args)
-    dynamic, static = eqx.partition(arguments, is_array_or_abstract)
-    dynamic = (_replicated(dynamic[0], mesh), *dynamic[1:])
+    whose buffers a run donates.
 
-    def run(*dynamic: Any) -> Any:
-        return eqx.filter(bound.function(*eqx.combine(dynamic, static)), eqx.is_array)
+    Attributes:
+        compiled: the compiled executable (``memory_analysis()``, ``cost_analysis()``,
+            ``as_text()``).
+    """
 
-    lowered = jax.jit(run, donate_argnums=tuple(1 + index for index in donate)).lower(*dynamic)
-    if all(device.process_index == jax.process_index() and device in _local_devices() for device in mesh.devices.flat):
+    def __init__(self, bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, donate: tuple[int, ...] = ()):
+        self.arrays = bound.arrays
+        dynamic, self.static = eqx.partition((bound.arrays, *args), is_array_or_abstract)
+        dynamic = (_replicated(dynamic[0], mesh), *dynamic[1:])
+        outputs: list[Any] = []
+
+        def run(*dynamic: Any) -> Any:
+            result, static = eqx.partition(bound.function(*eqx.combine(dynamic, self.static)), eqx.is_array)
+            outputs[:] = [static]
+            return result
+
+        lowered = jax.jit(run, donate_argnums=tuple(1 + index for index in donate)).lower(*dynamic)
+        self.compiled = _compile(lowered, mesh)
+        self.output_static = outputs[0]
+
+    def __call__(self, *args: Any) -> Any:
+        dynamic, _ = eqx.partition((self.arrays, *args), eqx.is_array)
+        return eqx.combine(self.compiled(*dynamic), self.output_static)
+
+
+def lower_and_compile(bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, donate: tuple[int, ...] = ()) -> Any:
+    """The compiled executable of :class:`AheadOfTime` ``bound`` on ``args``."""
+    return AheadOfTime(bound, args, mesh=mesh, donate=donate).compiled
+
+
+def _compile(lowered: Any, mesh: Mesh) -> Any:
+    """Compile ``lowered`` for ``mesh``."""
+    if all(device in _local_devices() for device in mesh.devices.flat):
         return lowered.compile()
     # A topology's devices have no client: its executables cannot be read back from
     # JAX's persistent compilation cache, so they are neither looked up nor stored.
@@ -228,14 +257,14 @@ def compile_recipe(
         if name == "train_step":
             batch = recipe.trainer.batch_size
             flops = train_flops_per_token(state.model, seq_len)
-            args = (state, _batch(batch, seq_len, mesh), _batch(batch, None, mesh) if classes else None)
+            args = (state, abstract_batch(batch, seq_len, mesh), abstract_batch(batch, None, mesh) if classes else None)
             results.append(compile_program(
                 name, engine.train_step, args, mesh=mesh, batch=batch, donate=(0,),
                 model_flops=None if flops is None else flops * batch * seq_len,
             ))
         elif name == "eval_step":
             batch = recipe.eval.batch_size
-            args = (state.model, _batch(batch, seq_len, mesh), _batch(batch, None, mesh) if classes else None, key)
+            args = (state.model, abstract_batch(batch, seq_len, mesh), abstract_batch(batch, None, mesh) if classes else None, key)
             results.append(compile_program(name, engine.eval_steps[""], args, mesh=mesh, batch=batch))
         elif name == "sample":
             batch = engine.sample_batch(sample_batch or recipe.trainer.batch_size)
