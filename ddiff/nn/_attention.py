@@ -67,42 +67,38 @@ def attention(
     ``dot_product_attention`` elsewhere) where the kernel cannot take the call (a mask
     computed inside the program, as a key-value cache's; a shape or dtype it lacks). An
     explicit ``cudnn`` or ``splash`` that cannot run says so once, in one logged warning,
-    and takes the same dense path; an explicit ``splash`` on a host without TPU stays in
-    the program for TPU (``jax.lax.platform_dependent``), so a program compiled ahead of
-    time for a TPU topology uses the kernel. Dropout on the attention probabilities
+    and takes the same dense path. Off TPU and GPU, ``auto`` and ``splash`` keep the
+    splash kernel in the program for TPU (``jax.lax.platform_dependent``: chosen when the
+    program is lowered), so a program compiled on this host ahead of time for a TPU
+    topology uses the kernel. Dropout on the attention probabilities
     (training with ``dropout_rate`` > 0 and a key, :func:`dropout`) needs the
     probabilities themselves, so it always takes the ``einsum`` path.
     """
     if key is not None and dropout_rate > 0.0:
         return _einsum(q, k, v, mask, dropout_rate, key)
-    backend = jax.default_backend()
-    explicit = kind != "auto"
-    if kind == "auto":
-        kind = {"cpu": "einsum", "tpu": "splash", "gpu": "cudnn"}.get(backend, "dot_product_attention")
     if kind == "einsum":
         return _einsum(q, k, v, mask)
     if kind == "dot_product_attention":
         return _xla(q, k, v, mask)
+    backend = jax.default_backend()
     static = _static(mask)
-    if kind == "cudnn":
-        refusal = _cudnn_refusal(q, backend)
-        if refusal is None:
-            return _cudnn(q, k, v, mask, static)
-    else:
-        refusal = _splash_refusal(q, k, mask, static)
-        if refusal is None:
-            if backend == "tpu":
-                return splash_attention(q, k, v, mask=static)
-            if explicit:
-                _warn_once(f"attention 'splash' is a TPU kernel: programs for {backend} take the dense path")
-                return jax.lax.platform_dependent(
-                    q, k, v,
-                    tpu=lambda *a: splash_attention(*a, mask=static),
-                    default=lambda *a: _dense(*a, mask, backend),
-                )  # fmt: skip
-    if explicit:
-        _warn_once(f"attention {kind!r} cannot take this call ({refusal}): it takes the dense path")
-    return _dense(q, k, v, mask, backend)
+    cudnn_refusal = _cudnn_refusal(q, backend)
+    if kind == "cudnn" and cudnn_refusal is not None:
+        _warn_once(f"attention 'cudnn' cannot take this call ({cudnn_refusal}): it takes the dense path")
+    if kind == "cudnn" or kind == "auto" and backend == "gpu":
+        return _dense(q, k, v, mask, backend) if cudnn_refusal else _cudnn(q, k, v, mask, static)
+    splash_refusal = _splash_refusal(q, k, mask, static)
+    if splash_refusal is not None:
+        if kind == "splash":
+            _warn_once(f"attention 'splash' cannot take this call ({splash_refusal}): it takes the dense path")
+        return _dense(q, k, v, mask, backend)
+    if backend == "tpu":
+        return splash_attention(q, k, v, mask=static)
+    if kind == "splash":
+        _warn_once(f"attention 'splash' is a TPU kernel: programs for {backend} take the dense path")
+    return jax.lax.platform_dependent(
+        q, k, v, tpu=lambda *a: splash_attention(*a, mask=static), default=lambda *a: _dense(*a, mask, backend)
+    )
 
 
 def _static(mask: AttentionMask | None) -> np.ndarray | None:
