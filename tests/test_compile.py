@@ -167,3 +167,27 @@ def test_collectives_count_loop_bodies_once_per_iteration():
     assert found["all-gather"].count == 12 and found["all-gather"].bytes == 12 * 128
     assert found["all-reduce"].count == 13 and found["all-reduce"].bytes == 12 * 128 + 16
     assert shape_bytes("(s32[], f32[3,5]{1,0}, pred[7])") == 4 + 60 + 7
+
+
+@needs_libtpu
+def test_tensor_parallel_splash_attention_compiles_for_tpu():
+    """MD4's transformer with the splash kernel under tensor parallelism (data x model =
+    1 x 2 on v5e:2x2): the compiler cannot partition a Pallas kernel, so each device runs
+    it on its own heads inside a shard_map over model; the program compiles, holds the
+    kernel, and all-reduces the row-parallel products over model."""
+    recipe = ddiff.runner.load_recipe("recipes/md4_openwebtext.yaml", [
+        "network.dim=64", "network.depth=1", "network.heads=2", "network.attention=splash", "data.length=128",
+        "trainer.batch_size=2", "eval.batch_size=2", "precision.compute=bfloat16", "mesh.data=1", "mesh.model=2",
+    ])  # fmt: skip
+    from ddiff.runner.compile import AheadOfTime, abstract_state
+    from ddiff.runner.compile.programs import abstract_batch
+    from ddiff.runner.compile.topology import load_topology
+    from ddiff.runner.trainer.engine import Engine
+
+    engine = Engine(recipe, mesh=make_mesh(recipe.mesh, list(load_topology("v5e:2x2").devices)))
+    program = AheadOfTime(
+        engine.train_step, (abstract_state(engine), abstract_batch(2, 128, engine.mesh), None), mesh=engine.mesh
+    )
+    text = program.compiled.as_text()
+    assert "tpu_custom_call" in text
+    assert any(c.kind == "all-reduce" for c in collectives(text))

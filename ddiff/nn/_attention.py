@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float
 
+from ddiff._sharding import MODEL
 from ddiff._typing import Key
 from ddiff.nn._random import dropout
 
@@ -168,6 +170,9 @@ def _splash_refusal(q: Array, k: Array, mask: AttentionMask | None, static: np.n
         return "a mask computed inside the program"
     if q.shape[0] % SPLASH_TILE or k.shape[0] % SPLASH_TILE:
         return f"sequences of {q.shape[0]} and {k.shape[0]}, not multiples of {SPLASH_TILE}"
+    model = _auto_model_devices()
+    if q.shape[1] % model:
+        return f"{q.shape[1]} heads that do not split over the model axis's {model} devices"
     return None
 
 
@@ -227,11 +232,32 @@ def splash_attention(
     kernel's own) turned into a block-sparse map of the tiles, so that those it masks out
     entirely are never computed.
     ``interpret`` runs the kernel in Pallas's interpreter, on any backend (slowly)."""
-    heads = q.shape[1]
     shape = (q.shape[0], k.shape[0])
-    kernel = _splash_kernel(None if mask is None else np.asarray(mask, bool), shape, heads, block, interpret)
-    out = kernel(*(jnp.swapaxes(a, 0, 1) for a in (_prescaled(q), k, v)))
-    return jnp.swapaxes(out, 0, 1)
+    static = None if mask is None else np.asarray(mask, bool)
+
+    def run(q: Array, k: Array, v: Array) -> Array:
+        kernel = _splash_kernel(static, shape, q.shape[1], block, interpret)
+        out = kernel(*(jnp.swapaxes(a, 0, 1) for a in (_prescaled(q), k, v)))
+        return jnp.swapaxes(out, 0, 1)
+
+    model = _auto_model_devices()
+    if model > 1 and q.shape[1] % model == 0:
+        # The compiler cannot partition a Pallas kernel: under tensor parallelism (the
+        # model axis left to it) each device runs the kernel on its own heads.
+        spec = P(None, MODEL, None)
+        return jax.shard_map(run, in_specs=(spec,) * 3, out_specs=spec, axis_names=frozenset({MODEL}), check_vma=False)(
+            q, k, v
+        )
+    return run(q, k, v)
+
+
+def _auto_model_devices() -> int:
+    """Devices along the mesh axis ``model`` where the compiler partitions it (tensor
+    parallelism inside the trainer's ``shard_map``), else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if MODEL not in getattr(mesh, "auto_axes", ()):
+        return 1
+    return dict(mesh.shape)[MODEL]
 
 
 def causal_mask(seq_len: int) -> Bool[np.ndarray, "seq seq"]:
