@@ -12,6 +12,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -170,12 +171,16 @@ def _compile(lowered: Any, mesh: Mesh) -> Any:
         return lowered.compile()
     # A topology's devices have no client: its executables cannot be read back from
     # JAX's persistent compilation cache, so they are neither looked up nor stored.
+    # JAX decides once per process whether it uses its cache: reset that decision on the
+    # way in and out.
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         return lowered.compile()
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def _local_devices() -> set[jax.Device]:
