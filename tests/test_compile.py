@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import jax
+import numpy as np
 import pytest
 
 import ddiff.runner
@@ -191,3 +192,41 @@ def test_tensor_parallel_splash_attention_compiles_for_tpu():
     text = program.compiled.as_text()
     assert "tpu_custom_call" in text
     assert any(c.kind == "all-reduce" for c in collectives(text))
+
+
+def test_a_run_compiled_ahead_trains_as_the_jitted_run(full_run, tiny_recipe, tmp_path):
+    """``compile_ahead`` (the default on accelerators): the train step compiled from the
+    abstract state before anything is allocated and run as that executable gives the
+    jitted run's parameters after the tiny recipe's 6 steps, bit for bit."""
+    _, expected = full_run
+    trainer = ddiff.runner.Trainer(tiny_recipe, tmp_path / "ahead", show_progress=False, compile_ahead=True)
+    state = trainer.run()
+    assert int(state.step) == int(expected.step)
+    for got, want in zip(jax.tree.leaves(state.model), jax.tree.leaves(expected.model), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_run_whose_compiled_step_does_not_fit_is_one_line_before_anything_is_written(
+    tiny_overrides, tmp_path, monkeypatch, capsys
+):
+    """Device memory between the shapes' lower bound and XLA's analysis of the step: the
+    lower bound lets it through, the ahead-of-time compile refuses it, before the run
+    directory exists."""
+    from ddiff.runner.memory import training_estimates
+    from ddiff.runner.model import model_shapes
+    from ddiff.runner.trainer import engine as engine_module
+    from ddiff.runner.trainer.ahead import AheadOfTime, abstract_batch, abstract_train_state
+
+    recipe = ddiff.runner.load_recipe(QUICKSTART, tiny_overrides)
+    engine = engine_module.Engine(recipe, compile_ahead=True)
+    lower = sum(estimate.count for estimate in training_estimates(recipe, model_shapes(recipe)))
+    args = (abstract_train_state(recipe, engine.optimizer, engine.mesh), abstract_batch(8, 8, engine.mesh), None)
+    memory = AheadOfTime(engine.train_step, args, mesh=engine.mesh, donate=(0,)).compiled.memory_analysis()
+    needed = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    needed += memory.temp_size_in_bytes
+    assert lower < needed
+    monkeypatch.setattr(engine_module, "mesh_bytes", lambda devices: (lower + needed) // 2)
+    trainer = ddiff.runner.Trainer(recipe, tmp_path / "run", show_progress=False, compile_ahead=True)
+    with pytest.raises(ddiff.RecipeError, match="the train step needs .* per device .*lower trainer.batch_size"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()

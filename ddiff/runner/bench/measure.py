@@ -32,10 +32,11 @@ from ddiff._sampler import (
 from ddiff.runner.bench.recipes import BenchError, component_recipe, sampler_section, shape_recipe
 from ddiff.runner.bench.report import format_result, format_sampler
 from ddiff.runner.bench.shapes import FLOPS_FORMULAS, Shape
-from ddiff.runner.compile.programs import AheadOfTime, abstract_batch, abstract_state
+from ddiff.runner.compile.programs import abstract_state
 from ddiff.runner.model import build_model, check_precision_runs
 from ddiff.runner.recipe import Recipe, apply_overrides
 from ddiff.runner.throughput import PEAK_ENV, measure_matmul_peak, peak_flops
+from ddiff.runner.trainer.ahead import AheadOfTime, abstract_batch
 from ddiff.runner.trainer.engine import Engine
 
 

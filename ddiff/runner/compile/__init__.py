@@ -4,7 +4,6 @@ from abstract state, and what the compiler reports of them (``ddiff compile``)."
 from ddiff.runner.compile.hlo import Collective, collectives
 from ddiff.runner.compile.programs import (
     PROGRAMS,
-    AheadOfTime,
     CompiledProgram,
     abstract_state,
     compile_program,
@@ -18,6 +17,7 @@ from ddiff.runner.compile.topology import (
     Topology,
     load_topology,
 )
+from ddiff.runner.trainer.ahead import AheadOfTime
 
 __all__ = [
     "GENERATIONS",

@@ -3,6 +3,7 @@ held-out evaluation of each objective, sampling) and the state they run on, with
 directory. The :class:`~ddiff.runner.Trainer` runs one in a run directory; ``ddiff eval``,
 ``ddiff sample``, ``ddiff quality`` and ``ddiff bench`` use one directly."""
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,11 +16,13 @@ from jax.sharding import Mesh
 from ddiff._errors import RecipeError
 from ddiff._model import DiffusionModel
 from ddiff._sampler import AbstractSampler, Conditioning, SampleOutput
+from ddiff._tables import format_bytes
 from ddiff.runner.memory import check_training_fits, mesh_bytes
 from ddiff.runner.mesh import batch_shards, check_tensor_parallel, global_batch, make_mesh, to_host
 from ddiff.runner.model import initial_model
 from ddiff.runner.quality import Judge, sample_key, score_samples
 from ddiff.runner.recipe import Recipe
+from ddiff.runner.trainer.ahead import AheadOfTime, abstract_batch, abstract_train_state
 from ddiff.runner.trainer.compiled import Bound, compiled
 from ddiff.runner.trainer.evaluation import evaluate_split, make_eval
 from ddiff.runner.trainer.optimizer import make_optimizer
@@ -58,11 +61,16 @@ class Engine:
         eval_steps: ``(model, tokens, labels, key) -> nelbo`` per example of a global eval
             batch, by the prefix of its report: ``""`` for the recipe's objective,
             ``"<kind>_"`` for each of ``eval.objectives``.
+        compile_ahead: whether :meth:`check_model` compiles the train step from the
+            abstract state, checks XLA's memory analysis of it against the devices' memory
+            and keeps that executable as :attr:`train_step` (default: on accelerators,
+            where device memory is the limit; on CPU the shapes' lower bound suffices).
     """
 
-    def __init__(self, recipe: Recipe, *, mesh: Mesh | None = None):
+    def __init__(self, recipe: Recipe, *, mesh: Mesh | None = None, compile_ahead: bool | None = None):
         self.recipe = recipe
         self.mesh = make_mesh(recipe.mesh) if mesh is None else mesh
+        self.compile_ahead = jax.default_backend() != "cpu" if compile_ahead is None else compile_ahead
         check_divisible(recipe, batch_shards(self.mesh))
         self.optimizer = make_optimizer(recipe.optimizer, recipe.trainer.steps)
         self.train_step = compiled(
@@ -92,7 +100,35 @@ class Engine:
         (:func:`~ddiff.runner.memory.check_training_fits`)."""
         shapes = eqx.filter_eval_shape(initial_model, self.recipe)
         check_tensor_parallel(shapes, self.mesh)
-        check_training_fits(self.recipe, shapes, mesh_bytes(list(self.mesh.devices.flat)))
+        devices = list(self.mesh.devices.flat)
+        check_training_fits(self.recipe, shapes, mesh_bytes(devices))
+        if self.compile_ahead and not isinstance(self.train_step, AheadOfTime):
+            self.train_step = self._compile_train_step(mesh_bytes(devices) // len(devices))
+
+    def _compile_train_step(self, device_bytes: int) -> AheadOfTime:
+        """The train step compiled from the abstract state (nothing allocated), refused in
+        one line if XLA's memory analysis exceeds ``device_bytes`` per device."""
+        batch = self.recipe.trainer.batch_size
+        labels = abstract_batch(batch, None, self.mesh) if self.recipe.data.num_classes else None
+        args = (abstract_train_state(self.recipe, self.optimizer, self.mesh),
+                abstract_batch(batch, self.recipe.data.seq_len, self.mesh), labels)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            step = AheadOfTime(self.train_step, args, mesh=self.mesh, donate=(0,))
+        memory = step.compiled.memory_analysis()
+        if memory is not None:
+            needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                      + memory.temp_size_in_bytes)  # fmt: skip
+            if needed > device_bytes:
+                raise RecipeError(
+                    f"the train step needs {format_bytes(needed)} per device (XLA's memory analysis, compiled "
+                    f"before allocating), more than the {format_bytes(device_bytes)} of a "
+                    f"{self.mesh.devices.flat[0].device_kind}; lower trainer.batch_size, shard more (mesh.fsdp, "
+                    f"mesh.model) or set network.remat",
+                    source=self.recipe.source,
+                    path="trainer.batch_size",
+                )
+        return step
 
     def init_state(self) -> TrainState:
         """A fresh state of the recipe's seed, laid out on the mesh."""

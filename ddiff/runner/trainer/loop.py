@@ -50,7 +50,9 @@ class Trainer:
     Its :class:`~ddiff.runner.trainer.engine.Engine` (``engine``: the model's state, the
     compiled step, evaluation and sampling, on ``mesh``) does the computing; the Trainer
     adds the run directory, checkpoints, metric writers and the schedule of logs,
-    evaluations and samples.
+    evaluations and samples. ``compile_ahead`` is the engine's (on accelerators by
+    default): the train step compiled from the abstract state and checked against the
+    devices' memory before the state is allocated.
     """
 
     def __init__(
@@ -60,11 +62,12 @@ class Trainer:
         *,
         show_progress: bool | None = None,
         mesh: Mesh | None = None,
+        compile_ahead: bool | None = None,
     ):
         self.recipe = recipe
         self.workdir = Path(workdir)
         self.show_progress = show_progress
-        self.engine = Engine(recipe, mesh=mesh)
+        self.engine = Engine(recipe, mesh=mesh, compile_ahead=compile_ahead)
         self._writers: MetricWriters | None = None
 
     # ------------------------------------------------------------------ the run
