@@ -173,3 +173,27 @@ def test_unrolled_and_scanned_blocks_and_both_attentions_agree():
         written = attention(qd, kd, vd, kind="einsum")
         assert fused.dtype == written.dtype == dtype
         assert jnp.allclose(fused.astype(jnp.float32), written.astype(jnp.float32), atol=tolerance)
+
+
+def test_attention_dropout_zero_drops_only_the_branch_outputs():
+    """BD3-LM's setting (dropout 0.5 on the branches, 0 on the attention probabilities):
+    every entry of the attention branch's output is either 0 or the undropped output /
+    (1 - 0.5), exactly, so the probabilities themselves were not dropped; with the
+    probabilities dropped too (the default), entries are neither."""
+    from ddiff_plugins.networks._blocks import RotaryBlock
+
+    key = jax.random.key(3)
+    x = jax.random.normal(jax.random.key(4), (8, 16))
+    tables = ddiff.nn.rotary_tables(8, 8)
+
+    def branch(dropout, attention_dropout, train_key):
+        block = RotaryBlock(16, 2, 32, 4, "glu", dropout, 1.0, key=key, attention_dropout=attention_dropout)
+        return np.asarray(block.attention(x, tables, "einsum", key=train_key)[0])
+
+    clean = branch(0.0, 0.0, None)
+    dropped = branch(0.5, 0.0, jax.random.key(5))
+    kept = dropped != 0
+    assert 0 < kept.sum() < kept.size
+    np.testing.assert_allclose(dropped[kept], 2.0 * clean[kept], rtol=1e-6)
+    both = branch(0.5, None, jax.random.key(5))
+    assert not np.allclose(both[both != 0], 2.0 * clean[both != 0], rtol=1e-3)

@@ -62,11 +62,12 @@ class RotaryBlock(nn.AbstractTensorParallel):
     heads: int = eqx.field(static=True)
     mlp: str = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
+    attention_dropout: float = eqx.field(static=True)
     heads_key: str = eqx.field(static=True)
 
     def __init__(
         self, dim: int, heads: int, hidden: int, cond_dim: int, mlp: str, dropout: float,
-        ffn_scale: float, *, key: ddiff.Key, heads_key: str = "heads"
+        ffn_scale: float, *, key: ddiff.Key, heads_key: str = "heads", attention_dropout: float | None = None
     ):
         keys = jax.random.split(key, 8)
         self.wq, self.wk, self.wv, self.wo = (nn.scaled_linear(dim, dim, key=k) for k in keys[:4])
@@ -77,6 +78,7 @@ class RotaryBlock(nn.AbstractTensorParallel):
         self.heads = heads
         self.mlp = mlp
         self.dropout = dropout
+        self.attention_dropout = dropout if attention_dropout is None else attention_dropout
         self.heads_key = heads_key
 
     def tensor_split(self) -> nn.TensorSplit:
@@ -109,7 +111,7 @@ class RotaryBlock(nn.AbstractTensorParallel):
         if past is not None:
             keys, values, mask = past.prepend(k, v, mask)
         out = nn.attention(
-            q, keys, values, kind=kind, dropout_rate=self.dropout, key=k_probs, mask=mask
+            q, keys, values, kind=kind, dropout_rate=self.attention_dropout, key=k_probs, mask=mask
         )
         return nn.dropout(nn.dense(self.wo, out.reshape(seq, dim)), self.dropout, k_out), (k, v)
 
@@ -150,11 +152,12 @@ def _glu_hidden(dim: int, multiple_of: int) -> int:
 def rotary_blocks(
     dim: int, depth: int, heads: int, cond_dim: int, mlp: str, multiple_of: int, dropout: float,
     depth_scaled_init: bool, *, key: ddiff.Key, path: str, scan: bool = True,
-    remat: nn.RematPolicy = "none"
+    remat: nn.RematPolicy = "none", attention_dropout: float | None = None
 ) -> nn.LayerStack:
     """``depth`` :class:`RotaryBlock` blocks in a layer stack (rematerialised as ``remat``
     says, :data:`ddiff.nn.REMAT_POLICIES`), the feed-forward weights' variance scaled by
-    2 / ``depth`` when ``depth_scaled_init``."""
+    2 / ``depth`` when ``depth_scaled_init``; dropout ``attention_dropout`` on the
+    attention probabilities (None: ``dropout``)."""
     if dim % heads or (dim // heads) % 2:
         raise ddiff.RecipeError(
             f"width {dim} must split into {heads} heads of even size", path=path
@@ -163,7 +166,8 @@ def rotary_blocks(
     hidden = _glu_hidden(dim, multiple_of)
     return nn.stack_layers(
         lambda k: RotaryBlock(
-            dim, heads, hidden, cond_dim, mlp, dropout, ffn_scale, key=k, heads_key=path
+            dim, heads, hidden, cond_dim, mlp, dropout, ffn_scale, key=k, heads_key=path,
+            attention_dropout=attention_dropout,
         ),
         jax.random.split(key, depth),
         scan=scan,

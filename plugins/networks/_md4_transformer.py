@@ -36,6 +36,9 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         mlp: gated feed-forward variant (``glu``: sigmoid gate, ``geglu``, ``swiglu``).
         multiple_of: the feed-forward width is rounded up to a multiple of this.
         dropout: rate on the input embedding, attention probabilities and branch outputs.
+        attention_dropout: rate on the attention probabilities alone (null: ``dropout``);
+            0 as BD3-LM's code trains (dropout on the branches only), which lets the fused
+            kernels (``splash``, ``cudnn``) run: dropping probabilities needs them written out.
         depth_scaled_init: scale the feed-forward initialisation by 2 / depth.
         time_conditioned: whether the output depends on t.
         scan_layers: apply the blocks with one ``lax.scan`` (faster to compile) instead of
@@ -71,7 +74,8 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
         key: ddiff.Key, dim: int = 768, depth: int = 12, heads: int = 12, cond_dim: int = 64,
         mlp: nn.GLUKind = "glu", multiple_of: int = 32, dropout: float = 0.0,
         depth_scaled_init: bool = True, time_conditioned: bool = True, scan_layers: bool = False,
-        attention: nn.AttentionKind = "auto", remat: nn.RematPolicy = "none"
+        attention: nn.AttentionKind = "auto", remat: nn.RematPolicy = "none",
+        attention_dropout: float | None = None
     ):
         del seq_len
         ddiff.check_at_least("depth", depth)
@@ -85,6 +89,7 @@ class MD4Transformer(ddiff.AbstractBlockCausalNetwork):
                 "blocks": rotary_blocks(
                     dim, depth, heads, cond_dim, mlp, multiple_of, dropout, depth_scaled_init,
                     key=keys[2], path="heads", scan=scan_layers, remat=remat,
+                    attention_dropout=attention_dropout,
                 ),  # fmt: skip
                 "final_modulation": nn.zero_linear(cond_dim, 2 * dim, key=keys[3]),
                 "head": nn.zeroed(head),
