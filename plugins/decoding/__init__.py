@@ -5,12 +5,15 @@ samplers the field uses beside ancestral sampling.
   (MaskGIT, Chang et al. 2022) or linear (LLaDA, Nie et al. 2025) schedule;
 - ``threshold``: unmask every position whose confidence exceeds a threshold, at least one
   per step (Fast-dLLM's parallel decoding, Wu et al. 2025);
-- ``semi_ar``: the sequence in blocks, left to right, any inner sampler within the current
-  block (LLaDA's semi-autoregressive decoding);
+- ``semi_ar``: the sequence in blocks, left to right from the end of the prompt, any
+  inner sampler within the current block (LLaDA's semi-autoregressive decoding, with its
+  prompt-masking guidance);
 - ``remdm``: ancestral sampling that also remasks decoded tokens (ReMDM, Wang et al. 2025,
   arXiv 2503.00307), with its cap, rescale and loop schedules;
 - ``p2``: path planning (Peng et al. 2025, arXiv 2502.03540): a planner chooses at every
-  step which positions stay or become masked, decoded tokens included.
+  step which positions stay or become masked, decoded tokens included;
+- the transform ``suppress_tokens``: listed values get probability 0 (LLaDA's
+  ``logits_eos_inf``).
 
 Each docstring says which distribution the sampler draws from: the model's (exact with an
 exact denoiser, which the conformance kit checks) or a heuristic one. Each is a step rule
@@ -30,19 +33,22 @@ from ddiff_plugins.decoding._selection import (
     Confidence,
     CountSchedule,
     confidence,
+    draw_values,
     highest,
     masked_count,
     network_times,
     remaining_fraction,
     threshold_selection,
 )
-from ddiff_plugins.decoding._semi_ar import SemiAutoregressiveSampler
+from ddiff_plugins.decoding._semi_ar import BlockAlignment, SemiAutoregressiveSampler, prompt_length
+from ddiff_plugins.decoding._suppress import SuppressTokens
 from ddiff_plugins.decoding._threshold import ThresholdSampler
 
 __all__ = [
     "COMPONENTS",
     "AbstractCountDecoder",
     "AbstractPathPlanningSampler",
+    "BlockAlignment",
     "Confidence",
     "ConfidenceSampler",
     "CountSchedule",
@@ -50,11 +56,14 @@ __all__ = [
     "ReMDMSampler",
     "RemaskingSchedule",
     "SemiAutoregressiveSampler",
+    "SuppressTokens",
     "ThresholdSampler",
     "confidence",
+    "draw_values",
     "highest",
     "network_times",
     "masked_count",
+    "prompt_length",
     "remaining_fraction",
     "remdm_logits",
     "threshold_selection",
@@ -69,6 +78,7 @@ COMPONENTS: dict[str, dict[str, type]] = {
         "remdm": ReMDMSampler,
         "p2": PathPlanningSampler,
     },
+    "transform": {"suppress_tokens": SuppressTokens},
 }
 """Registry slot -> registered name -> class: what this plugin registers."""
 

@@ -12,6 +12,7 @@ from ddiff_plugins.decoding._selection import (
     AbstractCountDecoder,
     Confidence,
     CountSchedule,
+    check_temperature,
     highest,
     propose,
     still_to_decode,
@@ -25,29 +26,49 @@ class ConfidenceSampler(AbstractCountDecoder):
     number still masked after step i being floor(M g(i/T)) for the M positions to decode
     and g the :data:`CountSchedule` (at least one position per step, all by step T; a step
     with nothing left to unmask makes no network call). A position takes a value drawn
-    from mu_theta (exactly, :func:`ddiff.categorical`), or its most probable value under
-    ``greedy`` (LLaDA's temperature 0). A time-conditioned network is evaluated at the
-    time whose alpha_t is the fraction of unmasked positions (:func:`network_times`).
-    The loop is the driver's (:class:`AbstractCountDecoder`).
+    from mu_theta^(1/temperature) (exactly, :func:`ddiff.categorical`), or its most
+    probable value at ``temperature: 0`` or under ``greedy`` (LLaDA's temperature 0);
+    the confidence is read from the untempered mu (``drawn_prob``: the probability of the
+    value drawn, LLaDA's ``low_confidence``; ``random``: LLaDA's ``random`` remasking). mu
+    is the prediction after the ``transforms`` (e.g. ``suppress_tokens``, LLaDA's
+    ``logits_eos_inf``), which the confidence reads too. A time-conditioned network is
+    evaluated at the time whose alpha_t is the fraction of unmasked positions
+    (:func:`network_times`). The loop is the driver's (:class:`AbstractCountDecoder`).
+
+    LLaDA's ``generate`` within one block is ``schedule: remainder_first`` with
+    ``confidence: drawn_prob`` (or ``random``) at its temperature; its blocks are
+    ``semi_ar`` around this sampler (docs/sampling.md has the table).
 
     Distribution: with one position per step (e.g. T >= M with the linear schedule) and
-    drawn values it is exact for an exact denoiser, whatever the order: each step draws
-    one position from its conditional given the revealed ones, and the order depends only
-    on what is revealed (the conformance kit checks it). Otherwise it is a heuristic that
-    is not the model's distribution: several positions decoded from one prediction are
-    drawn independently, the confidence order favours what a learnt denoiser is sure of,
-    and ``greedy`` takes modes.
+    values drawn at temperature 1 it is exact for an exact denoiser, whatever the order:
+    each step draws one position from its conditional given the revealed ones, and the
+    order depends only on what is revealed (the conformance kit checks it). Otherwise it
+    is a heuristic that is not the model's distribution: several positions decoded from
+    one prediction are drawn independently, the confidence order favours what a learnt
+    denoiser is sure of, and a temperature other than 1 (``greedy`` included) changes mu.
+    With ``random`` the order is uniform whatever is drawn, so several positions per step
+    are independent draws at uniformly chosen positions.
 
     Attributes:
         steps: decoding steps T (network evaluations at most T, doubled under guidance).
-        confidence: ``max_prob``, ``margin`` or ``neg_entropy``.
-        schedule: ``cosine`` or ``linear``: how many positions stay masked after each step.
-        greedy: take each position's most probable value instead of a draw.
+        confidence: ``max_prob``, ``margin``, ``neg_entropy``, ``drawn_prob`` or
+            ``random`` (:data:`Confidence`).
+        schedule: ``cosine``, ``linear`` or ``remainder_first``: how many positions stay
+            masked after each step.
+        greedy: take each position's most probable value instead of a draw (temperature 0).
+        temperature: values are drawn from mu^(1/temperature) (>= 0; 0 is ``greedy``).
+        transforms: log-probability transforms of mu, in order, before values and
+            confidences are read.
     """
 
     confidence: Confidence = eqx.field(static=True, default="max_prob")
     schedule: CountSchedule = eqx.field(static=True, default="cosine")
     greedy: bool = eqx.field(static=True, default=False)
+    temperature: float = eqx.field(static=True, default=1.0)
+    transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
+
+    def __check_init__(self):
+        check_temperature(self.temperature, self.greedy)
 
     def init(
         self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
@@ -64,7 +85,8 @@ class ConfidenceSampler(AbstractCountDecoder):
         unmask = jnp.where(count > 0, jnp.clip(count - self.masked_after(carry, index), 1, count), 0)
 
         def decode(x):
-            values, scores, selection_keys, calls = propose(prediction, x, keys, self.confidence, self.greedy)
+            temperature = 0.0 if self.greedy else self.temperature
+            values, scores, selection_keys, calls = propose(prediction, x, keys, self.confidence, temperature)
             chosen = jax.vmap(highest)(selection_keys, jnp.where(masked, scores, -jnp.inf), unmask) & masked
             return jnp.where(chosen, values, x), jnp.int32(calls)
 
