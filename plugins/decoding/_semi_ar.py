@@ -38,7 +38,10 @@ class _PromptMaskedGuidance(ddiff.AbstractNetwork):
     time_conditioned: bool = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
 
-    def __call__(self, x_t, t, *, label=None, key=None):
+    def __call__(
+        self, x_t: ddiff.Tokens, t: ddiff.Time, *, label: ddiff.Label | None = None,
+        key: ddiff.Key | None = None
+    ) -> ddiff.NetworkOutput:
         prompt = jnp.arange(x_t.shape[0]) < self.prompt_length
         conditional = self.network(x_t, t, label=label, key=key)
         unconditional = self.network(jnp.where(prompt, self.mask_id, x_t), t, label=label, key=key)

@@ -26,7 +26,7 @@ class SuppressTokens(ddiff.AbstractLogProbTransform):
         if min(self.tokens) < 0:
             raise ddiff.RecipeError(f"token values must be >= 0, got {list(self.tokens)}", path="tokens")
 
-    def __call__(self, log_probs):
+    def __call__(self, log_probs: ddiff.LogProbRows) -> ddiff.LogProbRows:
         listed = jnp.zeros((log_probs.shape[-1],), bool).at[jnp.asarray(self.tokens)].set(True)
         kept = jnp.where(listed, -jnp.inf, log_probs)
         possible = jnp.any(jnp.isfinite(kept), axis=-1, keepdims=True)
