@@ -2,6 +2,7 @@
 from it (the nucleus, a temperature), composed with :func:`chain` in the spirit of optax."""
 
 import abc
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -67,15 +68,23 @@ def chain(*transforms: AbstractLogProbTransform) -> AbstractLogProbTransform:
 
 class TopP(AbstractLogProbTransform):
     """The nucleus of each row (Holtzman et al. 2020; MD4's ``topp`` sampler): the most
-    probable values whose mass reaches ``top_p`` are kept (a value is kept when the mass of
-    the values more probable than it is below ``top_p``) and renormalised, the others get
-    probability 0. ``top_p = 1`` keeps every value.
+    probable values whose mass reaches ``top_p`` are kept and renormalised, the others get
+    probability 0. ``top_p = 1`` keeps every value. Sorted by probability, a value is kept
+
+    - ``crossing: keep`` (default; the smallest set whose mass reaches ``top_p``, as in
+      Holtzman et al.): when the mass of the values more probable than it is below
+      ``top_p``, so the value whose cumulative mass crosses ``top_p`` is kept;
+    - ``crossing: drop`` (BD3-LM's ``_nucleus_sample``): when the cumulative mass up to
+      and including it is at most ``top_p``, so the crossing value is dropped; the most
+      probable value is always kept.
 
     Attributes:
         top_p: the nucleus mass, in (0, 1].
+        crossing: ``keep`` or ``drop``: the value whose cumulative mass crosses ``top_p``.
     """
 
     top_p: float = eqx.field(static=True, default=0.98)
+    crossing: Literal["keep", "drop"] = eqx.field(static=True, default="keep")
 
     def __check_init__(self):
         if not 0.0 < self.top_p <= 1.0:
@@ -84,12 +93,17 @@ class TopP(AbstractLogProbTransform):
     def __call__(self, log_probs):
         order = jnp.argsort(-log_probs, axis=-1)
         sorted_probs = jnp.take_along_axis(jnp.exp(log_probs), order, axis=-1)
-        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep_sorted = mass_before < self.top_p
+        if self.crossing == "keep":
+            keep_sorted = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs < self.top_p
+        else:
+            first = jnp.arange(sorted_probs.shape[-1]) == 0
+            keep_sorted = (jnp.cumsum(sorted_probs, axis=-1) <= self.top_p) | first | (self.top_p >= 1.0)
         keep = (
             jnp.zeros_like(keep_sorted).at[(*jnp.indices(order.shape)[:-1], order)].set(keep_sorted)
         )
         return jax.nn.log_softmax(jnp.where(keep, log_probs, -jnp.inf), axis=-1)
 
     def as_top_p(self):
-        return self.top_p
+        """The nucleus mass under ``crossing: keep`` (the kit's convention); None under
+        ``drop``, which a :class:`ddiff.ReverseChain` does not state."""
+        return self.top_p if self.crossing == "keep" else None

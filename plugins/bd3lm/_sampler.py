@@ -31,6 +31,15 @@ class _BlockLoop(eqx.Module):
     lengths: Int[Array, " batch"]
 
 
+def unigram_entropy(tokens: Int[Array, " window"]) -> jax.Array:
+    """The entropy in nats of the empirical distribution of the values in ``tokens``:
+    -sum_v (c_v / W) log(c_v / W) over the W tokens, computed from a sort (no table of
+    the vocabulary)."""
+    ordered = jnp.sort(tokens)
+    counts = jnp.searchsorted(ordered, ordered, side="right") - jnp.searchsorted(ordered, ordered, side="left")
+    return -jnp.mean(jnp.log(counts / tokens.shape[0]))
+
+
 class BD3LMSampler(ddiff.AbstractLoopSampler):
     """Block diffusion sampling (Arriola et al. 2025, Alg. 2): block by block, each block
     of L' positions drawn by the ``inner`` sampler (any sampler of the masked family:
@@ -58,11 +67,23 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
     Classifier-free guidance is refused (the unconditional prediction would need its own
     context).
 
+    As BD3-LM's ``_semi_ar_sampler`` samples: ``bos_token`` forces position 0 to that
+    token (a given position, never a stop), and ``entropy_window: W`` stops a sample
+    after a block ending past W tokens when the entropy of the unigram distribution of
+    its last W tokens (:func:`unigram_entropy`, nats) is below ``entropy_threshold``,
+    truncating it to its length minus W (the reference's ``_check_stop_conds`` with
+    ``var_length``: W = 256, threshold 4; it pools its batch in that entropy, one sample
+    per batch in its scripts). Its inner sampler is ``first_hitting`` with the nucleus
+    ``{kind: top_p, crossing: drop}`` in ``transforms`` (docs/bd3lm.md).
+
     Attributes:
         inner: the sampler run within each block.
         block_size: L', a divisor of D (the objective's).
         stop_token: the end-of-sequence token id, or None to always fill the length.
         kv_cache: keep a cache of the clean blocks (true) or recompute them (false).
+        bos_token: the token forced at position 0, or None.
+        entropy_window: W, at least a block, or None for no entropy stop.
+        entropy_threshold: the entropy (nats) below which a sample stops.
         seq_len: D, the training length (set by ddiff from the data).
     """
 
@@ -73,6 +94,9 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
     seq_len: int = eqx.field(static=True)
     stop_token: int | None = eqx.field(static=True, default=None)
     kv_cache: bool = eqx.field(static=True, default=True)
+    bos_token: int | None = eqx.field(static=True, default=None)
+    entropy_window: int | None = eqx.field(static=True, default=None)
+    entropy_threshold: float = eqx.field(static=True, default=4.0)
 
     def __check_init__(self):
         _check_blocks(self.block_size, self.seq_len)
@@ -82,8 +106,17 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
                 f"block (ancestral, first_hitting, ...)",
                 path="inner",
             )
-        if self.stop_token is not None and self.stop_token < 0:
-            raise ddiff.RecipeError(f"must be a token id, got {self.stop_token}", path="stop_token")
+        for name in ("stop_token", "bos_token"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ddiff.RecipeError(f"must be a token id, got {value}", path=name)
+        if self.entropy_window is not None and self.entropy_window < self.block_size:
+            raise ddiff.RecipeError(
+                f"an entropy stop over {self.entropy_window} tokens is shorter than a block of "
+                f"{self.block_size}; give at least block_size tokens (BD3-LM: 256)",
+                path="entropy_window",
+            )
+        ddiff.check_at_least("entropy_threshold", self.entropy_threshold, 0.0)
 
     def pairing_problem(self, components):
         objective = components.get("objective")
@@ -192,6 +225,13 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
         if conditioning.fixed_tokens is not None and conditioning.fixed_mask is not None:
             given_tokens = jax.lax.dynamic_slice_in_dim(conditioning.fixed_tokens, start, size, axis=1)
             given_mask = jax.lax.dynamic_slice_in_dim(conditioning.fixed_mask, start, size, axis=1)
+        if self.bos_token is not None:
+            batch = tokens.shape[0]
+            caller_mask = jnp.zeros((batch, size), bool) if given_mask is None else given_mask
+            caller_tokens = jnp.zeros((batch, size), jnp.int32) if given_tokens is None else given_tokens
+            forced = (jnp.arange(size) == 0)[None, :] & (index == 0) & ~caller_mask
+            given_tokens = jnp.where(forced, self.bos_token, caller_tokens)
+            given_mask = caller_mask | forced
         inner_conditioning = ddiff.Conditioning(
             labels=conditioning.labels, fixed_tokens=given_tokens, fixed_mask=given_mask, prefix=carry.prefix
         )
@@ -211,6 +251,13 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
             lengths = jnp.where(found & ~stopped, start + jnp.argmax(stops, axis=1) + 1, lengths)
             stopped = stopped | found
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, block.astype(tokens.dtype), start, axis=1)
+        if self.entropy_window is not None and self.entropy_window < seq_len:
+            window = self.entropy_window
+            end = start + size
+            recent = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(end - window, 0), window, axis=1)
+            low = (end > window) & (jax.vmap(unigram_entropy)(recent) < self.entropy_threshold) & ~carry.stopped
+            lengths = jnp.where(low, end - window, lengths)
+            stopped = stopped | low
         capacity = self._capacity(seq_len)
         prefix, window, calls = jax.lax.cond(
             index + 1 < seq_len // size,
@@ -225,9 +272,9 @@ class BD3LMSampler(ddiff.AbstractLoopSampler):
         self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, carry: Any, *,
         keys: ddiff.KeyBatch
     ) -> ddiff.SampleOutput:
-        """With a stop token, ``ddiff.PAD_TOKEN`` after each sample's length, and the
-        lengths."""
-        if self.stop_token is None:
+        """With a stop token or an entropy stop, ``ddiff.PAD_TOKEN`` after each sample's
+        length, and the lengths."""
+        if self.stop_token is None and self.entropy_window is None:
             return ddiff.SampleOutput(tokens=tokens, num_function_evals=jnp.int32(0))
         after = jnp.arange(tokens.shape[1])[None, :] >= carry.lengths[:, None]
         return ddiff.SampleOutput(

@@ -1,0 +1,124 @@
+"""BD3-LM sampling as its code samples (kuleshov-group/bd3lms, diffusion.py): the nucleus
+that drops the token crossing p, first-hitting with that nucleus inside blocks, the forced
+BOS and the entropy stop, each against a hand-computed answer on a network whose output
+is a fixed table per position."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import Array, Float
+
+import ddiff
+
+V, D, L = 3, 16, 4
+
+
+class _TableByPosition(ddiff.AbstractBlockCausalNetwork):
+    """Block-causal in the trivial way: the output at position n is ``logits[n]``, whatever
+    the tokens (its cache is the token window, :class:`ddiff.BlockPrefix`)."""
+
+    logits: Float[Array, "seq vocab"]
+    time_conditioned: bool = eqx.field(static=True, default=False)
+    num_classes: int = eqx.field(static=True, default=0)
+
+    def __call__(self, x_t, t, *, label=None, key=None):
+        return self.logits[: x_t.shape[0]]
+
+    def block_causal_output(self, x_t, x0, *, block_size, label=None, key=None):
+        return self.logits[: x_t.shape[0]]
+
+    def init_cache(self, capacity, *, block_size):
+        return ddiff.BlockPrefix.empty(capacity, block_size)
+
+    def extend_cache(self, cache, block, *, label=None):
+        return cache.extend(block)
+
+    def cached_output(self, x_t, cache, *, label=None):
+        return jax.lax.dynamic_slice_in_dim(self.logits, cache.length, x_t.shape[0])
+
+
+def _model(logits):
+    return ddiff.DiffusionModel(
+        network=_TableByPosition(logits=jnp.asarray(logits, jnp.float32)),
+        parameterization=ddiff.build_component("parameterization", "mean"),
+        process=ddiff.build_component("process", {"kind": "masked", "schedule": "linear"}, vocab_size=V),
+    )
+
+
+def _sample(model, num=8, **options):
+    nucleus = options.pop("nucleus", {"top_p": 0.6, "crossing": "drop"})
+    inner = {"kind": "first_hitting", "transforms": [{"kind": "top_p", **nucleus}]}
+    sampler = ddiff.build_component(
+        "sampler", {"kind": "bd3lm", "block_size": L, "inner": inner, **options}, vocab_size=V, seq_len=D
+    )
+    keys = ddiff.sample_keys(jax.random.PRNGKey(0), 0, num)
+    run = eqx.filter_jit(lambda s, m, k: s.sample(m, keys=k, seq_len=D, conditioning=ddiff.Conditioning()))
+    output = run(sampler, model, keys)
+    lengths = None if output.lengths is None else np.asarray(output.lengths)
+    return np.asarray(output.tokens), lengths
+
+
+def bd3lm_nucleus(probs, p):
+    """bd3lms' _nucleus_sample, transcribed: sorted descending, keep where the cumulative
+    mass is <= p, always the first, renormalise."""
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    keep = np.cumsum(ranked, axis=-1) <= p
+    keep[..., 0] = True
+    kept = np.zeros_like(probs)
+    np.put_along_axis(kept, order, ranked * keep, axis=-1)
+    return kept / kept.sum(axis=-1, keepdims=True)
+
+
+def test_the_nucleus_drops_or_keeps_the_crossing_token():
+    """256 random rows of 12 values, p = 0.7: ``crossing: drop`` keeps exactly the support
+    of bd3lms' rule (probabilities to 1e-5); ``keep`` keeps exactly one value more in
+    every row where the most probable value has less than p (which both keep), the one
+    whose cumulative mass crosses p."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(12, 0.5), size=256)
+    log_probs = jnp.log(jnp.asarray(probs, jnp.float32))
+    dropped = np.exp(np.asarray(ddiff.TopP(top_p=0.7, crossing="drop")(log_probs), np.float64))
+    np.testing.assert_allclose(dropped, bd3lm_nucleus(probs, 0.7), atol=1e-5)
+    kept = np.exp(np.asarray(ddiff.TopP(top_p=0.7)(log_probs)))
+    extra = (kept > 0) & ~(dropped > 0)
+    below = probs.max(axis=1) < 0.7
+    assert ((dropped > 0) <= (kept > 0)).all() and (extra.sum(axis=1) == below).all() and below.sum() > 200
+    order = np.argsort(-probs, axis=1)
+    crossing = order[np.arange(256), np.argmax(np.cumsum(np.take_along_axis(probs, order, 1), 1) > 0.7, axis=1)]
+    assert (np.argmax(extra, axis=1) == crossing)[below].all()
+    assert ddiff.TopP(top_p=0.7, crossing="drop").as_top_p() is None
+
+
+def test_first_hitting_with_the_nucleus_in_blocks_and_a_forced_bos():
+    """mu = (0.5, 0.3, 0.2) everywhere, p = 0.6, BOS = stop token = 2: with BD3-LM's nucleus
+    only value 0 survives, so every sample is exactly [2, 0, 0, ..., 0] at full length (the
+    forced BOS is no stop); the kept crossing token (value 1) appears otherwise."""
+    model = _model(np.log(np.tile([0.5, 0.3, 0.2], (D, 1))))
+    tokens, lengths = _sample(model, bos_token=2, stop_token=2)
+    assert (tokens == [2] + [0] * (D - 1)).all() and (lengths == D).all()
+    kept, _ = _sample(model, bos_token=2, nucleus={"top_p": 0.6})
+    assert (kept[:, 0] == 2).all() and (kept[:, 1:] == 1).any() and not (kept[:, 1:] == 2).any()
+
+
+def test_the_entropy_stop_truncates_as_bd3lm_does():
+    """Window W = 8, threshold 1 nat. Value 0 everywhere: after the block ending at 12 > W
+    the last 8 tokens have entropy 0, so the sample is cut to 12 - 8 = 4 tokens, the rest
+    -1. Value n mod 3 at position n: every window of 8 holds counts 3, 3, 2 (entropy
+    1.082 nats), so no sample stops."""
+    flat = _model(np.log(np.tile([1.0, 1e-9, 1e-9], (D, 1))))
+    tokens, lengths = _sample(flat, bos_token=2, entropy_window=8, entropy_threshold=1.0)
+    assert (lengths == 4).all() and (tokens == [2, 0, 0, 0] + [ddiff.PAD_TOKEN] * (D - 4)).all()
+    cycling = _model(40.0 * np.eye(V)[np.arange(D) % V])
+    tokens, lengths = _sample(cycling, entropy_window=8, entropy_threshold=1.0)
+    assert (lengths == D).all() and (tokens == np.arange(D) % V).all()
+
+
+def test_meaningless_sampling_options_are_one_line():
+    with pytest.raises(ddiff.RecipeError, match="entropy_window") as error:
+        _sample(_model(np.zeros((D, V))), entropy_window=2)
+    assert "\n" not in str(error.value) and "block" in str(error.value)
+    with pytest.raises(ddiff.RecipeError, match="top_p"):
+        ddiff.TopP(top_p=1.5, crossing="drop")
