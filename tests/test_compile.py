@@ -21,7 +21,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, re
 RECORD_FIELDS = {
     "name", "batch", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes",
     "xla_flops", "bytes_accessed", "optimal_seconds", "model_flops", "collectives", "compile_seconds",
-    "refused", "device_bytes", "fits", "memory_fraction", "mfu",
+    "refused", "device_bytes", "fits", "memory_fraction", "mfu", "roofline_seconds", "roofline_mfu",
 }  # fmt: skip
 
 
@@ -51,7 +51,7 @@ def test_tiny_recipe_compiles_for_a_tpu_topology_with_every_field(tpu_report):
     target = tpu_report["target"]
     assert target["device_kind"] == "TPU v5 lite" and target["devices"] == 4
     assert target["memory_per_device"] == 16 * 1024**3 and target["peak_per_device"] == 197e12
-    assert target["mesh"] == {"data": 2, "fsdp": 2, "model": 1}
+    assert target["mesh"] == {"data": 2, "fsdp": 2, "model": 1} and target["bandwidth_per_device"] == 819e9
     records = {record["name"]: record for record in tpu_report["programs"]}
     assert list(records) == list(PROGRAMS)
     for record in records.values():
@@ -69,6 +69,10 @@ def test_tiny_recipe_compiles_for_a_tpu_topology_with_every_field(tpu_report):
     assert "all-reduce" in kinds
     assert train["model_flops"] > 0 and 0 < train["mfu"] <= 1
     assert records["eval_step"]["mfu"] is None
+    # The roofline: FLOPs per chip at 197 TFLOP/s or bytes per chip at 819 GB/s, the larger.
+    bound = max(train["xla_flops"] / 4 / 197e12, train["bytes_accessed"] / 819e9)
+    assert train["roofline_seconds"] == pytest.approx(bound, rel=1e-12)
+    assert train["roofline_mfu"] == pytest.approx(train["model_flops"] / (bound * 4 * 197e12), rel=1e-12)
 
 
 @needs_libtpu

@@ -76,17 +76,20 @@ def mesh_overrides(text: str | None) -> list[str]:
     return overrides
 
 
-def _target(recipe: Recipe, topology_name: str | None) -> tuple[list[jax.Device], str, int, float | None]:
-    """The devices to compile for, their name, memory per device and peak per device."""
+def _target(
+    recipe: Recipe, topology_name: str | None
+) -> tuple[list[jax.Device], str, int, float | None, float | None]:
+    """The devices to compile for, their name, memory, peak and bandwidth per device."""
     compute = recipe.precision.compute
     if topology_name is None:
         devices = jax.devices()
         peak, _ = peak_flops(compute)
         if devices[0].platform == "cpu":  # simulated devices share the host
             peak = None if peak is None else peak / len(devices)
-        return devices, "this machine", mesh_bytes(devices) // len(devices), peak
+        return devices, "this machine", mesh_bytes(devices) // len(devices), peak, None
     topology = load_topology(topology_name)
-    return list(topology.devices), topology.name, topology.hbm_per_device, topology.peak_per_device
+    return (list(topology.devices), topology.name, topology.hbm_per_device, topology.peak_per_device,
+            topology.bandwidth_per_device)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
         output_path(Path(args.output), "--output", overwrite=args.overwrite)
     overrides = [*args.overrides, *mesh_overrides(args.mesh)]
     recipe = load_recipe(args.recipe, overrides)
-    devices, name, memory, peak = _target(recipe, args.topology)
+    devices, name, memory, peak, bandwidth = _target(recipe, args.topology)
     mesh = make_mesh(recipe.mesh, devices)
     target = Target(
         name=name,
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> None:
         peak_per_device=peak,
         mesh=dict(mesh.shape),
         compute=recipe.precision.compute,
+        bandwidth_per_device=bandwidth,
     )
     programs = compile_recipe(
         recipe, mesh, programs=tuple(dict.fromkeys(args.programs)), sample_batch=args.sample_batch,

@@ -13,7 +13,8 @@ from ddiff.runner.memory import format_bytes
 @dataclasses.dataclass(frozen=True)
 class Target:
     """What the programs were compiled for: the devices' kind and count, each device's
-    memory and dense peak FLOP/s in the compute dtype, and the mesh."""
+    memory, dense peak FLOP/s in the compute dtype and memory bandwidth (bytes/s; None
+    where unknown), and the mesh."""
 
     name: str
     device_kind: str
@@ -22,6 +23,7 @@ class Target:
     peak_per_device: float | None
     mesh: dict[str, int]
     compute: str
+    bandwidth_per_device: float | None = None
 
 
 def mfu(program: CompiledProgram, target: Target) -> float | None:
@@ -32,6 +34,24 @@ def mfu(program: CompiledProgram, target: Target) -> float | None:
     return program.model_flops / (program.optimal_seconds * target.devices * target.peak_per_device)
 
 
+def roofline_seconds(program: CompiledProgram, target: Target) -> float | None:
+    """The roofline's lower bound on one execution's time: the larger of its FLOPs per
+    device at the peak and its bytes per device at the memory bandwidth (collectives and
+    any stall not counted)."""
+    if not target.peak_per_device or not target.bandwidth_per_device or not program.xla_flops:
+        return None
+    return max(program.xla_flops / target.devices / target.peak_per_device,
+               program.bytes_accessed / target.bandwidth_per_device)  # fmt: skip
+
+
+def roofline_mfu(program: CompiledProgram, target: Target) -> float | None:
+    """The MFU at the roofline's time: an upper bound."""
+    seconds = roofline_seconds(program, target)
+    if program.model_flops is None or seconds is None:
+        return None
+    return program.model_flops / (seconds * target.devices * target.peak_per_device)
+
+
 def program_record(program: CompiledProgram, target: Target) -> dict[str, Any]:
     """One program's report as JSON-ready values."""
     record = dataclasses.asdict(program)
@@ -40,6 +60,8 @@ def program_record(program: CompiledProgram, target: Target) -> dict[str, Any]:
     record["fits"] = program.refused is None and program.device_bytes <= target.memory_per_device
     record["memory_fraction"] = program.device_bytes / target.memory_per_device
     record["mfu"] = mfu(program, target)
+    record["roofline_seconds"] = roofline_seconds(program, target)
+    record["roofline_mfu"] = roofline_mfu(program, target)
     return record
 
 
@@ -80,7 +102,7 @@ def header(target: Target) -> str:
 
 
 COLUMNS = ("program", "batch", "memory/device", "of memory", "args", "temps", "model FLOPs", "XLA FLOPs",
-           "time (cost model)", "MFU", "compile")  # fmt: skip
+           "time (cost model)", "MFU", "roofline", "MFU bound", "compile")  # fmt: skip
 
 
 def table(programs: list[CompiledProgram], target: Target) -> str:
@@ -100,6 +122,8 @@ def table(programs: list[CompiledProgram], target: Target) -> str:
             _flops(program.xla_flops),
             _seconds(program.optimal_seconds),
             "-" if utilisation is None else f"{utilisation:.1%}",
+            _seconds(roofline_seconds(program, target)),
+            "-" if roofline_mfu(program, target) is None else f"{roofline_mfu(program, target):.1%}",
             f"{program.compile_seconds:.1f} s",
         ))  # fmt: skip
     widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]

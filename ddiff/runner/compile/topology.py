@@ -19,14 +19,16 @@ INSTALL_COMMAND = "pip install -e '.[tpu]'"
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """A TPU generation: its device kind, HBM and dense bfloat16 peak per chip, and the
-    number of dimensions of its topology names (2: a torus of chips ``4x4``; 3: ``4x4x4``)."""
+    """A TPU generation: its device kind, HBM, dense bfloat16 peak and HBM bandwidth
+    (bytes/s) per chip, and the number of dimensions of its topology names (2: a torus of
+    chips ``4x4``; 3: ``4x4x4``)."""
 
     name: str
     device_kind: str
     hbm_bytes: int
     peak_flops: float
     dims: int
+    hbm_bandwidth: float
 
 
 GIB = 1024**3
@@ -34,14 +36,15 @@ GIB = 1024**3
 GENERATIONS: dict[str, Generation] = {
     generation.name: generation
     for generation in (
-        Generation("v4", "TPU v4", 32 * GIB, 275e12, 3),
-        Generation("v5e", "TPU v5 lite", 16 * GIB, 197e12, 2),
-        Generation("v5p", "TPU v5", 95 * GIB, 459e12, 3),
-        Generation("v6e", "TPU v6 lite", 32 * GIB, 918e12, 2),
+        Generation("v4", "TPU v4", 32 * GIB, 275e12, 3, 1228e9),
+        Generation("v5e", "TPU v5 lite", 16 * GIB, 197e12, 2, 819e9),
+        Generation("v5p", "TPU v5", 95 * GIB, 459e12, 3, 2765e9),
+        Generation("v6e", "TPU v6 lite", 32 * GIB, 918e12, 2, 1640e9),
     )
 }
-"""The generations ``ddiff compile`` knows (HBM and bfloat16 dense peak per chip; float32
-products run as bfloat16 passes at XLA's default precision, at the same peak)."""
+"""The generations ``ddiff compile`` knows (HBM, bfloat16 dense peak and HBM bandwidth per
+chip, from the data sheets; float32 products run as bfloat16 passes at XLA's default
+precision, at the same peak)."""
 
 EXAMPLES = "v4:2x2x1, v5e:2x2, v5e:4x4, v5e:8x8, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v6e:8x8"
 """Topology names to suggest."""
@@ -76,6 +79,11 @@ class Topology:
     def peak_per_device(self) -> float:
         """Dense bfloat16 peak FLOP/s of one device."""
         return self.generation.peak_flops / self.devices_per_chip
+
+    @property
+    def bandwidth_per_device(self) -> float:
+        """HBM bytes/s of one device."""
+        return self.generation.hbm_bandwidth / self.devices_per_chip
 
 
 def _unknown(name: str, reason: str) -> DdiffError:
