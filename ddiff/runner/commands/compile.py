@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample-batch", type=integer(1), default=None, help="samples the sampling loop draws (default: trainer.batch_size)"
     )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="skip the second compilation with layer stacks traced out that counts FLOPs and the cost model's "
+        "time (slow for deep networks): memory and collectives only",
+    )
     add_output(parser, "also write the report to this JSON file")
 
 
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
     )
     programs = compile_recipe(
         recipe, mesh, programs=tuple(dict.fromkeys(args.programs)), sample_batch=args.sample_batch,
-        progress=lambda program: print(f"compiling {program} ...", flush=True),
+        progress=lambda program: print(f"compiling {program} ...", flush=True), count_cost=not args.memory_only,
     )  # fmt: skip
     print(table(programs, target), flush=True)
     if args.output:

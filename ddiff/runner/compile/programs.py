@@ -124,12 +124,13 @@ def _refused(name: str, batch: int, message: str, seconds: float, model_flops: f
 
 def compile_program(
     name: str, bound: Bound, args: tuple[Any, ...], *, mesh: Mesh, batch: int,
-    donate: tuple[int, ...] = (), model_flops: float | None = None,
+    donate: tuple[int, ...] = (), model_flops: float | None = None, count_cost: bool = True,
 ) -> CompiledProgram:
     """:func:`lower_and_compile` ``bound`` on ``args`` and read what the compiler says of
     it; where a layer stack of ``args`` runs as a loop, the FLOPs and the cost model's
     time come from a second compilation with every stack traced out (XLA counts a loop's
-    body once)."""
+    body once), or, without ``count_cost``, are not counted (zero FLOPs and bytes, no
+    time): memory and collectives only, for networks slow to compile unrolled."""
     start = time.perf_counter()
     try:
         compiled = lower_and_compile(bound, args, mesh=mesh, donate=donate)
@@ -139,8 +140,12 @@ def compile_program(
         return _refused(name, batch, str(error), time.perf_counter() - start, model_flops)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    counted = lower_and_compile(bound, traced_out(args), mesh=mesh, donate=donate) if _scans_layers(args, mesh) else compiled
-    cost = _cost(counted)
+    if not _scans_layers(args, mesh):
+        cost = _cost(compiled)
+    elif count_cost:
+        cost = _cost(lower_and_compile(bound, traced_out(args), mesh=mesh, donate=donate))
+    else:
+        cost = {}
     optimal = cost.get("optimal_seconds")
     return CompiledProgram(
         name=name,
@@ -161,12 +166,13 @@ def compile_program(
 
 def compile_recipe(
     recipe: Recipe, mesh: Mesh, *, programs: tuple[str, ...] = PROGRAMS, sample_batch: int | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, count_cost: bool = True,
 ) -> list[CompiledProgram]:
     """Compile ``programs`` of ``recipe`` for ``mesh`` from its abstract fresh state: the
     train step on a ``trainer.batch_size`` batch, the evaluation step of the recipe's
     objective on an ``eval.batch_size`` batch, the recipe's sampler on ``sample_batch``
-    samples (default ``trainer.batch_size``) of ``data.seq_len`` positions."""
+    samples (default ``trainer.batch_size``) of ``data.seq_len`` positions; ``count_cost``
+    as :func:`compile_program`."""
     engine = Engine(recipe, mesh=mesh)
     state = abstract_state(engine)
     seq_len = recipe.data.seq_len
@@ -182,17 +188,17 @@ def compile_recipe(
             args = (state, abstract_batch(batch, seq_len, mesh), abstract_batch(batch, None, mesh) if classes else None)
             results.append(compile_program(
                 name, engine.train_step, args, mesh=mesh, batch=batch, donate=(0,),
-                model_flops=None if flops is None else flops * batch * seq_len,
+                model_flops=None if flops is None else flops * batch * seq_len, count_cost=count_cost,
             ))
         elif name == "eval_step":
             batch = recipe.eval.batch_size
             args = (state.model, abstract_batch(batch, seq_len, mesh), abstract_batch(batch, None, mesh) if classes else None, key)
-            results.append(compile_program(name, engine.eval_steps[""], args, mesh=mesh, batch=batch))
+            results.append(compile_program(name, engine.eval_steps[""], args, mesh=mesh, batch=batch, count_cost=count_cost))
         elif name == "sample":
             batch = engine.sample_batch(sample_batch or recipe.trainer.batch_size)
             first = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
             args = (state.model, key, first, batch, Conditioning())
-            results.append(compile_program(name, engine.sample_program(), args, mesh=mesh, batch=batch))
+            results.append(compile_program(name, engine.sample_program(), args, mesh=mesh, batch=batch, count_cost=count_cost))
         else:
             raise ValueError(f"unknown program {name!r}; known: {', '.join(PROGRAMS)}")
     return results
