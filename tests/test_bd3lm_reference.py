@@ -122,3 +122,79 @@ def test_meaningless_sampling_options_are_one_line():
     assert "\n" not in str(error.value) and "block" in str(error.value)
     with pytest.raises(ddiff.RecipeError, match="top_p"):
         ddiff.TopP(top_p=1.5, crossing="drop")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_resampled_masks_follow_their_enumerated_law():
+    """L' = 4, clip [0.3, 0.8], t ~ U[0.3, 0.8] per block (alpha = 1 - t): BD3-LM's
+    resampling accepts masked counts 2 and 3 only, P(k = 2) = (1/0.5) int 3(1 - t)/(3 - t) dt
+    = 3 - 12 ln(27/22) = 0.5425, each k-subset equally likely: 2^14 blocks pass a
+    chi-square test over the 16 patterns (false alarm 1e-3). Drawn independently, counts
+    0, 1 and 4 occur too."""
+    from ddiff_plugins.bd3lm import block_keep
+
+    count = 2**14
+    times = jax.random.uniform(jax.random.PRNGKey(1), (count,), minval=0.3, maxval=0.8)
+    keep = np.asarray(block_keep(jax.random.PRNGKey(2), 1.0 - times, 4, (0.3, 0.8))).reshape(count, 4)
+    p2 = 3.0 - 12.0 * np.log(27.0 / 22.0)
+    patterns = np.asarray(list(np.ndindex(2, 2, 2, 2)), bool)
+    masked = (~patterns).sum(axis=1)
+    law = np.where(masked == 2, p2 / 6, np.where(masked == 3, (1 - p2) / 4, 0.0))
+    observed = np.bincount(keep @ (2 ** np.arange(3, -1, -1)), minlength=16)
+    test = ddiff.testing.chi_square_test(observed, law)
+    assert test["p_value"] >= 1e-3 and test["impossible"] == 0, test
+    free = np.asarray(block_keep(jax.random.PRNGKey(2), 1.0 - times, 4, None)).reshape(count, 4)
+    assert set(np.unique(4 - free.sum(axis=1))) == {0, 1, 2, 3, 4}
+
+
+def _objective(**options):
+    return ddiff.build_component(
+        "objective", {"kind": "bd3lm_elbo", "block_size": D, **options}, vocab_size=V, seq_len=D
+    )
+
+
+def _eps_free_model(logits):
+    model = _model(logits)
+    process = ddiff.build_component("process", {"kind": "masked", "schedule": {"kind": "linear", "eps": 0.0}}, vocab_size=V)
+    return eqx.tree_at(lambda m: m.process, model, process)
+
+
+def test_weight_rule_eval_interval_and_bos_as_bd3lm_trains():
+    """One block of 16, linear schedule without eps (weight -1/t), a table network:
+    ``weight_rule: bd3lm`` with clip [0.6, 0.9] makes the weight -1, so the bound's loss
+    is the rule's divided by t = 0.6 + 0.3 t_example (1e-5); evaluation over
+    ``eval_interval`` equals training over the same clip, bit for bit; with ``ignore_bos``
+    position 0 adds nothing: equal to a network certain of x^0 there."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(D, V))
+    model = _eps_free_model(logits)
+    x0 = jnp.asarray(rng.integers(0, V, D), jnp.int32)
+    key, t = jax.random.PRNGKey(3), jnp.asarray(0.4)
+    clip = {"clip": [0.6, 0.9]}
+    bound = _objective(**clip).example_terms(model, x0, t, key=key).loss
+    rule = _objective(**clip, weight_rule="bd3lm").example_terms(model, x0, t, key=key).loss
+    np.testing.assert_allclose(float(bound), float(rule) / (0.6 + 0.3 * 0.4), rtol=1e-5)
+    evaluated = _objective(eval_interval=[1e-3, 1.0]).example_terms(model, x0, t, key=key, train=False)
+    trained = _objective(clip=[1e-3, 1.0]).example_terms(model, x0, t, key=key, train=True)
+    assert float(evaluated.nelbo) == float(trained.nelbo)
+    certain = logits.copy()
+    certain[0] = -40.0
+    certain[0, int(x0[0])] = 40.0
+    ignoring = _objective(ignore_bos=True).example_terms(model, x0, jnp.asarray(0.9), key=key).loss
+    kept = _objective().example_terms(_eps_free_model(certain), x0, jnp.asarray(0.9), key=key).loss
+    plain = _objective().example_terms(model, x0, jnp.asarray(0.9), key=key).loss
+    np.testing.assert_allclose(float(ignoring), float(kept), rtol=1e-6)
+    assert abs(float(plain) - float(ignoring)) > 1e-3  # position 0 is masked in this draw
+
+
+def test_meaningless_training_options_are_one_line():
+    for options, name in (
+        ({"resample": True}, "resample"),
+        ({"resample": True, "clip": [0.3, 0.45], "block_size": 4}, "clip"),
+        ({"eval_interval": [0.5, 0.2]}, "eval_interval"),
+    ):
+        with pytest.raises(ddiff.RecipeError, match=name) as error:
+            _objective(**options)
+        assert "\n" not in str(error.value)

@@ -10,10 +10,10 @@ L' = D is MD4. See docs/bd3lm.md.
 """
 
 import ddiff
-from ddiff_plugins.bd3lm._objective import BD3LMELBO
-from ddiff_plugins.bd3lm._sampler import BD3LMSampler
+from ddiff_plugins.bd3lm._objective import BD3LMELBO, allowed_counts, block_keep
+from ddiff_plugins.bd3lm._sampler import BD3LMSampler, unigram_entropy
 
-__all__ = ["COMPONENTS", "BD3LMELBO", "BD3LMSampler"]
+__all__ = ["COMPONENTS", "BD3LMELBO", "BD3LMSampler", "allowed_counts", "block_keep", "unigram_entropy"]
 
 
 COMPONENTS: dict[str, dict[str, type]] = {
