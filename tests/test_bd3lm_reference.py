@@ -189,6 +189,36 @@ def test_weight_rule_eval_interval_and_bos_as_bd3lm_trains():
     assert abs(float(plain) - float(ignoring)) > 1e-3  # position 0 is masked in this draw
 
 
+def test_token_mean_loss_is_bd3lm_s_scale():
+    """``loss_reduction: token_mean``: the batch's loss is the mean over its 4 x 16 tokens of
+    the per-token terms, the sequence loss of every example divided by D = 16 (1e-6), and so
+    is its gradient (what ``grad_clip`` reads); ``nelbo`` is unchanged, bit for bit."""
+    rng = np.random.default_rng(1)
+    model = _eps_free_model(rng.normal(size=(D, V)))
+    x0 = jnp.asarray(rng.integers(0, V, (4, D)), jnp.int32)
+    key = jax.random.PRNGKey(5)
+
+    options = {"clip": [0.3, 0.8], "resample": True, "block_size": L, "ignore_bos": True}
+    objectives = (_objective(**options), _objective(**options, loss_reduction="token_mean"))
+
+    @jax.jit
+    def both(logits):
+        def terms(objective, table_logits):
+            table = eqx.tree_at(lambda m: m.network.logits, model, table_logits)
+            return objective.batch_terms(table, x0, key=key)
+
+        def loss(objective, table_logits):
+            out = terms(objective, table_logits)
+            return out.loss, out.nelbo
+
+        return [jax.value_and_grad(lambda a, o=o: loss(o, a), has_aux=True)(logits) for o in objectives]
+
+    ((loss_s, nelbo_s), grad_s), ((loss_t, nelbo_t), grad_t) = both(model.network.logits)
+    np.testing.assert_allclose(float(loss_t), float(loss_s) / D, rtol=1e-6)
+    assert float(nelbo_t) == float(nelbo_s)
+    np.testing.assert_allclose(np.asarray(grad_t), np.asarray(grad_s) / D, rtol=1e-5, atol=1e-8)
+
+
 def test_meaningless_training_options_are_one_line():
     for options, name in (
         ({"resample": True}, "resample"),

@@ -103,6 +103,11 @@ class BD3LMELBO(ddiff.AbstractObjective):
     - ``eval_interval: [1e-3, 1]``: held-out evaluation averages the integrand over t in
       that interval, as its validation does (its number is the bound's integral over
       [1e-3, 1] divided by 0.999); [0, 1] (default) is the bound.
+    - ``loss_reduction: token_mean``: the training loss is the bound's estimate divided by
+      D, so the batch mean is the mean over the batch's tokens (the reference's
+      ``nlls.sum() / attention_mask.sum()`` on its packed, unpadded sequences, BOS
+      included while training): the gradient, its norm and so ``grad_clip`` are on the
+      reference's scale. ``nelbo`` stays in nats per sequence.
 
     Attributes:
         block_size: L', a divisor of the data's sequence length D.
@@ -111,6 +116,7 @@ class BD3LMELBO(ddiff.AbstractObjective):
         ignore_bos: never mask position 0.
         weight_rule: ``bound`` (alpha'/(1 - alpha)) or ``bd3lm`` (-1 above beta = 0.5).
         eval_interval: the interval of t held-out evaluation averages over.
+        loss_reduction: ``sequence`` (nats per sequence) or ``token_mean`` (per token).
         seq_len: D (set by ddiff from the data).
     """
 
@@ -127,6 +133,7 @@ class BD3LMELBO(ddiff.AbstractObjective):
     ignore_bos: bool = eqx.field(static=True, default=False)
     weight_rule: Literal["bound", "bd3lm"] = eqx.field(static=True, default="bound")
     eval_interval: tuple[float, float] = eqx.field(static=True, default=(0.0, 1.0))
+    loss_reduction: Literal["sequence", "token_mean"] = eqx.field(static=True, default="sequence")
 
     def __check_init__(self):
         _check_blocks(self.block_size, self.seq_len)
@@ -185,8 +192,9 @@ class BD3LMELBO(ddiff.AbstractObjective):
         terms = ddiff.bound_terms(model, x0[1:] if self.ignore_bos else x0, jnp.sum(per_block))
         per_token = per_block / size
         variance = jnp.var(per_token, ddof=1) if blocks > 1 else jnp.zeros(())
+        loss = terms.loss / x0.shape[0] if self.loss_reduction == "token_mean" else terms.loss
         return ddiff.ObjectiveTerms(
-            loss=terms.loss,
+            loss=loss,
             nelbo=terms.nelbo,
             metrics={**terms.metrics, "block_loss_variance": variance},
         )
