@@ -51,10 +51,14 @@ def _softmax(logits):
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def llada_generate(network, prompt, gen_length, block_length, steps, cfg_scale=0.0, eos=None):
+def llada_generate(
+    network, prompt, gen_length, block_length, steps, cfg_scale=0.0, eos=None, eos_eot=None
+):
     """LLaDA's generate() at temperature 0 with low-confidence remasking, transcribed: blocks
     from the prompt's end, get_num_transfer_tokens' remainder-first counts, the confidence
-    softmax(logits) at the drawn token, cfg by masking the prompt, logits_eos_inf."""
+    softmax(logits) at the drawn token, cfg by masking the prompt, logits_eos_inf, and
+    confidence_eos_eot_inf with ``eos_eot`` = (EOS, EoT): its chained assignment after the
+    draw, the noisy logits being the logits themselves at temperature 0."""
     logits_of = jax.jit(lambda x: network(x, jnp.zeros(())))
     x = np.full(len(prompt) + gen_length, V)
     x[: len(prompt)] = prompt
@@ -75,7 +79,10 @@ def llada_generate(network, prompt, gen_length, block_length, steps, cfg_scale=0
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             if eos is not None:
                 logits[:, eos] = -np.inf
-            x0 = np.argmax(logits, axis=-1)
+            logits_with_noise = logits
+            x0 = np.argmax(logits_with_noise, axis=-1)
+            if eos_eot is not None:
+                logits_with_noise[:, eos_eot[0]] = logits[:, eos_eot[1]] = -np.inf
             x0_p = _softmax(logits)[np.arange(len(x)), x0]
             x0_p[end:] = -np.inf
             confidence = np.where(mask_index, x0_p, -np.inf)
@@ -101,6 +108,7 @@ def _llada(block_length, steps_per_block, **options):
     inner = {
         "kind": "confidence", "steps": steps_per_block, "schedule": options.pop("schedule", "remainder_first"),
         "confidence": "drawn_prob", "greedy": True, "transforms": options.pop("transforms", []),
+        "confidence_suppress_tokens": options.pop("confidence_suppress_tokens", []),
     }
     return ddiff.build_component("sampler", {"kind": "semi_ar", "block_length": block_length, "inner": inner, **options})
 
@@ -146,6 +154,22 @@ def test_prompt_masking_guidance_and_eos_suppression_are_llada_s(hash_model):
     assert (plain != reference).any()
 
 
+def test_confidence_eos_eot_inf_is_llada_s(hash_model):
+    """confidence_eos_eot_inf with EOS 0 and EoT 1 at temperature 0 (where LLaDA's noisy
+    logits are its logits, so its chained assignment removes both from the confidence's
+    softmax, after the draw): ``confidence_suppress_tokens: [0, 1]`` equals LLaDA's
+    decoding token for token (prompt 5, blocks of 4, 2 steps each), three drawn 0s and 1s
+    among the 12 (confidence 0, decoded last in their block); without the option, or with
+    EoT alone, the decoding differs."""
+    reference = llada_generate(hash_model.network, PROMPT, 12, 4, 6, eos_eot=(0, 1))
+    tokens, calls = _decode(hash_model, _llada(4, 2, confidence_suppress_tokens=[0, 1]), PROMPT, 17)
+    assert (tokens == reference).all(), (tokens[0].tolist(), reference.tolist())
+    assert calls == 6 and np.isin(reference[5:], [0, 1]).sum() == 3
+    for other in ([], [1]):
+        decoded, _ = _decode(hash_model, _llada(4, 2, confidence_suppress_tokens=other), PROMPT, 17)
+        assert (decoded != reference).any(), other
+
+
 def test_meaningless_combinations_are_one_line(hash_model):
     for options in ({"align": "prompt"}, {"prompt_guidance": 1.0}):
         sampler = _llada(4, 2, **options)
@@ -157,6 +181,11 @@ def test_meaningless_combinations_are_one_line(hash_model):
         ddiff.build_component("sampler", {"kind": "confidence", "greedy": True, "temperature": 0.5})
     with pytest.raises(ddiff.RecipeError, match="confidence"):
         ddiff.build_component("sampler", {"kind": "threshold", "confidence": "random"})
+    with pytest.raises(ddiff.RecipeError, match="confidence_suppress_tokens") as error:
+        ddiff.build_component(
+            "sampler", {"kind": "confidence", "confidence": "random", "confidence_suppress_tokens": [2]}
+        )
+    assert "\n" not in str(error.value)
 
 
 def test_suppress_tokens_renormalises_and_keeps_one_hot_rows():

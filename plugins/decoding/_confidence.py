@@ -31,7 +31,10 @@ class ConfidenceSampler(AbstractCountDecoder):
     the confidence is read from the untempered mu (``drawn_prob``: the probability of the
     value drawn, LLaDA's ``low_confidence``; ``random``: LLaDA's ``random`` remasking). mu
     is the prediction after the ``transforms`` (e.g. ``suppress_tokens``, LLaDA's
-    ``logits_eos_inf``), which the confidence reads too. A time-conditioned network is
+    ``logits_eos_inf``), which the confidence reads too; ``confidence_suppress_tokens``
+    gives the listed values probability 0 in the confidence only, after the draw (LLaDA's
+    ``confidence_eos_eot_inf``: a drawn listed value has confidence 0, the others are
+    renormalised without the listed mass). A time-conditioned network is
     evaluated at the time whose alpha_t is the fraction of unmasked positions
     (:func:`network_times`). The loop is the driver's (:class:`AbstractCountDecoder`).
 
@@ -59,6 +62,9 @@ class ConfidenceSampler(AbstractCountDecoder):
         temperature: values are drawn from mu^(1/temperature) (>= 0; 0 is ``greedy``).
         transforms: log-probability transforms of mu, in order, before values and
             confidences are read.
+        confidence_suppress_tokens: values removed from mu when the confidence is read
+            (LLaDA's ``confidence_eos_eot_inf``: [126081, 126348] at temperature 0,
+            [126348] above; docs/sampling.md).
     """
 
     confidence: Confidence = eqx.field(static=True, default="max_prob")
@@ -66,9 +72,21 @@ class ConfidenceSampler(AbstractCountDecoder):
     greedy: bool = eqx.field(static=True, default=False)
     temperature: float = eqx.field(static=True, default=1.0)
     transforms: tuple[ddiff.AbstractLogProbTransform, ...] = ()
+    confidence_suppress_tokens: tuple[int, ...] = eqx.field(static=True, default=())
 
     def __check_init__(self):
         check_temperature(self.temperature, self.greedy)
+        if self.confidence_suppress_tokens and self.confidence == "random":
+            raise ddiff.RecipeError(
+                "confidence_suppress_tokens changes the confidence read from mu and "
+                "confidence: random reads none; drop one of them",
+                path="confidence_suppress_tokens",
+            )
+        if self.confidence_suppress_tokens and min(self.confidence_suppress_tokens) < 0:
+            raise ddiff.RecipeError(
+                f"token values must be >= 0, got {list(self.confidence_suppress_tokens)}",
+                path="confidence_suppress_tokens",
+            )
 
     def init(
         self, prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, *, keys: ddiff.KeyBatch
@@ -86,7 +104,9 @@ class ConfidenceSampler(AbstractCountDecoder):
 
         def decode(x):
             temperature = 0.0 if self.greedy else self.temperature
-            values, scores, selection_keys, calls = propose(prediction, x, keys, self.confidence, temperature)
+            values, scores, selection_keys, calls = propose(
+                prediction, x, keys, self.confidence, temperature, self.confidence_suppress_tokens
+            )
             chosen = jax.vmap(highest)(selection_keys, jnp.where(masked, scores, -jnp.inf), unmask) & masked
             return jnp.where(chosen, values, x), jnp.int32(calls)
 

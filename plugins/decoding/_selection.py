@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Int
 
 import ddiff
 from ddiff import capabilities as caps
+from ddiff_plugins.decoding._suppress import SuppressTokens
 
 Confidence = Literal["max_prob", "margin", "neg_entropy", "drawn_prob", "random"]
 """How sure the model is of a position, from its mu: the largest probability, the gap
@@ -159,18 +160,21 @@ def draw_values(key: ddiff.Key, log_mean: ddiff.LogProbs, temperature: float) ->
 
 def propose(
     prediction: ddiff.Prediction, tokens: ddiff.TokenBatch, keys: ddiff.KeyBatch, kind: Confidence,
-    temperature: float
+    temperature: float, confidence_suppressed: tuple[int, ...] = ()
 ) -> tuple[ddiff.TokenBatch, jax.Array, ddiff.KeyBatch, int]:
     """What a confidence decoder reads in one step (:func:`predict_where_typical`): a value
     for every position (:func:`draw_values` at ``temperature``, 0 for the mode), the
     confidence of every position (:func:`confidence`, of the untempered mu: LLaDA's
-    ``low_confidence`` reads softmax(logits) at the value drawn from softmax(logits / T)),
-    one key per sample left for the selection, and the network calls."""
+    ``low_confidence`` reads softmax(logits) at the value drawn from softmax(logits / T);
+    with ``confidence_suppressed``, of mu with those values given probability 0 after the
+    draw, :class:`SuppressTokens`), one key per sample left for the selection, and the
+    network calls."""
     log_mean, calls = predict_where_typical(prediction, tokens)
     split = jax.vmap(lambda key: jax.random.split(key, 2))(keys)
     values = jax.vmap(lambda key, lm: draw_values(key, lm, temperature))(split[:, 0], log_mean)
     score_keys = jax.vmap(lambda key: jax.random.fold_in(key, 1))(split[:, 1])
-    scores = jax.vmap(lambda lm, v, key: confidence(lm, kind, v, key))(log_mean, values, score_keys)
+    scored = SuppressTokens(tokens=confidence_suppressed)(log_mean) if confidence_suppressed else log_mean
+    scores = jax.vmap(lambda lm, v, key: confidence(lm, kind, v, key))(scored, values, score_keys)
     return values, scores, split[:, 1], calls
 
 
