@@ -39,7 +39,8 @@ def _refused(capsys, status, expected=""):
     ("arguments", "expected"),
     [
         (["eval", "DIR", "--max-examples", "-1"], "argument --max-examples: must be >= 1, got -1"),
-        (["eval", "DIR", "--time-draws", "0"], "argument --time-draws: must be >= 1, got 0"),
+        (["eval", "DIR", "--time-draws", "0"], "argument --time-draws: must be >= 1 and <= 1000000, got 0"),
+        (["eval", "DIR", "--time-draws", str(2**40)], "argument --time-draws: must be >= 1 and <= 1000000, got 1099"),
         (["sample", "DIR", "--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'"),
         (["sample", "DIR", "--guidance=-inf"], "must be a finite number, got '-inf'"),
         (["sample", "DIR", "--guidance", "inf"], "must be a finite number, got 'inf'"),

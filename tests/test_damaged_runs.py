@@ -95,3 +95,33 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     monkeypatch.undo()
     _, state = ddiff.runner.load_run(workdir)
     assert int(state.step) == 4
+
+
+def test_an_unwritable_plot_or_output_folder_is_one_line_and_leaves_nothing(full_run, tmp_path, capsys, monkeypatch):
+    """Simulated (the tests may run as root, whom permissions do not stop): the picture
+    cannot be written (Permission denied while saving) -> one line naming it, no temporary
+    file left; an --output folder that is not writable is refused before anything runs."""
+    import errno
+    import os
+
+    import matplotlib.figure
+
+    workdir = _copy(full_run, tmp_path)
+
+    def refuse(self, path, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", refuse)
+    assert main(["plot", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddiff: error: ") and err.count("\n") == 1
+    assert "Permission denied; check its permissions" in err and ".curves.png.tmp" in err
+    assert not [p for p in os.listdir(workdir) if ".tmp" in p]
+    monkeypatch.undo()
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(folder) else real_access(path, mode))
+    assert main(["bench", "tiny", "--samplers", "--output", str(folder / "bench.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not writable" in err

@@ -151,6 +151,13 @@ def test_closed_pipe_ends_quietly_and_unknown_backend_is_one_line():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("ddiff: error: JAX_PLATFORMS=tpu: Unable to initialize backend 'tpu'")
     assert result.stderr.count("\n") == 1
+    # With no CUDA plugin installed, JAX asserts rather than raising: still one line.
+    env = {**os.environ, "JAX_PLATFORMS": "cuda"}
+    result = subprocess.run(
+        [*command, "recipe", "show", QUICKSTART], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stderr.startswith("ddiff: error: JAX_PLATFORMS=cuda: ")
+    assert result.stderr.count("\n") == 1
 
 
 # ------------------------------------------------------------------ random recipes

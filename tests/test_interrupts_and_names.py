@@ -61,6 +61,26 @@ def test_a_signal_while_the_command_is_still_importing_is_one_line(signum):
     assert err.decode().splitlines() == [f"ddiff: interrupted by {signal.Signals(signum).name}"]
 
 
+def test_a_second_signal_after_a_swallowed_one_ends_the_command_at_once():
+    """A first SIGTERM whose exception is swallowed (as in a garbage-collection callback,
+    where Python ignores exceptions) lets the command go on; the second ends it at once,
+    with one line and 128 + 15, whatever the command is doing."""
+    script = (
+        "import os, signal\n"
+        "from ddiff.runner.trainer.signals import CommandSignals, Interrupted\n"
+        "with CommandSignals():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    except Interrupted:\n"
+        "        pass\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('went on')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143 and result.stdout == ""
+    assert result.stderr.splitlines() == ["ddiff: interrupted by SIGTERM"]
+
+
 def test_a_swallowed_ctrl_c_still_stops_the_run_at_its_first_step(tmp_path, monkeypatch, capsys):
     """A library that catches the interrupt of an early Ctrl-C cannot make the run go on."""
     load_recipe = run_command.load_recipe

@@ -143,12 +143,40 @@ def _check_backend(args: argparse.Namespace) -> None:
         return
     try:
         jax.devices()
-    except RuntimeError as error:
-        reason = str(error).splitlines()[0].split(" (set JAX_PLATFORMS")[0].rstrip(". ")
+    except (RuntimeError, AssertionError) as error:  # jax asserts on some platforms it cannot start
+        lines = str(error).splitlines() or ["no backend of that name could be started"]
+        reason = lines[0].split(" (set JAX_PLATFORMS")[0].rstrip(". ")
         raise DdiffError(
             f"JAX_PLATFORMS={platforms}: {reason}; unset JAX_PLATFORMS (or name a backend this "
             f"machine has, e.g. cpu)"
         ) from None
+
+
+UNWRITABLE = {
+    errno.EACCES: "check its permissions and its folder's, or choose another place",
+    errno.EPERM: "check its permissions and its folder's, or choose another place",
+    errno.EROFS: "the file system is read-only; choose another place",
+    errno.ENOSPC: "free some space, or choose another place",
+    errno.EDQUOT: "free some space, or choose another place",
+}
+"""The errors of a file a command could not open or write that are the user's environment
+(permissions, a read-only or full file system), not ddiff, and what to do about each."""
+
+
+def _unwritable(error: OSError) -> str | None:
+    """The one line for a file a command could not open or write (a name too long for its
+    file system, missing permissions, a read-only or full file system), or None for any
+    other error."""
+    name = os.fsdecode(error.filename or "")
+    folder = os.path.dirname(name) or "."
+    if error.errno == errno.ENAMETOOLONG:
+        return (
+            f"{os.path.basename(name)[:32]}...: file name too long for the file system of {folder}; "
+            f"choose a shorter name"
+        )
+    if error.errno in UNWRITABLE:
+        return f"{name or 'a file'}: {error.strerror}; {UNWRITABLE[error.errno]}"
+    return None
 
 
 def _quiet_broken_pipe() -> int:
@@ -196,14 +224,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except BrokenPipeError:
         return _quiet_broken_pipe()
     except OSError as error:
-        if error.errno != errno.ENAMETOOLONG:
+        message = _unwritable(error)
+        if message is None:
             raise
-        name = os.fsdecode(error.filename or "")
-        print(
-            f"ddiff: error: {os.path.basename(name)[:32]}...: file name too long for the file "
-            f"system of {os.path.dirname(name) or '.'}; choose a shorter name",
-            file=sys.stderr,
-        )
+        print(f"ddiff: error: {message}", file=sys.stderr)
         return 2
     except DdiffError as error:
         status = getattr(error, "exit_status", 2)

@@ -39,13 +39,18 @@ def check_name_fits(path: Path, option: str, suffix: str = "") -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, and rename it
-    over ``path``."""
+    over ``path``; on any failure (a full disk, an interrupt) the temporary file is removed
+    and ``path`` is as it was."""
     temporary = path.with_name(_temporary_name(path.name, str(os.getpid())))
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

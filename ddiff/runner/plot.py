@@ -142,7 +142,12 @@ def plot_run(workdir: str | Path, output: str | Path | None = None) -> Path:
     figure.suptitle(str(workdir))
     path = Path(output) if output else workdir / PLOT_FILE
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    try:
+        figure.savefig(temporary, dpi=100)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
     return path

@@ -25,6 +25,10 @@ from ddiff.runner.recipe import Recipe
 from ddiff.runner.trainer.engine import Engine
 from ddiff.runner.trainer.rundir import load_run, write_eval
 
+MAX_TIME_DRAWS = 1_000_000
+"""The most time draws per sequence ``--time-draws`` takes (each is an evaluation of the
+whole split)."""
+
 NAME = "eval"
 HELP = "evaluate a run's latest checkpoint"
 DESCRIPTION = (
@@ -45,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'data={kind: zero_shot, name: wikitext103}' for another data set",
     )
     parser.add_argument(
-        "--time-draws", type=integer(1), default=None, help="draws per sequence (default: eval.time_draws)"
+        "--time-draws", type=integer(1, MAX_TIME_DRAWS), default=None,
+        help=f"draws per sequence, at most {MAX_TIME_DRAWS} (default: eval.time_draws)",
     )
     parser.add_argument(
         "--max-examples",

@@ -4,6 +4,7 @@ take, and the checks of output paths and run directories."""
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,8 +125,10 @@ def add_output(parser: argparse.ArgumentParser, text: str) -> None:
 
 
 def output_path(path: Path, option: str, overwrite: bool) -> Path:
-    """Refuse an output path whose folder is missing, or an existing file unless
-    ``overwrite``."""
+    """Refuse an output path whose folder is missing or not writable, or an existing file
+    unless ``overwrite``: before the command computes anything."""
+    if "\x00" in str(path):
+        raise RecipeError(f"{option} {str(path)!r} contains a NUL character; give a file name", source="command line")
     if not path.parent.is_dir():
         raise RecipeError(
             f"{option} {path}: folder {path.parent} does not exist; create it first",
@@ -133,6 +136,11 @@ def output_path(path: Path, option: str, overwrite: bool) -> Path:
         )
     if path.is_dir():
         raise RecipeError(f"{option} {path} is a directory; give a file name", source="command line")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise RecipeError(
+            f"{option} {path}: folder {path.parent} is not writable; choose another folder or make it writable",
+            source="command line",
+        )
     if path.exists() and not overwrite:
         raise RecipeError(
             f"{option} {path} exists; choose another name or add --overwrite", source="command line"

@@ -2,6 +2,7 @@
 which unwinds through every command's clean-up), at a step boundary after a checkpoint
 within one (:class:`StopSignals`)."""
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -56,14 +57,20 @@ class CommandSignals:
     SIGINT raise :class:`Interrupted`, even where the process was started with SIGINT
     ignored (a background job of a script), and the first one is remembered: a signal
     whose exception some library swallowed still stops a training loop at its first step
-    boundary (:class:`StopSignals`). The previous handlers come back after the block."""
+    boundary (:class:`StopSignals`), and a second signal outside a training loop ends the
+    process at once with the same line. The previous handlers come back after the block."""
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if not _first_received:
-            _first_received.append(signum)
+        if _first_received:
+            # The first signal's exception was swallowed (raised where exceptions are
+            # ignored, as in a garbage-collection callback, or caught by a library) and
+            # the command went on: stop at once.
+            os.write(2, f"ddiff: interrupted by {signal.Signals(signum).name}\n".encode())
+            os._exit(128 + signum)
+        _first_received.append(signum)
         raise Interrupted(signum)
 
     def __enter__(self) -> "CommandSignals":
