@@ -183,7 +183,7 @@ def test_bench_refuses_what_does_not_fit_before_running(monkeypatch, capsys):
     )
     monkeypatch.setattr(measure, "available_bytes", lambda: 2 * 2**20)
     monkeypatch.setattr(measure, "median_time", lambda *_, **__: pytest.fail("ran a step that does not fit"))
-    monkeypatch.setattr(measure, "memory_of", lambda _: dict.fromkeys(MEMORY_KEYS, 0) | {"temp_size_in_bytes": 8 * 2**20})
+    monkeypatch.setattr(measure, "memory_of", lambda _: dict.fromkeys(MEMORY_KEYS, 0) | {"temp_size_in_bytes": 8 * 2**20, "peak_bytes": 8 * 2**20})
     assert ddiff.runner.main(["bench", "tiny", "--samplers"]) == 2
     assert capsys.readouterr().err == (
         "ddiff: error: not enough memory for the train step of bench shape tiny at batch 4: about "

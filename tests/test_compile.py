@@ -187,14 +187,14 @@ def test_tensor_parallel_splash_attention_compiles_for_tpu():
         "network.dim=64", "network.depth=1", "network.heads=2", "network.attention=splash", "data.length=128",
         "trainer.batch_size=2", "eval.batch_size=2", "precision.compute=bfloat16", "mesh.data=1", "mesh.model=2",
     ])  # fmt: skip
-    from ddiff.runner.compile import AheadOfTime, abstract_state
-    from ddiff.runner.compile.programs import abstract_batch
+    from ddiff.runner.compile import AheadOfTime
     from ddiff.runner.compile.topology import load_topology
+    from ddiff.runner.trainer.ahead import abstract_train_args
     from ddiff.runner.trainer.engine import Engine
 
     engine = Engine(recipe, mesh=make_mesh(recipe.mesh, list(load_topology("v5e:2x2").devices)))
     program = AheadOfTime(
-        engine.train_step, (abstract_state(engine), abstract_batch(2, 128, engine.mesh), None), mesh=engine.mesh
+        engine.train_step, abstract_train_args(recipe, engine.optimizer, engine.mesh), mesh=engine.mesh
     )
     text = program.compiled.as_text()
     assert "tpu_custom_call" in text
@@ -222,12 +222,12 @@ def test_a_run_whose_compiled_step_does_not_fit_is_one_line_before_anything_is_w
     from ddiff.runner.memory import training_estimates
     from ddiff.runner.model import model_shapes
     from ddiff.runner.trainer import engine as engine_module
-    from ddiff.runner.trainer.ahead import AheadOfTime, abstract_batch, abstract_train_state
+    from ddiff.runner.trainer.ahead import AheadOfTime, abstract_train_args
 
     recipe = ddiff.runner.load_recipe(QUICKSTART, tiny_overrides)
     engine = engine_module.Engine(recipe, compile_ahead=True)
     lower = sum(estimate.count for estimate in training_estimates(recipe, model_shapes(recipe)))
-    args = (abstract_train_state(recipe, engine.optimizer, engine.mesh), abstract_batch(8, 8, engine.mesh), None)
+    args = abstract_train_args(recipe, engine.optimizer, engine.mesh)
     memory = AheadOfTime(engine.train_step, args, mesh=engine.mesh, donate=(0,)).compiled.memory_analysis()
     needed = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     needed += memory.temp_size_in_bytes

@@ -19,7 +19,7 @@ import numpy as np
 
 from ddiff import _capabilities as caps
 from ddiff._constant import trainable
-from ddiff._layers import COMPUTE_DTYPES, LayerStack, traced_out
+from ddiff._layers import COMPUTE_DTYPES, traced_out
 from ddiff._model import DiffusionModel
 from ddiff._registry import default_registry
 from ddiff._sampler import (
@@ -32,11 +32,11 @@ from ddiff._sampler import (
 from ddiff.runner.bench.recipes import BenchError, component_recipe, sampler_section, shape_recipe
 from ddiff.runner.bench.report import format_result, format_sampler
 from ddiff.runner.bench.shapes import FLOPS_FORMULAS, Shape
-from ddiff.runner.compile.programs import abstract_state
+from ddiff.runner.memory import parameter_bytes
 from ddiff.runner.model import build_model, check_precision_runs
 from ddiff.runner.recipe import Recipe, apply_overrides
 from ddiff.runner.throughput import PEAK_ENV, measure_matmul_peak, peak_flops
-from ddiff.runner.trainer.ahead import AheadOfTime, abstract_batch
+from ddiff.runner.trainer.ahead import AheadOfTime, abstract_train_args, scans_layers
 from ddiff.runner.trainer.engine import Engine
 
 
@@ -145,15 +145,6 @@ def _cost_flops(compiled_program: Any) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _scans(tree: Any) -> bool:
-    stacks = [
-        n
-        for n in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, LayerStack))
-        if isinstance(n, LayerStack)
-    ]
-    return any(stack.scan for stack in stacks)
-
-
 def _compile(function: Any, *args: Any) -> Any:
     """The compiled program of ``function`` (a Bound compiled function) for ``args``,
     without the donation warnings of a direct lower."""
@@ -161,15 +152,6 @@ def _compile(function: Any, *args: Any) -> Any:
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         program = function.lower(*args).compile()
     return getattr(program, "compiled", program)
-
-
-def _ahead_of_time(function: Any, args: tuple[Any, ...], mesh: Any) -> AheadOfTime:
-    """``function`` (a Bound compiled function) compiled from the abstract ``args``; the
-    donation warnings of a direct lower (the step donates its batch, which no output can
-    reuse, and suppresses them when called) are dropped here too."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        return AheadOfTime(function, args, mesh=mesh, donate=(0,))
 
 
 def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], Any]:
@@ -181,24 +163,20 @@ def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], A
     batch, seq_len = recipe.trainer.batch_size, recipe.data.seq_len
     engine = Engine(recipe)
     check_precision_runs(recipe)
-    shapes = abstract_state(engine)
-    floating = [a for a in jax.tree.leaves(shapes.model) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    args = abstract_train_args(recipe, engine.optimizer, engine.mesh)
     check_fits(
         f"the parameters, EMA and Adam moments of {recipe.source}",
-        4 * sum(a.size * a.dtype.itemsize for a in floating),
+        4 * parameter_bytes(args[0].model),
         "4 x the float32 parameters",
     )
-    tokens_shape = abstract_batch(batch, seq_len, engine.mesh)
-    labels_shape = None if not recipe.data.num_classes else abstract_batch(batch, None, engine.mesh)
     start = time.perf_counter()
-    step = _ahead_of_time(engine.train_step, (shapes, tokens_shape, labels_shape), engine.mesh)
+    step = AheadOfTime(engine.train_step, args, mesh=engine.mesh, donate=(0,))
     compile_seconds = time.perf_counter() - start
     memory = memory_of(step.compiled)
     if memory:
         check_fits(
             f"the train step of {recipe.source}",
-            sum(memory[key] for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
-            - memory["alias_size_in_bytes"],
+            memory["peak_bytes"],
             "XLA memory analysis, compiled before allocating",
             batch=batch,
             flag="--batch-size",
@@ -211,8 +189,8 @@ def bench_train_step(recipe: Recipe, *, repeats: int) -> tuple[dict[str, Any], A
     tokens, labels = engine.device_batch(
         {"tokens": tokens, **({} if labels is None else {"label": labels})}
     )
-    if _scans(state.model):
-        counted = _ahead_of_time(engine.train_step, traced_out((shapes, tokens_shape, labels_shape)), engine.mesh)
+    if scans_layers(args, engine.mesh):
+        counted = AheadOfTime(engine.train_step, traced_out(args), mesh=engine.mesh, donate=(0,))
         xla_flops = _cost_flops(counted.compiled)
         check_program = "train step, layer stacks traced out (compiled, not run)"
     else:

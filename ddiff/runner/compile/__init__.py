@@ -5,7 +5,6 @@ from ddiff.runner.compile.hlo import Collective, collectives
 from ddiff.runner.compile.programs import (
     PROGRAMS,
     CompiledProgram,
-    abstract_state,
     compile_program,
     compile_recipe,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "Generation",
     "Target",
     "Topology",
-    "abstract_state",
     "collectives",
     "compile_program",
     "compile_recipe",

@@ -14,19 +14,19 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddiff._layers import LayerStack, traced_out
+from ddiff._layers import traced_out
 from ddiff._sampler import Conditioning
 from ddiff.runner.compile.hlo import Collective, collectives
 from ddiff.runner.recipe import Recipe
 from ddiff.runner.throughput import train_flops_per_token
 from ddiff.runner.trainer.ahead import (
     abstract_batch,
-    abstract_train_state,
+    abstract_train_args,
     lower_and_compile,
+    scans_layers,
 )
 from ddiff.runner.trainer.compiled import Bound
 from ddiff.runner.trainer.engine import Engine
-from ddiff.runner.trainer.state import TrainState
 
 PROGRAMS = ("train_step", "eval_step", "sample")
 """The programs a recipe runs, in the order they are compiled and reported."""
@@ -80,28 +80,11 @@ class CompiledProgram:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
 
-def abstract_state(engine: Engine) -> TrainState:
-    """The recipe's fresh train state as ``jax.ShapeDtypeStruct`` leaves laid out on the
-    engine's mesh (:func:`~ddiff.runner.trainer.ahead.abstract_train_state`)."""
-    return abstract_train_state(engine.recipe, engine.optimizer, engine.mesh)
-
-
 def _cost(compiled: Any) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else {}
     return dict(analysis or {})
-
-
-def _scans_layers(tree: Any, mesh: Mesh) -> bool:
-    """Whether a layer stack of ``tree`` runs as a loop on ``mesh``: it scans, or it may
-    be sharded over ``fsdp`` (a sharded stack always scans)."""
-    stacks = [
-        node
-        for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, LayerStack))
-        if isinstance(node, LayerStack)
-    ]
-    return any(stack.scan or mesh.shape.get("fsdp", 1) > 1 for stack in stacks)
 
 
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -140,7 +123,7 @@ def compile_program(
         return _refused(name, batch, str(error), time.perf_counter() - start, model_flops)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    if not _scans_layers(args, mesh):
+    if not scans_layers(args, mesh):
         cost = _cost(compiled)
     elif count_cost:
         cost = _cost(lower_and_compile(bound, traced_out(args), mesh=mesh, donate=donate))
@@ -174,7 +157,8 @@ def compile_recipe(
     samples (default ``trainer.batch_size``) of ``data.seq_len`` positions; ``count_cost``
     as :func:`compile_program`."""
     engine = Engine(recipe, mesh=mesh)
-    state = abstract_state(engine)
+    train_args = abstract_train_args(recipe, engine.optimizer, mesh)
+    state = train_args[0]
     seq_len = recipe.data.seq_len
     classes = recipe.data.num_classes > 0
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
@@ -185,9 +169,8 @@ def compile_recipe(
         if name == "train_step":
             batch = recipe.trainer.batch_size
             flops = train_flops_per_token(state.model, seq_len)
-            args = (state, abstract_batch(batch, seq_len, mesh), abstract_batch(batch, None, mesh) if classes else None)
             results.append(compile_program(
-                name, engine.train_step, args, mesh=mesh, batch=batch, donate=(0,),
+                name, engine.train_step, train_args, mesh=mesh, batch=batch, donate=(0,),
                 model_flops=None if flops is None else flops * batch * seq_len, count_cost=count_cost,
             ))
         elif name == "eval_step":

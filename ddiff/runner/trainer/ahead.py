@@ -3,6 +3,7 @@
 needs in memory is known before anything it runs on is allocated (``ddiff compile``,
 ``ddiff bench``, and a run's memory check on accelerators)."""
 
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -13,6 +14,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddiff._layers import LayerStack
 from ddiff.runner.mesh import BATCH_SPEC
 from ddiff.runner.recipe import Recipe
 from ddiff.runner.trainer.compiled import Bound
@@ -46,6 +48,37 @@ def abstract_train_state(recipe: Recipe, optimizer: optax.GradientTransformation
     return eqx.combine(placed, static)
 
 
+def abstract_train_args(
+    recipe: Recipe, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> tuple[TrainState, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct | None]:
+    """The train step's arguments as a run lays them out, abstractly: the fresh state
+    (:func:`abstract_train_state`), a ``trainer.batch_size`` batch of tokens and, where
+    the data have classes, of labels."""
+    batch = recipe.trainer.batch_size
+    labels = abstract_batch(batch, None, mesh) if recipe.data.num_classes else None
+    return abstract_train_state(recipe, optimizer, mesh), abstract_batch(batch, recipe.data.seq_len, mesh), labels
+
+
+def scans_layers(tree: Any, mesh: Mesh) -> bool:
+    """Whether a layer stack of ``tree`` runs as a loop on ``mesh``: it scans, or it may
+    be sharded over ``fsdp`` (a sharded stack always scans). XLA's cost analysis counts
+    such a loop's body once: count the program with its stacks traced out."""
+    stacks = [
+        node
+        for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, LayerStack))
+        if isinstance(node, LayerStack)
+    ]
+    return any(stack.scan or mesh.shape.get("fsdp", 1) > 1 for stack in stacks)
+
+
+def peak_bytes(memory: Any) -> int:
+    """Memory one device needs while a compiled program runs, from its
+    ``memory_analysis()``: arguments, outputs not written into donated arguments, and
+    temporaries."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)  # fmt: skip
+
+
 class AheadOfTime:
     """``bound`` (a compiled function with its components' arrays bound) compiled for
     ``mesh`` from ``args`` (arrays, abstract arrays and static leaves), and callable on
@@ -74,7 +107,10 @@ class AheadOfTime:
             outputs[:] = [static]
             return result
 
-        lowered = jax.jit(run, donate_argnums=tuple(1 + index for index in donate)).lower(*dynamic)
+        with warnings.catch_warnings():
+            # The train step donates its batch too, which no output can reuse.
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            lowered = jax.jit(run, donate_argnums=tuple(1 + index for index in donate)).lower(*dynamic)
         self.compiled = _compile(lowered, mesh)
         self.output_static = outputs[0]
 

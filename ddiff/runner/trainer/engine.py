@@ -3,7 +3,6 @@ held-out evaluation of each objective, sampling) and the state they run on, with
 directory. The :class:`~ddiff.runner.Trainer` runs one in a run directory; ``ddiff eval``,
 ``ddiff sample``, ``ddiff quality`` and ``ddiff bench`` use one directly."""
 
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from ddiff.runner.mesh import batch_shards, check_tensor_parallel, global_batch,
 from ddiff.runner.model import initial_model
 from ddiff.runner.quality import Judge, sample_key, score_samples
 from ddiff.runner.recipe import Recipe
-from ddiff.runner.trainer.ahead import AheadOfTime, abstract_batch, abstract_train_state
+from ddiff.runner.trainer.ahead import AheadOfTime, abstract_train_args, peak_bytes
 from ddiff.runner.trainer.compiled import Bound, compiled
 from ddiff.runner.trainer.evaluation import evaluate_split, make_eval
 from ddiff.runner.trainer.optimizer import make_optimizer
@@ -108,17 +107,11 @@ class Engine:
     def _compile_train_step(self, device_bytes: int) -> AheadOfTime:
         """The train step compiled from the abstract state (nothing allocated), refused in
         one line if XLA's memory analysis exceeds ``device_bytes`` per device."""
-        batch = self.recipe.trainer.batch_size
-        labels = abstract_batch(batch, None, self.mesh) if self.recipe.data.num_classes else None
-        args = (abstract_train_state(self.recipe, self.optimizer, self.mesh),
-                abstract_batch(batch, self.recipe.data.seq_len, self.mesh), labels)  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            step = AheadOfTime(self.train_step, args, mesh=self.mesh, donate=(0,))
+        args = abstract_train_args(self.recipe, self.optimizer, self.mesh)
+        step = AheadOfTime(self.train_step, args, mesh=self.mesh, donate=(0,))
         memory = step.compiled.memory_analysis()
         if memory is not None:
-            needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                      + memory.temp_size_in_bytes)  # fmt: skip
+            needed = peak_bytes(memory)
             if needed > device_bytes:
                 raise RecipeError(
                     f"the train step needs {format_bytes(needed)} per device (XLA's memory analysis, compiled "
